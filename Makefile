@@ -1,0 +1,49 @@
+# Two commands on a fresh machine with python3 and make: `make run`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := true
+export MPLBACKEND := Agg
+
+.PHONY: run test test-fast sync lint lock bench serve clean-venv help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+# The environment is rebuilt whenever the lock (or the package metadata) is newer than it.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+run: $(STAMP)  ## set up, then run the whole pipeline (dvc repro)
+	$(BIN)/mlops-nb run
+
+test: $(STAMP)  ## set up, then run every test (unit, notebooks, sync, pipeline smoke)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the tests without the slow pipeline/server ones
+	$(BIN)/python -m pytest -m "not slow"
+
+sync: $(STAMP)  ## regenerate mlops_nb/ from nbs/ and strip notebook outputs
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+bench: $(STAMP)  ## run every benchmark in benchmarks/
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+serve: $(STAMP)  ## serve the champion model
+	$(BIN)/mlops-nb serve
+
+lock:  ## rewrite requirements.lock from the current .venv
+	@(echo "# Exact versions of everything installed in .venv (make installs from this file)."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -v '^mlops-nb') > requirements.lock.tmp
+	@mv requirements.lock.tmp requirements.lock
+
+clean-venv:  ## remove the environment
+	rm -rf $(VENV)
