@@ -25,8 +25,8 @@ import yaml
 # %% auto #0
 __all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
            'PrepareParams', 'TrainParams', 'EvaluateParams', 'RegisterParams', 'Params', 'parse_section',
-           'parse_params', 'load_params', 'atomic_path', 'write_text', 'write_json', 'read_json', 'content_hash',
-           'params_hash', 'tracking_uri', 'git_state']
+           'parse_params', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
+           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -216,6 +216,16 @@ def _json_default(o):
     if isinstance(o, Path): return str(o)
     if isinstance(o, (set, tuple)): return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    "Write `df` (without its index) as Parquet to `path` atomically."
+    with atomic_path(path) as tmp: df.to_parquet(tmp, index=False)
+    return Path(path)
+
+def write_csv(path: str | Path, df: pd.DataFrame) -> Path:
+    "Write `df` (without its index) as CSV to `path` atomically."
+    with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
+    return Path(path)
 
 def read_json(path: str | Path):
     "The JSON object stored at `path`."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from sklearn import metrics as skm
 from .core import atomic_path
 
 # %% auto #0
-__all__ = ['classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'summarize_suite', 'run_suite', 'gate_rule',
-           'decide']
+__all__ = ['classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite',
+           'run_suite', 'gate_rule', 'decide']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -79,6 +80,16 @@ def _deepchecks_dataset(df: pd.DataFrame, target: str | None, categorical: list[
     from deepchecks.tabular import Dataset
     return Dataset(df, label=target, cat_features=[c for c in categorical if c in df.columns])
 
+def dedupe_scripts(html: str, min_size: int=10_000) -> str:
+    "`html` without repeats of large identical `<script>` blocks (deepchecks inlines plotly.js once per figure)."
+    seen = set()
+    def keep_first(m):
+        body = m.group(0)
+        if len(body) < min_size: return body
+        if body in seen: return ""
+        seen.add(body); return body
+    return re.sub(r"<script[^>]*>.*?</script>", keep_first, html, flags=re.S)
+
 def summarize_suite(result) -> dict:
     "Passed/failed conditions per check and the checks that did not run, as plain data."
     checks = []
@@ -108,10 +119,12 @@ def run_suite(
     kwargs = {"train_dataset": ds(train), "test_dataset": ds(test)}
     if model is not None: kwargs["model"] = model
     result = suite.run(**kwargs)
-    with atomic_path(html_path) as tmp: result.save_as_html(str(tmp), as_widget=False)
+    with atomic_path(html_path) as tmp:
+        result.save_as_html(str(tmp), as_widget=False)
+        tmp.write_text(dedupe_scripts(tmp.read_text()))
     return summarize_suite(result)
 
-# %% ../nbs/03_evaluate.ipynb #53dda606
+# %% ../nbs/03_evaluate.ipynb #67e0aa72
 def gate_rule(name: str, value: float, bound: float, passed: bool, explanation: str) -> dict:
     "One rule of the gate as recorded in `gate.json`."
     return {"rule": name, "value": value, "bound": bound, "passed": bool(passed), "explanation": explanation}

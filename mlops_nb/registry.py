@@ -30,6 +30,9 @@ def use_project_tracking(root: str | Path, experiment: str=EXPERIMENT) -> str:
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+        # artifacts beside the SQLite file, whatever the working directory
+        mlflow.create_experiment(experiment, artifact_location=(Path(root).resolve() / "mlruns").as_uri())
     mlflow.set_experiment(experiment)
     return uri
 
