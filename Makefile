@@ -32,6 +32,8 @@ test-fast: $(STAMP)  ## the tests without the slow pipeline/server ones
 sync: $(STAMP)  ## regenerate mlops_nb/ from nbs/ and strip notebook outputs
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
+	$(BIN)/nbdev-clean --fname pipeline
+	$(BIN)/mlops-nb readme
 
 bench: $(STAMP)  ## run every benchmark in benchmarks/
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -12,7 +12,7 @@ from pathlib import Path
 from .core import MlopsError, ProjectPaths, load_params, read_json
 
 # %% auto #0
-__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'build_parser', 'main']
+__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def cmd_stage(args) -> int:
@@ -64,6 +64,14 @@ def cmd_schema_infer(args) -> int:
     from mlops_nb.schema import infer_schema_file
     sys.stdout.write(infer_schema_file(args.data))
     return 0
+def cmd_readme(args) -> int:
+    "Regenerate README.md from nbs/index.ipynb."
+    from mlops_nb.core import write_text
+    from mlops_nb.docs import readme_text
+    root = ProjectPaths.find().root
+    write_text(root / "README.md", readme_text(root))
+    print("README.md regenerated from nbs/index.ipynb")
+    return 0
 
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer = schema.add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
     infer.add_argument("data", type=Path)
     infer.set_defaults(func=cmd_schema_infer)
+    sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
     return p
 
 def main(argv: list[str] | None=None) -> int:

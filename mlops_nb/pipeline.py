@@ -68,9 +68,10 @@ def _strip_ansi(text: str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", str(text
 
 # %% ../nbs/05_pipeline.ipynb #747001d9
 def dvc(*args: str, root: str | Path, capture: bool=False) -> subprocess.CompletedProcess:
-    "Run `dvc ARGS` in `root` (analytics off)."
-    exe = Path(sys.executable).with_name("dvc")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    "Run `dvc ARGS` in `root` with this environment's commands first on PATH (so stages find `mlops-nb`)."
+    bin_dir = Path(sys.executable).parent
+    exe = bin_dir / "dvc"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([str(exe) if exe.exists() else "dvc", *args], cwd=root, env=env, text=True, capture_output=capture)
 
 def dvc_status(root: str | Path) -> dict:

@@ -1,0 +1,67 @@
+"""Shared fixtures: the project root, and throw-away copies of the project to run stages and DVC in."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# what a project copy needs to run its pipeline; data, models, reports and the tracking store are made anew
+PROJECT_FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml"]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run(*args, cwd, check=True, env=None):
+    "Run a command from the project's environment; return the CompletedProcess (text, captured)."
+    exe = BIN / args[0] if (BIN / args[0]).exists() else args[0]
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # as in an activated environment
+    r = subprocess.run([str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "PATH": path, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}")
+    return r
+
+
+def copy_project(dest: Path, params_update: dict | None = None) -> Path:
+    "A copy of the project's pipeline files in `dest`, with `params_update` merged into params.yaml."
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir(): shutil.copytree(src, dest / name)
+        else: shutil.copy2(src, dest / name)
+    # the stages' declared deps include the library modules
+    shutil.copytree(ROOT / "mlops_nb", dest / "mlops_nb", ignore=shutil.ignore_patterns("__pycache__"))
+    if params_update:
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        for section, values in params_update.items(): params.setdefault(section, {}).update(values)
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def git_init(path: Path) -> str:
+    "Make `path` a git repo with one commit; return the commit."
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "project copy"]):
+        run("git", *args, cwd=path)
+    return run("git", "rev-parse", "HEAD", cwd=path).stdout.strip()
+
+
+# Small enough for CI, large enough for every model and deepchecks check to have data.
+TINY = {"data": {"source": "synthetic", "n_rows": 800},
+        "train": {"model": "logreg", "n_iter": 2, "cv_folds": 2},
+        "evaluate": {"min_primary": 0.6}}
+
+
+@pytest.fixture
+def project(tmp_path):
+    "A fresh copy of the project with tiny params (no git)."
+    return copy_project(tmp_path / "project", TINY)

@@ -1,0 +1,108 @@
+"""Pipeline smoke run: `mlops-nb run` (dvc repro) on a git copy of the project with tiny params, then what DVC
+and MLflow hold afterwards, checked against independent expectations."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import TINY, copy_project, git_init, run
+from mlops_nb.core import content_hash
+from mlops_nb.data import drop_identifiers, synthetic_churn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("smoke") / "project", TINY)
+    commit = git_init(project)
+    result = run("mlops-nb", "run", cwd=project)
+    return project, commit, result
+
+
+def declared_outputs(project):
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in spec.get(kind, []):
+                yield name, (next(iter(out)) if isinstance(out, dict) else out)
+
+
+def test_every_declared_output_exists(smoke):
+    project, _, result = smoke
+    missing = [(stage, path) for stage, path in declared_outputs(project) if not (project / path).is_file()]
+    assert not missing
+    assert "pipeline finished" in result.stdout and "-> champion" in result.stdout
+
+
+def test_executed_notebooks_and_reports(smoke):
+    project, _, _ = smoke
+    for stage in ["ingest", "validate", "prepare", "train", "evaluate", "register"]:
+        nb = json.loads((project / "reports" / "notebooks" / f"{stage}.ipynb").read_text())
+        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), stage  # really executed
+        injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert len(injected) == 1, stage
+    for html in ["validate/data_integrity.html", "evaluate/train_test_validation.html", "evaluate/model_evaluation.html"]:
+        text = (project / "reports" / html).read_text()
+        assert text.lstrip().lower().startswith(("<html", "<!doctype")) and len(text) < 30e6, html
+    metrics = json.loads((project / "reports" / "metrics" / "evaluate.json").read_text())
+    assert metrics["n"] == 200 and 0.6 <= metrics["roc_auc"] <= 1  # 25% of 800 rows; the synthetic label is learnable
+
+
+def test_registry_has_a_champion_with_lineage(smoke):
+    project, commit, _ = smoke
+    from mlflow import MlflowClient
+    from mlops_nb.core import tracking_uri
+    client = MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
+    champion = client.get_model_version_by_alias("churn-classifier", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["git_commit"] == commit
+    expected = drop_identifiers(synthetic_churn(800, seed=42), ["rownames"])  # what the params ask for, made again
+    assert champion.tags["data_hash"] == content_hash(expected)
+    assert champion.tags["blessed"] == "true"
+    run_ = client.get_run(champion.run_id)
+    assert run_.data.params["train.model"] == "logreg" and "test_roc_auc" in run_.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "reports/notebooks")}
+    assert {f"reports/notebooks/{s}.ipynb" for s in ["ingest", "validate", "prepare", "train", "evaluate"]} <= artifacts
+
+
+def test_status_shows_the_champion(smoke):
+    project, _, _ = smoke
+    out = run("mlops-nb", "status", cwd=project).stdout
+    assert "pipeline: up to date" in out and "champion: churn-classifier version 1" in out
+
+
+def test_second_run_executes_nothing(smoke):
+    project, _, _ = smoke
+    r = run("mlops-nb", "run", cwd=project)
+    assert "Running stage" not in r.stdout
+    assert json.loads(run("dvc", "status", "--json", cwd=project).stdout or "{}") == {}
+
+
+def test_changing_a_train_param_reruns_train_and_after_only(smoke):
+    project, _, _ = smoke
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["n_iter"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dry = run("dvc", "repro", "--dry", cwd=project).stdout
+        ran = [line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")]
+        assert ran == ["train", "evaluate", "register"]
+    finally:
+        params["train"]["n_iter"] = TINY["train"]["n_iter"]
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_experiment_and_metrics_diff(smoke):
+    project, _, _ = smoke
+    run("git", "add", "-A", cwd=project)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "baseline", cwd=project)
+    run("dvc", "exp", "run", "-S", "train.model=hgb", cwd=project)
+    diff = json.loads(run("dvc", "metrics", "diff", "--json", cwd=project).stdout)
+    changed = diff["reports/metrics/evaluate.json"]
+    assert "roc_auc" in changed and changed["roc_auc"]["old"] != changed["roc_auc"]["new"]
+    shown = json.loads(run("dvc", "exp", "show", "--json", cwd=project).stdout)
+    assert "hgb" in json.dumps(shown)
+    run("dvc", "plots", "diff", "-o", "plots_html", cwd=project)
+    assert (project / "plots_html" / "index.html").exists()
