@@ -24,7 +24,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
-           'PrepareParams', 'TrainParams', 'EvaluateParams', 'RegisterParams', 'Params', 'parse_section',
+           'PrepareParams', 'TrainParams', 'EvaluateParams', 'RegisterParams', 'ServeParams', 'Params', 'parse_section',
            'parse_params', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
            'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
@@ -112,6 +112,21 @@ class RegisterParams:
 
 # %% ../nbs/00_core.ipynb #a207418e
 @dataclass(frozen=True)
+class ServeParams:
+    host: str = "127.0.0.1"      # where `mlops-nb serve` listens
+    port: int = 8000             # its port
+    max_batch_size: int = 64     # most records coalesced into one model call
+    max_wait_ms: float = 2.0     # longest a request waits for others to join its batch
+    max_records: int = 1000      # most records one request may carry
+    max_body_bytes: int = 1_000_000  # largest request body accepted
+    challenger_share: float = 0.0    # share of traffic routed to the `challenger` alias (0 = no canary)
+    log_dir: str = "logs/predictions"  # where the prediction log is written
+    loadtest_concurrency: int = 8    # concurrent clients of `mlops-nb loadtest`
+    loadtest_seconds: float = 10.0   # how long it drives the service
+    budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this
+    budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
+
+@dataclass(frozen=True)
 class Params:
     "All knobs of the pipeline, one attribute per `params.yaml` section."
     base: BaseParams = field(default_factory=BaseParams)
@@ -121,6 +136,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    serve: ServeParams = field(default_factory=ServeParams)
     def get(self, dotted: str):
         "The value at `section.key`."
         section, key = dotted.split(".")
