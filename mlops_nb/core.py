@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,8 +26,8 @@ import yaml
 # %% auto #0
 __all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
            'PrepareParams', 'TrainParams', 'EvaluateParams', 'RegisterParams', 'ServeParams', 'Params', 'parse_section',
-           'parse_params', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
-           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
+           'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text', 'write_json',
+           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -186,16 +187,29 @@ def parse_params(raw: dict | None) -> Params:
         if name not in sections: raise _unknown("section", name, sections)
     return Params(**{name: parse_section(cls, raw.get(name), name) for name, cls in sections.items()})
 
-# %% ../nbs/00_core.ipynb #b2797955
+# %% ../nbs/00_core.ipynb #efcd5206
+class Yaml12Loader(yaml.SafeLoader):
+    "PyYAML's safe loader with YAML 1.2 booleans: `yes`, `no`, `on`, `off` stay strings."
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+def load_yaml(text: str):
+    "Parse `text` as YAML with YAML 1.2 booleans."
+    return yaml.load(text, Loader=Yaml12Loader)
+
+# %% ../nbs/00_core.ipynb #a9920ac4
 def load_params(path: str | Path) -> Params:
     "Read and check `params.yaml` at `path`."
     path = Path(path)
-    try: raw = yaml.safe_load(path.read_text())
+    try: raw = load_yaml(path.read_text())
     except FileNotFoundError: raise ParamsError(f"params file not found: {path}") from None
     except yaml.YAMLError as e: raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return parse_params(raw)
 
-# %% ../nbs/00_core.ipynb #ec9cea46
+# %% ../nbs/00_core.ipynb #b971d378
 @contextmanager
 def atomic_path(path: str | Path):
     "Yield a temporary path beside `path`; on success it replaces `path` (file or folder), on error it vanishes."
@@ -217,7 +231,7 @@ def _remove(p: Path):
     if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
     elif p.exists(): p.unlink()
 
-# %% ../nbs/00_core.ipynb #941f1318
+# %% ../nbs/00_core.ipynb #05c02c98
 def write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: tmp.write_text(text)
@@ -247,7 +261,7 @@ def read_json(path: str | Path):
     "The JSON object stored at `path`."
     return json.loads(Path(path).read_text())
 
-# %% ../nbs/00_core.ipynb #05c02c98
+# %% ../nbs/00_core.ipynb #c92b753d
 def content_hash(df: pd.DataFrame) -> str:
     "SHA-256 of `df`'s column names, dtypes and values."
     h = hashlib.sha256()
@@ -260,7 +274,7 @@ def params_hash(params: Params | dict) -> str:
     d = params.to_dict() if isinstance(params, Params) else params
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
-# %% ../nbs/00_core.ipynb #c92b753d
+# %% ../nbs/00_core.ipynb #56eae1bb
 def tracking_uri(root: str | Path) -> str:
     "`MLFLOW_TRACKING_URI` if set, else the project's `mlflow.db`."
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"

@@ -16,14 +16,17 @@ from pathlib import Path
 from .core import MlopsError, Params, atomic_path, load_params
 
 # %% auto #0
-__all__ = ['STAGES', 'Stage', 'stage_parameters', 'StageFailed', 'run_stage', 'dvc', 'dvc_status']
+__all__ = ['STAGES', 'Stage', 'stage_parameters', 'pipeline_params', 'StageFailed', 'run_stage', 'dvc', 'dvc_status']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 @dataclass(frozen=True)
 class Stage:
-    "A pipeline stage: its name and the `section.key` params it reads."
+    "A pipeline stage: its name, the `section.key` params injected into it, and whole sections it records."
     name: str
     params: tuple[str, ...]
+    sections: tuple[str, ...] = ()  # read whole from params.yaml (register records them as lineage)
+    @property
+    def dvc_params(self) -> list[str]: return [*self.params, *self.sections]
     @property
     def notebook(self) -> str: return f"pipeline/{self.name}.ipynb"
     @property
@@ -36,7 +39,7 @@ STAGES = {s.name: s for s in [
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "prepare.split", "prepare.test_size", "prepare.time_column")),
     Stage("train", ("base.seed", "base.target", "train.model", "train.cv_folds", "train.n_iter", "train.scoring")),
     Stage("evaluate", ("base.target", "evaluate.primary_metric", "evaluate.min_primary", "evaluate.deepchecks")),
-    Stage("register", ("base.target", "register.model_name")),
+    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
@@ -46,6 +49,12 @@ def stage_parameters(stage: str, params: Params) -> dict:
     return {key.split(".")[-1]: params.get(key) for key in STAGES[stage].params}
 
 # %% ../nbs/05_pipeline.ipynb #2305c02b
+def pipeline_params(params: Params) -> dict:
+    "The params of every section a model depends on (what register records), as nested dicts."
+    d = params.to_dict()
+    return {s: d[s] for s in STAGES["register"].sections + ("register",)}
+
+# %% ../nbs/05_pipeline.ipynb #747001d9
 class StageFailed(MlopsError):
     "A stage notebook raised; the message is the notebook's own error."
 
@@ -66,7 +75,7 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
 
 def _strip_ansi(text: str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", str(text))
 
-# %% ../nbs/05_pipeline.ipynb #747001d9
+# %% ../nbs/05_pipeline.ipynb #a94dac2c
 def dvc(*args: str, root: str | Path, capture: bool=False) -> subprocess.CompletedProcess:
     "Run `dvc ARGS` in `root` with this environment's commands first on PATH (so stages find `mlops-nb`)."
     bin_dir = Path(sys.executable).parent

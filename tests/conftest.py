@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlops_nb.core import load_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # what a project copy needs to run its pipeline; data, models, reports and the tracking store are made anew
@@ -41,7 +43,7 @@ def copy_project(dest: Path, params_update: dict | None = None) -> Path:
     # the stages' declared deps include the library modules
     shutil.copytree(ROOT / "mlops_nb", dest / "mlops_nb", ignore=shutil.ignore_patterns("__pycache__"))
     if params_update:
-        params = yaml.safe_load((dest / "params.yaml").read_text())
+        params = load_yaml((dest / "params.yaml").read_text())
         for section, values in params_update.items(): params.setdefault(section, {}).update(values)
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest

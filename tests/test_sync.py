@@ -67,7 +67,7 @@ def test_dvc_yaml_has_exactly_the_stages():
 def test_dvc_yaml_declares_what_the_stage_reads(stage):
     spec = DVC[stage]
     assert spec["cmd"] == f"mlops-nb stage {stage}"
-    assert spec["params"] == list(STAGES[stage].params)
+    assert spec["params"] == STAGES[stage].dvc_params
     deps = set(spec["deps"])
     assert STAGES[stage].notebook in deps
     imported = {node.module.split(".")[1] for node in ast.walk(ast.parse(notebook_code(ROOT / STAGES[stage].notebook)))
