@@ -182,8 +182,9 @@ def _infer_column(s: pd.Series, max_categories: int, mostly: float, null_slack: 
     elif type_ == "datetime" and v.valid.size:
         lo, hi = _scalar(v.valid.min()), _scalar(v.valid.max())
     elif type_ == "str" and v.valid.size:
-        uniques = pd.unique(v.valid)
-        if len(uniques) <= max_categories: domain = tuple(sorted(uniques))
+        if len(pd.unique(v.valid)) <= max_categories:   # a cheap bound first: pandas' hash table merges "" and "\x00"
+            uniques = set(v.valid)
+            if len(uniques) <= max_categories: domain = tuple(sorted(uniques))
     return ColumnSchema(type_, True, lo, hi, domain, null_fraction, min(mostly, _floor2(fraction)))
 
 # %% ../nbs/10_schema.ipynb #97d18b58
