@@ -12,7 +12,8 @@ from pathlib import Path
 from .core import MlopsError, ProjectPaths, load_params, read_json
 
 # %% auto #0
-__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_readme', 'build_parser', 'main']
+__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
+           'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def cmd_stage(args) -> int:
@@ -31,7 +32,11 @@ def _summary(paths: ProjectPaths) -> list[str]:
         lines.append("gate: " + ("blessed" if gate["blessed"] else "rejected (" + ", ".join(gate["failed_rules"]) + ")"))
     if (r := paths.reports / "register" / "registration.json").exists():
         reg = read_json(r)
-        lines.append(f"registered: {reg['name']} version {reg['version']}" + (" -> champion" if reg.get("promoted") else " (not promoted)"))
+        lines.append(f"registered: {reg['name']} version {reg['version']}")
+    if (p := paths.reports / "infra" / "promotion.json").exists():
+        promo = read_json(p)
+        lines.append(f"promotion: version {promo['version']} -> champion ({promo['reason']})" if promo["promoted"]
+                     else f"promotion: version {promo['version']} not promoted ({promo['reason']})")
     return lines
 
 def cmd_run(args) -> int:
@@ -62,8 +67,72 @@ def cmd_status(args) -> int:
 def cmd_schema_infer(args) -> int:
     "Print a schema learned from a CSV or Parquet file (redirect it to schema.yaml and curate it)."
     from mlops_nb.schema import infer_schema_file
-    sys.stdout.write(infer_schema_file(args.data))
+    drop = args.drop
+    if drop is None:  # inside a project: leave out the identifiers it drops at ingest
+        try: drop = load_params(ProjectPaths.find().params).data.drop_columns
+        except MlopsError: drop = []
+    sys.stdout.write(infer_schema_file(args.data, drop=drop))
     return 0
+
+def _model_name(args) -> str:
+    return args.name or load_params(ProjectPaths.find().params).register.model_name
+
+def _use_tracking():
+    from mlops_nb.registry import use_project_tracking
+    try: use_project_tracking(ProjectPaths.find().root)
+    except MlopsError:  # outside a project: MLFLOW_TRACKING_URI or MLflow's own default
+        pass
+
+def cmd_rollback(args) -> int:
+    "Give `champion` back to the version holding `previous`."
+    from mlops_nb.registry import rollback
+    name = _model_name(args)
+    _use_tracking()
+    r = rollback(name)
+    print(f"rolled back {name}: champion: {r['champion']} (previous: {r['previous']})")
+    return 0
+
+def cmd_lineage(args) -> int:
+    "Print what produced a registered model version, as a tree or JSON."
+    import json
+    from mlops_nb.registry import format_lineage, lineage
+    _use_tracking()
+    record = lineage(args.model_uri)
+    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
+    return 0
+def cmd_serve(args) -> int:
+    "Serve the champion (or --model) with the `serve:` params of params.yaml."
+    import dataclasses
+    from mlops_nb.core import tracking_uri
+    from mlops_nb.serve import serve
+    paths = ProjectPaths.find()
+    params = load_params(paths.params)
+    sp = params.serve
+    over = {k: v for k, v in {"host": args.host, "port": args.port, "challenger_share": args.challenger_share}.items() if v is not None}
+    sp = dataclasses.replace(sp, **over)
+    model = args.model or f"models:/{params.register.model_name}@champion"
+    log_dir = args.log_dir if args.log_dir is not None else sp.log_dir
+    if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
+    serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds)
+    return 0
+
+def cmd_loadtest(args) -> int:
+    "Drive a running service with test-split records; exit 1 when the serve: budget (p99, req/s) is missed."
+    import json
+    from mlops_nb.loadtest import check_budget, loadtest
+    from mlops_nb.schema import read_table
+    paths = ProjectPaths.find()
+    params = load_params(paths.params)
+    sp = params.serve
+    data = read_table(args.data or paths.processed / "test.parquet")
+    records = data.drop(columns=[c for c in [params.base.target] if c in data.columns])
+    url = args.url if args.url.rstrip("/").endswith("/predict") else args.url.rstrip("/") + "/predict"
+    result = loadtest(url, records, args.concurrency or sp.loadtest_concurrency, args.seconds or sp.loadtest_seconds)
+    missed = check_budget(result, sp.budget_p99_ms, sp.budget_min_rps)
+    print(json.dumps({**result, "budget": {"p99_ms": sp.budget_p99_ms, "min_rps": sp.budget_min_rps}, "passed": not missed}))
+    for m in missed: print(f"budget missed: {m}", file=sys.stderr)
+    return 1 if missed else 0
+
 def cmd_readme(args) -> int:
     "Regenerate README.md from nbs/index.ipynb."
     from mlops_nb.core import write_text
@@ -89,8 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="data schema tools").add_subparsers(dest="schema_command", required=True, metavar="ACTION")
     infer = schema.add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
     infer.add_argument("data", type=Path)
+    infer.add_argument("--drop", nargs="*", default=None, help="columns to leave out (default: data.drop_columns of params.yaml)")
     infer.set_defaults(func=cmd_schema_infer)
+    rb = sub.add_parser("rollback", help="move alias champion back to the version holding alias previous")
+    rb.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
+    rb.set_defaults(func=cmd_rollback)
+    ln = sub.add_parser("lineage", help="what produced a registered model: commit, data hashes, params, reports")
+    ln.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+    ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
+    sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    sv.add_argument("--host", help="address to listen on (default: serve.host)")
+    sv.add_argument("--port", type=int, help="port (default: serve.port)")
+    sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    sv.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
+    sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
+    sv.add_argument("--poll-seconds", type=float, default=30.0, help="how often the registry is asked whether an alias moved (0: never)")
+    sv.set_defaults(func=cmd_serve)
+    lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
+    lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
+    lt.add_argument("--concurrency", type=int, help="concurrent clients (default: serve.loadtest_concurrency)")
+    lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
+    lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
+    lt.set_defaults(func=cmd_loadtest)
     return p
 
 def main(argv: list[str] | None=None) -> int:

@@ -25,9 +25,10 @@ import yaml
 
 # %% auto #0
 __all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
-           'PrepareParams', 'TrainParams', 'EvaluateParams', 'RegisterParams', 'ServeParams', 'Params', 'parse_section',
-           'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text', 'write_json',
-           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
+           'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ServeParams', 'Params',
+           'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text',
+           'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri',
+           'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -105,7 +106,24 @@ class TrainParams:
 class EvaluateParams:
     primary_metric: str = "roc_auc"  # the metric the gate reads
     min_primary: float = 0.70    # the gate's absolute floor on the primary metric
-    deepchecks: bool = True      # run the deepchecks suites
+    champion_tolerance: float = 0.01  # how much worse than the champion the candidate may be
+    slice_columns: list[str] = field(default_factory=lambda: ["contract", "internet_service", "payment_method", "senior_citizen", "tenure"])  # one slice per value / quantile bin
+    slice_crosses: list[list[str]] = field(default_factory=lambda: [["contract", "internet_service"]])  # pairs whose combinations are slices
+    slice_bins: int = 4          # quantile bins of numeric slice columns
+    min_slice_size: int = 50     # smaller slices are reported but do not gate
+    slice_tolerance: float = 0.05    # how much a slice may lose against the champion
+    bootstrap: int = 200         # bootstrap resamples for confidence intervals
+    deepchecks: bool = True      # run the deepchecks suites (their conditions gate)
+    deepchecks_allowed: list[str] = field(default_factory=lambda: [
+        "Regression Error Distribution", "Boosting Overfit", "Date Train Test Leakage", "Index Train Test Leakage",
+        "Weak Segments Performance", "Unused Features", "Train Test Performance"])  # checks that may fail or not run
+
+@dataclass(frozen=True)
+class InfraParams:
+    single_row_ms: float = 250.0  # budget: 95th percentile latency of a one-row prediction in a fresh process
+    batch_rows: int = 1000       # rows of the batch latency check
+    batch_ms: float = 2000.0     # budget: latency of one batch prediction
+    repeats: int = 30            # one-row predictions timed
 
 @dataclass(frozen=True)
 class RegisterParams:
@@ -137,6 +155,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    infra: InfraParams = field(default_factory=InfraParams)
     serve: ServeParams = field(default_factory=ServeParams)
     def get(self, dotted: str):
         "The value at `section.key`."

@@ -20,7 +20,7 @@ from .schema import Schema
 
 # %% auto #0
 __all__ = ['synthetic_features', 'FeatureProfile', 'Profile', 'profile', 'FeatureDrift', 'DriftReport', 'detect_drift',
-           'plot_drift', 'plot_drifted']
+           'plot_drift', 'plot_drifted', 'plot_drift_scores']
 
 # %% ../nbs/11_drift.ipynb #dee88ef9
 def _numeric_feature(j: int, n: int, rng, drift: bool) -> np.ndarray:
@@ -373,3 +373,18 @@ def plot_drifted(
 ) -> dict:
     "{feature: Figure} for every drifted feature of `report`."
     return {c: plot_drift(report, reference, batch, c) for c in report.drifted}
+
+# %% ../nbs/11_drift.ipynb #968e4f29
+def plot_drift_scores(report: DriftReport):
+    "A Figure with PSI and the KS / L-infinity distance of every feature, drifted ones in red, thresholds dashed."
+    from matplotlib.figure import Figure
+    t = report.to_frame()
+    dist = t.ks.where(t.kind == "numeric", t.linf)
+    fig = Figure(figsize=(10, 0.25 * len(t) + 1.5), layout="constrained")
+    colors = np.where(t.drifted, "tab:red", "tab:blue")
+    for ax, values, bound, label in zip(fig.subplots(1, 2, sharey=True), [t.psi, dist],
+                                        [report.params.psi, report.params.ks], ["PSI", "KS (numeric) / L-inf (categorical)"]):
+        ax.barh([str(i) for i in t.index], values.fillna(0), color=colors)
+        ax.axvline(bound, ls="--", color="grey"); ax.set_xlabel(label); ax.invert_yaxis()
+    fig.suptitle(f"drift against the reference: {len(report.drifted)} of {len(t)} features drifted")
+    return fig

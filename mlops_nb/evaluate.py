@@ -16,8 +16,9 @@ from sklearn import metrics as skm
 from .core import atomic_path
 
 # %% auto #0
-__all__ = ['classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite',
-           'run_suite', 'gate_rule', 'decide']
+__all__ = ['METRICS', 'classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite',
+           'run_suite', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide',
+           'floor_rule', 'champion_rule', 'slice_rule', 'deepchecks_rule']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -125,6 +126,84 @@ def run_suite(
     return summarize_suite(result)
 
 # %% ../nbs/03_evaluate.ipynb #67e0aa72
+def slice_masks(
+    X: pd.DataFrame,             # the features of the evaluation set
+    columns: list[str],          # one slice per value (categorical) or quantile bin (numeric)
+    crosses: list[list[str]]=(), # pairs of columns whose value combinations are slices too
+    bins: int=4,                 # quantile bins for numeric columns
+) -> dict[str, np.ndarray]:
+    "Boolean row masks of every slice, named `column=value` or `a=x & b=y`."
+    from mlops_nb.core import MlopsError
+    labels = {}
+    for col in dict.fromkeys([*columns, *(c for pair in crosses for c in pair)]):
+        if col not in X.columns: raise MlopsError(f"slice column '{col}' is not a feature (evaluate.slice_columns / slice_crosses)")
+        labels[col] = _slice_labels(X[col], bins)
+    masks = {}
+    for col in columns:
+        for value in labels[col].dropna().unique(): masks[f"{col}={value}"] = (labels[col] == value).to_numpy()
+    for a, b in crosses:
+        for va in labels[a].dropna().unique():
+            for vb in labels[b].dropna().unique():
+                masks[f"{a}={va} & {b}={vb}"] = ((labels[a] == va) & (labels[b] == vb)).to_numpy()
+    return masks
+
+def _slice_labels(col: pd.Series, bins: int) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(col) and col.nunique() > bins:
+        return pd.qcut(col, bins, duplicates="drop").astype(str).where(col.notna())
+    return col.astype(str).where(col.notna())
+
+# %% ../nbs/03_evaluate.ipynb #e42a79f1
+METRICS = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score,
+           "accuracy": lambda y, p: skm.accuracy_score(y, p >= 0.5), "brier": skm.brier_score_loss}
+
+def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: float=0.95) -> tuple[float, float, float]:
+    "`metric` of (`y`, `proba`) and its bootstrap confidence interval (nan where undefined)."
+    y, proba, fn = np.asarray(y), np.asarray(proba), METRICS[metric]
+    single = lambda yy, pp: fn(yy, pp) if len(np.unique(yy)) == 2 or metric in ("accuracy", "brier") else np.nan
+    value = single(y, proba) if len(y) else np.nan
+    if len(y) < 2 or n_boot < 1: return float(value), np.nan, np.nan
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    scores = np.array([single(y[i], proba[i]) for i in idx], dtype=float)
+    scores = scores[np.isfinite(scores)]
+    if not len(scores): return float(value), np.nan, np.nan
+    lo, hi = np.quantile(scores, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(value), float(lo), float(hi)
+
+# %% ../nbs/03_evaluate.ipynb #7f76a369
+def sliced_metrics(
+    y, proba, masks: dict[str, np.ndarray],
+    metrics: list[str]=("roc_auc", "accuracy"),  # names from METRICS
+    min_size: int=50,    # smaller slices are reported but do not gate
+    n_boot: int=200,     # bootstrap resamples per slice and metric
+    seed: int=0,
+) -> pd.DataFrame:
+    "One row per slice and metric: size, value, bootstrap interval and whether it is large enough to gate."
+    y, proba = np.asarray(y), np.asarray(proba)
+    rows = []
+    for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
+        for metric in metrics:
+            value, lo, hi = bootstrap_ci(y[mask], proba[mask], metric, n_boot, seed)
+            rows.append({"slice": name, "metric": metric, "n": int(mask.sum()), "value": value,
+                         "ci_low": lo, "ci_high": hi, "gates": bool(mask.sum() >= min_size)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/03_evaluate.ipynb #8568d903
+def plot_slices(table: pd.DataFrame, metric: str="roc_auc", champion: pd.DataFrame | None=None):
+    "Horizontal bars of `metric` by slice with bootstrap intervals, the champion's values as markers."
+    import matplotlib.pyplot as plt
+    t = table[table.metric == metric].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(t) + 1.2))
+    err = np.vstack([t.value - t.ci_low, t.ci_high - t.value]).clip(0)
+    ax.barh(t.slice, t.value, xerr=np.nan_to_num(err), color=np.where(t.gates, "tab:blue", "lightgrey"), capsize=2)
+    if champion is not None:
+        c = champion[champion.metric == metric].set_index("slice").value.reindex(t.slice)
+        ax.plot(c.values, np.arange(len(t)), "k|", markersize=12, label="champion")
+        ax.legend(loc="lower right")
+    ax.invert_yaxis(); ax.set_xlabel(metric); ax.set_title(f"{metric} by slice (grey: too small to gate)")
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/03_evaluate.ipynb #aca40c5a
 def gate_rule(name: str, value: float, bound: float, passed: bool, explanation: str) -> dict:
     "One rule of the gate as recorded in `gate.json`."
     return {"rule": name, "value": value, "bound": bound, "passed": bool(passed), "explanation": explanation}
@@ -133,3 +212,35 @@ def decide(rules: list[dict]) -> dict:
     "The gate decision: blessed when every rule passed; failed rules are named."
     failed = [r["rule"] for r in rules if not r["passed"]]
     return {"blessed": not failed, "failed_rules": failed, "rules": rules}
+
+# %% ../nbs/03_evaluate.ipynb #e4d68e14
+def floor_rule(metrics: dict, metric: str, floor: float) -> dict:
+    "The candidate's `metric` reaches the absolute `floor`."
+    v = metrics[metric]
+    return gate_rule("primary_metric_floor", v, floor, v >= floor, f"{metric} on the test set must be at least {floor}")
+
+def champion_rule(metrics: dict, champion: dict | None, metric: str, tolerance: float) -> dict:
+    "The candidate is not worse than the champion by more than `tolerance` on `metric`."
+    if champion is None: return gate_rule("not_worse_than_champion", metrics[metric], None, True, "no champion yet: nothing to compare with")
+    bound = champion[metric] - tolerance
+    return gate_rule("not_worse_than_champion", metrics[metric], bound, metrics[metric] >= bound,
+                     f"{metric} must be at least the champion's {champion[metric]:.4f} minus {tolerance}")
+
+def slice_rule(candidate: pd.DataFrame, champion: pd.DataFrame | None, metric: str, tolerance: float) -> dict:
+    "No slice large enough to gate loses more than `tolerance` of `metric` against the champion."
+    if champion is None: return gate_rule("no_slice_regression", None, None, True, "no champion yet: nothing to compare with")
+    c = candidate[(candidate.metric == metric) & candidate.gates].set_index("slice").value
+    old = champion[champion.metric == metric].set_index("slice").value.reindex(c.index)
+    drop = (old - c).dropna()
+    worst = drop.sort_values(ascending=False)
+    bad = worst[worst > tolerance]
+    explanation = (f"{metric} fell by more than {tolerance} in: " + ", ".join(f"{k} ({old[k]:.3f} -> {c[k]:.3f})" for k in bad.index)
+                   if len(bad) else f"no slice lost more than {tolerance} of {metric}")
+    return gate_rule("no_slice_regression", float(worst.iloc[0]) if len(worst) else None, tolerance, not len(bad), explanation) | {"slices": list(bad.index)}
+
+def deepchecks_rule(summaries: dict, allowed: list[str]) -> dict:
+    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry."
+    bad = [f"{c['check']} ({c['status']})" for s in summaries.values() for c in s["checks"]
+           if c["status"] != "passed" and not any(c["check"].startswith(a) for a in allowed)]
+    return gate_rule("deepchecks_conditions", len(bad), 0, not bad,
+                     "failed or not run: " + "; ".join(bad) if bad else "every check that gates passed")

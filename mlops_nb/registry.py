@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import logging
 import platform
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from .core import MlopsError, tracking_uri
 
 # %% auto #0
 __all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'use_project_tracking', 'pipeline_run', 'flat_params', 'alias_version',
-           'promote', 'model_types', 'register_model', 'champion_summary']
+           'promote', 'model_types', 'register_model', 'champion_summary', 'load_champion', 'promote_candidate',
+           'rollback', 'model_files', 'champion_file', 'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -75,6 +77,8 @@ def promote(name: str, version: str | int) -> None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
     client.set_registered_model_alias(name, CHAMPION, str(version))
 
+def _version_str(v) -> str | None: return None if v is None else str(v.version)
+
 # %% ../nbs/04_registry.ipynb #3f1fe58f
 def model_types(model) -> list[str]:
     "The type names in `model` that skops does not trust by default."
@@ -102,9 +106,8 @@ def register_model(
     version = str(info.registered_model_version)
     client = _client()
     for k, v in {**(tags or {}), "blessed": str(blessed).lower()}.items(): client.set_model_version_tag(name, version, k, str(v))
-    if blessed: promote(name, version)
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}", "run_id": mlflow.active_run().info.run_id,
-            "blessed": blessed, "promoted": blessed}
+            "blessed": blessed}
 
 # %% ../nbs/04_registry.ipynb #493b31b2
 def champion_summary(name: str) -> dict | None:
@@ -113,3 +116,108 @@ def champion_summary(name: str) -> dict | None:
     if v is None: return None
     return {"name": name, "version": str(v.version), "run_id": v.run_id, "created": pd.Timestamp(v.creation_timestamp, unit="ms").isoformat(),
             "tags": dict(v.tags), "uri": f"models:/{name}@{CHAMPION}"}
+
+# %% ../nbs/04_registry.ipynb #8232a586
+def load_champion(name: str) -> tuple[str, object] | None:
+    "(version, fitted model) of the champion of `name`, or None."
+    import mlflow
+    v = alias_version(name)
+    if v is None: return None
+    return str(v.version), mlflow.sklearn.load_model(f"models:/{name}/{v.version}")
+
+# %% ../nbs/04_registry.ipynb #29940d48
+def _lock_path() -> Path:
+    import mlflow
+    uri = mlflow.get_tracking_uri()
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(tempfile.gettempdir())
+    return folder / ".mlops-nb-promote.lock"
+
+def promote_candidate(name: str, version: str, compared_with: str | None, blessed: bool, infra_ok: bool) -> dict:
+    "Make `version` champion if blessed, infra-validated and `compared_with` is still champion; say why not otherwise."
+    from filelock import FileLock
+    if not blessed: return {"promoted": False, "reason": "the gate rejected the candidate"}
+    if not infra_ok: return {"promoted": False, "reason": "infrastructure validation failed"}
+    with FileLock(str(_lock_path()), timeout=60):
+        current = _version_str(alias_version(name))
+        if current != (str(compared_with) if compared_with else None):
+            return {"promoted": False, "reason": f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate"}
+        promote(name, version)
+    _client().set_model_version_tag(name, version, "promoted", "true")
+    return {"promoted": True, "reason": f"champion {compared_with or '(none)'} -> {version}", "previous": compared_with}
+
+# %% ../nbs/04_registry.ipynb #a3a579e9
+def rollback(name: str) -> dict:
+    "Swap `champion` and `previous` of registered model `name`."
+    from filelock import FileLock
+    with FileLock(str(_lock_path()), timeout=60):
+        current, previous = alias_version(name), alias_version(name, PREVIOUS)
+        if previous is None: raise MlopsError(f"model '{name}' has no version with alias '{PREVIOUS}': nothing to roll back to")
+        client = _client()
+        client.set_registered_model_alias(name, CHAMPION, previous.version)
+        if current is not None:
+            client.set_registered_model_alias(name, PREVIOUS, current.version)
+            client.set_model_version_tag(name, current.version, "rolled_back", "true")
+    return {"name": name, "champion": str(previous.version), "previous": _version_str(current)}
+
+# %% ../nbs/04_registry.ipynb #868cb661
+def model_files(model_uri: str) -> Path:
+    "A local copy of the MLflow model directory at `model_uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)."
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    try: return Path(mlflow.artifacts.download_artifacts(model_uri))
+    except MlflowException as e: raise MlopsError(f"cannot fetch {model_uri}: {str(e).splitlines()[0]}") from None
+
+def champion_file(name: str, filename: str) -> Path | None:
+    "The file `filename` stored with the current champion of `name`, or None without a champion or file."
+    if alias_version(name) is None: return None
+    p = model_files(f"models:/{name}@{CHAMPION}") / "extra_files" / filename
+    return p if p.exists() else None
+
+# %% ../nbs/04_registry.ipynb #0f7ac3ad
+def _parse_model_uri(uri: str) -> tuple[str, str]:
+    rest = uri.removeprefix("models:/")
+    if rest == uri: raise MlopsError(f"not a registry URI: {uri} (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        v = alias_version(name, alias)
+        if v is None: raise MlopsError(f"model '{name}' has no version with alias '{alias}'")
+        return name, str(v.version)
+    name, _, version = rest.rpartition("/")
+    return name, version
+
+def lineage(model_uri: str) -> dict:
+    "The lineage record of the model version at `model_uri`."
+    from mlflow.exceptions import MlflowException
+    name, version = _parse_model_uri(model_uri)
+    client = _client()
+    try: v = client.get_model_version(name, version)
+    except MlflowException: raise MlopsError(f"model '{name}' has no version {version}") from None
+    run = client.get_run(v.run_id)
+    artifacts = sorted(a.path for folder in ("reports/notebooks", "reports/evaluate", "reports/validate")
+                       for a in client.list_artifacts(v.run_id, folder))
+    aliases = [a for a, ver in client.get_registered_model(name).aliases.items() if str(ver) == version]
+    ts = lambda ms: pd.Timestamp(ms, unit="ms", tz="UTC").isoformat() if ms else None
+    return {"model": {"name": name, "version": version, "aliases": aliases, "uri": f"models:/{name}/{version}", "created": ts(v.creation_timestamp)},
+            "code": {k: v.tags.get(k) for k in ("git_commit", "git_dirty")},
+            "data": {k: v.tags.get(k) for k in ("data_hash", "train_hash", "test_hash")},
+            "params": dict(run.data.params), "params_hash": v.tags.get("params_hash"),
+            "metrics": dict(run.data.metrics),
+            "evaluation": {k: v.tags.get(k) for k in ("blessed", "compared_with", "failed_rules", "promoted")},
+            "artifacts": artifacts,
+            "execution": {"run_id": v.run_id, "user": run.data.tags.get("user"), "host": run.data.tags.get("host"),
+                          "started": ts(run.info.start_time), "ended": ts(run.info.end_time)}}
+
+def format_lineage(record: dict) -> str:
+    "`record` as an indented tree for the terminal."
+    lines = [f"{record['model']['uri']}" + (f"  [{', '.join(record['model']['aliases'])}]" if record["model"]["aliases"] else "")]
+    sections = [k for k in record if k != "model"]
+    for i, key in enumerate(sections):
+        last = i == len(sections) - 1
+        value = record[key]
+        lines.append(("└── " if last else "├── ") + key + ("" if isinstance(value, (dict, list)) else f": {value}"))
+        items = value.items() if isinstance(value, dict) else [(None, x) for x in value] if isinstance(value, list) else []
+        items = list(items)
+        for j, (k, x) in enumerate(items):
+            branch = ("    " if last else "│   ") + ("└── " if j == len(items) - 1 else "├── ")
+            lines.append(branch + (f"{k}: {x}" if k is not None else str(x)))
+    return "\n".join(lines)

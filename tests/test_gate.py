@@ -1,0 +1,119 @@
+"""The model gate, infrastructure validation, promotion, rollback and lineage, through the real stage notebooks
+on a copy of the project: a worse challenger and a challenger whose one slice collapses are both rejected and
+kept in the registry; the champion moves only for a blessed, loadable model; a registered model can be rebuilt
+from its lineage with identical metrics."""
+import json
+
+import joblib
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY, copy_project, git_init, run
+from mlops_nb.core import tracking_uri
+from mlops_nb.registry import model_files, promote, use_project_tracking
+from mlops_nb.train import build_model
+
+pytestmark = pytest.mark.slow
+NAME = "churn-classifier"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A copy of the project after one pipeline run: version 1 is champion."
+    p = copy_project(tmp_path_factory.mktemp("gate") / "project", TINY)
+    commit = git_init(p)
+    run("mlops-nb", "run", cwd=p)
+    return p, commit
+
+
+def client(project):
+    return MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
+
+
+def champion(project):
+    return str(client(project).get_model_version_by_alias(NAME, "champion").version)
+
+
+def candidate(project, fit):
+    "Replace the trained model with `fit(train)` and run evaluate, register and infra_validate on it."
+    train = pd.read_parquet(project / "data" / "processed" / "train.parquet")
+    joblib.dump(fit(train.drop(columns="churn"), train.churn), project / "models" / "model.joblib")
+    for stage in ["evaluate", "register", "infra_validate"]: run("mlops-nb", "stage", stage, cwd=project)
+    read = lambda *p: json.loads(project.joinpath("reports", *p).read_text())
+    return read("evaluate", "gate.json"), read("register", "registration.json"), read("infra", "promotion.json")
+
+
+def one_feature(column):
+    return lambda X, y: build_model("logreg", X[[column]], seed=0).fit(X[[column]], y)
+
+
+def test_a_worse_challenger_is_rejected_and_kept(project):
+    p, _ = project
+    assert champion(p) == "1"
+    gate, reg, promotion = candidate(p, one_feature("senior_citizen"))
+    assert not gate["blessed"] and "not_worse_than_champion" in gate["failed_rules"]
+    rule = next(r for r in gate["rules"] if r["rule"] == "not_worse_than_champion")
+    assert rule["value"] < rule["bound"]                      # measured against the champion's own score
+    assert gate["compared_with"] == "1"
+    assert not promotion["promoted"] and champion(p) == "1"   # champion unchanged
+    version = client(p).get_model_version(NAME, reg["version"])   # the rejected version is in the registry ...
+    assert version.tags["blessed"] == "false" and "not_worse_than_champion" in version.tags["failed_rules"]
+    use_project_tracking(p)                                       # ... with its gate report
+    stored = json.loads((model_files(f"models:/{NAME}/{reg['version']}") / "extra_files" / "gate.json").read_text())
+    assert stored["failed_rules"] == gate["failed_rules"]
+
+
+def test_a_collapsing_slice_is_rejected_even_when_overall_improves(project):
+    p, _ = project
+    use_project_tracking(p)
+    weak = client(p).search_model_versions(f"name='{NAME}' and tags.blessed='false'")[0].version
+    promote(NAME, weak)  # given: a weak champion (the one-feature model of the previous test)
+
+    def flipped_slice(X, y):  # a label bug in one segment: month-to-month churn is recorded inverted
+        bug = X.contract == "Month-to-month"
+        return build_model("logreg", X, seed=0).fit(X, y.where(~bug, 1 - y))
+
+    gate, _, promotion = candidate(p, flipped_slice)
+    overall = {r["rule"]: r for r in gate["rules"]}
+    assert overall["not_worse_than_champion"]["passed"]          # the overall metric improved ...
+    champ_score = json.loads((p / "reports" / "evaluate" / "champion.json").read_text())["metrics"]["roc_auc"]
+    assert overall["primary_metric_floor"]["value"] > champ_score
+    assert gate["failed_rules"] == ["no_slice_regression"]       # ... but one slice collapsed
+    assert "contract=Month-to-month" in overall["no_slice_regression"]["slices"]
+    assert "contract=Month-to-month" in overall["no_slice_regression"]["explanation"]
+    assert not promotion["promoted"] and champion(p) == str(weak)
+
+
+def test_rollback_restores_the_previous_champion(project):
+    p, _ = project
+    before, previous = champion(p), str(client(p).get_model_version_by_alias(NAME, "previous").version)
+    out = run("mlops-nb", "rollback", cwd=p)
+    assert f"champion: {previous}" in out.stdout
+    assert champion(p) == previous == "1"
+    assert str(client(p).get_model_version_by_alias(NAME, "previous").version) == before
+
+
+def test_lineage_names_everything_that_made_the_model(project):
+    p, commit = project
+    out = run("mlops-nb", "lineage", f"models:/{NAME}/1", "--json", cwd=p).stdout
+    record = json.loads(out)
+    assert record["code"]["git_commit"] == commit
+    assert record["params"]["train.model"] == "logreg" and record["params"]["data.n_rows"] == "800"
+    assert {f"reports/notebooks/{s}.ipynb" for s in ["ingest", "validate", "prepare", "train", "evaluate"]} <= set(record["artifacts"])
+    assert "reports/evaluate/model_evaluation.html" in record["artifacts"]
+    tree = run("mlops-nb", "lineage", f"models:/{NAME}/1", cwd=p).stdout
+    assert tree.startswith(f"models:/{NAME}/1") and "├── data" in tree
+
+
+def test_rebuilding_from_lineage_gives_identical_metrics(project, tmp_path):
+    p, _ = project
+    record = json.loads(run("mlops-nb", "lineage", f"models:/{NAME}/1", "--json", cwd=p).stdout)
+    clone = tmp_path / "rebuild"
+    run("git", "clone", "-q", str(p), str(clone), cwd=tmp_path)
+    run("git", "checkout", "-q", record["code"]["git_commit"], cwd=clone)
+    run("dvc", "repro", cwd=clone)
+    rebuilt = json.loads((clone / "reports" / "metrics" / "evaluate.json").read_text())
+    for name, value in rebuilt.items():
+        if name != "n": assert abs(record["metrics"][f"test_{name}"] - value) <= 1e-9, name
+    assert json.loads((clone / "reports" / "ingest" / "provenance.json").read_text())["content_hash"] == record["data"]["data_hash"]
