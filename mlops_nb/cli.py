@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
     sv.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
     sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
-    sv.add_argument("--poll-seconds", type=float, default=30.0, help="how often the registry is asked whether an alias moved (0: never)")
+    sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
     sv.set_defaults(func=cmd_serve)
     lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
     lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")

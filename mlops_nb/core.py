@@ -140,6 +140,8 @@ class ServeParams:
     max_body_bytes: int = 1_000_000  # largest request body accepted
     challenger_share: float = 0.0    # share of traffic routed to the `challenger` alias (0 = no canary)
     log_dir: str = "logs/predictions"  # where the prediction log is written
+    log_flush_seconds: float = 1.0   # how often the log is written: what a crash can lose at most
+    poll_seconds: float = 30.0       # how often the registry is asked whether an alias moved (0: never)
     loadtest_concurrency: int = 8    # concurrent clients of `mlops-nb loadtest`
     loadtest_seconds: float = 10.0   # how long it drives the service
     budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this

@@ -140,17 +140,23 @@ def slice_masks(
         labels[col] = _slice_labels(X[col], bins)
     masks = {}
     for col in columns:
-        for value in labels[col].dropna().unique(): masks[f"{col}={value}"] = (labels[col] == value).to_numpy()
+        for value in _values(labels[col]): masks[f"{col}={value}"] = (labels[col] == value).to_numpy()
     for a, b in crosses:
-        for va in labels[a].dropna().unique():
-            for vb in labels[b].dropna().unique():
-                masks[f"{a}={va} & {b}={vb}"] = ((labels[a] == va) & (labels[b] == vb)).to_numpy()
+        for va in _values(labels[a]):
+            for vb in _values(labels[b]):
+                mask = ((labels[a] == va) & (labels[b] == vb)).to_numpy()
+                if mask.any(): masks[f"{a}={va} & {b}={vb}"] = mask
     return masks
 
 def _slice_labels(col: pd.Series, bins: int) -> pd.Series:
     if pd.api.types.is_numeric_dtype(col) and col.nunique() > bins:
-        return pd.qcut(col, bins, duplicates="drop").astype(str).where(col.notna())
+        binned = pd.qcut(col, bins, duplicates="drop")
+        return binned.cat.rename_categories([str(c) for c in binned.cat.categories])  # bins keep their numeric order
     return col.astype(str).where(col.notna())
+
+def _values(labels: pd.Series) -> list:
+    if isinstance(labels.dtype, pd.CategoricalDtype): return [c for c in labels.cat.categories if (labels == c).any()]
+    return sorted(labels.dropna().unique())
 
 # %% ../nbs/03_evaluate.ipynb #e42a79f1
 METRICS = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score,
@@ -173,7 +179,7 @@ def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: flo
 def sliced_metrics(
     y, proba, masks: dict[str, np.ndarray],
     metrics: list[str]=("roc_auc", "accuracy"),  # names from METRICS
-    min_size: int=50,    # smaller slices are reported but do not gate
+    min_size: int=50,    # smaller slices, or with fewer than max(5, min_size // 10) rows of either class, do not gate
     n_boot: int=200,     # bootstrap resamples per slice and metric
     seed: int=0,
 ) -> pd.DataFrame:
@@ -181,10 +187,12 @@ def sliced_metrics(
     y, proba = np.asarray(y), np.asarray(proba)
     rows = []
     for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
+        positives = int(y[mask].sum())
+        gates = mask.sum() >= min_size and min(positives, mask.sum() - positives) >= max(5, min_size // 10)
         for metric in metrics:
             value, lo, hi = bootstrap_ci(y[mask], proba[mask], metric, n_boot, seed)
-            rows.append({"slice": name, "metric": metric, "n": int(mask.sum()), "value": value,
-                         "ci_low": lo, "ci_high": hi, "gates": bool(mask.sum() >= min_size)})
+            rows.append({"slice": name, "metric": metric, "n": int(mask.sum()), "positives": positives, "value": value,
+                         "ci_low": lo, "ci_high": hi, "gates": bool(gates)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/03_evaluate.ipynb #8568d903
@@ -197,7 +205,7 @@ def plot_slices(table: pd.DataFrame, metric: str="roc_auc", champion: pd.DataFra
     ax.barh(t.slice, t.value, xerr=np.nan_to_num(err), color=np.where(t.gates, "tab:blue", "lightgrey"), capsize=2)
     if champion is not None:
         c = champion[champion.metric == metric].set_index("slice").value.reindex(t.slice)
-        ax.plot(c.values, np.arange(len(t)), "k|", markersize=12, label="champion")
+        ax.plot(c.values, np.arange(len(t)), "D", color="tab:red", markersize=5, label="champion")
         ax.legend(loc="lower right")
     ax.invert_yaxis(); ax.set_xlabel(metric); ax.set_title(f"{metric} by slice (grey: too small to gate)")
     fig.tight_layout()

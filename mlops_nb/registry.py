@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import getpass
+import json
 import logging
+import os
 import platform
 import tempfile
 from contextlib import contextmanager
@@ -30,8 +32,12 @@ def use_project_tracking(root: str | Path, experiment: str=EXPERIMENT) -> str:
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uri = tracking_uri(root)
+    user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for k, v in user_env.items():  # MLflow exports the URI to the environment; only the user's own setting may stay there
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
     if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
         # artifacts beside the SQLite file, whatever the working directory
         mlflow.create_experiment(experiment, artifact_location=(Path(root).resolve() / "mlruns").as_uri())
@@ -194,14 +200,16 @@ def lineage(model_uri: str) -> dict:
     except MlflowException: raise MlopsError(f"model '{name}' has no version {version}") from None
     run = client.get_run(v.run_id)
     artifacts = sorted(a.path for folder in ("reports/notebooks", "reports/evaluate", "reports/validate")
-                       for a in client.list_artifacts(v.run_id, folder))
+                       for a in client.list_artifacts(v.run_id, f"v{version}/{folder}"))
+    stored = model_files(f"models:/{name}/{version}") / "extra_files" / "evaluate.json"  # immutable, unlike run metrics
+    test_metrics = json.loads(stored.read_text()) if stored.exists() else {}
     aliases = [a for a, ver in client.get_registered_model(name).aliases.items() if str(ver) == version]
     ts = lambda ms: pd.Timestamp(ms, unit="ms", tz="UTC").isoformat() if ms else None
     return {"model": {"name": name, "version": version, "aliases": aliases, "uri": f"models:/{name}/{version}", "created": ts(v.creation_timestamp)},
             "code": {k: v.tags.get(k) for k in ("git_commit", "git_dirty")},
             "data": {k: v.tags.get(k) for k in ("data_hash", "train_hash", "test_hash")},
             "params": dict(run.data.params), "params_hash": v.tags.get("params_hash"),
-            "metrics": dict(run.data.metrics),
+            "metrics": {"test": test_metrics, "run": dict(run.data.metrics)},
             "evaluation": {k: v.tags.get(k) for k in ("blessed", "compared_with", "failed_rules", "promoted")},
             "artifacts": artifacts,
             "execution": {"run_id": v.run_id, "user": run.data.tags.get("user"), "host": run.data.tags.get("host"),

@@ -19,6 +19,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+for var, value in [("GIT_AUTHOR_NAME", "mlops-nb tests"), ("GIT_COMMITTER_NAME", "mlops-nb tests"),
+                   ("GIT_AUTHOR_EMAIL", "tests@example.com"), ("GIT_COMMITTER_EMAIL", "tests@example.com")]:
+    os.environ.setdefault(var, value)  # git and `dvc exp` commit in the project copies
 
 
 def run(*args, cwd, check=True, env=None):
@@ -57,10 +60,12 @@ def git_init(path: Path) -> str:
     return run("git", "rev-parse", "HEAD", cwd=path).stdout.strip()
 
 
-# Small enough for CI, large enough for every model and deepchecks check to have data.
+# Small enough for CI, large enough for every model and deepchecks check to have data. On 200 test rows the
+# gain over deepchecks' simple baseline is too noisy to gate on, so that check is allowed to fail here.
+DEFAULT_ALLOWED = load_yaml((ROOT / "params.yaml").read_text())["evaluate"]["deepchecks_allowed"]
 TINY = {"data": {"source": "synthetic", "n_rows": 800},
         "train": {"model": "logreg", "n_iter": 2, "cv_folds": 2},
-        "evaluate": {"min_primary": 0.6}}
+        "evaluate": {"min_primary": 0.6, "deepchecks_allowed": [*DEFAULT_ALLOWED, "Simple Model Comparison"]}}
 
 
 @pytest.fixture

