@@ -86,7 +86,7 @@ def test_experiment_reruns_train_and_after_only_and_metrics_diff_shows_it(smoke)
     run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "baseline", cwd=project)
     out = run("dvc", "exp", "run", "-S", "train.model=hgb", cwd=project).stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert ran == ["train", "evaluate", "register"]
+    assert ran == ["train", "evaluate", "register", "infra_validate"]
     diff = json.loads(run("dvc", "metrics", "diff", "--json", cwd=project).stdout)
     changed = diff["reports/metrics/evaluate.json"]
     assert "roc_auc" in changed and changed["roc_auc"]["old"] != changed["roc_auc"]["new"]
