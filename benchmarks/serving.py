@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,23 +21,19 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mlops_nb.loadtest import ServiceProcess  # noqa: E402
 BIN = Path(sys.executable).parent
 NAME = "churn-classifier"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup(store: Path) -> tuple[str, pd.DataFrame]:
-    "Register a logreg Pipeline as champion in `store`; return its version and the records to send."
+    "Register the default algorithm's Pipeline as champion in `store`; return its version and the records to send."
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from mlops_nb.core import load_params
     from mlops_nb.data import encode_target, synthetic_churn
     from mlops_nb.registry import pipeline_run, promote, register_model, use_project_tracking
     from mlops_nb.train import build_model
@@ -49,35 +44,12 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     shutil.copy2(ROOT / "schema.yaml", store / "schema.yaml")
     (store / "gate.json").write_text('{"blessed": true}')
     use_project_tracking(store)
+    algorithm = load_params(ROOT / "params.yaml").train.model  # the project's default model (hgb)
     with pipeline_run(run_name="bench-serving"):
-        reg = register_model(build_model("logreg", X).fit(X, y), X.head(5), NAME, blessed=True,
+        reg = register_model(build_model(algorithm, X).fit(X, y), X.head(5), NAME, blessed=True,
                              extra_files=[store / "schema.yaml", store / "gate.json"])
     promote(NAME, reg["version"])
     return reg["version"], records
-
-
-class Service:
-    "A server subprocess on a free loopback port, ready when `ready_path` answers 200; always terminated."
-    def __init__(self, cmd: list[str], ready_path: str, env: dict, log: Path, cwd: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.out = open(log, "w")
-        self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in cmd], env=env, cwd=cwd, stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(self.url + ready_path, timeout=2).status_code == 200: return
-            except httpx.TransportError: pass
-            time.sleep(0.25)
-        self.stop()
-        raise SystemExit(f"{cmd[0]} did not become ready; see {log}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try: self.proc.wait(30)
-            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait(10)
-        self.out.close()
 
 
 def soak(url: str, pid: int, records, seconds: float, concurrency: int) -> dict:
@@ -118,13 +90,13 @@ def main(argv=None) -> int:
         shutil.copy2(ROOT / "params.yaml", work / "project" / "params.yaml")
         runs = {}
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
-        base = Service([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
-                        "-h", "127.0.0.1", "-p", "{port}"], "/ping", env, work / "mlflow-serve.log")
+        base = ServiceProcess([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
+                                "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=env, log=work / "mlflow-serve.log")
         try: runs["mlflow models serve"] = loadtest(base.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
         finally: base.stop()
         ours_cmd = [str(BIN / "mlops-nb"), "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1", "--port", "{port}",
                     "--log-dir", str(work / "log"), "--poll-seconds", "0"]
-        ours = Service(ours_cmd, "/ready", env, work / "mlops-serve.log", cwd=work / "project")
+        ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / "mlops-serve.log")
         try:
             runs["mlops-nb serve"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
             soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency) if args.soak > 0 else None

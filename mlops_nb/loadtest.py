@@ -16,7 +16,7 @@ import pandas as pd
 from .core import MlopsError
 
 # %% auto #0
-__all__ = ['aloadtest', 'request_bodies', 'loadtest', 'check_budget']
+__all__ = ['aloadtest', 'request_bodies', 'loadtest', 'check_budget', 'free_port', 'ServiceProcess']
 
 # %% ../nbs/21_loadtest.ipynb #22e49301
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -122,3 +122,45 @@ def check_budget(result: dict, p99_ms: float, min_rps: float, max_error_rate: fl
         out.append(f"{result['errors']} failed requests of {result['requests']}")
     if not result["requests"]: out.append("no request was answered")
     return out
+
+# %% ../nbs/21_loadtest.ipynb #3220fe0d
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on right now."
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+class ServiceProcess:
+    "A server subprocess on a free loopback port, ready once `ready_path` answers 200; stopped by `stop` or `with`."
+    def __init__(self, cmd: list[str], ready_path: str="/ready", env: dict | None=None, cwd=None, log=None, timeout: float=120):
+        import subprocess, urllib.request
+        from pathlib import Path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log) if log else None
+        self.out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in cmd], env=env, cwd=cwd,
+                                     stdout=self.out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=2) as r:
+                    if r.status == 200: return
+            except OSError: pass
+            time.sleep(0.2)
+        self.stop()
+        tail = self.log.read_text()[-3000:] if self.log else ""
+        raise MlopsError(f"{cmd[0]} did not become ready on {self.url}{ready_path}\n{tail}")
+
+    def stop(self):
+        "Terminate the server (kill it if it does not stop within 30 s)."
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try: self.proc.wait(30)
+            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait(10)
+        if self.log and not self.out.closed: self.out.close()
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.stop()

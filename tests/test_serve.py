@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import BIN, ROOT
+from mlops_nb.loadtest import ServiceProcess
 
 NAME = "churn-classifier"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fit(seed: int, C: float):
@@ -58,32 +52,14 @@ def records_of(X: pd.DataFrame) -> list[dict]:
             for r in X.to_dict("records")]
 
 
-class Server:
+class Server(ServiceProcess):
     "`mlops-nb serve` in a project folder, on a free loopback port; always terminated."
     def __init__(self, project: Path, *args):
-        self.port, self.project = free_port(), project
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-        self.out = open(project / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-                                     cwd=project, env=env, stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None: break
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200: return
-            except httpx.TransportError: pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"service did not become ready:\n{(project / f'server-{self.port}.log').read_text()[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try: self.proc.wait(30)
-            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait(10)
-        self.out.close()
+        super().__init__([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", *args], "/ready",
+                         env=env, cwd=project, log=project / f"server-{time.monotonic_ns()}.log", timeout=90)
+        self.project = project
 
     def post(self, body, **kw):
         if isinstance(body, (bytes, str)): return httpx.post(self.url + "/predict", content=body, timeout=30, **kw)
