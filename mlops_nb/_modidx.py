@@ -299,6 +299,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve._run_batch': ('serve.html#_run_batch', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._safe_on_batch': ('serve.html#_safe_on_batch', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._seal': ('serve.html#_seal', 'mlops_nb/serve.py'),
+                                'mlops_nb.serve._single_threaded_model': ('serve.html#_single_threaded_model', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._start': ('serve.html#_start', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._startup': ('serve.html#_startup', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._table': ('serve.html#_table', 'mlops_nb/serve.py'),

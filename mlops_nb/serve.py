@@ -676,7 +676,13 @@ def _metadata(state: _State) -> dict:
             "rules": {"unknown_category": "rejected (422)", "unknown_field": "rejected (422)",
                       "out_of_training_range": "answered, counted in mlops_out_of_range_total"}}
 
-# %% ../nbs/20_serve.ipynb #90bcd5b2
+# %% ../nbs/20_serve.ipynb #faa1feaf
+def _single_threaded_model():
+    "Limit native thread pools (OpenMP, BLAS) of the calling thread to one."
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+
+# %% ../nbs/20_serve.ipynb #badc1aa6
 def create_app(
     model_uri: str,                      # models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION or a model folder
     params: ServeParams | None = None,   # limits, batching, canary share (params.yaml `serve:`)
@@ -702,7 +708,7 @@ def create_app(
             import mlflow
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
-        state.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        state.executor = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=_single_threaded_model)
         if state.log is not None: state.log.start()
         task = asyncio.get_running_loop().create_task(_startup(state, model_uri, poll_seconds))
         yield
@@ -760,7 +766,7 @@ def create_app(
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
     return app
 
-# %% ../nbs/20_serve.ipynb #c0d4c107
+# %% ../nbs/20_serve.ipynb #ef5051e4
 _CONFIG_ENV = "MLOPS_NB_SERVE_CONFIG"
 
 def app_from_env():
