@@ -32,7 +32,6 @@ NAME = "churn-classifier"
 
 def setup(store: Path) -> tuple[str, pd.DataFrame]:
     "Register the default algorithm's Pipeline as champion in `store`; return its version and the records to send."
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     from mlops_nb.core import load_params
     from mlops_nb.data import encode_target, synthetic_churn
     from mlops_nb.registry import pipeline_run, promote, register_model, use_project_tracking

@@ -2,6 +2,7 @@
 
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_url': '', 'lib_path': 'mlops_nb'},
   'syms': { 'mlops_nb.cli': { 'mlops_nb.cli._model_name': ('cli.html#_model_name', 'mlops_nb/cli.py'),
+                              'mlops_nb.cli._project': ('cli.html#_project', 'mlops_nb/cli.py'),
                               'mlops_nb.cli._summary': ('cli.html#_summary', 'mlops_nb/cli.py'),
                               'mlops_nb.cli._use_tracking': ('cli.html#_use_tracking', 'mlops_nb/cli.py'),
                               'mlops_nb.cli.build_parser': ('cli.html#build_parser', 'mlops_nb/cli.py'),

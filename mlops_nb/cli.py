@@ -9,18 +9,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from .core import MlopsError, ProjectPaths, load_params, read_json
+from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
            'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
+def _project() -> tuple[ProjectPaths, Params]:
+    "The project around the working directory and its checked params."
+    paths = ProjectPaths.find()
+    return paths, load_params(paths.params)
+
 def cmd_stage(args) -> int:
     "Execute one stage notebook with its params from params.yaml (what dvc.yaml calls)."
     from mlops_nb.pipeline import run_stage
-    out = run_stage(args.name, ProjectPaths.find().root)
-    print(f"stage {args.name}: done ({out.relative_to(ProjectPaths.find().root)})")
+    root = ProjectPaths.find().root
+    out = run_stage(args.name, root)
+    print(f"stage {args.name}: done ({out.relative_to(root)})")
     return 0
 
 def _summary(paths: ProjectPaths) -> list[str]:
@@ -42,8 +48,7 @@ def _summary(paths: ProjectPaths) -> list[str]:
 def cmd_run(args) -> int:
     "Check params.yaml, then `dvc repro` the pipeline and summarise the result."
     from mlops_nb.pipeline import dvc
-    paths = ProjectPaths.find()
-    load_params(paths.params)  # a bad key or type stops here, named, before any stage starts
+    paths, _ = _project()  # a bad key or type stops here, named, before any stage starts
     result = dvc("repro", *(["--force"] if args.force else []), *args.stages, root=paths.root)
     if result.returncode != 0:
         print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
@@ -55,11 +60,11 @@ def cmd_status(args) -> int:
     "Which stages are out of date, and the current champion."
     from mlops_nb.pipeline import dvc_status
     from mlops_nb.registry import champion_summary, use_project_tracking
-    paths = ProjectPaths.find()
+    paths, params = _project()
     stale = dvc_status(paths.root)
     print("pipeline: up to date" if not stale else "pipeline: out of date: " + ", ".join(s.split(":")[-1] for s in stale))
     use_project_tracking(paths.root)
-    champ = champion_summary(load_params(paths.params).register.model_name)
+    champ = champion_summary(params.register.model_name)
     if champ is None: print("champion: none yet (run `mlops-nb run`)")
     else: print(f"champion: {champ['name']} version {champ['version']} ({champ['uri']}), data {champ['tags'].get('data_hash', '?')[:12]}, commit {champ['tags'].get('git_commit', '?')[:10]}")
     return 0
@@ -69,13 +74,13 @@ def cmd_schema_infer(args) -> int:
     from mlops_nb.schema import infer_schema_file
     drop = args.drop
     if drop is None:  # inside a project: leave out the identifiers it drops at ingest
-        try: drop = load_params(ProjectPaths.find().params).data.drop_columns
+        try: drop = _project()[1].data.drop_columns
         except MlopsError: drop = []
     sys.stdout.write(infer_schema_file(args.data, drop=drop))
     return 0
 
 def _model_name(args) -> str:
-    return args.name or load_params(ProjectPaths.find().params).register.model_name
+    return args.name or _project()[1].register.model_name
 
 def _use_tracking():
     from mlops_nb.registry import use_project_tracking
@@ -105,8 +110,7 @@ def cmd_serve(args) -> int:
     import dataclasses
     from mlops_nb.core import tracking_uri
     from mlops_nb.serve import serve
-    paths = ProjectPaths.find()
-    params = load_params(paths.params)
+    paths, params = _project()
     sp = params.serve
     over = {k: v for k, v in {"host": args.host, "port": args.port, "challenger_share": args.challenger_share}.items() if v is not None}
     sp = dataclasses.replace(sp, **over)
@@ -121,8 +125,7 @@ def cmd_loadtest(args) -> int:
     import json
     from mlops_nb.loadtest import check_budget, loadtest
     from mlops_nb.schema import read_table
-    paths = ProjectPaths.find()
-    params = load_params(paths.params)
+    paths, params = _project()
     sp = params.serve
     data = read_table(args.data or paths.processed / "test.parquet")
     records = data.drop(columns=[c for c in [params.base.target] if c in data.columns])

@@ -100,7 +100,7 @@ def register_model(
     tags: dict | None=None,      # lineage tags for the version (git commit, data hash, ...)
     extra_files: list | None=None,  # files stored with the model (schema, reference profile)
 ) -> dict:
-    "Log `model` in the active run, register a version with `tags`, and promote it if `blessed`."
+    "Log `model` in the active run and register a version with `tags` and the gate's decision; no alias moves."
     import mlflow
     from mlflow.models import infer_signature
     if mlflow.active_run() is None: raise MlopsError("register_model needs an active MLflow run (use pipeline_run)")
@@ -223,8 +223,7 @@ def format_lineage(record: dict) -> str:
         last = i == len(sections) - 1
         value = record[key]
         lines.append(("└── " if last else "├── ") + key + ("" if isinstance(value, (dict, list)) else f": {value}"))
-        items = value.items() if isinstance(value, dict) else [(None, x) for x in value] if isinstance(value, list) else []
-        items = list(items)
+        items = list(value.items()) if isinstance(value, dict) else [(None, x) for x in value] if isinstance(value, list) else []
         for j, (k, x) in enumerate(items):
             branch = ("    " if last else "│   ") + ("└── " if j == len(items) - 1 else "├── ")
             lines.append(branch + (f"{k}: {x}" if k is not None else str(x)))

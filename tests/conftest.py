@@ -68,6 +68,18 @@ TINY = {"data": {"source": "synthetic", "n_rows": 800},
         "evaluate": {"min_primary": 0.6, "deepchecks_allowed": [*DEFAULT_ALLOWED, "Simple Model Comparison"]}}
 
 
+def registry(project: Path):
+    "An MLflow client on the tracking store of the project copy at `project`."
+    from mlflow import MlflowClient
+    from mlops_nb.core import tracking_uri
+    return MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
+
+
+def champion_version(project: Path, name: str = "churn-classifier") -> str:
+    "The version holding alias `champion` in the project copy at `project`."
+    return str(registry(project).get_model_version_by_alias(name, "champion").version)
+
+
 @pytest.fixture
 def project(tmp_path):
     "A fresh copy of the project with tiny params (no git)."

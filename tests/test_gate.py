@@ -7,10 +7,8 @@ import json
 import joblib
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
-from conftest import TINY, copy_project, git_init, run
-from mlops_nb.core import tracking_uri
+from conftest import TINY, champion_version, copy_project, git_init, registry, run
 from mlops_nb.registry import model_files, promote, use_project_tracking
 from mlops_nb.train import build_model
 
@@ -25,14 +23,6 @@ def project(tmp_path_factory):
     commit = git_init(p)
     run("mlops-nb", "run", cwd=p)
     return p, commit
-
-
-def client(project):
-    return MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
-
-
-def champion(project):
-    return str(client(project).get_model_version_by_alias(NAME, "champion").version)
 
 
 def candidate(project, fit):
@@ -50,14 +40,14 @@ def one_feature(column):
 
 def test_a_worse_challenger_is_rejected_and_kept(project):
     p, _ = project
-    assert champion(p) == "1"
+    assert champion_version(p) == "1"
     gate, reg, promotion = candidate(p, one_feature("senior_citizen"))
     assert not gate["blessed"] and "not_worse_than_champion" in gate["failed_rules"]
     rule = next(r for r in gate["rules"] if r["rule"] == "not_worse_than_champion")
     assert rule["value"] < rule["bound"]                      # measured against the champion's own score
     assert gate["compared_with"] == "1"
-    assert not promotion["promoted"] and champion(p) == "1"   # champion unchanged
-    version = client(p).get_model_version(NAME, reg["version"])   # the rejected version is in the registry ...
+    assert not promotion["promoted"] and champion_version(p) == "1"   # champion unchanged
+    version = registry(p).get_model_version(NAME, reg["version"])   # the rejected version is in the registry ...
     assert version.tags["blessed"] == "false" and "not_worse_than_champion" in version.tags["failed_rules"]
     use_project_tracking(p)                                       # ... with its gate report
     stored = json.loads((model_files(f"models:/{NAME}/{reg['version']}") / "extra_files" / "gate.json").read_text())
@@ -67,7 +57,7 @@ def test_a_worse_challenger_is_rejected_and_kept(project):
 def test_a_collapsing_slice_is_rejected_even_when_overall_improves(project):
     p, _ = project
     use_project_tracking(p)
-    weak = client(p).search_model_versions(f"name='{NAME}' and tags.blessed='false'")[0].version
+    weak = registry(p).search_model_versions(f"name='{NAME}' and tags.blessed='false'")[0].version
     promote(NAME, weak)  # given: a weak champion (the one-feature model of the previous test)
 
     def flipped_slice(X, y):  # a label bug in one segment: month-to-month churn is recorded inverted
@@ -83,16 +73,16 @@ def test_a_collapsing_slice_is_rejected_even_when_overall_improves(project):
     assert "primary_metric_floor" not in gate["failed_rules"]
     assert "contract=Month-to-month" in overall["no_slice_regression"]["slices"]
     assert "contract=Month-to-month" in overall["no_slice_regression"]["explanation"]
-    assert not promotion["promoted"] and champion(p) == str(weak)
+    assert not promotion["promoted"] and champion_version(p) == str(weak)
 
 
 def test_rollback_restores_the_previous_champion(project):
     p, _ = project
-    before, previous = champion(p), str(client(p).get_model_version_by_alias(NAME, "previous").version)
+    before, previous = champion_version(p), str(registry(p).get_model_version_by_alias(NAME, "previous").version)
     out = run("mlops-nb", "rollback", cwd=p)
     assert f"champion: {previous}" in out.stdout
-    assert champion(p) == previous == "1"
-    assert str(client(p).get_model_version_by_alias(NAME, "previous").version) == before
+    assert champion_version(p) == previous == "1"
+    assert str(registry(p).get_model_version_by_alias(NAME, "previous").version) == before
 
 
 def test_lineage_names_everything_that_made_the_model(project):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, copy_project, git_init, run
+from conftest import TINY, champion_version, copy_project, git_init, registry, run
 from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 
@@ -52,9 +52,7 @@ def test_executed_notebooks_and_reports(smoke):
 
 def test_registry_has_a_champion_with_lineage(smoke):
     project, commit, _ = smoke
-    from mlflow import MlflowClient
-    from mlops_nb.core import tracking_uri
-    client = MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
+    client = registry(project)
     champion = client.get_model_version_by_alias("churn-classifier", "champion")
     assert str(champion.version) == "1"
     assert champion.tags["git_commit"] == commit
@@ -94,13 +92,6 @@ def test_experiment_reruns_train_and_after_only_and_metrics_diff_shows_it(smoke)
     assert "hgb" in json.dumps(shown)
     run("dvc", "plots", "diff", "-o", "plots_html", cwd=project)
     assert (project / "plots_html" / "index.html").exists()
-
-
-def champion_version(project):
-    from mlflow import MlflowClient
-    from mlops_nb.core import tracking_uri
-    c = MlflowClient(tracking_uri(project), registry_uri=tracking_uri(project))
-    return str(c.get_model_version_by_alias("churn-classifier", "champion").version)
 
 
 def use_source(project, frame):

@@ -37,7 +37,6 @@ def fit(seed: int, C: float):
 def register(root: Path, model, X, alias_only: str | None = None) -> str:
     "Register `model` in the tracking store at `root`; promote it unless `alias_only` names another alias."
     from mlops_nb.registry import _client, pipeline_run, promote, register_model, use_project_tracking
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it: it would pin the first store
     use_project_tracking(root)
     with pipeline_run(run_name="test-serve"):
         reg = register_model(model, X.head(5), NAME, blessed=alias_only is None, tags={"data_hash": "hash-" + str(len(X))},
