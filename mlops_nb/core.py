@@ -71,7 +71,8 @@ class ProjectPaths:
 class BaseParams:
     seed: int = 42               # every random choice: splits, CV folds, search, synthetic data
     target: str = "churn"        # the label column
-    positive_label: str = "Yes"  # the value of `target` that counts as the positive class
+    positive_label: str = "Yes"  # the value of `target` that counts as the positive class (binary task)
+    task: typing.Literal["auto", "binary", "multiclass", "regression"] = "auto"  # auto: read off the target, stated by prepare
 
 @dataclass(frozen=True)
 class DataParams:
@@ -100,12 +101,14 @@ class TrainParams:
     model: typing.Literal["logreg", "rf", "hgb"] = "hgb"  # the algorithm from the model zoo
     cv_folds: int = 3            # folds of the cross-validated search
     n_iter: int = 6              # candidates sampled from the model's search space
-    scoring: str = "roc_auc"     # the scikit-learn scorer the search maximises
+    scoring: str = "roc_auc"     # the scikit-learn scorer the search maximises (auto: the task's default)
+    categorical_columns: list[str] = field(default_factory=list)  # numeric columns that are category codes (one-hot encoded)
 
 @dataclass(frozen=True)
 class EvaluateParams:
     primary_metric: str = "roc_auc"  # the metric the gate reads
-    min_primary: float = 0.70    # the gate's absolute floor on the primary metric
+    min_primary: float = 0.70    # the gate's absolute bound on the primary metric: a floor, or a ceiling for an error metric (rmse, mae, log_loss, brier)
+    baseline_margin: float = 0.05  # skill over the trivial baseline the candidate must reach: (metric - baseline) / (perfect - baseline)
     champion_tolerance: float = 0.01  # how much worse than the champion the candidate may be
     slice_columns: list[str] = field(default_factory=lambda: ["contract", "internet_service", "payment_method", "senior_citizen", "tenure"])  # one slice per value / quantile bin
     slice_crosses: list[list[str]] = field(default_factory=lambda: [["contract", "internet_service"]])  # pairs whose combinations are slices

@@ -16,8 +16,9 @@ import pandas as pd
 from .core import MlopsError, content_hash
 
 # %% auto #0
-__all__ = ['CHURN_CATEGORIES', 'DataError', 'synthetic_churn', 'load_source', 'drop_identifiers', 'provenance', 'encode_target',
-           'split_stratified', 'split_by_time', 'split']
+__all__ = ['CHURN_CATEGORIES', 'TASKS', 'DataError', 'synthetic_churn', 'load_source', 'drop_identifiers', 'provenance',
+           'infer_task', 'resolve_task', 'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'split',
+           'target_summary']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -138,22 +139,72 @@ def provenance(df: pd.DataFrame, source: str) -> dict:
             "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/01_data.ipynb #063873a4
-def encode_target(df: pd.DataFrame, target: str, positive_label: str) -> pd.DataFrame:
-    "`df` with `target` as 0/1 (1 where it equals `positive_label`) and unlabelled rows dropped."
+TASKS = ("binary", "multiclass", "regression")
+
+def infer_task(
+    y: pd.Series,         # the target column (nulls are ignored)
+    max_classes: int=20,  # integer targets with at most this many distinct values are classes
+) -> str:
+    "binary (two values), multiclass (text, or few integer codes) or regression (other numbers)."
+    y = y.dropna()
+    if y.nunique() <= 2: return "binary"
+    if pd.api.types.is_bool_dtype(y) or not pd.api.types.is_numeric_dtype(y): return "multiclass"
+    whole = bool((np.asarray(y, dtype="float64") % 1 == 0).all())
+    return "multiclass" if whole and y.nunique() <= max_classes else "regression"
+
+def resolve_task(task: str, y: pd.Series) -> str:
+    "`task` itself, or the task `infer_task` reads off `y` when `task` is `auto`."
+    if task == "auto": return infer_task(y)
+    if task not in TASKS: raise DataError(f"base.task must be auto or one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+# %% ../nbs/01_data.ipynb #93bba9a1
+def encode_target(
+    df: pd.DataFrame,         # the raw frame
+    target: str,              # the label column
+    positive_label: str="Yes",  # the value that counts as 1 (binary task only)
+    task: str="binary",       # binary | multiclass | regression (resolved, not auto)
+) -> pd.DataFrame:
+    "`df` with `target` encoded for `task` and unlabelled rows dropped."
     if target not in df.columns: raise DataError(f"target column '{target}' is not in the data (columns: {', '.join(map(str, df.columns))})")
-    labels = df[target].dropna()
-    if not (labels.astype(str) == str(positive_label)).any():
-        raise DataError(f"positive label {positive_label!r} never occurs in column '{target}' (values: {sorted(map(str, labels.unique()))[:5]})")
     out = df[df[target].notna()].copy()
-    out[target] = (out[target].astype(str) == str(positive_label)).astype("int64")
+    labels = out[target]
+    if task == "regression":
+        values = pd.to_numeric(labels, errors="coerce")
+        if values.isna().any():
+            bad = labels[values.isna()].astype(str).unique()[:3]
+            raise DataError(f"target '{target}' must be numeric for a regression task, got {list(bad)}")
+        out[target] = values.astype("float64")
+    elif task == "multiclass":
+        whole = pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels) and bool((labels % 1 == 0).all())
+        out[target] = (labels.astype("int64") if whole else labels).astype(str)
+    else:
+        if not (labels.astype(str) == str(positive_label)).any():
+            raise DataError(f"positive label {positive_label!r} never occurs in column '{target}' (values: {sorted(map(str, labels.unique()))[:5]})")
+        out[target] = (labels.astype(str) == str(positive_label)).astype("int64")
     return out.reset_index(drop=True)
 
+# %% ../nbs/01_data.ipynb #17d21530
+def check_classes(
+    y: pd.Series,       # encoded labels of a classification task
+    min_rows: int,      # rows every class needs
+    why: str,           # what needs them, for the message
+) -> None:
+    "Fail, naming the class, when a class of `y` has fewer than `min_rows` rows."
+    counts = y.value_counts()
+    rare = counts[counts < min_rows]
+    if len(rare):
+        name, n = rare.index[0], int(rare.iloc[0])
+        raise DataError(f"class {name!r} of the target has {n} row{'s' if n != 1 else ''}, fewer than the {min_rows} {why} needs"
+                        f" ({len(rare)} class{'es' if len(rare) > 1 else ''} that rare): merge it into another class, drop its rows, or lower that setting")
+
 # %% ../nbs/01_data.ipynb #75db8091
-def split_stratified(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Train and test frames with the label's class balance kept in both."
+def split_stratified(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, stratify: bool=True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Train and test frames with the label's class balance kept in both (`stratify=False`: a plain random split)."
     from sklearn.model_selection import train_test_split
     _check_test_size(test_size, len(df))
-    try: train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df[target])
+    if stratify: check_classes(df[target], 2, "stratified test split (prepare.split)")
+    try: train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df[target] if stratify else None)
     except ValueError as e: raise DataError(f"cannot stratify on '{target}': {e}") from None
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
@@ -170,9 +221,16 @@ def _check_test_size(test_size, n):
     if n < 4: raise DataError(f"{n} rows are too few to split")
 
 # %% ../nbs/01_data.ipynb #bc866c19
-def split(df: pd.DataFrame, how: str, target: str, test_size: float, seed: int, time_column: str="") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Dispatch to `split_stratified` or `split_by_time` as `prepare.split` says."
+def split(df: pd.DataFrame, how: str, target: str, test_size: float, seed: int, time_column: str="", task: str="binary") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Dispatch to `split_stratified` (random for regression) or `split_by_time` as `prepare.split` says."
     if how == "time":
         if not time_column: raise DataError("prepare.split is 'time' but prepare.time_column is empty")
         return split_by_time(df, time_column, test_size)
-    return split_stratified(df, target, test_size, seed)
+    return split_stratified(df, target, test_size, seed, stratify=task != "regression")
+
+# %% ../nbs/01_data.ipynb #95732b76
+def target_summary(y: pd.Series, task: str) -> dict:
+    "The positive rate (binary), rows per class (multiclass) or mean and spread (regression) of encoded labels `y`."
+    if task == "binary": return {"positive_rate": float(y.mean())}
+    if task == "multiclass": return {"classes": {str(k): int(v) for k, v in y.value_counts().sort_index().items()}}
+    return {"mean": float(y.mean()), "std": float(y.std())}

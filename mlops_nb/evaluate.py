@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .core import atomic_path
+from .core import EvaluateParams, MlopsError, atomic_path
 
 # %% auto #0
-__all__ = ['METRICS', 'classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite',
-           'run_suite', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide',
-           'floor_rule', 'champion_rule', 'slice_rule', 'deepchecks_rule']
+__all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'classification_metrics', 'greater_is_better',
+           'multiclass_metrics', 'regression_metrics', 'predict_scores', 'task_metrics', 'curve_tables', 'plot_curves',
+           'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'slice_masks', 'bootstrap_ci',
+           'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule', 'skill',
+           'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'baseline_model', 'evaluate_gate']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -42,21 +44,76 @@ def classification_metrics(
         "n": int(len(y)),
     }
 
+# %% ../nbs/03_evaluate.ipynb #7767e275
+LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae"}
+
+def greater_is_better(metric: str) -> bool:
+    "Whether a higher value of `metric` is better (False for error metrics)."
+    return metric not in LOWER_IS_BETTER
+
+def _codes(y, classes) -> np.ndarray:
+    index = {str(c): i for i, c in enumerate(classes)}
+    return np.array([index.get(str(v), -1) for v in np.asarray(y)])
+
+def multiclass_metrics(
+    y: np.ndarray,          # true class labels
+    proba: np.ndarray,      # predicted probabilities, one column per class
+    classes: list,          # the class of each column (the model's `classes_`)
+) -> dict[str, float]:
+    "Accuracy, macro/weighted F1, log loss, one-vs-rest ROC AUC, recall per class."
+    codes, proba = _codes(y, classes), np.asarray(proba)
+    pred, labels = proba.argmax(axis=1), list(range(len(classes)))
+    out = {"accuracy": float(skm.accuracy_score(codes, pred)),
+           "f1_macro": float(skm.f1_score(codes, pred, labels=labels, average="macro", zero_division=0)),
+           "f1_weighted": float(skm.f1_score(codes, pred, labels=labels, average="weighted", zero_division=0)),
+           "log_loss": float(skm.log_loss(codes, proba, labels=labels))}
+    if len(np.unique(codes)) == len(classes):
+        out["roc_auc_ovr"] = float(skm.roc_auc_score(codes, proba, multi_class="ovr", labels=labels))
+    recall = skm.recall_score(codes, pred, labels=labels, average=None, zero_division=0)
+    return out | {f"recall_{c}": float(r) for c, r in zip(classes, recall)} | {"n": int(len(codes))}
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    "RMSE, MAE and R² of predicted values `pred`."
+    y, pred = np.asarray(y, dtype="float64"), np.asarray(pred, dtype="float64")
+    return {"rmse": float(np.sqrt(skm.mean_squared_error(y, pred))), "mae": float(skm.mean_absolute_error(y, pred)),
+            "r2": float(skm.r2_score(y, pred)) if len(y) > 1 else float("nan"), "n": int(len(y))}
+
+def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
+    "What the metrics of `task` read: P(class 1) (binary), the probability matrix (multiclass) or the values (regression)."
+    if task == "regression": return np.asarray(model.predict(X), dtype="float64")
+    proba = model.predict_proba(X)
+    return proba[:, 1] if task == "binary" else proba
+
+def task_metrics(task: str, y, score, classes: list | None=None) -> dict[str, float]:
+    "The metrics of `task` for labels `y` and `predict_scores` output `score`."
+    if task == "regression": return regression_metrics(y, score)
+    if task == "multiclass": return multiclass_metrics(y, score, classes)
+    return classification_metrics(y, score)
+
 # %% ../nbs/03_evaluate.ipynb #4ea6400f
-def curve_tables(y, proba, threshold: float=0.5, max_points: int=200) -> dict[str, pd.DataFrame]:
-    "ROC points, precision-recall points and confusion rows (actual, predicted), thinned to `max_points`."
+def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str="binary", classes: list | None=None) -> dict[str, pd.DataFrame]:
+    "The tables behind the plots of `task` (binary: ROC and precision-recall points thinned to `max_points`, confusion rows)."
+    thin = lambda d, n=max_points: d.iloc[np.unique(np.linspace(0, len(d) - 1, min(len(d), n)).astype(int))].reset_index(drop=True)
+    if task == "regression":
+        y, pred = np.asarray(y, dtype="float64"), np.asarray(proba, dtype="float64")
+        table = pd.DataFrame({"actual": y, "predicted": pred, "residual": y - pred}).sort_values("actual", kind="stable")
+        return {"residuals": thin(table, 5 * max_points)}
+    if task == "multiclass":
+        names = np.asarray([str(c) for c in classes])
+        return {"confusion": pd.DataFrame({"actual": np.asarray(y).astype(str), "predicted": names[np.asarray(proba).argmax(axis=1)]})}
     fpr, tpr, _ = skm.roc_curve(y, proba)
     precision, recall, _ = skm.precision_recall_curve(y, proba)
-    thin = lambda d: d.iloc[np.unique(np.linspace(0, len(d) - 1, min(len(d), max_points)).astype(int))].reset_index(drop=True)
     return {"roc": thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})),
             "pr": thin(pd.DataFrame({"recall": recall, "precision": precision})),
             "confusion": pd.DataFrame({"actual": np.asarray(y).astype(int), "predicted": (np.asarray(proba) >= threshold).astype(int)})}
 
 # %% ../nbs/03_evaluate.ipynb #378f161a
 def plot_curves(tables: dict[str, pd.DataFrame], title: str=""):
-    "A figure with the ROC curve, the precision-recall curve and the confusion matrix."
+    "A figure of the tables of `curve_tables`: curves and confusion matrix, or residual plots."
     import matplotlib
     import matplotlib.pyplot as plt
+    if "residuals" in tables: return _plot_residuals(tables["residuals"], title)
+    if "roc" not in tables: return _plot_confusion(tables["confusion"], title)
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
     a.plot(tables["roc"].fpr, tables["roc"].tpr); a.plot([0, 1], [0, 1], "--", color="grey")
     a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -68,6 +125,30 @@ def plot_curves(tables: dict[str, pd.DataFrame], title: str=""):
     fig.suptitle(title); fig.tight_layout()
     return fig
 
+def _plot_confusion(confusion: pd.DataFrame, title: str):
+    import matplotlib.pyplot as plt
+    labels = sorted(set(confusion.actual) | set(confusion.predicted))
+    cm = pd.crosstab(confusion.actual, confusion.predicted).reindex(index=labels, columns=labels, fill_value=0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.5 * len(labels)))
+    ax.imshow(cm.values, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm.values): ax.text(j, i, str(v), ha="center", va="center")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+           xlabel="predicted", ylabel="actual", title=f"confusion {title}")
+    ax.tick_params(axis="x", rotation=45); fig.tight_layout()
+    return fig
+
+def _plot_residuals(t: pd.DataFrame, title: str):
+    import matplotlib.pyplot as plt
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    lo, hi = min(t.actual.min(), t.predicted.min()), max(t.actual.max(), t.predicted.max())
+    a.scatter(t.actual, t.predicted, s=6, alpha=0.6); a.plot([lo, hi], [lo, hi], "--", color="grey")
+    a.set(xlabel="actual", ylabel="predicted", title="predicted vs actual")
+    b.scatter(t.predicted, t.residual, s=6, alpha=0.6); b.axhline(0, ls="--", color="grey")
+    b.set(xlabel="predicted", ylabel="residual (actual - predicted)", title="residuals")
+    c.hist(t.residual, bins=30); c.set(xlabel="residual", title="residual distribution")
+    fig.suptitle(title); fig.tight_layout()
+    return fig
+
 def save_figure(fig, path: str | Path) -> Path:
     "Save `fig` as a PNG at `path` atomically and close it."
     import matplotlib.pyplot as plt
@@ -76,10 +157,11 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 # %% ../nbs/03_evaluate.ipynb #e50c288b
-def _deepchecks_dataset(df: pd.DataFrame, target: str | None, categorical: list[str]):
+def _deepchecks_dataset(df: pd.DataFrame, target: str | None, categorical: list[str], task: str | None=None):
     os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
     from deepchecks.tabular import Dataset
-    return Dataset(df, label=target, cat_features=[c for c in categorical if c in df.columns])
+    label_type = {"binary": "binary", "multiclass": "multiclass", "regression": "regression"}.get(task) if target else None
+    return Dataset(df, label=target, cat_features=[c for c in categorical if c in df.columns], label_type=label_type)
 
 def dedupe_scripts(html: str, min_size: int=10_000) -> str:
     "`html` without repeats of large identical `<script>` blocks (deepchecks inlines plotly.js once per figure)."
@@ -112,11 +194,12 @@ def run_suite(
     model=None,                      # the fitted model, for model_evaluation
     target: str | None=None,         # label column
     categorical: list[str]=(),       # categorical feature names
+    task: str | None=None,           # binary | multiclass | regression: deepchecks' label type (None: it guesses)
 ) -> dict:
     "Run one deepchecks suite, save its HTML report atomically and return its summary."
     from deepchecks.tabular import suites
     suite = getattr(suites, name)()
-    ds = lambda d: None if d is None else _deepchecks_dataset(d, target, list(categorical))
+    ds = lambda d: None if d is None else _deepchecks_dataset(d, target, list(categorical), task)
     kwargs = {"train_dataset": ds(train), "test_dataset": ds(test)}
     if model is not None: kwargs["model"] = model
     result = suite.run(**kwargs)
@@ -161,11 +244,28 @@ def _values(labels: pd.Series) -> list:
 # %% ../nbs/03_evaluate.ipynb #e42a79f1
 METRICS = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score,
            "accuracy": lambda y, p: skm.accuracy_score(y, p >= 0.5), "brier": skm.brier_score_loss}
+_MC = lambda avg: lambda y, P: skm.f1_score(y, P.argmax(axis=1), labels=np.unique(y), average=avg, zero_division=0)
+TASK_METRICS = {
+    "binary": METRICS,
+    "multiclass": {"accuracy": lambda y, P: float(np.mean(P.argmax(axis=1) == y)), "f1_macro": _MC("macro"),
+                   "f1_weighted": _MC("weighted"),
+                   "log_loss": lambda y, P: skm.log_loss(y, P, labels=list(range(P.shape[1])))},
+    "regression": {"rmse": lambda y, p: float(np.sqrt(np.mean((y - p) ** 2))), "mae": lambda y, p: float(np.mean(np.abs(y - p))),
+                   "r2": skm.r2_score},
+}
 
-def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: float=0.95) -> tuple[float, float, float]:
+def _metric(metric: str, task: str):
+    "fn(y, score) of `metric`, nan where it is undefined on those rows."
+    fns = TASK_METRICS[task]
+    if metric not in fns: raise MlopsError(f"metric '{metric}' cannot be computed per slice for a {task} task (choose from {', '.join(fns)})")
+    fn = fns[metric]
+    if task == "binary" and metric not in ("accuracy", "brier"): return lambda y, p: fn(y, p) if len(np.unique(y)) == 2 else np.nan
+    if metric == "r2": return lambda y, p: fn(y, p) if len(y) > 1 and np.ptp(y) > 0 else np.nan
+    return fn
+
+def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: float=0.95, task: str="binary") -> tuple[float, float, float]:
     "`metric` of (`y`, `proba`) and its bootstrap confidence interval (nan where undefined)."
-    y, proba, fn = np.asarray(y), np.asarray(proba), METRICS[metric]
-    single = lambda yy, pp: fn(yy, pp) if len(np.unique(yy)) == 2 or metric in ("accuracy", "brier") else np.nan
+    y, proba, single = np.asarray(y), np.asarray(proba), _metric(metric, task)
     value = single(y, proba) if len(y) else np.nan
     if len(y) < 2 or n_boot < 1: return float(value), np.nan, np.nan
     idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
@@ -176,23 +276,31 @@ def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: flo
     return float(value), float(lo), float(hi)
 
 # %% ../nbs/03_evaluate.ipynb #7f76a369
+def _gates(y: np.ndarray, mask: np.ndarray, min_size: int, task: str) -> bool:
+    "Whether a slice is large enough to gate (binary: with enough rows of either class too)."
+    n = int(mask.sum())
+    if task != "binary": return n >= min_size
+    positives = int(y[mask].sum())
+    return n >= min_size and min(positives, n - positives) >= max(5, min_size // 10)
+
 def sliced_metrics(
     y, proba, masks: dict[str, np.ndarray],
-    metrics: list[str]=("roc_auc", "accuracy"),  # names from METRICS
-    min_size: int=50,    # smaller slices, or with fewer than max(5, min_size // 10) rows of either class, do not gate
+    metrics: list[str]=("roc_auc", "accuracy"),  # names from TASK_METRICS[task]
+    min_size: int=50,    # smaller slices (binary: or with fewer than max(5, min_size // 10) rows of either class) do not gate
     n_boot: int=200,     # bootstrap resamples per slice and metric
     seed: int=0,
+    task: str="binary",  # binary | multiclass | regression
+    classes: list | None=None,  # multiclass: the class of each probability column
 ) -> pd.DataFrame:
     "One row per slice and metric: size, value, bootstrap interval and whether it is large enough to gate."
-    y, proba = np.asarray(y), np.asarray(proba)
+    y, proba = np.asarray(_codes(y, classes) if task == "multiclass" else y), np.asarray(proba)
     rows = []
     for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
-        positives = int(y[mask].sum())
-        gates = mask.sum() >= min_size and min(positives, mask.sum() - positives) >= max(5, min_size // 10)
+        positives = int(y[mask].sum()) if task == "binary" else None
         for metric in metrics:
-            value, lo, hi = bootstrap_ci(y[mask], proba[mask], metric, n_boot, seed)
+            value, lo, hi = bootstrap_ci(y[mask], proba[mask], metric, n_boot, seed, task=task)
             rows.append({"slice": name, "metric": metric, "n": int(mask.sum()), "positives": positives, "value": value,
-                         "ci_low": lo, "ci_high": hi, "gates": bool(gates)})
+                         "ci_low": lo, "ci_high": hi, "gates": _gates(y, mask, min_size, task)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/03_evaluate.ipynb #8568d903
@@ -222,29 +330,73 @@ def decide(rules: list[dict]) -> dict:
     return {"blessed": not failed, "failed_rules": failed, "rules": rules}
 
 # %% ../nbs/03_evaluate.ipynb #e4d68e14
+def _better(metric: str, value: float, bound: float) -> bool:
+    return value >= bound if greater_is_better(metric) else value <= bound
+
 def floor_rule(metrics: dict, metric: str, floor: float) -> dict:
-    "The candidate's `metric` reaches the absolute `floor`."
+    "The candidate's `metric` reaches the absolute `floor` (at most `floor` for an error metric)."
     v = metrics[metric]
-    return gate_rule("primary_metric_floor", v, floor, v >= floor, f"{metric} on the test set must be at least {floor}")
+    words = f"at least {floor}" if greater_is_better(metric) else f"at most {floor} (lower is better)"
+    return gate_rule("primary_metric_floor", v, floor, _better(metric, v, floor), f"{metric} on the test set must be {words}")
 
 def champion_rule(metrics: dict, champion: dict | None, metric: str, tolerance: float) -> dict:
     "The candidate is not worse than the champion by more than `tolerance` on `metric`."
     if champion is None: return gate_rule("not_worse_than_champion", metrics[metric], None, True, "no champion yet: nothing to compare with")
-    bound = champion[metric] - tolerance
-    return gate_rule("not_worse_than_champion", metrics[metric], bound, metrics[metric] >= bound,
-                     f"{metric} must be at least the champion's {champion[metric]:.4f} minus {tolerance}")
+    up = greater_is_better(metric)
+    bound = champion[metric] - tolerance if up else champion[metric] + tolerance
+    return gate_rule("not_worse_than_champion", metrics[metric], bound, _better(metric, metrics[metric], bound),
+                     f"{metric} must be at {'least' if up else 'most'} the champion's {champion[metric]:.4f} {'minus' if up else 'plus'} {tolerance}")
 
-def slice_rule(candidate: pd.DataFrame, champion: pd.DataFrame | None, metric: str, tolerance: float) -> dict:
-    "No slice large enough to gate loses more than `tolerance` of `metric` against the champion."
-    if champion is None: return gate_rule("no_slice_regression", None, None, True, "no champion yet: nothing to compare with")
-    c = candidate[(candidate.metric == metric) & candidate.gates].set_index("slice").value
-    old = champion[champion.metric == metric].set_index("slice").value.reindex(c.index)
-    drop = (old - c).dropna()
-    worst = drop.sort_values(ascending=False)
-    bad = worst[worst > tolerance]
-    explanation = (f"{metric} fell by more than {tolerance} in: " + ", ".join(f"{k} ({old[k]:.3f} -> {c[k]:.3f})" for k in bad.index)
-                   if len(bad) else f"no slice lost more than {tolerance} of {metric}")
-    return gate_rule("no_slice_regression", float(worst.iloc[0]) if len(worst) else None, tolerance, not len(bad), explanation) | {"slices": list(bad.index)}
+PERFECT = {"log_loss": 0.0, "brier": 0.0, "rmse": 0.0, "mae": 0.0}  # every other metric: 1.0
+
+def skill(metric: str, value: float, baseline: float) -> float:
+    "Share of the way from `baseline` to a perfect score that `value` covers (negative: worse than the baseline)."
+    gap = PERFECT.get(metric, 1.0) - baseline
+    return float((value - baseline) / gap) if gap != 0 else float("nan")
+
+def baseline_rule(metrics: dict, baseline: dict, metric: str, margin: float) -> dict:
+    "The candidate's skill over the trivial baseline on `metric` is at least `margin`."
+    s = skill(metric, metrics[metric], baseline[metric])
+    return gate_rule("beats_baseline", s, margin, bool(s >= margin),
+                     f"{metric} {metrics[metric]:.4f} against the trivial baseline's {baseline[metric]:.4f}: skill "
+                     f"(candidate - baseline) / (perfect - baseline) must be at least {margin}") | {"baseline": baseline[metric]}
+
+# %% ../nbs/03_evaluate.ipynb #805b57b3
+def paired_difference(y, candidate, champion, metric: str, task: str="binary", n_boot: int=200, seed: int=0,
+                      level: float=0.95) -> tuple[float, float, float]:
+    "How much better the candidate is than the champion on `metric` (negative: worse), with its paired bootstrap interval."
+    y, a, b, fn = np.asarray(y), np.asarray(candidate), np.asarray(champion), _metric(metric, task)
+    sign = 1.0 if greater_is_better(metric) else -1.0
+    diff = lambda i: sign * (fn(y[i], a[i]) - fn(y[i], b[i]))
+    value = diff(np.arange(len(y)))
+    if len(y) < 2 or n_boot < 1: return float(value), np.nan, np.nan
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    d = np.array([diff(i) for i in idx], dtype=float)
+    d = d[np.isfinite(d)]
+    if not len(d): return float(value), np.nan, np.nan
+    lo, hi = np.quantile(d, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(value), float(lo), float(hi)
+
+def slice_rule(
+    y, candidate, champion,          # labels, and the `predict_scores` of the candidate and the champion (None: no champion)
+    masks: dict[str, np.ndarray],    # the slices
+    metric: str, tolerance: float,
+    min_size: int=50, n_boot: int=200, seed: int=0, task: str="binary", classes: list | None=None,
+) -> dict:
+    "No slice that gates is worse than the champion by more than `tolerance`, even at the upper end of the paired interval."
+    if champion is None: return gate_rule("no_slice_regression", None, None, True, "no champion yet: nothing to compare with") | {"slices": []}
+    y = np.asarray(_codes(y, classes) if task == "multiclass" else y)
+    checked = []
+    for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
+        if not _gates(y, mask, min_size, task): continue
+        d, lo, hi = paired_difference(y[mask], np.asarray(candidate)[mask], np.asarray(champion)[mask], metric, task, n_boot, seed)
+        if np.isfinite(hi): checked.append({"slice": name, "n": int(mask.sum()), "difference": d, "ci_low": lo, "ci_high": hi})
+    bad = [c for c in checked if c["ci_high"] < -tolerance]
+    worst = min((c["ci_high"] for c in checked), default=None)
+    explanation = (f"{metric} fell by more than {tolerance} in: " + ", ".join(
+                       f"{c['slice']} (difference {c['difference']:+.3f}, 95% interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])" for c in bad)
+                   if bad else f"no slice of {len(checked)} that gate lost more than {tolerance} of {metric} beyond its paired bootstrap interval")
+    return gate_rule("no_slice_regression", worst, -tolerance, not bad, explanation) | {"slices": [c["slice"] for c in bad], "checked": checked}
 
 def deepchecks_rule(summaries: dict, allowed: list[str]) -> dict:
     "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry."
@@ -252,3 +404,36 @@ def deepchecks_rule(summaries: dict, allowed: list[str]) -> dict:
            if c["status"] != "passed" and not any(c["check"].startswith(a) for a in allowed)]
     return gate_rule("deepchecks_conditions", len(bad), 0, not bad,
                      "failed or not run: " + "; ".join(bad) if bad else "every check that gates passed")
+
+# %% ../nbs/03_evaluate.ipynb #8fea68d3
+def baseline_model(task: str, seed: int=0):
+    "The trivial model of `task`: the class prior (majority class) for classification, the mean for regression."
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+    return DummyRegressor(strategy="mean") if task == "regression" else DummyClassifier(strategy="prior", random_state=seed)
+
+def evaluate_gate(
+    task: str,                  # binary | multiclass | regression
+    y,                          # test labels
+    score,                      # the candidate's `predict_scores` on the test rows
+    baseline_score,             # the trivial baseline's, on the same rows
+    champion_score,             # the champion's, or None without a champion
+    masks: dict[str, np.ndarray],  # the slices of the test rows
+    params: EvaluateParams,     # primary metric, bounds, tolerances, slice settings, deepchecks allowance
+    suites: dict | None=None,   # deepchecks summaries (when params.deepchecks)
+    compared_with: str | None=None,  # the champion's version
+    classes: list | None=None,  # multiclass: the class of each probability column
+    seed: int=0,
+) -> dict:
+    "The gate's decision: every rule, in order, with its value, bound and explanation."
+    p, metric = params, params.primary_metric
+    metrics = task_metrics(task, y, score, classes)
+    if metric not in metrics:
+        raise MlopsError(f"evaluate.primary_metric '{metric}' is not a {task} metric (choose from {', '.join(k for k in metrics if k != 'n')})")
+    champion = None if champion_score is None else task_metrics(task, y, champion_score, classes)
+    rules = [floor_rule(metrics, metric, p.min_primary),
+             baseline_rule(metrics, task_metrics(task, y, baseline_score, classes), metric, p.baseline_margin),
+             champion_rule(metrics, champion, metric, p.champion_tolerance),
+             slice_rule(y, score, champion_score, masks, metric, p.slice_tolerance, p.min_slice_size, p.bootstrap, seed, task, classes)]
+    if p.deepchecks: rules.append(deepchecks_rule(suites or {}, p.deepchecks_allowed))
+    direction = "higher is better" if greater_is_better(metric) else "lower is better"
+    return decide(rules) | {"compared_with": compared_with, "primary_metric": metric, "direction": direction, "task": task}

@@ -36,11 +36,12 @@ STAGES = {s.name: s for s in [
     Stage("ingest", ("base.seed", "data.source", "data.query", "data.n_rows", "data.drop_columns")),
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
                        "validate.linf", "validate.min_drifted", "register.model_name")),
-    Stage("prepare", ("base.seed", "base.target", "base.positive_label", "prepare.split", "prepare.test_size",
+    Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
                       "prepare.time_column", "validate.schema")),
-    Stage("train", ("base.seed", "base.target", "train.model", "train.cv_folds", "train.n_iter", "train.scoring")),
-    Stage("evaluate", ("base.seed", "base.target", *(f"evaluate.{k}" for k in (
-        "primary_metric", "min_primary", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
+    Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
+                    "train.categorical_columns")),
+    Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
+        "primary_metric", "min_primary", "baseline_margin", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
     Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate")),
     Stage("infra_validate", ("base.target", "register.model_name", "infra.single_row_ms", "infra.batch_rows",

@@ -104,9 +104,10 @@ def register_model(
     import mlflow
     from mlflow.models import infer_signature
     if mlflow.active_run() is None: raise MlopsError("register_model needs an active MLflow run (use pipeline_run)")
-    signature = infer_signature(example, model.predict_proba(example))
+    predict_fn = "predict_proba" if hasattr(model, "predict_proba") else "predict"  # a regressor answers values
+    signature = infer_signature(example, getattr(model, predict_fn)(example))
     info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
-                                    registered_model_name=name, pyfunc_predict_fn="predict_proba",
+                                    registered_model_name=name, pyfunc_predict_fn=predict_fn,
                                     skops_trusted_types=model_types(model),
                                     extra_files=[str(f) for f in extra_files or []])
     version = str(info.registered_model_version)

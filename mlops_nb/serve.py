@@ -31,8 +31,8 @@ from .schema import Schema, parse_schema
 
 # %% auto #0
 __all__ = ['Field', 'input_fields', 'RequestError', 'field_problem', 'validate_records', 'parse_body', 'records_frame',
-           'ModelVersion', 'parse_model_uri', 'load_version', 'Batcher', 'PredictionLog', 'read_prediction_log',
-           'ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
+           'ModelVersion', 'model_output', 'parse_model_uri', 'load_version', 'Batcher', 'PredictionLog',
+           'read_prediction_log', 'ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
 
 # %% ../nbs/20_serve.ipynb #bbfa4bbd
 @dataclass(frozen=True)
@@ -189,8 +189,13 @@ class ModelVersion:
     run_id: str | None = None
     loaded_at: str = ""
     def predict_proba(self, records: list[dict]) -> np.ndarray:
-        "Class probabilities of validated `records`."
-        return self.model.predict_proba(records_frame(records, self.fields))
+        "Class probabilities of validated `records` (a regressor: its values, as one column)."
+        return model_output(self.model, records_frame(records, self.fields))
+
+def model_output(model, frame: pd.DataFrame) -> np.ndarray:
+    "A classifier's probabilities, or a regressor's values as an (n, 1) column."
+    if hasattr(model, "predict_proba"): return model.predict_proba(frame)
+    return np.asarray(model.predict(frame), dtype="float64").reshape(-1, 1)
 
 def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
     "(name, version, alias) of a `models:/` URI; (None, None, None) for any other URI or path."
@@ -235,10 +240,10 @@ def load_version(uri: str, client=None) -> ModelVersion:
         model, schema, sig, example = _read_model_dir(path)
     features = [str(c) for c in getattr(model, "feature_names_in_", sig)]
     mv = ModelVersion(model, name or path.name, version or "local", alias, input_fields(features, schema, sig),
-                      [_plain(c) for c in model.classes_], example, tags, run_id, datetime.datetime.now(datetime.timezone.utc).isoformat())
+                      [_plain(c) for c in getattr(model, "classes_", [])], example, tags, run_id, datetime.datetime.now(datetime.timezone.utc).isoformat())
     if example:
         proba = mv.predict_proba(validate_records(example, mv.fields))  # warm-up, and a check of the whole path
-        if proba.shape != (1, len(mv.classes)) or not np.isfinite(proba).all():
+        if proba.shape != (1, max(1, len(mv.classes))) or not np.isfinite(proba).all():
             raise MlopsError(f"{uri}: the model's answer to its own input example is not a probability row: {proba!r}")
     return mv
 
@@ -539,7 +544,7 @@ def _run_batch(version: ModelVersion, records: list[dict]):
     frame = records_frame(records, version.fields)
     # inputs were validated (finite, typed): scikit-learn's own checks would only repeat that, per call
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        return version.model.predict_proba(frame), frame
+        return model_output(version.model, frame), frame
 
 def _out_of_range(f: Field, col: np.ndarray) -> int:
     lo = -np.inf if f.min is None else f.min
@@ -549,8 +554,9 @@ def _out_of_range(f: Field, col: np.ndarray) -> int:
 def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
-    pred = np.asarray(version.classes)[proba.argmax(axis=1)]
-    for cls, k in zip(*np.unique(pred, return_counts=True)): m.predictions.labels(version.version, variant.name, str(cls)).inc(int(k))
+    pred = np.asarray(version.classes)[proba.argmax(axis=1)] if version.classes else proba[:, 0]  # a class, or a value
+    if version.classes:
+        for cls, k in zip(*np.unique(pred, return_counts=True)): m.predictions.labels(version.version, variant.name, str(cls)).inc(int(k))
     score = m.score.labels(version.version, variant.name)
     for p in proba[:, -1].tolist(): score.observe(p)
     m.batch_size.labels(variant.name).observe(n)
@@ -561,7 +567,7 @@ def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.nda
     meta = {"ts": np.full(n, now), "request_id": [it.request_id for it in batch for _ in it.records],
             "record": np.concatenate([np.arange(len(it.records)) for it in batch]),
             "variant": [variant.name] * n, "model_name": [version.name] * n, "model_version": [version.version] * n,
-            "prediction": pred, **{f"proba_{c}": proba[:, j] for j, c in enumerate(version.classes)}}
+            "prediction": pred, **{f"proba_{c}": proba[:, j] for j, c in enumerate(version.classes)}}  # no proba_ for a regressor
     state.log.append({c: frame[c].to_numpy() for c in frame.columns}, meta)
 
 # %% ../nbs/20_serve.ipynb #c512bbdf
@@ -648,6 +654,9 @@ async def _predict(state: _State, request) -> tuple[int, dict, str, str]:
     finally:
         if not queued: state.arriving -= 1
     proba = np.ascontiguousarray(proba)
+    if not version.classes:  # a regressor: one value per record
+        return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
+                     "predictions": proba[:, 0]}, version.version, variant.name
     pred = np.asarray(version.classes)[proba.argmax(axis=1)]
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                  "classes": version.classes, "predictions": pred, "probabilities": proba}, version.version, variant.name

@@ -13,11 +13,12 @@ import pandas as pd
 from scipy.stats import loguniform, randint, uniform
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import (HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier,
+                              RandomForestRegressor)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import ParameterSampler, StratifiedKFold, cross_validate
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import KFold, ParameterSampler, StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from tqdm.auto import tqdm
@@ -25,24 +26,29 @@ from tqdm.auto import tqdm
 from .core import MlopsError
 
 # %% auto #0
-__all__ = ['MODEL_ZOO', 'TrainingError', 'feature_columns', 'make_preprocessor', 'ZooEntry', 'build_model', 'TuneResult', 'tune',
-           'fit_checked', 'check_predictions']
+__all__ = ['MAX_CATEGORIES', 'MODEL_ZOO', 'REGRESSOR_ZOO', 'DEFAULT_SCORING', 'TrainingError', 'feature_columns',
+           'make_preprocessor', 'ZooEntry', 'zoo', 'build_model', 'TuneResult', 'tune', 'fit_checked',
+           'check_predictions']
 
 # %% ../nbs/02_train.ipynb #d24c8361
 class TrainingError(MlopsError):
     "A model that did not converge, predicts NaN, or cannot be trained on the data given."
 
 # %% ../nbs/02_train.ipynb #92367e74
-def feature_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
-    "Numeric and categorical feature names of `X` (bools and strings are categorical)."
-    numeric = [c for c in X.columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])]
-    return numeric, [c for c in X.columns if c not in numeric]
+MAX_CATEGORIES = 20  # one-hot columns per categorical feature, at most
+
+def feature_columns(X: pd.DataFrame, categorical: list[str]=()) -> tuple[list[str], list[str]]:
+    "Numeric and categorical feature names of `X` (bools, strings and `categorical` are categorical; datetimes are neither)."
+    dated = {c for c in X.columns if pd.api.types.is_datetime64_any_dtype(X[c])}
+    numeric = [c for c in X.columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])
+               and c not in categorical and c not in dated]
+    return numeric, [c for c in X.columns if c not in numeric and c not in dated]
 
 def make_preprocessor(numeric: list[str], categorical: list[str], scale: bool=True) -> ColumnTransformer:
-    "The feature transforms: impute + (scale) numeric, impute + one-hot categorical."
+    "The feature transforms: impute + (scale) numeric, impute + one-hot categorical (at most `MAX_CATEGORIES` columns each)."
     num = make_pipeline(SimpleImputer(strategy="median"), *([StandardScaler()] if scale else []))
     cat = make_pipeline(SimpleImputer(strategy="most_frequent"),
-                        OneHotEncoder(handle_unknown="ignore", sparse_output=False))
+                        OneHotEncoder(handle_unknown="ignore", sparse_output=False, max_categories=MAX_CATEGORIES))
     return ColumnTransformer([("num", num, numeric), ("cat", cat, categorical)], verbose_feature_names_out=False)
 
 # %% ../nbs/02_train.ipynb #bd3ffc66
@@ -64,13 +70,36 @@ MODEL_ZOO = {
                      "classifier__l2_regularization": uniform(0, 1.0), "classifier__max_iter": [100, 200]}, scale=False),
 }
 
+REGRESSOR_ZOO = {
+    "logreg": ZooEntry(lambda seed: Ridge(random_state=seed), {"regressor__alpha": loguniform(1e-3, 1e2)}),
+    "rf": ZooEntry(lambda seed: RandomForestRegressor(n_estimators=200, n_jobs=1, random_state=seed),
+                   {"regressor__max_depth": [4, 6, 8, 12, None], "regressor__min_samples_leaf": randint(1, 20),
+                    "regressor__max_features": [1.0, 0.3, 0.6]}, scale=False),
+    "hgb": ZooEntry(lambda seed: HistGradientBoostingRegressor(random_state=seed),
+                    {"regressor__learning_rate": loguniform(0.02, 0.3), "regressor__max_leaf_nodes": randint(8, 48),
+                     "regressor__l2_regularization": uniform(0, 1.0), "regressor__max_iter": [100, 200]}, scale=False),
+}
+
+def zoo(task: str="binary") -> dict[str, ZooEntry]:
+    "The zoo of `task`: regressors for regression, classifiers otherwise."
+    return REGRESSOR_ZOO if task == "regression" else MODEL_ZOO
+
 # %% ../nbs/02_train.ipynb #2027acd2
-def build_model(name: str, X: pd.DataFrame, seed: int=42) -> Pipeline:
-    "An unfitted Pipeline (features + classifier) of zoo entry `name` for the columns of `X`."
-    if name not in MODEL_ZOO: raise TrainingError(f"train.model '{name}' is not in the zoo ({', '.join(MODEL_ZOO)})")
-    entry = MODEL_ZOO[name]
-    num, cat = feature_columns(X)
-    return Pipeline([("features", make_preprocessor(num, cat, entry.scale)), ("classifier", entry.make(seed))])
+def build_model(
+    name: str,               # zoo entry
+    X: pd.DataFrame,         # training features (their columns and dtypes pick the transforms)
+    seed: int=42,            # the estimator's random_state
+    task: str="binary",      # binary | multiclass | regression
+    categorical: list[str]=(),  # numeric columns that are category codes
+) -> Pipeline:
+    "An unfitted Pipeline (features + estimator) of zoo entry `name` for the columns of `X`."
+    entries = zoo(task)
+    if name not in entries: raise TrainingError(f"train.model '{name}' is not in the zoo ({', '.join(entries)})")
+    missing = [c for c in categorical if c not in X.columns]
+    if missing: raise TrainingError(f"train.categorical_columns names columns that are not features: {', '.join(map(str, missing))}")
+    num, cat = feature_columns(X, categorical)
+    step = "regressor" if task == "regression" else "classifier"
+    return Pipeline([("features", make_preprocessor(num, cat, entries[name].scale)), (step, entries[name].make(seed))])
 
 # %% ../nbs/02_train.ipynb #b8c0a814
 @dataclass
@@ -81,22 +110,31 @@ class TuneResult:
     best_score: float
     cv_results: pd.DataFrame
 
+DEFAULT_SCORING = {"binary": "roc_auc", "multiclass": "f1_macro", "regression": "neg_root_mean_squared_error"}
+
 def tune(
     name: str,            # zoo entry
     X: pd.DataFrame,      # training features
-    y: pd.Series,         # training labels (0/1)
+    y: pd.Series,         # training labels (0/1, class labels or numbers, as `task` says)
     n_iter: int=6,        # candidates to sample
-    cv_folds: int=3,      # stratified folds
-    scoring: str="roc_auc",  # scikit-learn scorer to maximise
+    cv_folds: int=3,      # folds (stratified for classification)
+    scoring: str="roc_auc",  # scikit-learn scorer to maximise (`auto`: the task's default)
     seed: int=42,         # seeds the sampler, the folds and the model
     progress: bool=True,  # show a progress bar
+    task: str="binary",   # binary | multiclass | regression
+    categorical: list[str]=(),  # numeric columns that are category codes
 ) -> TuneResult:
     "Cross-validated random search over zoo entry `name`, refitted on all of `X`."
+    from mlops_nb.data import check_classes
     if n_iter < 1 or cv_folds < 2: raise TrainingError(f"need train.n_iter >= 1 and train.cv_folds >= 2, got {n_iter} and {cv_folds}")
-    base = build_model(name, X, seed)
-    folds = StratifiedKFold(cv_folds, shuffle=True, random_state=seed)
+    if scoring == "auto": scoring = DEFAULT_SCORING[task]
+    base = build_model(name, X, seed, task, categorical)
+    if task == "regression": folds = KFold(cv_folds, shuffle=True, random_state=seed)
+    else:
+        check_classes(y, cv_folds, "train.cv_folds")
+        folds = StratifiedKFold(cv_folds, shuffle=True, random_state=seed)
     rows = []
-    candidates = list(ParameterSampler(MODEL_ZOO[name].space, n_iter, random_state=seed))
+    candidates = list(ParameterSampler(zoo(task)[name].space, n_iter, random_state=seed))
     for params in tqdm(candidates, desc=f"tuning {name}", disable=not progress):
         params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
         try: cv = cross_validate(clone(base).set_params(**params), X, y, cv=folds, scoring=scoring, error_score="raise")
@@ -120,7 +158,11 @@ def fit_checked(model: Pipeline, X: pd.DataFrame, y: pd.Series) -> Pipeline:
     return model
 
 def check_predictions(model, X: pd.DataFrame) -> None:
-    "Fail unless `model` gives finite probabilities in [0, 1] for every row of `X`."
+    "Fail unless `model` gives finite probabilities in [0, 1] (a regressor: finite values) for every row of `X`."
+    if not hasattr(model, "predict_proba"):
+        bad = ~np.isfinite(np.asarray(model.predict(X), dtype="float64"))
+        if bad.any(): raise TrainingError(f"model predicts NaN or infinite values for {int(bad.sum())} of {len(X)} rows")
+        return
     proba = model.predict_proba(X)
     bad = ~np.isfinite(proba).all(axis=1) | (proba < 0).any(axis=1) | (proba > 1).any(axis=1)
     if bad.any(): raise TrainingError(f"model predicts NaN or out-of-range probabilities for {int(bad.sum())} of {len(X)} rows")
