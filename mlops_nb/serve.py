@@ -659,7 +659,7 @@ async def _predict(state: _State, request) -> tuple[int, dict, str, str]:
                      "predictions": proba[:, 0]}, version.version, variant.name
     pred = np.asarray(version.classes)[proba.argmax(axis=1)]
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
-                 "classes": version.classes, "predictions": pred, "probabilities": proba}, version.version, variant.name
+                 "classes": version.classes, "predictions": pred.tolist(), "probabilities": proba}, version.version, variant.name
 
 # %% ../nbs/20_serve.ipynb #a5d5101e
 def _field_json(f: Field) -> dict:
