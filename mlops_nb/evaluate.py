@@ -399,9 +399,10 @@ def slice_rule(
     return gate_rule("no_slice_regression", worst, -tolerance, not bad, explanation) | {"slices": [c["slice"] for c in bad], "checked": checked}
 
 def deepchecks_rule(summaries: dict, allowed: list[str]) -> dict:
-    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry."
+    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry (or irrelevant to the task)."
+    irrelevant = lambda c: c["status"] == "not_ran" and c.get("reason", "").startswith("Check is irrelevant for")  # e.g. a ROC report of a regressor
     bad = [f"{c['check']} ({c['status']})" for s in summaries.values() for c in s["checks"]
-           if c["status"] != "passed" and not any(c["check"].startswith(a) for a in allowed)]
+           if c["status"] != "passed" and not irrelevant(c) and not any(c["check"].startswith(a) for a in allowed)]
     return gate_rule("deepchecks_conditions", len(bad), 0, not bad,
                      "failed or not run: " + "; ".join(bad) if bad else "every check that gates passed")
 
