@@ -26,9 +26,9 @@ from .core import MlopsError, read_json, write_text
 # %% auto #0
 __all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'notebook_markdown', 'readme_text', 'library_notebooks', 'execution_key',
            'execute_notebook', 'stored_key', 'execute_in_process', 'executed_notebooks', 'cell_options', 'fence',
-           'output_markdown', 'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'notebook_page', 'md_table',
-           'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'site_pages', 'notebook_page_title',
-           'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
+           'output_markdown', 'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page',
+           'md_table', 'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links',
+           'site_pages', 'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
 
 # %% ../nbs/08_docs.ipynb #0988e119
 def _is_hidden(source: str) -> bool:
@@ -210,6 +210,18 @@ _NB_LINK = re.compile(r"\]\(([\w./-]+)\.ipynb((?:#[^)]*)?)\)")
 
 def _directives(cell) -> set: return set(getattr(cell, "directives_", None) or {})
 
+_BACKTICKED = re.compile(r"(?<![\[`])`([A-Za-z_][\w.]*)`(?![`\]])")
+
+def linkify(md: str, links: dict[str, str]) -> str:
+    "Backticked names in `md` that `links` knows become links to them, outside code (nbdev's `add_links`, for this site)."
+    out, fenced = [], False
+    for line in md.splitlines():
+        if line.lstrip().startswith("```"): fenced = not fenced
+        elif not fenced and not line.startswith("    "):
+            line = _BACKTICKED.sub(lambda m: f"[`{m[1]}`]({links[m[1]]})" if m[1] in links else m[0], line)
+        out.append(line)
+    return "\n".join(out)
+
 def _after_show_docs(cells: list) -> list:
     "Each `#| export` cell moved after the show_doc cells added for it (nbdev's `mv_exports` does this for `exports`)."
     out, i = [], 0
@@ -252,6 +264,7 @@ def notebook_page(
     rel: str,              # how the page refers to `files`
     root: str | Path,      # the project (nbdev's config, the library)
     nbdev: bool = True,    # process with nbdev's docs processors (library and stage notebooks), or take the cells as they are
+    links: dict | None = None,  # backticked names to link in markdown cells: name -> URL (`api_links`)
 ) -> Page:
     "The page of an executed notebook: processed as nbdev does, with its outputs."
     from fastcore.nbio import read_nb
@@ -267,13 +280,13 @@ def notebook_page(
     if fm.get("title"): parts.append(f"# {fm['title']}")
     if fm.get("description"): parts.append(f"> {fm['description']}")
     for i, cell in enumerate(_after_show_docs(list(nb.cells))):
-        if cell.cell_type == "markdown": parts.append(_NB_LINK.sub(r"](\1.md\2)", _text(cell.source).strip()))
+        if cell.cell_type == "markdown": parts.append(linkify(_NB_LINK.sub(r"](\1.md\2)", _text(cell.source).strip()), links or {}))
         elif cell.cell_type == "code": parts += _code_markdown(cell, i, files, rel, namespace, anchors)
     markdown = "\n\n".join(p for p in parts if p) + "\n"
     title = fm.get("title") or next((l[2:].strip() for l in markdown.splitlines() if l.startswith("# ")), Path(source).stem)
     return Page(title, fm.get("description", ""), markdown, anchors, module)
 
-# %% ../nbs/08_docs.ipynb #339bdd3c
+# %% ../nbs/08_docs.ipynb #8e389e3b
 def _fmt(v) -> str:
     if isinstance(v, bool): return "yes" if v else "no"
     if isinstance(v, float): return f"{v:.4g}"
@@ -288,7 +301,7 @@ def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows])
 
-# %% ../nbs/08_docs.ipynb #bbf66768
+# %% ../nbs/08_docs.ipynb #1ff0d122
 def curves_png(plots: Path, dest: Path) -> bool:
     "Draw the ROC and precision-recall curves of `plots/roc.csv` and `plots/pr.csv` into `dest`; False when they are missing."
     import pandas as pd
@@ -307,7 +320,7 @@ def curves_png(plots: Path, dest: Path) -> bool:
 def _json(path: Path):
     return read_json(path) if path.exists() else None
 
-# %% ../nbs/08_docs.ipynb #8ca9bb96
+# %% ../nbs/08_docs.ipynb #4e90b2b7
 def _gate_md(reports: Path) -> list[str]:
     if not (gate := _json(reports / "evaluate" / "gate.json")): return ["## The gate", "No gate decision in this checkout."]
     decision = "**blessed**" if gate["blessed"] else f"**rejected** (failed: {', '.join(gate['failed_rules'])})"
@@ -363,7 +376,7 @@ def _data_md(reports: Path) -> list[str]:
     if s := _json(reports / "prepare" / "splits.json"): parts.append(md_table([{"split": k, **v} for k, v in s.items()]))
     return parts
 
-# %% ../nbs/08_docs.ipynb #9a4b6562
+# %% ../nbs/08_docs.ipynb #6d70ce75
 def _stage_order(name: str) -> tuple:
     from mlops_nb.pipeline import STAGES
     order = list(STAGES)
@@ -397,7 +410,7 @@ def latest_run_pages(root: str | Path, out: Path) -> list:
     write_text(out / "index.md", "\n\n".join(p for p in parts if p) + "\n")
     return nav
 
-# %% ../nbs/08_docs.ipynb #56cf889c
+# %% ../nbs/08_docs.ipynb #23b7da4f
 def _methods(cls) -> list[tuple[str, object]]:
     return [(k, v) for k, v in vars(cls).items() if not k.startswith("_")
             and (inspect.isfunction(v) or isinstance(v, (property, classmethod, staticmethod)))]
@@ -415,7 +428,7 @@ def api_page(module: str, notebook: str, anchors: list[str], lib: str = "mlops_n
             for meth, fn in _methods(obj): parts += [symbol_markdown(fn, f"{name}.{meth}", level=3), link(f"{name}.{meth}")]
     return "\n\n".join(p for p in parts if p) + "\n"
 
-# %% ../nbs/08_docs.ipynb #edb1a0d2
+# %% ../nbs/08_docs.ipynb #3de8ff60
 def sync_tree(src: Path, dst: Path) -> int:
     "Make folder `dst` hold exactly the files of `src`, rewriting only those that differ; the number of files changed."
     changed = 0
@@ -431,10 +444,24 @@ def sync_tree(src: Path, dst: Path) -> int:
         elif d.is_dir() and not (src / d.relative_to(dst)).is_dir(): d.rmdir()
     return changed
 
-# %% ../nbs/08_docs.ipynb #035ab37f
+# %% ../nbs/08_docs.ipynb #2031e2bb
 def _index(title: str, summary: str, entries: list[tuple[str, str, str]]) -> str:
     rows = "\n".join(f"| [{t}]({link}) | {d} |" for t, link, d in entries)
     return f"# {title}\n\n> {summary}\n\n| page | what it is |\n|---|---|\n{rows}\n"
+
+def default_exp(nb_path: str | Path) -> str | None:
+    "The module notebook `nb_path` exports to (its `#| default_exp`), or None."
+    cells = json.loads(Path(nb_path).read_text())["cells"]
+    return next((m[1] for c in cells if c["cell_type"] == "code" and (m := _DEFAULT_EXP.search("".join(c["source"])))), None)
+
+def api_links(modules: list[str], prefix: str = "../api/", lib: str = "mlops_nb") -> dict[str, str]:
+    "Each public name of `lib`'s `modules` -> its place in the API reference; a name two modules export is left out."
+    links, twice = {}, set()
+    for mod in modules:
+        for name in getattr(importlib.import_module(f"{lib}.{mod}"), "__all__", []):
+            if name in links: twice.add(name)
+            links[name] = f"{prefix}{mod}.md#{symbol_anchor(name)}"
+    return {k: v for k, v in links.items() if k not in twice}
 
 def site_pages(root: str | Path, out: Path, log=print) -> list:
     "Write every page of the site of the project at `root` into `out`; return MkDocs' nav."
@@ -447,8 +474,9 @@ def site_pages(root: str | Path, out: Path, log=print) -> list:
         nav.append({notebook_page_title(extra): extra.name})
     for asset in (root / "docs" / "assets").glob("*"): (out / "assets").mkdir(exist_ok=True); shutil.copy2(asset, out / "assets" / asset.name)
     library, api, lib_rows, api_rows = ["library/index.md"], ["api/index.md"], [], []
+    links = api_links([m for nb in library_notebooks(root) if (m := default_exp(nb))])
     for src, executed in executed_notebooks(root, log=log).items():
-        page = notebook_page(executed, src, out / "library" / f"{src.stem}_files", f"{src.stem}_files", root)
+        page = notebook_page(executed, src, out / "library" / f"{src.stem}_files", f"{src.stem}_files", root, links=links)
         write_text(out / "library" / f"{src.stem}.md", page.markdown)
         library.append({page.title: f"library/{src.stem}.md"})
         lib_rows.append((page.title, f"{src.stem}.md", page.description))
@@ -465,7 +493,7 @@ def notebook_page_title(md_file: Path) -> str:
     "The `# title` of markdown page `md_file`."
     return next((l[2:].strip() for l in md_file.read_text().splitlines() if l.startswith("# ")), md_file.stem)
 
-# %% ../nbs/08_docs.ipynb #0059fef9
+# %% ../nbs/08_docs.ipynb #3cb39eee
 _REMOTE = re.compile(r"""<(?:script|img|iframe|audio|video|source|embed|track)\b[^>]*?\ssrc\s*=\s*["']?(?:https?:)?//"""
                      r"""|<link\b[^>]*?\shref\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import\s+["'](?:https?:)?//""", re.I)
 
@@ -481,7 +509,7 @@ def remote_assets(site: str | Path) -> list[str]:
         if m := _REMOTE.search(text): found.append(f"{p.relative_to(site)}: {m[0][:120]}")
     return found
 
-# %% ../nbs/08_docs.ipynb #b92b3eaf
+# %% ../nbs/08_docs.ipynb #8f3c4699
 def _mkdocs_env() -> dict: return {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # no end-of-life banner on every build
 
 def _bin(name: str) -> str:
@@ -515,7 +543,7 @@ def build_site(root: str | Path, log=print) -> Path:
         raise MlopsError("the site loads from other hosts (it must work offline):\n" + "\n".join(remote[:20]))
     return root / "_site"
 
-# %% ../nbs/08_docs.ipynb #087ace7f
+# %% ../nbs/08_docs.ipynb #a5ed5733
 def _cmd_build(args) -> int:
     from mlops_nb.core import find_root
     site = build_site(find_root())
