@@ -83,6 +83,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.docs._data_md': ('docs.html#_data_md', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._directives': ('docs.html#_directives', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._drift_md': ('docs.html#_drift_md', 'mlops_nb/docs.py'),
+                               'mlops_nb.docs._first_line': ('docs.html#_first_line', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._fmt': ('docs.html#_fmt', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._gate_md': ('docs.html#_gate_md', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._index': ('docs.html#_index', 'mlops_nb/docs.py'),

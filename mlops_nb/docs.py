@@ -410,7 +410,11 @@ def latest_run_pages(root: str | Path, out: Path) -> list:
     write_text(out / "index.md", "\n\n".join(p for p in parts if p) + "\n")
     return nav
 
-# %% ../nbs/08_docs.ipynb #23b7da4f
+# %% ../nbs/08_docs.ipynb #5f0e5394
+def _first_line(obj) -> str:
+    doc = inspect.getdoc(obj) if (callable(obj) or isinstance(obj, type)) else None
+    return doc.strip().splitlines()[0] if doc else f"`{type(obj).__name__}` constant"
+
 def _methods(cls) -> list[tuple[str, object]]:
     return [(k, v) for k, v in vars(cls).items() if not k.startswith("_")
             and (inspect.isfunction(v) or isinstance(v, (property, classmethod, staticmethod)))]
@@ -419,16 +423,19 @@ def api_page(module: str, notebook: str, anchors: list[str], lib: str = "mlops_n
     "The API reference page of `lib.module`, linking each symbol to its section of `library/notebook.md`."
     mod = importlib.import_module(f"{lib}.{module}")
     page = f"../library/{notebook}.md"
-    parts = [f"# {lib}.{module}", f"> {(mod.__doc__ or '').strip()}", f"Defined in the notebook [nbs/{notebook}.ipynb]({page})."]
+    names = list(getattr(mod, "__all__", []))
+    summary = [{"name": f"[{n}](#{symbol_anchor(n)})", "what it is": _first_line(getattr(mod, n))} for n in names]
+    parts = [f"# {lib}.{module}", f"> {(mod.__doc__ or '').strip()}", f"Defined in the notebook [nbs/{notebook}.ipynb]({page}).",
+             md_table(summary, ["name", "what it is"])]
     def link(name): return f"[{name} in the notebook]({page}#{symbol_anchor(name)})" if symbol_anchor(name) in anchors else f"[the notebook]({page})"
-    for name in getattr(mod, "__all__", []):
+    for name in names:
         obj = getattr(mod, name)
         parts += [symbol_markdown(obj, name, level=2), link(name)]
         if isinstance(obj, type):
             for meth, fn in _methods(obj): parts += [symbol_markdown(fn, f"{name}.{meth}", level=3), link(f"{name}.{meth}")]
     return "\n\n".join(p for p in parts if p) + "\n"
 
-# %% ../nbs/08_docs.ipynb #3de8ff60
+# %% ../nbs/08_docs.ipynb #35f6506d
 def sync_tree(src: Path, dst: Path) -> int:
     "Make folder `dst` hold exactly the files of `src`, rewriting only those that differ; the number of files changed."
     changed = 0
@@ -444,7 +451,7 @@ def sync_tree(src: Path, dst: Path) -> int:
         elif d.is_dir() and not (src / d.relative_to(dst)).is_dir(): d.rmdir()
     return changed
 
-# %% ../nbs/08_docs.ipynb #2031e2bb
+# %% ../nbs/08_docs.ipynb #1f4d12dc
 def _index(title: str, summary: str, entries: list[tuple[str, str, str]]) -> str:
     rows = "\n".join(f"| [{t}]({link}) | {d} |" for t, link, d in entries)
     return f"# {title}\n\n> {summary}\n\n| page | what it is |\n|---|---|\n{rows}\n"
@@ -493,7 +500,7 @@ def notebook_page_title(md_file: Path) -> str:
     "The `# title` of markdown page `md_file`."
     return next((l[2:].strip() for l in md_file.read_text().splitlines() if l.startswith("# ")), md_file.stem)
 
-# %% ../nbs/08_docs.ipynb #3cb39eee
+# %% ../nbs/08_docs.ipynb #9a24d82b
 _REMOTE = re.compile(r"""<(?:script|img|iframe|audio|video|source|embed|track)\b[^>]*?\ssrc\s*=\s*["']?(?:https?:)?//"""
                      r"""|<link\b[^>]*?\shref\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import\s+["'](?:https?:)?//""", re.I)
 
@@ -509,7 +516,7 @@ def remote_assets(site: str | Path) -> list[str]:
         if m := _REMOTE.search(text): found.append(f"{p.relative_to(site)}: {m[0][:120]}")
     return found
 
-# %% ../nbs/08_docs.ipynb #8f3c4699
+# %% ../nbs/08_docs.ipynb #30664d21
 def _mkdocs_env() -> dict: return {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # no end-of-life banner on every build
 
 def _bin(name: str) -> str:
@@ -526,7 +533,7 @@ def configure_site(config):
         with tempfile.TemporaryDirectory() as tmp:
             nav = site_pages(root, Path(tmp), log=log.info)
             changed = sync_tree(Path(tmp), Path(config.docs_dir))
-    except MlopsError as e: raise PluginError(str(e)) from e
+    except (MlopsError, OSError, ValueError, KeyError) as e: raise PluginError(f"the docs pages could not be generated: {e}") from e
     log.info(f"pages generated from the notebooks and reports ({changed} files changed)")
     config.nav = nav
     return config
@@ -543,7 +550,7 @@ def build_site(root: str | Path, log=print) -> Path:
         raise MlopsError("the site loads from other hosts (it must work offline):\n" + "\n".join(remote[:20]))
     return root / "_site"
 
-# %% ../nbs/08_docs.ipynb #a5ed5733
+# %% ../nbs/08_docs.ipynb #d033ceca
 def _cmd_build(args) -> int:
     from mlops_nb.core import find_root
     site = build_site(find_root())
