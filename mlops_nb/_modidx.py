@@ -232,6 +232,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.registry._lock_name': ('registry.html#_lock_name', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry._name_version': ('registry.html#_name_version', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry._promote': ('registry.html#_promote', 'mlops_nb/registry.py'),
+                                   'mlops_nb.registry._release': ('registry.html#_release', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry._unreproducible': ('registry.html#_unreproducible', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry._version_str': ('registry.html#_version_str', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.alias_version': ('registry.html#alias_version', 'mlops_nb/registry.py'),

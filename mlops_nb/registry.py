@@ -222,9 +222,17 @@ def promotion_lock(
             raise MlopsError(f"the promotion lock of '{name}' is {who}; try again, or delete registered model '{lock}' if its owner is gone")
         time.sleep(0.1 + 0.2 * random.random())
     try: yield owner
-    finally:
-        try: client.delete_registered_model(lock)
-        except Exception as e: print(f"warning: could not release the promotion lock {lock}: {e}")
+    finally: _release(client, lock, time.monotonic() + timeout)
+
+def _release(client, lock: str, deadline: float):
+    "Delete the lock, retrying while the database is busy (a lock left behind would stall every other promotion)."
+    import time
+    while True:
+        try: return client.delete_registered_model(lock)
+        except Exception as e:
+            if _gone(e): return
+            if time.monotonic() > deadline: return print(f"warning: could not release the promotion lock {lock}: {e}")
+        time.sleep(0.2)
 
 # %% ../nbs/04_registry.ipynb #f2154293
 def _unreproducible(name: str, version: str, tags: dict | None = None) -> str | None:

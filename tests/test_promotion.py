@@ -32,9 +32,12 @@ def store(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     use_project_tracking(tmp_path)
     model, X = fit(1, 1.0)
-    for i in range(7):
-        with pipeline_run(run_name=f"v{i + 1}"):
-            register_model(model, X.head(3), NAME, blessed=True, tags={"git_dirty": False})
+    with pipeline_run(run_name="v1"):
+        first = register_model(model, X.head(3), NAME, blessed=True, tags={"git_dirty": False})
+    client = registry(tmp_path)
+    v1 = client.get_model_version(NAME, first["version"])
+    for _ in range(6):                                   # more versions of the same artifacts: cheap candidates
+        v = client.create_model_version(NAME, v1.source, v1.run_id, tags={"git_dirty": "False", "blessed": "true"})
     _promote(NAME, "1")
     return tmp_path
 
