@@ -90,12 +90,12 @@ def main(argv=None) -> int:
         runs = {}
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
         base = ServiceProcess([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
-                                "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=env, log=work / "mlflow-serve.log")
+                                "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=env, log=work / "mlflow-serve.log", timeout=600)
         try: runs["mlflow models serve"] = loadtest(base.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
         finally: base.stop()
         ours_cmd = [str(BIN / "mlops-nb"), "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1", "--port", "{port}",
                     "--log-dir", str(work / "log"), "--poll-seconds", "0"]
-        ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / "mlops-serve.log")
+        ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / "mlops-serve.log", timeout=600)
         try:
             runs["mlops-nb serve"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
             soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency) if args.soak > 0 else None
