@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("version", help="the registered version, e.g. 7")
     pr.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
     pr.set_defaults(func=cmd_promote)
+    from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
+    add_docs_commands(sub)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
     sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     sv.add_argument("--host", help="address to listen on (default: serve.host)")
