@@ -13,7 +13,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
-           'cmd_serve', 'cmd_loadtest', 'cmd_readme', 'cmd_promote', 'build_parser', 'main']
+           'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_promote', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -116,7 +116,8 @@ def cmd_serve(args) -> int:
     from mlops_nb.serve import serve
     paths, params = _project()
     sp = params.serve
-    over = {k: v for k, v in {"host": args.host, "port": args.port, "challenger_share": args.challenger_share}.items() if v is not None}
+    over = {k: v for k, v in {"host": args.host, "port": args.port, "challenger_share": args.challenger_share,
+                              "runtime": args.runtime}.items() if v is not None}
     sp = dataclasses.replace(sp, **over)
     model = args.model or f"models:/{params.register.model_name}@champion"
     log_dir = args.log_dir if args.log_dir is not None else sp.log_dir
@@ -139,6 +140,15 @@ def cmd_loadtest(args) -> int:
     print(json.dumps({**result, "budget": {"p99_ms": sp.budget_p99_ms, "min_rps": sp.budget_min_rps}, "passed": not missed}))
     for m in missed: print(f"budget missed: {m}", file=sys.stderr)
     return 1 if missed else 0
+
+def cmd_export(args) -> int:
+    "Write a registered version's ONNX model, parity report, edge runner and example record into a folder."
+    from mlops_nb.export import export_version
+    _use_tracking()
+    out = export_version(args.model_uri, args.out, args.format)
+    print(f"exported {args.model_uri} to {out}/ (model.onnx, onnx.json, edge_runner.py, example.json); "
+          f"on a device: python edge_runner.py model.onnx example.json")
+    return 0
 
 def cmd_readme(args) -> int:
     "Regenerate README.md from nbs/index.ipynb."
@@ -232,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
     sv.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
     sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
+    sv.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
     sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
     sv.set_defaults(func=cmd_serve)
     lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
@@ -240,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
     lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
     lt.set_defaults(func=cmd_loadtest)
+    ex = sub.add_parser("export", help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
+    ex.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    ex.add_argument("out", type=Path, help="folder to write (created if missing)")
+    ex.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 def _one_line(e: BaseException) -> str:

@@ -26,9 +26,9 @@ import yaml
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ServeParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params',
-           'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash',
-           'params_hash', 'tracking_uri', 'git_state']
+           'ExportParams', 'ServeParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml',
+           'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
+           'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -130,6 +130,11 @@ class RegisterParams:
     model_name: str = "churn-classifier"  # the MLflow registered model name
     promote_dirty: bool = False  # let a version built from uncommitted changes or a DVC experiment become champion
 
+@dataclass(frozen=True)
+class ExportParams:
+    onnx: bool = True            # convert every registered version to ONNX and check its parity on the test split
+    parity_tolerance: float = 1e-4  # largest absolute difference of class probabilities (ONNX vs scikit-learn) accepted
+
 # %% ../nbs/00_core.ipynb #a207418e
 @dataclass(frozen=True)
 class ServeParams:
@@ -148,6 +153,7 @@ class ServeParams:
     loadtest_seconds: float = 10.0   # how long it drives the service
     budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this
     budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
+    runtime: typing.Literal["auto", "sklearn", "onnx"] = "auto"  # auto: ONNX when the version has a parity-checked artifact
 
 @dataclass(frozen=True)
 class Params:
@@ -159,6 +165,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    export: ExportParams = field(default_factory=ExportParams)
     infra: InfraParams = field(default_factory=InfraParams)
     serve: ServeParams = field(default_factory=ServeParams)
     def get(self, dotted: str):

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contract import Field, input_fields, records_frame, validate_records
+from .contract import Field, _column, input_fields, records_frame, validate_records
+from .edge import input_array
+from .export import serve_runtime
 from .core import MlopsError
 from .registry import load_model_dir, parse_model_uri, resolve_version
 from .schema import parse_schema
@@ -36,9 +38,22 @@ class ModelVersion:
     tags: dict = field(default_factory=dict)  # the version's tags (data_hash, git_commit, blessed...)
     run_id: str | None = None
     loaded_at: str = ""
+    runtime: str = "sklearn"       # what answers: sklearn (the Pipeline) or onnx (its parity-checked ONNX model)
+    runtime_reason: str = ""       # why that runtime
+    onnx: object = None            # the ONNX model (`edge.EdgeModel`) when runtime is onnx
     def predict_proba(self, records: list[dict]) -> np.ndarray:
         "Class probabilities of validated `records`."
-        return self.model.predict_proba(records_frame(records, self.fields))
+        return self.predict_batch(records)[0]
+    def predict_batch(self, records: list[dict]) -> tuple[np.ndarray, pd.DataFrame | dict]:
+        "Class probabilities of validated `records` on this version's runtime, and their input columns (for the log)."
+        import sklearn
+        if self.onnx is not None:  # arrays per column, per batch: no DataFrame, no per-record work beyond reading values
+            cols = {f.name: _column([r.get(f.name) for r in records], f.type) for f in self.fields}
+            return self.onnx.predict_proba_inputs({f["name"]: input_array(cols[f["name"]], f) for f in self.onnx.fields}), cols
+        frame = records_frame(records, self.fields)
+        # inputs were validated (finite, typed): scikit-learn's own checks would only repeat that, per call
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            return self.model.predict_proba(frame), frame
 
 # %% ../nbs/19_loading.ipynb #59cc829a
 def _plain(v):
@@ -60,6 +75,7 @@ def _read_model_dir(path: Path):
 def load_version(
     uri: str,          # models:/NAME@ALIAS, models:/NAME/VERSION or a local MLflow model folder
     resolved=None,     # the registry's record of the version `uri` points at, when the caller has resolved it already
+    runtime: str = "auto",  # auto: the ONNX model when the version stores a parity-checked one | sklearn | onnx (demanded)
 ) -> ModelVersion:
     "Download, load and warm up the model at `uri` (an alias is resolved to its version first, once)."
     import mlflow
@@ -73,9 +89,12 @@ def load_version(
         src = f"models:/{name}/{version}" if name is not None else uri
         path = Path(src) if Path(src).is_dir() else Path(mlflow.artifacts.download_artifacts(src, dst_path=tmpdir))
         model, schema, sig, example = _read_model_dir(path)
+        try: onnx, why = serve_runtime(path, runtime)
+        except MlopsError as e: raise MlopsError(f"{uri}: {e}") from None
     features = [str(c) for c in getattr(model, "feature_names_in_", sig)]
     mv = ModelVersion(model, name or path.name, version or "local", alias, input_fields(features, schema, sig),
-                      [_plain(c) for c in model.classes_], example, tags, run_id, datetime.datetime.now(datetime.timezone.utc).isoformat())
+                      [_plain(c) for c in model.classes_], example, tags, run_id, datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                      "onnx" if onnx is not None else "sklearn", why, onnx)
     if example:
         proba = mv.predict_proba(validate_records(example, mv.fields))  # warm-up, and a check of the whole path
         if proba.shape != (1, len(mv.classes)) or not np.isfinite(proba).all():

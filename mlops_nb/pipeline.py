@@ -42,9 +42,9 @@ STAGES = {s.name: s for s in [
     Stage("evaluate", ("base.seed", "base.target", *(f"evaluate.{k}" for k in (
         "primary_metric", "min_primary", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
-    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate")),
+    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
     Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
-                             "infra.batch_rows", "infra.batch_ms", "infra.repeats")),
+                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1

@@ -109,12 +109,8 @@ async def _read_body(request, limit: int) -> bytes:
 
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _run_batch(version: ModelVersion, records: list[dict]):
-    "One model call (in the executor thread): the probabilities, and the input frame for the log."
-    import sklearn
-    frame = records_frame(records, version.fields)
-    # inputs were validated (finite, typed): scikit-learn's own checks would only repeat that, per call
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        return version.model.predict_proba(frame), frame
+    "One model call (in the executor thread) on the version's runtime: the probabilities, and the input columns for the log."
+    return version.predict_batch(records)
 
 def _healthy(version: ModelVersion) -> bool:
     "Whether `version` still scores its own input example (a known-good record): if so, a failing record is the client's."
@@ -134,14 +130,14 @@ def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.nda
     for p in proba[:, -1].tolist(): score.observe(p)
     m.batch_size.labels(variant.name).observe(n)
     for f in version.fields:
-        if (f.min is not None or f.max is not None) and (k := _out_of_range(f, frame[f.name].to_numpy())): m.out_of_range.labels(f.name).inc(k)
+        if (f.min is not None or f.max is not None) and (k := _out_of_range(f, np.asarray(frame[f.name]))): m.out_of_range.labels(f.name).inc(k)
     if state.log is None: return
     now = np.datetime64(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None), "us")
     meta = {"ts": np.full(n, now), "request_id": [it.request_id for it in batch for _ in it.records],
             "record": np.concatenate([np.arange(len(it.records)) for it in batch]),
             "variant": [variant.name] * n, "model_name": [version.name] * n, "model_version": [version.version] * n,
             "prediction": pred, **{f"proba_{c}": proba[:, j] for j, c in enumerate(version.classes)}}
-    state.log.append({c: frame[c].to_numpy() for c in frame.columns}, meta)
+    state.log.append({c: np.asarray(frame[c]) for c in frame}, meta)  # a DataFrame (scikit-learn) or columns (ONNX)
 
 # %% ../nbs/20_serve.ipynb #35b784c3
 def _registry_status(state: _State, error: Exception | None):
@@ -180,7 +176,7 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
                 variant.error = f"{variant.uri} does not exist"
                 return False
             if variant.current is not None and variant.current.version == str(resolved.version): return False
-        new = await loop.run_in_executor(None, load_version, variant.uri, resolved)
+        new = await loop.run_in_executor(None, load_version, variant.uri, resolved, state.params.runtime)
     except Exception as e:
         variant.error = f"{type(e).__name__}: {e}"
         print(f"serve: loading {variant.uri} failed, keeping version "
@@ -191,7 +187,7 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
     if old is not None: m.model_info.remove(variant.name, old.name, old.version)
     m.model_info.labels(variant.name, new.name, new.version).set(1)
     m.swaps.labels(variant.name).inc()
-    print(f"serve: {variant.name} answers with {new.name} version {new.version}" + (f" (was {old.version})" if old else ""), flush=True)
+    print(f"serve: {variant.name} answers with {new.name} version {new.version} on {new.runtime}" + (f" (was {old.version})" if old else ""), flush=True)
     return True
 
 async def _poll(state: _State, every: float):
@@ -270,7 +266,7 @@ def _version_json(v: ModelVersion | None) -> dict | None:
     if v is None: return None
     return {"name": v.name, "version": v.version, "alias": v.alias, "run_id": v.run_id, "loaded_at": v.loaded_at,
             "data_hash": v.tags.get("data_hash"), "git_commit": v.tags.get("git_commit"), "blessed": v.tags.get("blessed"),
-            "tags": v.tags, "classes": v.classes}
+            "tags": v.tags, "classes": v.classes, "runtime": v.runtime, "runtime_reason": v.runtime_reason}
 
 def _metadata(state: _State) -> dict:
     champ = state.variants["champion"].current
