@@ -1,10 +1,12 @@
-"""Serving throughput: `mlops-nb serve` against `mlflow models serve`, same model, same load generator.
+"""Serving throughput, four ways in one run: a trivial FastAPI JSON endpoint (the web framework's ceiling),
+`mlops-nb serve` on ONNX, `mlops-nb serve` on scikit-learn, and `mlflow models serve`; same model, same load generator.
 
-Registers one model in a throw-away tracking store, serves it both ways on loopback ports, and drives each with
-single-record requests from the same closed-loop generator (8 concurrent clients, 10 s by default). Optionally
-(`--soak 60`) keeps `mlops-nb serve` under load for that long, sampling its RSS every second, and checks that
-the prediction log holds every answered record. The generator runs on the same machine and competes with the
-service for its cores: absolute figures understate both services, the ratio is what holds.
+Registers one model (the project's default algorithm, with its parity-checked ONNX export) in a throw-away tracking
+store, serves it each way on loopback ports, and drives each with single-record requests from the same closed-loop
+generator (8 concurrent clients, 10 s by default). The ceiling parses the same JSON bodies and answers a constant.
+Optionally (`--soak 60`) keeps `mlops-nb serve` (ONNX) under load for that long, sampling its RSS every second, and
+checks that the prediction log holds every answered record. The generator runs on the same machine and competes
+with the services for its cores: absolute figures understate every service, the ratios are what holds.
 
     python benchmarks/serving.py [--seconds 10] [--concurrency 8] [--soak 60]
 
@@ -34,7 +36,9 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     "Register the default algorithm's Pipeline as champion in `store`; return its version and the records to send."
     from mlops_nb.core import load_params
     from mlops_nb.data import encode_target, synthetic_churn
-    from mlops_nb.registry import pipeline_run, promote, register_model, use_project_tracking
+    from mlops_nb.export import export_onnx, write_export
+    from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
+    from mlops_nb.schema import load_schema
     from mlops_nb.train import build_model
     test = ROOT / "data" / "processed" / "test.parquet"
     df = encode_target(synthetic_churn(2000, seed=7).drop(columns="rownames"), "churn", "Yes")
@@ -44,11 +48,31 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     (store / "gate.json").write_text('{"blessed": true}')
     use_project_tracking(store)
     algorithm = load_params(ROOT / "params.yaml").train.model  # the project's default model (hgb)
+    model = build_model(algorithm, X).fit(X, y)
+    onnx = export_onnx(model, X.iloc[:500], load_schema(store / "schema.yaml"))
+    if not onnx.usable: raise SystemExit(f"the model has no usable ONNX export: {onnx.report.get('reason')}")
     with pipeline_run(run_name="bench-serving"):
-        reg = register_model(build_model(algorithm, X).fit(X, y), X.head(5), NAME, blessed=True,
-                             extra_files=[store / "schema.yaml", store / "gate.json"])
-    promote(NAME, reg["version"])
+        reg = register_model(model, X.head(5), NAME, blessed=True,
+                             extra_files=[store / "schema.yaml", store / "gate.json", *write_export(onnx, store / "onnx")])
+    _promote(NAME, reg["version"])
     return reg["version"], records
+
+
+CEILING_APP = """
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+app = FastAPI()
+
+@app.post("/predict")
+async def predict(request: Request):
+    orjson.loads(await request.body())   # parse the body, as any service must
+    return Response(orjson.dumps({"predictions": [0], "probabilities": [[0.5, 0.5]]}), media_type="application/json")
+
+@app.get("/ready")
+async def ready(): return {"ready": True}
+"""
 
 
 def soak(url: str, pid: int, records, seconds: float, concurrency: int) -> dict:
@@ -78,7 +102,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from mlops_nb.core import write_json
     from mlops_nb.loadtest import loadtest
-    from mlops_nb.serve import read_prediction_log
+    from mlops_nb.predlog import read_prediction_log
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
@@ -88,37 +112,56 @@ def main(argv=None) -> int:
         (work / "project").mkdir()
         shutil.copy2(ROOT / "params.yaml", work / "project" / "params.yaml")
         runs = {}
+        # the ceiling: the same web stack (uvicorn, uvloop, httptools, FastAPI) parsing the body and answering a constant
+        (work / "ceiling.py").write_text(CEILING_APP)
+        ceiling = ServiceProcess([str(BIN / "uvicorn"), "ceiling:app", "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop",
+                                  "--http", "httptools", "--no-access-log", "--log-level", "warning"], "/ready", env=env, cwd=work,
+                                 log=work / "ceiling.log", timeout=600)
+        try: runs["FastAPI ceiling"] = loadtest(ceiling.url + "/predict", records, args.concurrency, args.seconds)
+        finally: ceiling.stop()
+        soaked = None
+        for runtime in ("onnx", "sklearn"):
+            ours_cmd = [str(BIN / "mlops-nb"), "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1", "--port", "{port}",
+                        "--runtime", runtime, "--log-dir", str(work / f"log-{runtime}"), "--poll-seconds", "0"]
+            ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / f"mlops-serve-{runtime}.log", timeout=600)
+            try:
+                runs[f"mlops-nb serve ({runtime})"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
+                if runtime == "onnx" and args.soak > 0: soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency)
+            finally: ours.stop()
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
         base = ServiceProcess([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
-                                "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=env, log=work / "mlflow-serve.log")
+                                "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=env, log=work / "mlflow-serve.log", timeout=600)
         try: runs["mlflow models serve"] = loadtest(base.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
         finally: base.stop()
-        ours_cmd = [str(BIN / "mlops-nb"), "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1", "--port", "{port}",
-                    "--log-dir", str(work / "log"), "--poll-seconds", "0"]
-        ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / "mlops-serve.log")
-        try:
-            runs["mlops-nb serve"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
-            soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency) if args.soak > 0 else None
-        finally: ours.stop()
-        logged = len(read_prediction_log(work / "log"))
-        answered = runs["mlops-nb serve"]["ok"] + (soaked["ok"] if soaked else 0)
+        logged = {rt: len(read_prediction_log(work / f"log-{rt}")) for rt in ("onnx", "sklearn")}
+        answered = {"onnx": runs["mlops-nb serve (onnx)"]["ok"] + (soaked["ok"] if soaked else 0), "sklearn": runs["mlops-nb serve (sklearn)"]["ok"]}
 
-        o, b = runs["mlops-nb serve"], runs["mlflow models serve"]
+        c, o, k, b = (runs[n] for n in ("FastAPI ceiling", "mlops-nb serve (onnx)", "mlops-nb serve (sklearn)", "mlflow models serve"))
         print(f"\nsingle-record requests, {args.concurrency} concurrent clients, {args.seconds:g} s each, loopback;"
-              f" the load generator shares the machine's {os.cpu_count()} cores with the service\n")
-        print(f"{'service':<22}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+              f" the load generator shares the machine's {os.cpu_count()} cores with the services\n")
+        print(f"{'service':<26}{'req/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+        share = lambda r: r["rps"] / c["rps"] if c["rps"] else float("nan")
         for name, r in runs.items():
-            print(f"{name:<22}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
+            print(f"{name:<26}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
         ratio = round(o["rps"] / b["rps"], 1) if b["rps"] else None
-        print(f"{'ratio (ours/mlflow)':<22}{ratio:>10}{b['p50_ms'] / o['p50_ms']:>9.1f}x{'':>10}{b['p99_ms'] / o['p99_ms']:>9.1f}x  (latency: baseline/ours)")
-        print(f"\nprediction log: {logged} rows for {answered} answered records" + (" (complete)" if logged == answered else " (INCOMPLETE)"))
+        print(f"\nratios: ONNX/ceiling {share(o):.2f}, scikit-learn/ceiling {share(k):.2f}, ONNX/scikit-learn {o['rps'] / k['rps']:.1f}x, "
+              f"ONNX/mlflow {ratio}x, scikit-learn/mlflow {k['rps'] / b['rps']:.1f}x")
+        goal = share(o) >= 0.5 and o["p99_ms"] < 20
+        print(f"goal (ONNX: at least 50% of the ceiling's req/s, p99 under 20 ms at {args.concurrency} connections): "
+              + ("met" if goal else "NOT met"))
+        for rt in ("onnx", "sklearn"):
+            print(f"prediction log ({rt}): {logged[rt]} rows for {answered[rt]} answered records" + (" (complete)" if logged[rt] == answered[rt] else " (INCOMPLETE)"))
         if soaked:
             print(f"soak {args.soak:g} s: {soaked['rps']} req/s, p99 {soaked['p99_ms']} ms, errors {soaked['errors']}; RSS after warm-up "
                   f"{soaked['rss_start_mb']} -> {soaked['rss_end_mb']} MB (max {soaked['rss_max_mb']}, growth {soaked['rss_growth_pct']}%)")
+        r2 = lambda x: round(x, 2)
         result = {"benchmark": "serving", "ours_rps": o["rps"], "baseline": "mlflow models serve", "baseline_rps": b["rps"], "ratio": ratio,
+                  "ceiling_rps": c["rps"], "onnx_rps": o["rps"], "sklearn_rps": k["rps"], "mlflow_rps": b["rps"],
+                  "onnx_of_ceiling": r2(share(o)), "sklearn_of_ceiling": r2(share(k)), "onnx_over_sklearn": r2(o["rps"] / k["rps"]),
+                  "ceiling_p99_ms": c["p99_ms"], "onnx_p99_ms": o["p99_ms"], "sklearn_p99_ms": k["p99_ms"], "mlflow_p99_ms": b["p99_ms"],
                   "ours_p50_ms": o["p50_ms"], "ours_p99_ms": o["p99_ms"], "baseline_p50_ms": b["p50_ms"], "baseline_p99_ms": b["p99_ms"],
-                  "concurrency": args.concurrency, "seconds": args.seconds, "cpus": os.cpu_count(), "errors": o["errors"] + b["errors"],
-                  "log_complete": logged == answered}
+                  "goal_met": goal, "concurrency": args.concurrency, "seconds": args.seconds, "cpus": os.cpu_count(),
+                  "errors": sum(r["errors"] for r in runs.values()), "log_complete": all(logged[rt] == answered[rt] for rt in logged)}
         if soaked:
             result.update(soak_seconds=args.soak, soak_rps=soaked["rps"], soak_p99_ms=soaked["p99_ms"], soak_errors=soaked["errors"],
                           rss_start_mb=soaked["rss_start_mb"], rss_end_mb=soaked["rss_end_mb"], rss_growth_pct=soaked["rss_growth_pct"])

@@ -24,11 +24,11 @@ import pandas as pd
 import yaml
 
 # %% auto #0
-__all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
-           'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ServeParams', 'Params',
-           'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text',
-           'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri',
-           'git_state']
+__all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
+           'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
+           'ExportParams', 'ServeParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml',
+           'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
+           'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -131,6 +131,12 @@ class InfraParams:
 @dataclass(frozen=True)
 class RegisterParams:
     model_name: str = "churn-classifier"  # the MLflow registered model name
+    promote_dirty: bool = False  # let a version built from uncommitted changes or a DVC experiment become champion
+
+@dataclass(frozen=True)
+class ExportParams:
+    onnx: bool = True            # convert every registered version to ONNX and check its parity on the test split
+    parity_tolerance: float = 1e-4  # largest absolute difference of class probabilities (ONNX vs scikit-learn) accepted
 
 # %% ../nbs/00_core.ipynb #a207418e
 @dataclass(frozen=True)
@@ -144,11 +150,13 @@ class ServeParams:
     challenger_share: float = 0.0    # share of traffic routed to the `challenger` alias (0 = no canary)
     log_dir: str = "logs/predictions"  # where the prediction log is written
     log_flush_seconds: float = 1.0   # how often the log is written: what a crash can lose at most
+    log_fsync: bool = False          # fsync the log at every flush: survives power loss too (one fsync a flush)
     poll_seconds: float = 30.0       # how often the registry is asked whether an alias moved (0: never)
     loadtest_concurrency: int = 8    # concurrent clients of `mlops-nb loadtest`
     loadtest_seconds: float = 10.0   # how long it drives the service
     budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this
     budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
+    runtime: typing.Literal["auto", "sklearn", "onnx"] = "auto"  # auto: ONNX when the version has a parity-checked artifact
 
 @dataclass(frozen=True)
 class Params:
@@ -160,6 +168,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    export: ExportParams = field(default_factory=ExportParams)
     infra: InfraParams = field(default_factory=InfraParams)
     serve: ServeParams = field(default_factory=ServeParams)
     def get(self, dotted: str):
@@ -303,10 +312,21 @@ def tracking_uri(root: str | Path) -> str:
     "`MLFLOW_TRACKING_URI` if set, else the project's `mlflow.db`."
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
-def git_state(root: str | Path) -> dict:
-    "The commit checked out at `root` and whether tracked files differ from it."
+# what defines a model: code, notebooks, params, pipeline, schema, environment and data pointers -- not what a run writes
+MODEL_SOURCES = ("mlops_nb", "nbs", "pipeline", "params.yaml", "dvc.yaml", "schema.yaml", "pyproject.toml",
+                 "requirements.lock", "*.dvc", ".dvc/config")
+
+def git_state(
+    root: str | Path,                    # the project
+    sources: tuple = MODEL_SOURCES,      # git pathspecs of the files that define a model
+) -> dict:
+    "The commit checked out at `root`, whether the files that define a model differ from it, and the DVC experiment running."
     def git(*args):
         r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
-    return {"git_commit": commit or "none", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+    changed = git("status", "--porcelain", "--untracked-files=all", "--", *sources) if commit else None
+    state = {"git_commit": commit or "none", "git_dirty": None if changed is None else bool(changed)}
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` for the stages it runs
+        state |= {"dvc_experiment": os.environ["DVC_EXP_NAME"], "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return state

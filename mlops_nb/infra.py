@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+import mlops_nb.edge
+
 from .core import MlopsError
 
 # %% auto #0
@@ -40,7 +42,7 @@ except Exception as e:
     check("loads in a fresh process", False, f"{type(e).__name__}: {e}"); print(json.dumps(out)); sys.exit(0)
 try:
     batch = pd.read_parquet(args["examples"])
-    proba = np.asarray(model.predict(batch))
+    proba = np.asarray(model.predict(batch), dtype="float64").reshape(len(batch), -1)  # probabilities, or values as a column
     ok = proba.shape[0] == len(batch) and np.isfinite(proba).all()
     check("predicts the example batch", ok, f"{len(batch)} rows -> shape {proba.shape}")
     one = batch.head(1)
@@ -54,6 +56,35 @@ try:
     out["batch_rows"] = args["batch_rows"]
 except Exception as e:
     check("predicts the example batch", False, f"{type(e).__name__}: {e}")
+    print(json.dumps(out)); sys.exit(0)
+try:  # the ONNX artifact stored with the version, run by the edge runner, must answer like the model
+    import os.path, importlib.util
+    files = os.path.join(mlflow.artifacts.download_artifacts(args["model_uri"]), "extra_files")
+    report = json.load(open(os.path.join(files, "onnx.json"))) if os.path.isfile(os.path.join(files, "onnx.json")) else None
+    if report is None: check("ONNX parity", True, "no ONNX export recorded: served by scikit-learn")
+    elif not report.get("converted"): check("ONNX parity", True, f"not converted, served by scikit-learn: {report.get('reason')}")
+    else:
+        spec = importlib.util.spec_from_file_location("edge_runner", args["runner"])
+        edge = importlib.util.module_from_spec(spec); spec.loader.exec_module(edge)
+        onnx_model = edge.EdgeModel(os.path.join(files, "model.onnx"))
+        cols = {f["name"]: edge.input_array(batch[f["name"]].tolist() if f["input"] == "string" else batch[f["name"]].to_numpy(), f)
+                for f in onnx_model.fields}
+        ox = onnx_model.predict_proba_inputs(cols)
+        err = np.abs(proba - ox) if ox.shape == proba.shape else np.full(1, np.inf)
+        if not onnx_model.classes: err = err / np.maximum(1.0, np.abs(proba))  # values: relative to their size
+        diff = float(err.max())
+        check("ONNX parity", report.get("passed") and diff <= args["tolerance"],
+              f"max {'abs' if onnx_model.classes else 'relative'} difference {diff:.2e} on {len(batch)} rows (tolerance {args['tolerance']}); at registration: "
+              + ("passed" if report.get("passed") else f"failed ({report.get('reason')})"))
+        one = {k: v[:1] for k, v in cols.items()}
+        for _ in range(3): onnx_model.predict_proba_inputs(one)
+        times = []
+        for _ in range(args["repeats"]):
+            t = time.perf_counter(); onnx_model.predict_proba_inputs(one); times.append((time.perf_counter() - t) * 1000)
+        out["onnx_single_row_ms_p50"] = float(np.percentile(times, 50))
+        out["onnx_size_bytes"] = os.path.getsize(os.path.join(files, "model.onnx"))
+except Exception as e:
+    check("ONNX parity", False, f"{type(e).__name__}: {e}")
 print(json.dumps(out))
 '''
 
@@ -74,6 +105,7 @@ def infra_validate(
     batch_ms: float=1000.0,     # budget: latency of one `batch_rows`-row prediction
     batch_rows: int=1000,       # rows in the batch timing
     repeats: int=30,            # one-row predictions timed
+    parity_tolerance: float=1e-4,  # largest accepted probability difference between the ONNX artifact and the model
     blocked: tuple[str, ...]=("mlops_nb",),  # packages the model must not need
     timeout: float=300,         # seconds the child may take
 ) -> dict:
@@ -82,7 +114,8 @@ def infra_validate(
         examples.to_parquet(Path(work) / "examples.parquet", index=False)
         roots = _project_roots()
         args = {"model_uri": model_uri, "tracking_uri": tracking_uri, "examples": str(Path(work) / "examples.parquet"),
-                "repeats": repeats, "batch_rows": batch_rows, "blocked": list(blocked), "roots": roots}
+                "repeats": repeats, "batch_rows": batch_rows, "blocked": list(blocked), "roots": roots,
+                "tolerance": parity_tolerance, "runner": str(Path(mlops_nb.edge.__file__).resolve())}
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")} | {"MLFLOW_TRACKING_URI": tracking_uri}
         try:
             r = subprocess.run([sys.executable, "-I", "-c", _CHILD, json.dumps(args)], cwd=work, env=env,
@@ -97,5 +130,5 @@ def infra_validate(
                               "detail": f"p95 {out['single_row_ms_p95']:.1f} ms, budget {single_row_ms} ms"})
         out["checks"].append({"check": "batch latency", "passed": out["batch_ms"] <= batch_ms,
                               "detail": f"{batch_rows} rows in {out['batch_ms']:.1f} ms, budget {batch_ms} ms"})
-    out["ok"] = all(c["passed"] for c in out["checks"]) and len(out["checks"]) >= 4
+    out["ok"] = all(c["passed"] for c in out["checks"]) and len(out["checks"]) >= 5
     return out

@@ -43,9 +43,9 @@ STAGES = {s.name: s for s in [
     Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
         "primary_metric", "min_primary", "baseline_margin", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
-    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate")),
-    Stage("infra_validate", ("base.target", "register.model_name", "infra.single_row_ms", "infra.batch_rows",
-                             "infra.batch_ms", "infra.repeats")),
+    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
+    Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
+                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
@@ -57,7 +57,9 @@ def stage_parameters(stage: str, params: Params) -> dict:
 # %% ../nbs/05_pipeline.ipynb #2305c02b
 def pipeline_params(params: Params) -> dict:
     "The params of every section a model depends on (what register records), as nested dicts."
+    from mlops_nb.data import redact
     d = params.to_dict()
+    d["data"]["source"] = redact(d["data"]["source"])   # recorded in MLflow: never a password
     return {s: d[s] for s in STAGES["register"].sections + ("register",)}
 
 # %% ../nbs/05_pipeline.ipynb #747001d9
@@ -77,6 +79,10 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
         except papermill.PapermillExecutionError as e:
             tmp.replace(out)  # keep the failed notebook as the report of what went wrong
             raise StageFailed(f"stage {name} failed: {e.ename}: {_strip_ansi(e.evalue)}\n  executed notebook: {out.relative_to(root)}") from None
+        except Exception as e:
+            if type(e).__name__ != "DeadKernelError": raise
+            if tmp.exists(): tmp.replace(out)
+            raise StageFailed(f"stage {name} failed: its kernel died (out of memory, or killed): {str(e).splitlines()[0] if str(e) else ''}") from None
     return out
 
 def _strip_ansi(text: str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", str(text))

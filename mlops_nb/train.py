@@ -28,7 +28,7 @@ from .core import MlopsError
 # %% auto #0
 __all__ = ['MAX_CATEGORIES', 'MODEL_ZOO', 'REGRESSOR_ZOO', 'DEFAULT_SCORING', 'TrainingError', 'feature_columns',
            'make_preprocessor', 'ZooEntry', 'zoo', 'build_model', 'TuneResult', 'tune', 'fit_checked',
-           'check_predictions']
+           'check_predictions', 'model_output']
 
 # %% ../nbs/02_train.ipynb #d24c8361
 class TrainingError(MlopsError):
@@ -166,3 +166,9 @@ def check_predictions(model, X: pd.DataFrame) -> None:
     proba = model.predict_proba(X)
     bad = ~np.isfinite(proba).all(axis=1) | (proba < 0).any(axis=1) | (proba > 1).any(axis=1)
     if bad.any(): raise TrainingError(f"model predicts NaN or out-of-range probabilities for {int(bad.sum())} of {len(X)} rows")
+
+# %% ../nbs/02_train.ipynb #b8ee7d68
+def model_output(model, X: pd.DataFrame) -> np.ndarray:
+    "A classifier's class probabilities, or a regressor's values as an (n, 1) column."
+    if hasattr(model, "predict_proba"): return model.predict_proba(X)
+    return np.asarray(model.predict(X), dtype="float64").reshape(-1, 1)

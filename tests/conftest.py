@@ -89,11 +89,14 @@ def git_init(path: Path) -> str:
 
 
 # Small enough for CI, large enough for every model and deepchecks check to have data. On 200 test rows the
-# gain over deepchecks' simple baseline is too noisy to gate on, so that check is allowed to fail here.
+# gain over deepchecks' simple baseline is too noisy to gate on, so that check is allowed to fail here; so is
+# deepchecks' inference-time condition, a timing that a loaded CI machine decides, not the model.
 DEFAULT_ALLOWED = load_yaml((ROOT / "params.yaml").read_text())["evaluate"]["deepchecks_allowed"]
 TINY = {"data": {"source": "synthetic", "n_rows": 800},
         "train": {"model": "logreg", "n_iter": 2, "cv_folds": 2},
-        "evaluate": {"min_primary": 0.6, "deepchecks_allowed": [*DEFAULT_ALLOWED, "Simple Model Comparison"]}}
+        "evaluate": {"min_primary": 0.6, "deepchecks_allowed": [*DEFAULT_ALLOWED, "Simple Model Comparison", "Model Inference Time"]},
+        # latency budgets belong in benchmarks: here infra validation checks loading, predicting and parity, not timing
+        "infra": {"single_row_ms": 60000.0, "batch_ms": 600000.0}}
 
 
 def registry(project: Path):
