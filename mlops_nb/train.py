@@ -167,7 +167,7 @@ def check_predictions(model, X: pd.DataFrame) -> None:
     bad = ~np.isfinite(proba).all(axis=1) | (proba < 0).any(axis=1) | (proba > 1).any(axis=1)
     if bad.any(): raise TrainingError(f"model predicts NaN or out-of-range probabilities for {int(bad.sum())} of {len(X)} rows")
 
-# %% ../nbs/02_train.ipynb #b8ee7d68
+# %% ../nbs/02_train.ipynb #cdbf554a
 def model_output(model, X: pd.DataFrame) -> np.ndarray:
     "A classifier's class probabilities, or a regressor's values as an (n, 1) column."
     if hasattr(model, "predict_proba"): return model.predict_proba(X)

@@ -161,3 +161,73 @@ def test_edge_runner_latency_and_size_are_reported(project, edge_env, tmp_path):
     timing = json.loads(r.stdout)
     print(f"\nedge runner: model.onnx {(out / 'model.onnx').stat().st_size} bytes, single-row p50 {timing['p50_ms']:.3f} ms, p99 {timing['p99_ms']:.3f} ms")
     assert timing["p50_ms"] > 0
+
+
+# the target of each task, taken from the synthetic churn table
+TARGETS = {"binary": "churn", "multiclass": "contract", "regression": "monthly_charges"}
+SMALL = {"logreg": {}, "rf": {"n_estimators": 25}, "hgb": {"max_iter": 40}}
+
+
+def task_data(task: str):
+    "Features and target of `task`: 400 rows to fit on, 100 to check; every number one a float32 holds exactly."
+    from mlops_nb.data import synthetic_churn
+    from mlops_nb.train import feature_columns
+    df = synthetic_churn(500, seed=3).drop(columns="rownames")
+    X, y = df.drop(columns=TARGETS[task]), df[TARGETS[task]]
+    numeric, _ = feature_columns(X)
+    X = X.astype({c: "float32" for c in numeric}).astype({c: "float64" for c in numeric})
+    return X.iloc[:400], y.iloc[:400], X.iloc[400:]
+
+
+def fitted(family: str, task: str, X, y):
+    from threadpoolctl import threadpool_limits
+    from mlops_nb.train import build_model
+    model = build_model(family, X, 0, task)
+    model.steps[-1][1].set_params(**SMALL[family])
+    with threadpool_limits(1): return model.fit(X, y)
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.parametrize("task", list(TARGETS))
+def test_every_family_of_every_task_exports_with_parity(task, family):
+    "Each zoo family of each task converts, and its ONNX model answers like the Pipeline, also on missing values and unseen categories."
+    from mlops_nb.edge import EdgeModel
+    from mlops_nb.export import export_onnx, probe_frame
+    X, y, X_test = task_data(task)
+    model = fitted(family, task, X, y)
+    exp = export_onnx(model, X_test, tolerance=TOLERANCE)
+    assert exp.usable, exp.report
+    # an independent look, through the edge runner's own API, at records with holes and categories never seen
+    probes = probe_frame(X_test, n=40, seed=1)
+    assert probes.isna().any().any() and (probes == "never seen in training").any().any()
+    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in probes.to_dict("records")]
+    answer = EdgeModel(exp.model).predict(records)
+    if task == "regression":
+        assert "probabilities" not in answer
+        np.testing.assert_allclose(answer["predictions"], model.predict(probes), rtol=TOLERANCE, atol=TOLERANCE)
+        return
+    proba = model.predict_proba(probes)
+    np.testing.assert_allclose(answer["probabilities"], proba, atol=TOLERANCE)
+    assert answer["classes"] == list(model.classes_) and len(answer["classes"]) == (3 if task == "multiclass" else 2)
+    top2 = np.sort(proba, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * TOLERANCE   # a near-tie may fall either way in float32
+    assert (np.asarray(answer["predictions"])[decided] == model.predict(probes)[decided]).all()
+
+
+def test_parity_catches_a_split_that_float32_rounding_flips():
+    """ONNX trees compare float32 values: an input just above a threshold in float64 rounds onto it and goes the other way.
+    The export's parity check sees it, and the version is not served by ONNX."""
+    from mlops_nb.export import export_onnx
+    from mlops_nb.train import feature_columns
+    X, y, X_test = task_data("multiclass")
+    model = fitted("hgb", "multiclass", X, y)
+    numeric, _ = feature_columns(X)
+    node = next(n for n in model[-1]._predictors[0][0].nodes if not n["is_leaf"] and n["feature_idx"] < len(numeric))
+    column, threshold = numeric[node["feature_idx"]], float(node["num_threshold"])
+    above, on = X_test.copy(), X_test.copy()
+    above[column], on[column] = np.nextafter(threshold, np.inf), threshold
+    assert np.float32(above[column].iloc[0]) == np.float32(threshold)
+    assert np.abs(model.predict_proba(above) - model.predict_proba(on)).max() > TOLERANCE   # the split matters to the Pipeline
+    exp = export_onnx(model, above, tolerance=TOLERANCE)
+    assert exp.report["converted"] and not exp.usable
+    assert exp.report["reason"].startswith("parity: max abs difference"), exp.report
