@@ -140,9 +140,13 @@ def export_onnx(
     "Convert `model` to ONNX and check its parity; a model that does not convert gets a report with the reason."
     import onnxruntime, skl2onnx
     versions = {"skl2onnx": skl2onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    try: blob = to_onnx(model, export_fields(X_test, schema))
+    try:
+        blob = to_onnx(model, export_fields(X_test, schema))
+        edge = EdgeModel(blob)
     except ExportError as e: return OnnxExport(None, {"converted": False, "passed": False, "reason": str(e), **versions})
-    edge = EdgeModel(blob)
+    except Exception as e:  # converted, but onnxruntime refuses the graph (a converter's bug): nothing a device could run
+        reason = f"onnxruntime cannot load the converted model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return OnnxExport(None, {"converted": False, "passed": False, "reason": reason, **versions})
     test, probes = parity(model, edge, X_test, tolerance), parity(model, edge, probe_frame(X_test), tolerance)
     passed = test["passed"] and probes["passed"]
     measure = "max abs difference" if edge.classes else "max relative difference"

@@ -231,3 +231,14 @@ def test_parity_catches_a_split_that_float32_rounding_flips():
     exp = export_onnx(model, above, tolerance=TOLERANCE)
     assert exp.report["converted"] and not exp.usable
     assert exp.report["reason"].startswith("parity: max abs difference"), exp.report
+
+
+def test_a_conversion_onnxruntime_refuses_is_recorded_not_raised():
+    "skl2onnx 1.20 converts an integer-coded categorical into a graph onnxruntime refuses: the version records why, nothing raises."
+    from mlops_nb.export import export_onnx
+    X, y, X_test = task_data("multiclass")
+    from mlops_nb.train import build_model
+    model = build_model("logreg", X, 0, "multiclass", categorical=["senior_citizen"]).fit(X, y)
+    exp = export_onnx(model, X_test, tolerance=TOLERANCE)
+    assert exp.model is None and not exp.usable and exp.report["converted"] is False
+    assert exp.report["reason"].startswith("onnxruntime cannot load the converted model"), exp.report
