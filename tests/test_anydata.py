@@ -58,6 +58,9 @@ def test_init_names_its_choices_and_the_next_command(pipeline):
     assert f"primary metric: {metric}" in out and "a trivial model" in out
     for column in dropped: assert f"column '{column}': identifier, dropped" in out
     assert "exploration notebook: reports/explore/explore.ipynb" in out
+    assert "committed params.yaml and schema.yaml as" in out   # so the run builds from a reproducible state
+    assert run("git", "status", "--porcelain", "--", "params.yaml", "schema.yaml", cwd=project).stdout == ""
+    assert run("git", "log", "-1", "--format=%s", cwd=project).stdout.startswith(f"mlops-nb init: {source} -> {target} ({task})")
     assert out.strip().splitlines()[-1] == "next: mlops-nb run"
     nb = json.loads((project / "reports" / "explore" / "explore.ipynb").read_text())
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
