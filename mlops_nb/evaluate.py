@@ -5,6 +5,7 @@
 # %% ../nbs/03_evaluate.ipynb #7e11fa3f
 from __future__ import annotations
 
+import html
 import os
 import re
 from pathlib import Path
@@ -18,9 +19,10 @@ from .core import EvaluateParams, MlopsError, atomic_path
 # %% auto #0
 __all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'classification_metrics', 'greater_is_better',
            'multiclass_metrics', 'regression_metrics', 'predict_scores', 'task_metrics', 'curve_tables', 'plot_curves',
-           'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'slice_masks', 'bootstrap_ci',
-           'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule', 'skill',
-           'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'baseline_model', 'evaluate_gate']
+           'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'skipped_suite_report', 'slice_masks',
+           'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule',
+           'skill', 'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'baseline_model',
+           'evaluate_gate']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -207,6 +209,13 @@ def run_suite(
         result.save_as_html(str(tmp), as_widget=False)
         tmp.write_text(dedupe_scripts(tmp.read_text()))
     return summarize_suite(result)
+
+# %% ../nbs/03_evaluate.ipynb #7b080d15
+def skipped_suite_report(name: str, html_path: str | Path, reason: str) -> Path:
+    "Write the HTML page of suite `name` that did not run, saying `reason`."
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{name}</title></head><body><h1>{name}</h1><p>Not run: {html.escape(reason)}.</p></body></html>"
+    with atomic_path(html_path) as tmp: tmp.write_text(page)
+    return Path(html_path)
 
 # %% ../nbs/03_evaluate.ipynb #67e0aa72
 def slice_masks(

@@ -92,6 +92,8 @@ def test_the_pipeline_ends_with_a_champion_of_the_task(pipeline):
         assert set(confusion.actual) == {"Adelie", "Chinstrap", "Gentoo"}
     baseline = gate["rules"][1]
     assert baseline["passed"] and baseline["value"] >= baseline["bound"]
+    page = (project / "reports" / "evaluate" / "model_evaluation.html").read_text()
+    assert ("Not run: evaluate.deepchecks is false" in page) == (not DEEPCHECKS[task])   # declared, so written either way
     suites = read(project, "evaluate", "deepchecks.json")
     assert bool(suites) == DEEPCHECKS[task]
     if suites:   # deepchecks was told the task: it skips the classification checks for regression only
