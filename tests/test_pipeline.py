@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, champion_version, copy_project, git_init, registry, run
+from conftest import ROOT, TINY, champion_version, copy_project, git_init, registry, run
 from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 
@@ -58,6 +58,15 @@ def test_executed_notebooks_and_reports(smoke):
         assert text.lstrip().lower().startswith(("<html", "<!doctype")) and len(text) < 30e6, html
     metrics = json.loads((project / "reports" / "metrics" / "evaluate.json").read_text())
     assert metrics["n"] == 200 and 0.6 <= metrics["roc_auc"] <= 1  # 25% of 800 rows; the synthetic label is learnable
+
+
+def test_binary_metrics_are_those_of_the_release_before_task_types(smoke):
+    """tests/golden/tiny_binary_evaluate.json holds the test metrics the pipeline gave for these tiny params before it
+    learned multiclass and regression (written by that release, not by this code): the binary path must not move."""
+    project, _, _ = smoke
+    golden = json.loads((ROOT / "tests" / "golden" / "tiny_binary_evaluate.json").read_text())
+    metrics = json.loads((project / "reports" / "metrics" / "evaluate.json").read_text())
+    assert {k: metrics.get(k) for k in golden} == pytest.approx(golden, abs=1e-9, rel=0)
 
 
 def test_registry_has_a_champion_with_lineage(smoke):
