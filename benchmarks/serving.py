@@ -1,5 +1,6 @@
-"""Serving throughput, four ways in one run: a trivial FastAPI JSON endpoint (the web framework's ceiling),
-`mlops-nb serve` on ONNX, `mlops-nb serve` on scikit-learn, and `mlflow models serve`; same model, same load generator.
+"""Serving throughput, five ways in one run: a trivial FastAPI JSON endpoint (the web framework's ceiling),
+`mlops-nb serve` on ONNX (its `/predict`, and its MLflow-protocol `/invocations` with MLflow's payload),
+`mlops-nb serve` on scikit-learn, and `mlflow models serve`; same model, same load generator.
 
 Registers one model (the project's default algorithm, with its parity-checked ONNX export) in a throw-away tracking
 store, serves it each way on loopback ports, and drives each with single-record requests from the same closed-loop
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
             ours = ServiceProcess(ours_cmd, "/ready", env=env, cwd=work / "project", log=work / f"mlops-serve-{runtime}.log", timeout=600)
             try:
                 runs[f"mlops-nb serve ({runtime})"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
+                if runtime == "onnx":  # the drop-in: the same server driven exactly as mlflow models serve is driven below
+                    runs["mlops-nb /invocations (onnx)"] = loadtest(ours.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
                 if runtime == "onnx" and args.soak > 0: soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency)
             finally: ours.stop()
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
@@ -134,18 +137,22 @@ def main(argv=None) -> int:
         try: runs["mlflow models serve"] = loadtest(base.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
         finally: base.stop()
         logged = {rt: len(read_prediction_log(work / f"log-{rt}")) for rt in ("onnx", "sklearn")}
-        answered = {"onnx": runs["mlops-nb serve (onnx)"]["ok"] + (soaked["ok"] if soaked else 0), "sklearn": runs["mlops-nb serve (sklearn)"]["ok"]}
+        answered = {"onnx": runs["mlops-nb serve (onnx)"]["ok"] + runs["mlops-nb /invocations (onnx)"]["ok"] + (soaked["ok"] if soaked else 0), "sklearn": runs["mlops-nb serve (sklearn)"]["ok"]}
 
         c, o, k, b = (runs[n] for n in ("FastAPI ceiling", "mlops-nb serve (onnx)", "mlops-nb serve (sklearn)", "mlflow models serve"))
+        inv = runs["mlops-nb /invocations (onnx)"]
         print(f"\nsingle-record requests, {args.concurrency} concurrent clients, {args.seconds:g} s each, loopback;"
               f" the load generator shares the machine's {os.cpu_count()} cores with the services\n")
-        print(f"{'service':<26}{'req/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+        print(f"{'service':<30}{'req/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
         share = lambda r: r["rps"] / c["rps"] if c["rps"] else float("nan")
         for name, r in runs.items():
-            print(f"{name:<26}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
+            print(f"{name:<30}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
         ratio = round(o["rps"] / b["rps"], 1) if b["rps"] else None
         print(f"\nratios: ONNX/ceiling {share(o):.2f}, scikit-learn/ceiling {share(k):.2f}, ONNX/scikit-learn {o['rps'] / k['rps']:.1f}x, "
               f"ONNX/mlflow {ratio}x, scikit-learn/mlflow {k['rps'] / b['rps']:.1f}x")
+        inv_ratio = round(inv["rps"] / b["rps"], 1) if b["rps"] else None
+        print(f"MLflow's protocol, same payload: mlops-nb /invocations {inv['rps']:.1f} req/s, mlflow models serve {b['rps']:.1f} req/s "
+              f"({inv_ratio}x); /invocations/predict {inv['rps'] / o['rps']:.2f}")
         goal = share(o) >= 0.5 and o["p99_ms"] < 20
         print(f"goal (ONNX: at least 50% of the ceiling's req/s, p99 under 20 ms at {args.concurrency} connections): "
               + ("met" if goal else "NOT met"))
@@ -161,7 +168,9 @@ def main(argv=None) -> int:
                   "ceiling_p99_ms": c["p99_ms"], "onnx_p99_ms": o["p99_ms"], "sklearn_p99_ms": k["p99_ms"], "mlflow_p99_ms": b["p99_ms"],
                   "ours_p50_ms": o["p50_ms"], "ours_p99_ms": o["p99_ms"], "baseline_p50_ms": b["p50_ms"], "baseline_p99_ms": b["p99_ms"],
                   "goal_met": goal, "concurrency": args.concurrency, "seconds": args.seconds, "cpus": os.cpu_count(),
-                  "errors": sum(r["errors"] for r in runs.values()), "log_complete": all(logged[rt] == answered[rt] for rt in logged)}
+                  "errors": sum(r["errors"] for r in runs.values()),
+                  "invocations_rps": inv["rps"], "invocations_p99_ms": inv["p99_ms"], "invocations_over_mlflow": inv_ratio,
+                  "invocations_of_predict": r2(inv["rps"] / o["rps"]) if o["rps"] else None, "log_complete": all(logged[rt] == answered[rt] for rt in logged)}
         if soaked:
             result.update(soak_seconds=args.soak, soak_rps=soaked["rps"], soak_p99_ms=soaked["p99_ms"], soak_errors=soaked["errors"],
                           rss_start_mb=soaked["rss_start_mb"], rss_end_mb=soaked["rss_end_mb"], rss_growth_pct=soaked["rss_growth_pct"])

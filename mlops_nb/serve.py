@@ -226,17 +226,19 @@ def _safe_on_batch(state, variant, batch, proba, frame):
     except Exception as e: print(f"serve: metrics or log of a batch failed: {e!r}", flush=True)
 
 # %% ../nbs/20_serve.ipynb #a5dcee69
-async def _predict(state: _State, request) -> tuple[int, dict, str, str]:
-    "(status, answer, model version, variant) of one /predict request."
+async def _predict(state: _State, request, to_body=None, pin: str | None = None) -> tuple[int, dict, str, str]:
+    "(status, answer, model version, variant) of one request; `to_body(raw, content_type, fields)` turns another protocol's body into records."
     rid = request.headers.get("x-request-id") or uuid.uuid4().hex
     state.arriving += 1
     queued = False
     try:
         if not state.ready: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": "model not loaded yet"}]}, "", ""
-        variant = _pick(state)
-        version = variant.current
+        variant = _pick(state) if pin is None else state.variants.get(pin)
+        version = variant.current if variant is not None else None
+        if version is None: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": f"{pin} not loaded"}]}, "", ""
         try:
-            body = parse_body(await _read_body(request, state.params.max_body_bytes))
+            raw = await _read_body(request, state.params.max_body_bytes)
+            body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
             records = validate_records(body, version.fields, state.params.max_records)
         except RequestError as e:
             for err in e.errors:
@@ -258,6 +260,20 @@ async def _predict(state: _State, request) -> tuple[int, dict, str, str]:
     pred = np.asarray(version.classes)[proba.argmax(axis=1)]
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                  "classes": version.classes, "predictions": pred.tolist(), "probabilities": proba}, version.version, variant.name
+
+async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str | None = None) -> tuple[int, dict]:
+    "`_predict` with the request counted in the metrics under `endpoint`; a failure of the model is a 500 saying so."
+    m, t0 = state.metrics, time.perf_counter()
+    m.in_flight.inc()
+    try:
+        try: status, answer, version, variant = await _predict(state, request, to_body, pin)
+        except Exception as e:  # the model failed: not the client's fault, and said so
+            print(f"serve: {endpoint} failed: {e!r}", flush=True)
+            status, version, variant = 500, "", ""
+            answer = {"errors": [{"record": None, "field": None, "problem": f"internal error: {type(e).__name__}"}]}
+        m.observe(endpoint, status, t0, version, variant)
+        return status, answer
+    finally: m.in_flight.dec()
 
 # %% ../nbs/20_serve.ipynb #34554c32
 def _field_json(f: Field) -> dict:
@@ -332,19 +348,9 @@ def create_app(
     @app.post("/predict")
     async def predict(request: Request):
         "Predict one record (a JSON object) or several (a list of objects)."
-        t0 = time.perf_counter()
-        m.in_flight.inc()
-        try:
-            try:
-                status, answer, version, variant = await _predict(state, request)
-                response = _json(answer, status, {"x-request-id": answer["request_id"]} if status != 503 else {"retry-after": "1"})
-            except Exception as e:  # the model failed: not the client's fault, and said so
-                print(f"serve: /predict failed: {e!r}", flush=True)
-                status, version, variant = 500, "", ""
-                response = _json({"errors": [{"record": None, "field": None, "problem": f"internal error: {type(e).__name__}"}]}, 500)
-            m.observe("/predict", status, t0, version, variant)
-            return response
-        finally: m.in_flight.dec()
+        status, answer = await _answer(state, request, "/predict")
+        headers = {"retry-after": "1"} if status == 503 else {"x-request-id": answer["request_id"]} if "request_id" in answer else {}
+        return _json(answer, status, headers)
 
     @app.get("/health")
     async def health():
@@ -372,6 +378,9 @@ def create_app(
             m.log_written.set(state.log.written); m.log_dropped.set(state.log.dropped); m.log_pending.set(state.log.pending)
             m.log_errors.set(state.log.errors)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from mlops_nb.protocols import add_protocol_routes
+    add_protocol_routes(app, state)   # MLflow's scoring protocol and the Open Inference Protocol, over `_answer`
     return app
 
 # %% ../nbs/20_serve.ipynb #85e81ce8

@@ -1,0 +1,201 @@
+"""The service's other front doors against real servers and a real client: the same records through `/predict`,
+MLflow's `/invocations` and the Open Inference Protocol's `infer` get identical predictions; every MLflow payload
+format is answered as a real `mlflow models serve` of the same version answers it (and bad payloads with the same
+status codes); `tritonclient[http]`'s `InferenceServerClient` checks liveness, readiness, metadata and infers."""
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BIN, ROOT, skip_or_fail
+from mlops_nb.loadtest import ServiceProcess
+
+NAME = "churn-classifier"
+pytestmark = pytest.mark.slow   # every test here talks to a uvicorn process (and the comparison to mlflow's server)
+
+
+def plain(r: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A project folder with a tracking store and version 1 of a small classifier as champion; the records to send."
+    from mlops_nb.data import encode_target, synthetic_churn
+    from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
+    from mlops_nb.train import build_model
+    root = tmp_path_factory.mktemp("protocols")
+    for name in ("params.yaml", "schema.yaml"): shutil.copy2(ROOT / name, root / name)
+    (root / "gate.json").write_text('{"blessed": true}')
+    df = encode_target(synthetic_churn(400, seed=3).drop(columns="rownames"), "churn", "Yes")
+    X, y = df.drop(columns="churn"), df.churn
+    model = build_model("logreg", X, 0).fit(X, y)
+    use_project_tracking(root)
+    with pipeline_run(run_name="test-protocols"):
+        reg = register_model(model, X.head(5), NAME, blessed=True, extra_files=[root / "schema.yaml", root / "gate.json"])
+    _promote(NAME, reg["version"])
+    sample = X.iloc[:6].copy()
+    sample.iloc[2, sample.columns.get_loc("total_charges")] = np.nan   # one null where the schema allows it
+    return root, model, sample, reg["version"]
+
+
+def _env(root: Path) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+@pytest.fixture(scope="module")
+def ours(project):
+    root = project[0]
+    s = ServiceProcess([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", "--poll-seconds", "0",
+                        "--log-dir", str(root / "log")], "/ready", env=_env(root), cwd=root, log=root / "ours.log", timeout=120)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def theirs(project):
+    "A real `mlflow models serve` of the same version, in this environment."
+    root, _, _, version = project
+    s = ServiceProcess([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
+                        "-h", "127.0.0.1", "-p", "{port}"], "/ping", env=_env(root), cwd=root, log=root / "mlflow.log", timeout=300)
+    yield s
+    s.stop()
+
+
+def records(X: pd.DataFrame) -> list[dict]:
+    return [plain(r) for r in X.to_dict("records")]
+
+
+def mlflow_payloads(X: pd.DataFrame) -> dict:
+    "Every input format of MLflow's scoring protocol documentation: (content type, body)."
+    recs = records(X)
+    cols = {c: [r[c] for r in recs] for c in X.columns}
+    split = {"columns": list(X.columns), "data": [[r[c] for c in X.columns] for r in recs]}
+    return {"dataframe_split": ("application/json", {"dataframe_split": split}),
+            "dataframe_split (with index)": ("application/json", {"dataframe_split": {**split, "index": list(range(len(X)))}}),
+            "dataframe_records": ("application/json", {"dataframe_records": recs}),
+            "instances (records)": ("application/json", {"instances": recs}),
+            "inputs (records)": ("application/json", {"inputs": recs}),
+            "inputs (columns)": ("application/json", {"inputs": cols}),
+            "text/csv": ("text/csv", X.to_csv(index=False).encode())}
+
+
+def post(url: str, content_type: str, body) -> httpx.Response:
+    import orjson
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(url + "/invocations", content=data, headers={"content-type": content_type}, timeout=60)
+
+
+def v2_tensors(meta: dict, recs: list[dict]) -> list[dict]:
+    return [{"name": i["name"], "datatype": i["datatype"], "shape": [len(recs)], "data": [r[i["name"]] for r in recs]} for i in meta["inputs"]]
+
+
+def test_the_same_records_through_three_protocols_give_identical_predictions(ours, project):
+    _, model, X, _ = project
+    recs = records(X)
+    expected = model.predict_proba(X)
+    via_predict = httpx.post(ours.url + "/predict", json=recs, timeout=30).json()
+    via_mlflow = post(ours.url, "application/json", {"dataframe_records": recs}).json()
+    meta = httpx.get(f"{ours.url}/v2/models/{NAME}", timeout=30).json()
+    r = httpx.post(f"{ours.url}/v2/models/{NAME}/infer", json={"inputs": v2_tensors(meta, recs)}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    via_v2 = np.reshape(out["predict_proba"]["data"], out["predict_proba"]["shape"])
+    np.testing.assert_array_equal(np.asarray(via_predict["probabilities"]), np.asarray(via_mlflow["predictions"]))
+    np.testing.assert_array_equal(np.asarray(via_predict["probabilities"]), via_v2)
+    np.testing.assert_allclose(via_v2, expected, rtol=0, atol=1e-12)   # and they are the model's own
+    assert via_predict["predictions"] == out["predict"]["data"] == model.predict(X).tolist()
+    # the MLServer pandas codec: the same tensors, marked as a frame
+    r = httpx.post(f"{ours.url}/v2/models/{NAME}/versions/1/infer", json={"inputs": v2_tensors(meta, recs), "parameters": {"content_type": "pd"}}, timeout=30)
+    assert r.json()["parameters"] == {"content_type": "pd"}
+    np.testing.assert_array_equal(np.reshape(r.json()["outputs"][1]["data"], (len(recs), 2)), via_v2)
+    # every record answered through any door is in the prediction log, and the metrics count each door
+    text = httpx.get(ours.url + "/metrics", timeout=30).text
+    for ep in ("/predict", "/invocations", "/v2/infer"): assert f'endpoint="{ep}",model_version="1",status="200"' in text, ep
+
+
+def test_every_mlflow_payload_format_is_answered_as_mlflow_models_serve_answers(ours, theirs, project):
+    _, model, X, _ = project
+    for name, (ct, body) in mlflow_payloads(X).items():
+        a, b = post(ours.url, ct, body), post(theirs.url, ct, body)
+        assert (a.status_code, b.status_code) == (200, 200), (name, a.text[:300], b.text[:300])
+        assert set(a.json()) == set(b.json()) == {"predictions"}, name
+        np.testing.assert_allclose(np.asarray(a.json()["predictions"]), np.asarray(b.json()["predictions"]), rtol=0, atol=1e-12, err_msg=name)
+    for path in ("/ping", "/version"):
+        a, b = httpx.get(ours.url + path, timeout=30), httpx.get(theirs.url + path, timeout=30)
+        assert (a.status_code, a.text.strip()) == (b.status_code, b.text.strip()), path
+
+
+def bad_payloads(X: pd.DataFrame) -> dict:
+    "(content type, body, the field or phrase our message must name) of payloads both servers refuse."
+    recs = records(X.iloc[:2])
+    return {"not JSON": ("application/json", b"{oops", "not JSON"),
+            "no known format key": ("application/json", {"records": recs}, "exactly one of"),
+            "two format keys": ("application/json", {"dataframe_records": recs, "instances": recs}, "exactly one of"),
+            "a missing column": ("application/json", {"dataframe_records": [recs[0], {k: v for k, v in recs[1].items() if k != "tenure"}]},
+                                 "record 1, field 'tenure': missing"),
+            "text for a number": ("application/json", {"dataframe_records": [{**recs[0], "tenure": "abc"}]}, "record 0, field 'tenure'"),
+            "a short split row": ("application/json", {"dataframe_split": {"columns": list(X.columns), "data": [[1, 2]]}}, "record 0"),
+            "a CSV missing a column": ("text/csv", X.drop(columns="tenure").iloc[:2].to_csv(index=False).encode(), "field 'tenure'"),
+            "an unsupported content type": ("application/xml", b"<a/>", "content type")}
+
+
+def test_bad_payloads_get_mlflow_error_bodies_and_its_status_codes(ours, theirs, project):
+    _, _, X, _ = project
+    for name, (ct, body, named) in bad_payloads(X).items():
+        a, b = post(ours.url, ct, body), post(theirs.url, ct, body)
+        assert a.status_code == b.status_code and 400 <= a.status_code < 500, (name, a.status_code, a.text[:300], b.status_code, b.text[:300])
+        err = a.json()
+        assert {"error_code", "message"} <= set(err) and err["error_code"] == b.json()["error_code"], (name, err, b.text[:300])
+        assert named in err["message"], (name, err["message"])
+        assert len(a.content) < 4000, name   # the input is not echoed back whole
+
+
+def test_stricter_than_mlflow_an_unknown_category_or_column_is_refused_and_named(ours, project):
+    "Where `mlflow models serve` answers anyway (an unseen category, an extra column), this service refuses, naming it."
+    _, _, X, _ = project
+    rec = records(X.iloc[:1])[0]
+    for body, named in (({"dataframe_records": [{**rec, "contract": "Weekly"}]}, "record 0, field 'contract': unknown category"),
+                        ({"dataframe_records": [{**rec, "colour": "red"}]}, "record 0, field 'colour': not an input of the model")):
+        r = post(ours.url, "application/json", body)
+        assert (r.status_code, r.json()["error_code"]) == (400, "BAD_REQUEST") and named in r.json()["message"], r.text
+
+
+def test_tritonclient_checks_health_metadata_and_infers(ours, project):
+    try: import tritonclient.http as tc
+    except ImportError as e: skip_or_fail(f"tritonclient[http] is not installed: {e}")
+    from tritonclient.utils import InferenceServerException
+    _, model, X, version = project
+    client = tc.InferenceServerClient(url=ours.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(NAME) and client.is_model_ready(NAME, version) and not client.is_model_ready("other")
+    assert client.get_server_metadata()["name"] == "mlops-nb"
+    meta = client.get_model_metadata(NAME)
+    assert meta["versions"] == [version] and [i["name"] for i in meta["inputs"]] == list(X.columns)
+    assert [o["name"] for o in meta["outputs"]] == ["predict", "predict_proba"]
+    recs = records(X)
+    inputs = []
+    for spec in meta["inputs"]:
+        col = [r[spec["name"]] for r in recs]
+        dtype = {"BYTES": object, "FP64": np.float64, "INT64": np.int64, "BOOL": bool}[spec["datatype"]]
+        arr = np.array([np.nan if v is None else v for v in col], dtype=dtype)
+        t = tc.InferInput(spec["name"], [len(recs)], spec["datatype"])
+        t.set_data_from_numpy(arr, binary_data=False)
+        inputs.append(t)
+    outputs = [tc.InferRequestedOutput("predict", binary_data=False), tc.InferRequestedOutput("predict_proba", binary_data=False)]
+    result = client.infer(NAME, inputs, model_version=version, outputs=outputs)
+    np.testing.assert_allclose(result.as_numpy("predict_proba"), model.predict_proba(X), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(result.as_numpy("predict"), model.predict(X))
+    # a refused value comes back as the client's exception, naming record and field
+    bad = tc.InferInput("tenure", [1], "BYTES")
+    bad.set_data_from_numpy(np.array(["abc"], dtype=object), binary_data=False)
+    with pytest.raises(InferenceServerException, match="record 0, field 'tenure': expected int, got str"):
+        client.infer(NAME, [bad], outputs=outputs[:1])
+    client.close()
