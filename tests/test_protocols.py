@@ -149,13 +149,18 @@ def bad_payloads(X: pd.DataFrame) -> dict:
 
 def test_bad_payloads_get_mlflow_error_bodies_and_its_status_codes(ours, theirs, project):
     _, _, X, _ = project
+    differ = []
     for name, (ct, body, named) in bad_payloads(X).items():
         a, b = post(ours.url, ct, body), post(theirs.url, ct, body)
-        assert a.status_code == b.status_code and 400 <= a.status_code < 500, (name, a.status_code, a.text[:300], b.status_code, b.text[:300])
-        err = a.json()
-        assert {"error_code", "message"} <= set(err) and err["error_code"] == b.json()["error_code"], (name, err, b.text[:300])
-        assert named in err["message"], (name, err["message"])
+        err, theirs_err = a.json(), (b.json() if "json" in b.headers.get("content-type", "") else {})
+        # MLflow's error_code for CSV is INVALID_PARAMETER_VALUE where the same problem in JSON is BAD_REQUEST, and its 415
+        # is plain text: its code is compared for JSON bodies, ours is BAD_REQUEST for every refused input
+        codes = (err.get("error_code"), theirs_err.get("error_code") if ct == "application/json" else "BAD_REQUEST")
+        if a.status_code != b.status_code or codes != ("BAD_REQUEST", "BAD_REQUEST") or not 400 <= a.status_code < 500:
+            differ.append((name, a.status_code, err.get("error_code"), b.status_code, theirs_err.get("error_code"), b.text[:200]))
+        assert "message" in err and named in err["message"], (name, err)
         assert len(a.content) < 4000, name   # the input is not echoed back whole
+    assert not differ, "\n".join(map(repr, differ))
 
 
 def test_stricter_than_mlflow_an_unknown_category_or_column_is_refused_and_named(ours, project):
