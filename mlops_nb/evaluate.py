@@ -210,7 +210,7 @@ def run_suite(
         tmp.write_text(dedupe_scripts(tmp.read_text()))
     return summarize_suite(result)
 
-# %% ../nbs/03_evaluate.ipynb #7b080d15
+# %% ../nbs/03_evaluate.ipynb #31bc37bd
 def skipped_suite_report(name: str, html_path: str | Path, reason: str) -> Path:
     "Write the HTML page of suite `name` that did not run, saying `reason`."
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{name}</title></head><body><h1>{name}</h1><p>Not run: {html.escape(reason)}.</p></body></html>"
