@@ -30,9 +30,9 @@ test-fast: $(STAMP)  ## the tests without the slow pipeline/server ones
 	$(BIN)/python -m pytest -m "not slow"
 
 sync: $(STAMP)  ## regenerate mlops_nb/ from nbs/ and strip notebook outputs
-	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
 	$(BIN)/nbdev-clean --fname pipeline
+	$(BIN)/nbdev-export
 	$(BIN)/mlops-nb readme
 
 bench: $(STAMP)  ## run every benchmark in benchmarks/
