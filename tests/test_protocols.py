@@ -24,25 +24,32 @@ def plain(r: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    "A project folder with a tracking store and version 1 of a small classifier as champion; the records to send."
+def fit_and_register(root: Path, C: float = 1.0, alias: str = "champion"):
+    "Fit a small classifier, register it in the tracking store at `root` under `alias`; the model, its frame, its version."
     from mlops_nb.data import encode_target, synthetic_churn
-    from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
+    from mlops_nb.registry import _client, _promote, pipeline_run, register_model, use_project_tracking
     from mlops_nb.train import build_model
-    root = tmp_path_factory.mktemp("protocols")
     for name in ("params.yaml", "schema.yaml"): shutil.copy2(ROOT / name, root / name)
     (root / "gate.json").write_text('{"blessed": true}')
     df = encode_target(synthetic_churn(400, seed=3).drop(columns="rownames"), "churn", "Yes")
     X, y = df.drop(columns="churn"), df.churn
-    model = build_model("logreg", X, 0).fit(X, y)
+    model = build_model("logreg", X, 0).set_params(classifier__C=C).fit(X, y)
     use_project_tracking(root)
     with pipeline_run(run_name="test-protocols"):
         reg = register_model(model, X.head(5), NAME, blessed=True, extra_files=[root / "schema.yaml", root / "gate.json"])
-    _promote(NAME, reg["version"])
+    if alias == "champion": _promote(NAME, reg["version"])
+    else: _client().set_registered_model_alias(NAME, alias, reg["version"])
+    return model, X, reg["version"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A project folder with a tracking store and version 1 of a small classifier as champion; the records to send."
+    root = tmp_path_factory.mktemp("protocols")
+    model, X, version = fit_and_register(root)
     sample = X.iloc[:6].copy()
     sample.iloc[2, sample.columns.get_loc("total_charges")] = np.nan   # one null where the schema allows it
-    return root, model, sample, reg["version"]
+    return root, model, sample, version
 
 
 def _env(root: Path) -> dict:
@@ -204,3 +211,33 @@ def test_tritonclient_checks_health_metadata_and_infers(ours, project):
     with pytest.raises(InferenceServerException, match="record 0, field 'tenure': expected int, got str"):
         client.infer(NAME, [bad], outputs=outputs[:1])
     client.close()
+
+
+def test_canary_and_model_switch_reach_every_protocol(tmp_path):
+    "A challenger answers its share through /invocations and infer; a version path pins it; a promotion switches all doors."
+    m1, X, v1 = fit_and_register(tmp_path)
+    m2, _, v2 = fit_and_register(tmp_path, C=0.01, alias="challenger")
+    X = X.iloc[:1]
+    p1, p2 = m1.predict_proba(X)[0], m2.predict_proba(X)[0]
+    assert abs(p1 - p2).max() > 1e-3   # the two versions answer differently
+    rec = records(X)
+    with ServiceProcess([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", "--challenger-share", "0.5",
+                         "--poll-seconds", "0.3", "--log-dir", str(tmp_path / "log")], "/ready", env=_env(tmp_path), cwd=tmp_path,
+                        log=tmp_path / "canary.log", timeout=120) as s:
+        meta = httpx.get(f"{s.url}/v2/models/{NAME}", timeout=30).json()
+        assert meta["versions"] == [v1, v2]
+        tensors = {"inputs": v2_tensors(meta, rec)}
+        seen = {httpx.post(f"{s.url}/v2/models/{NAME}/infer", json=tensors, timeout=30).json()["model_version"] for _ in range(30)}
+        answers = [tuple(post(s.url, "application/json", {"dataframe_records": rec}).json()["predictions"][0]) for _ in range(30)]
+        assert seen == {v1, v2}   # both variants answer the infer door (chance of missing one: 2 * 0.5**30)
+        assert {np.allclose(a, p1, atol=1e-12) for a in answers} == {True, False} and all(np.allclose(a, p1, atol=1e-12) or np.allclose(a, p2, atol=1e-12) for a in answers)
+        pinned = httpx.post(f"{s.url}/v2/models/{NAME}/versions/{v2}/infer", json=tensors, timeout=30).json()
+        assert pinned["model_version"] == v2 and np.allclose(pinned["outputs"][1]["data"], p2, atol=1e-12)
+        from mlops_nb.registry import _promote, use_project_tracking
+        use_project_tracking(tmp_path)
+        _promote(NAME, v2)   # the hot switch: champion moves to version 2
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(f"{s.url}/v2/models/{NAME}/versions/{v1}/ready", timeout=30).status_code != 404:
+            time.sleep(0.2)
+        for _ in range(5):
+            np.testing.assert_allclose(post(s.url, "application/json", {"dataframe_records": rec}).json()["predictions"][0], p2, atol=1e-12)
