@@ -5,7 +5,7 @@
 # %% ../nbs/03_evaluate.ipynb #7e11fa3f
 from __future__ import annotations
 
-import html
+from html import escape
 import os
 import re
 from pathlib import Path
@@ -213,7 +213,7 @@ def run_suite(
 # %% ../nbs/03_evaluate.ipynb #31bc37bd
 def skipped_suite_report(name: str, html_path: str | Path, reason: str) -> Path:
     "Write the HTML page of suite `name` that did not run, saying `reason`."
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{name}</title></head><body><h1>{name}</h1><p>Not run: {html.escape(reason)}.</p></body></html>"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{name}</title></head><body><h1>{name}</h1><p>Not run: {escape(reason)}.</p></body></html>"
     with atomic_path(html_path) as tmp: tmp.write_text(page)
     return Path(html_path)
 
