@@ -14,8 +14,10 @@ from mlops_nb.train import build_model
 
 pytestmark = pytest.mark.slow
 NAME = "churn-classifier"
-# the gate's own rules are under test here; deepchecks runs in the pipeline smoke test (a minute per evaluate saved)
-GATE = {**TINY, "evaluate": {**TINY["evaluate"], "deepchecks": False}}
+# the gate's own rules are under test here; deepchecks runs in the pipeline smoke test (a minute per evaluate saved).
+# The tiny run tests on 200 rows: the collapsing slice below (120 rows) loses 0.16 of ROC AUC with a paired 95%
+# interval of about [-0.29, -0.04], clear of a 0.02 tolerance but not of the default 0.05.
+GATE = {**TINY, "evaluate": {**TINY["evaluate"], "deepchecks": False, "slice_tolerance": 0.02}}
 
 
 @pytest.fixture(scope="module")
