@@ -373,7 +373,9 @@ def _drift_md(reports: Path, files: Path) -> list[str]:
 def _data_md(reports: Path) -> list[str]:
     parts = []
     if p := _json(reports / "ingest" / "provenance.json"): parts += ["## Data", md_table([p])]
-    if s := _json(reports / "prepare" / "splits.json"): parts.append(md_table([{"split": k, **v} for k, v in s.items()]))
+    if s := _json(reports / "prepare" / "splits.json"):  # the splits, then what prepare states about them (task, dropped rows)
+        parts.append(md_table([{"split": k, **v} for k, v in s.items() if isinstance(v, dict)]))
+        if notes := {k: v for k, v in s.items() if not isinstance(v, dict)}: parts.append(md_table([notes]))
     return parts
 
 # %% ../nbs/08_docs.ipynb #6d70ce75
