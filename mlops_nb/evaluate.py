@@ -15,6 +15,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .core import EvaluateParams, MlopsError, atomic_path
+from .train import model_output
 
 # %% auto #0
 __all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'classification_metrics', 'greater_is_better',
@@ -82,9 +83,8 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
     "What the metrics of `task` read: P(class 1) (binary), the probability matrix (multiclass) or the values (regression)."
-    if task == "regression": return np.asarray(model.predict(X), dtype="float64")
-    proba = model.predict_proba(X)
-    return proba[:, 1] if task == "binary" else proba
+    out = model_output(model, X)
+    return out[:, 0] if task == "regression" else out[:, 1] if task == "binary" else out
 
 def task_metrics(task: str, y, score, classes: list | None=None) -> dict[str, float]:
     "The metrics of `task` for labels `y` and `predict_scores` output `score`."
