@@ -13,7 +13,8 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
-           'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote', 'build_parser', 'main']
+           'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote', 'cmd_monitor',
+           'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -210,6 +211,41 @@ def cmd_promote(args) -> int:
     print(f"promoted {name}: {r['reason']}")
     return 0
 
+# %% ../nbs/09_cli.ipynb #99744c51
+def _monitored_version(model: str) -> tuple[str, Path]:
+    "The version `model` names (an alias resolved) and a local copy of its model folder."
+    from mlops_nb.registry import model_files, parse_model_uri, resolve_version
+    name, _, _ = parse_model_uri(model)
+    if name is None:
+        if not Path(model).is_dir(): raise MlopsError(f"--model {model}: not a models:/ URI nor a model folder")
+        return model, Path(model)
+    mv = resolve_version(model)
+    if mv is None: raise MlopsError(f"no such model version: {model} (no champion yet? run the pipeline, or pass --model)")
+    uri = f"models:/{name}/{mv.version}"
+    return uri, model_files(uri)
+
+def cmd_monitor(args) -> int:
+    "Compare a window of traffic with the champion's references; exit 0 none, 4 retrain, 5 alert, 1 an error."
+    from mlops_nb.monitor import monitor, read_window, version_references, write_monitor_report
+    from mlops_nb.schema import read_table
+    paths, params = _project()
+    if args.data is None:
+        log_dir = Path(args.log_dir if args.log_dir is not None else params.serve.log_dir)
+        log_dir = log_dir if log_dir.is_absolute() else paths.root / log_dir
+    window = read_window(None if args.data else log_dir, args.data, args.since, args.last)
+    labels = read_table(args.labels) if args.labels else None
+    _use_tracking()
+    uri, folder = _monitored_version(args.model or f"models:/{params.register.model_name}@champion")
+    report = monitor(window, **version_references(folder, uri), params=params, labels=labels)
+    out = args.out if args.out is not None else paths.reports / "monitor"
+    source = {"data": str(args.data)} if args.data else {"log_dir": str(log_dir), "since": args.since, "last": args.last}
+    path = write_monitor_report(report, out, {"model": uri, "source": source, "labels": str(args.labels) if args.labels else None})
+    print(f"monitor: {report.decision} ({report.n_records} records against {uri})")
+    for r in report.reasons: print(f"  - {r}")
+    for n in report.notes: print(f"  note: {n}")
+    print(f"report: {path}")
+    return report.exit_code
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -272,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
     lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
     lt.set_defaults(func=cmd_loadtest)
+    mo = sub.add_parser("monitor", help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
+                        epilog="exit codes: 0 none; 4 retrain (value skew, prediction drift, or the realized primary metric beyond "
+                               "monitor.min_primary); 5 alert (schema skew in traffic: a broken upstream); 1 an error")
+    src = mo.add_mutually_exclusive_group()
+    src.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    src.add_argument("--data", type=Path, help="a CSV/Parquet batch file instead of the log")
+    win = mo.add_mutually_exclusive_group()
+    win.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time (UTC unless it says)")
+    win.add_argument("--last", type=int, help="the last N records")
+    mo.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): realized metrics")
+    mo.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
+    mo.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
+    mo.set_defaults(func=cmd_monitor)
     ex = sub.add_parser("export", help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
     ex.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     ex.add_argument("out", type=Path, help="folder to write (created if missing)")

@@ -26,9 +26,9 @@ import yaml
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ExportParams', 'ServeParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml',
-           'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
-           'content_hash', 'params_hash', 'tracking_uri', 'git_state']
+           'ExportParams', 'ServeParams', 'MonitorParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader',
+           'load_yaml', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
+           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -159,6 +159,13 @@ class ServeParams:
     runtime: typing.Literal["auto", "sklearn", "onnx"] = "auto"  # auto: ONNX when the version has a parity-checked artifact
 
 @dataclass(frozen=True)
+class MonitorParams:
+    min_rows: int = 100          # a smaller window is an error: too few records to judge drift
+    max_anomaly_share: float = 0.05  # a schema error in traffic (nulls, unknown categories, wrong types) alerts beyond this share of the window
+    min_primary: float | None = None  # the realized primary metric's floor (a ceiling for error metrics); null: evaluate.min_primary
+    min_labels: int = 50         # fewer labelled records: realized metrics are reported, not decided on
+
+@dataclass(frozen=True)
 class Params:
     "All knobs of the pipeline, one attribute per `params.yaml` section."
     base: BaseParams = field(default_factory=BaseParams)
@@ -171,6 +178,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     infra: InfraParams = field(default_factory=InfraParams)
     serve: ServeParams = field(default_factory=ServeParams)
+    monitor: MonitorParams = field(default_factory=MonitorParams)
     def get(self, dotted: str):
         "The value at `section.key`."
         section, key = dotted.split(".")
