@@ -226,7 +226,7 @@ def _monitored_version(model: str) -> tuple[str, Path]:
 
 def cmd_monitor(args) -> int:
     "Compare a window of traffic with the champion's references; exit 0 none, 4 retrain, 5 alert, 1 an error."
-    from mlops_nb.monitor import monitor, read_window, version_references, write_monitor_report
+    from mlops_nb.monitor import join_labels, monitor, read_window, version_references, write_monitor_report
     from mlops_nb.schema import read_table
     paths, params = _project()
     if args.data is None:
@@ -234,6 +234,7 @@ def cmd_monitor(args) -> int:
         log_dir = log_dir if log_dir.is_absolute() else paths.root / log_dir
     window = read_window(None if args.data else log_dir, args.data, args.since, args.last)
     labels = read_table(args.labels) if args.labels else None
+    if labels is not None: join_labels(window, labels)   # a bad labels file fails before the registry is asked
     _use_tracking()
     uri, folder = _monitored_version(args.model or f"models:/{params.register.model_name}@champion")
     report = monitor(window, **version_references(folder, uri), params=params, labels=labels)

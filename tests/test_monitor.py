@@ -1,0 +1,135 @@
+"""`mlops-nb monitor` against the prediction log of a real `mlops-nb serve`: traffic like the training data gives
+exit 0 (`none`), a shifted numeric feature exit 4 (`retrain`), a column the upstream stopped filling (null in every
+record, which each record's schema allows but the batch's does not) exit 5 (`alert`); labels that contradict the
+model make the realized metric fall below the floor (`retrain`); bad input is one line and exit 1."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import ROOT, run
+from test_serve import NAME, Server, records_of
+
+PHASE = 400     # records per traffic phase
+CHUNK = 50      # records per request
+
+
+def churn(n: int, seed: int):
+    from mlops_nb.data import encode_target, synthetic_churn
+    df = encode_target(synthetic_churn(n, seed=seed).drop(columns="rownames"), "churn", "Yes")
+    return df.drop(columns="churn"), df.churn
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics."
+    from mlops_nb.core import write_json
+    from mlops_nb.drift import profile
+    from mlops_nb.monitor import model_outputs, prediction_profile
+    from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
+    from mlops_nb.schema import load_schema
+    from mlops_nb.train import build_model
+    root = tmp_path_factory.mktemp("monitor")
+    for name in ("params.yaml", "schema.yaml"): shutil.copy2(ROOT / name, root / name)
+    X, y = churn(1200, seed=1)
+    train, test = slice(0, 800), slice(800, 1200)
+    model = build_model("logreg", X.iloc[train], 1).fit(X.iloc[train], y.iloc[train])
+    proba = model.predict_proba(X.iloc[test])
+    outputs = model_outputs(pd.DataFrame({"prediction": model.classes_[proba.argmax(1)], "proba_0": proba[:, 0], "proba_1": proba[:, 1]}))
+    files = {"reference_profile.json": profile(X.iloc[train], load_schema(root / "schema.yaml")).to_dict(),
+             "prediction_profile.json": prediction_profile(outputs).to_dict(), "evaluate.json": {"roc_auc": 0.8, "n": 400}}
+    for name, obj in files.items(): write_json(root / name, obj)
+    use_project_tracking(root)
+    with pipeline_run(run_name="test-monitor"):
+        reg = register_model(model, X.head(5), NAME, blessed=True, extra_files=[root / "schema.yaml", *(root / f for f in files)])
+    _promote(NAME, reg["version"])
+    return root, model
+
+
+def send(server, X: pd.DataFrame, prefix: str) -> list[str]:
+    "POST `X` in requests of CHUNK records with our own request ids; every request must be answered."
+    ids = []
+    for i in range(0, len(X), CHUNK):
+        rid = f"{prefix}-{i // CHUNK}"
+        r = server.post(records_of(X.iloc[i:i + CHUNK]), headers={"x-request-id": rid})
+        assert r.status_code == 200, r.text
+        ids.append(rid)
+    return ids
+
+
+def logged(folder: Path, n: int) -> int:
+    "Wait until the log holds `n` records (its writer flushes every second); how many it holds."
+    import time
+    from mlops_nb.predlog import read_prediction_log
+    for _ in range(100):
+        k = len(read_prediction_log(folder)) if folder.is_dir() else 0
+        if k >= n: return k
+        time.sleep(0.2)
+    return k
+
+
+def monitor(root: Path, *args):
+    r = run("mlops-nb", "monitor", "--log-dir", str(root / "log"), *args, "--out", str(root / "out"), cwd=root, check=False)
+    report = json.loads((root / "out" / "monitor.json").read_text()) if r.returncode in (0, 4, 5) else None
+    return r, report
+
+
+@pytest.mark.slow
+def test_monitor_decides_on_a_real_services_log(project):
+    root, model = project
+    live, live_y = churn(PHASE, seed=7)
+    server = Server(root, "--log-dir", str(root / "log"), "--poll-seconds", "0")
+    try:
+        send(server, live, "calm")
+        assert logged(root / "log", PHASE) == PHASE
+        # labels arrive with the window: true ones leave the decision alone, and the realized metric is the model's own
+        labels = pd.DataFrame({"request_id": [f"calm-{i // CHUNK}" for i in range(PHASE)], "record": [i % CHUNK for i in range(PHASE)],
+                               "label": live_y.map({1: "Yes", 0: "No"}).to_numpy()})
+        labels.to_csv(root / "labels.csv", index=False)
+        r, calm = monitor(root, "--last", str(PHASE), "--labels", str(root / "labels.csv"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert calm["decision"] == "none" and calm["drift"]["drifted"] == [] and calm["schema"]["alerts"] == []
+        assert len(calm["drift"]["features"]) == len(live.columns)                 # every feature scored, always
+        assert calm["predictions"] is not None and calm["predictions"]["retrain"] is False
+        assert calm["version_mix"] == [{"model_name": NAME, "model_version": "1", "variant": "champion", "records": PHASE, "share": 1.0}]
+        expected = roc_auc_score(live_y, model.predict_proba(live)[:, 1])
+        assert calm["metrics"]["realized"]["n"] == PHASE and abs(calm["metrics"]["realized"]["roc_auc"] - expected) < 1e-9
+        assert calm["metrics"]["offline"] == {"roc_auc": 0.8, "n": 400}
+        # contradicting labels (the relation between features and label changed, the features did not): retrain
+        labels.assign(label=live_y.map({1: "No", 0: "Yes"}).to_numpy()).to_csv(root / "flipped.csv", index=False)
+        r, flipped = monitor(root, "--last", str(PHASE), "--labels", str(root / "flipped.csv"))
+        assert r.returncode == 4 and flipped["decision"] == "retrain", r.stdout + r.stderr
+        assert flipped["drift"]["drifted"] == [] and "realized roc_auc" in flipped["reasons"][-1]
+
+        # a shifted numeric feature (kept inside the schema's range, so it is value skew, not schema skew)
+        hi = 118.75
+        send(server, live.assign(monthly_charges=np.minimum(live.monthly_charges * 1.5, hi)), "shift")
+        assert logged(root / "log", 2 * PHASE) == 2 * PHASE
+        r, shift = monitor(root, "--last", str(PHASE))
+        assert r.returncode == 4, r.stdout + r.stderr
+        assert shift["decision"] == "retrain" and "monthly_charges" in shift["drift"]["drifted"] and not shift["schema"]["alerts"]
+        assert r.stdout.startswith(f"monitor: retrain ({PHASE} records against models:/{NAME}/1)")
+
+        # a broken upstream: total_charges arrives null in every record (one null is valid, so the service answers)
+        send(server, live.assign(total_charges=np.nan), "broken")
+        assert logged(root / "log", 3 * PHASE) == 3 * PHASE
+    finally:
+        server.stop()
+    r, broken = monitor(root, "--last", str(PHASE))     # the stopped service's sealed log
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert broken["decision"] == "alert" and [(a["kind"], a["column"]) for a in broken["schema"]["alerts"]] == [("null_rate", "total_charges")]
+    assert (root / "out" / "drift_scores.png").stat().st_size > 0
+
+    # errors: one line, exit 1, naming the problem
+    (root / "nolabel.csv").write_text("id,label\ncalm-0,Yes\n")
+    for args, message in [(["--labels", str(root / "nolabel.csv")], "labels: no 'request_id' column"),
+                          (["--model", f"models:/{NAME}@nobody"], f"no such model version: models:/{NAME}@nobody"),
+                          (["--since", "2000-01-01T00:00:00", "--last", "3"], "not allowed with argument")]:
+        r, _ = monitor(root, *args)
+        assert r.returncode in (1, 2) and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run("mlops-nb", "monitor", "--log-dir", str(root / "empty"), cwd=root, check=False)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: prediction log folder not found: {root / 'empty'}", r.stderr
