@@ -341,6 +341,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.monitor.model_inputs': ('monitor.html#model_inputs', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.model_outputs': ('monitor.html#model_outputs', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.monitor': ('monitor.html#monitor', 'mlops_nb/monitor.py'),
+                                  'mlops_nb.monitor.outputs_of': ('monitor.html#outputs_of', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.parse_since': ('monitor.html#parse_since', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.plot_version_mix': ('monitor.html#plot_version_mix', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.prediction_profile': ('monitor.html#prediction_profile', 'mlops_nb/monitor.py'),

@@ -21,8 +21,8 @@ from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
 __all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'parse_since', 'select_window', 'read_window',
-           'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile', 'join_labels',
-           'realized_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
+           'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of',
+           'join_labels', 'realized_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
            'write_monitor_report']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
@@ -114,14 +114,24 @@ def schema_skew(
         return a.kind in _STRUCTURAL or (isinstance(a.measured, (int, float)) and a.measured > max_share)
     return result, [a for a in result.anomalies if alerts(a)]
 
-# %% ../nbs/23_monitor.ipynb #e9163118
+# %% ../nbs/23_monitor.ipynb #f01ef77e
 def prediction_profile(
     outputs: pd.DataFrame,        # `model_outputs` of the version's predictions on its test split
 ) -> Profile:
     "The reference profile of a model's outputs: its predicted class (or value) and class probabilities."
     return profile(outputs)
 
-# %% ../nbs/23_monitor.ipynb #65707bb9
+def outputs_of(
+    model,                        # a fitted classifier or regressor (scikit-learn API)
+    X: pd.DataFrame,              # its inputs, e.g. the test split without the label
+) -> pd.DataFrame:
+    "`model`'s outputs for `X` as the service logs them: the class of highest probability (or the value), and `proba_*`."
+    from mlops_nb.train import model_output
+    out, classes = model_output(model, X), list(getattr(model, "classes_", []))
+    if not classes: return pd.DataFrame({"prediction": out[:, 0]})
+    return model_outputs(pd.DataFrame({"prediction": np.asarray(classes)[out.argmax(axis=1)], **{f"proba_{c}": out[:, j] for j, c in enumerate(classes)}}))
+
+# %% ../nbs/23_monitor.ipynb #3829b590
 def join_labels(
     window: pd.DataFrame,         # the records of the window
     labels: pd.DataFrame,         # request_id, label and optionally record
@@ -158,7 +168,7 @@ def realized_metrics(
     if len(classes) == 2: return task_metrics("binary", codes, proba[:, 1])
     return task_metrics("multiclass", np.asarray(classes)[codes], proba, classes)
 
-# %% ../nbs/23_monitor.ipynb #5611ffff
+# %% ../nbs/23_monitor.ipynb #d9a52c64
 @dataclass
 class MonitorReport:
     "What the monitor saw in a window and what it decided."
@@ -186,7 +196,7 @@ class MonitorReport:
                 "metrics": {"realized": {k: clean(v) for k, v in (self.realized or {}).items()} or None, "offline": self.offline}}
     def __repr__(self): return f"MonitorReport({self.decision}: {'; '.join(self.reasons)})"
 
-# %% ../nbs/23_monitor.ipynb #9b781b23
+# %% ../nbs/23_monitor.ipynb #ef938b23
 def _metric_reason(realized: dict | None, params: Params) -> tuple[bool, str | None]:
     "Whether the realized primary metric calls for retraining, and the line that says so."
     if realized is None: return False, None
@@ -209,7 +219,7 @@ def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[An
     if retrain: return "retrain", retrain
     return "none", [f"no value skew ({len(drift.drifted)} of {len(drift.features)} features drifted, validate.min_drifted={drift.params.min_drifted})"]
 
-# %% ../nbs/23_monitor.ipynb #53949c12
+# %% ../nbs/23_monitor.ipynb #3dee82c2
 def monitor(
     window: pd.DataFrame,         # the records (prediction log rows or a batch file)
     reference: Profile,           # the version's training-feature profile
@@ -245,7 +255,7 @@ def monitor(
     span = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None else {}
     return MonitorReport(decision, reasons, len(window), drift, result, alerts, version_mix(window), predictions, realized, offline, notes, span)
 
-# %% ../nbs/23_monitor.ipynb #37fd1f39
+# %% ../nbs/23_monitor.ipynb #0cf60e7d
 def version_references(
     model_dir: str | Path,        # a local copy of the version's MLflow model folder (`registry.model_files`)
     name: str = "",               # how to name the version in errors (its URI)
@@ -260,7 +270,7 @@ def version_references(
             "prediction_reference": opt("prediction_profile.json", lambda p: Profile.from_dict(read_json(p))),
             "offline": opt("evaluate.json", read_json)}
 
-# %% ../nbs/23_monitor.ipynb #7ebc8b2d
+# %% ../nbs/23_monitor.ipynb #fd89b03e
 def plot_version_mix(mix: pd.DataFrame):
     "A Figure with the records per served version and variant."
     from matplotlib.figure import Figure

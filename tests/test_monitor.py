@@ -29,7 +29,7 @@ def project(tmp_path_factory):
     "A project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics."
     from mlops_nb.core import write_json
     from mlops_nb.drift import profile
-    from mlops_nb.monitor import model_outputs, prediction_profile
+    from mlops_nb.monitor import outputs_of, prediction_profile
     from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
     from mlops_nb.schema import load_schema
     from mlops_nb.train import build_model
@@ -38,8 +38,7 @@ def project(tmp_path_factory):
     X, y = churn(1200, seed=1)
     train, test = slice(0, 800), slice(800, 1200)
     model = build_model("logreg", X.iloc[train], 1).fit(X.iloc[train], y.iloc[train])
-    proba = model.predict_proba(X.iloc[test])
-    outputs = model_outputs(pd.DataFrame({"prediction": model.classes_[proba.argmax(1)], "proba_0": proba[:, 0], "proba_1": proba[:, 1]}))
+    outputs = outputs_of(model, X.iloc[test])   # as the evaluate stage stores it
     files = {"reference_profile.json": profile(X.iloc[train], load_schema(root / "schema.yaml")).to_dict(),
              "prediction_profile.json": prediction_profile(outputs).to_dict(), "evaluate.json": {"roc_auc": 0.8, "n": 400}}
     for name, obj in files.items(): write_json(root / name, obj)
