@@ -337,6 +337,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.monitor._decide': ('monitor.html#_decide', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._label_codes': ('monitor.html#_label_codes', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._metric_reason': ('monitor.html#_metric_reason', 'mlops_nb/monitor.py'),
+                                  'mlops_nb.monitor._score': ('monitor.html#_score', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.join_labels': ('monitor.html#join_labels', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.model_inputs': ('monitor.html#model_inputs', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.model_outputs': ('monitor.html#model_outputs', 'mlops_nb/monitor.py'),

@@ -237,7 +237,11 @@ def cmd_monitor(args) -> int:
     if labels is not None: join_labels(window, labels)   # a bad labels file fails before the registry is asked
     _use_tracking()
     uri, folder = _monitored_version(args.model or f"models:/{params.register.model_name}@champion")
-    report = monitor(window, **version_references(folder, uri), params=params, labels=labels)
+    model = None
+    if args.data is not None and "prediction" not in window:   # a batch of inputs: the version's model scores it
+        from mlops_nb.registry import load_model_dir
+        model = load_model_dir(folder)
+    report = monitor(window, **version_references(folder, uri), params=params, labels=labels, model=model)
     out = args.out if args.out is not None else paths.reports / "monitor"
     source = {"data": str(args.data)} if args.data else {"log_dir": str(log_dir), "since": args.since, "last": args.last}
     path = write_monitor_report(report, out, {"model": uri, "source": source, "labels": str(args.labels) if args.labels else None})

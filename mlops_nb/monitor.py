@@ -219,7 +219,15 @@ def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[An
     if retrain: return "retrain", retrain
     return "none", [f"no value skew ({len(drift.drifted)} of {len(drift.features)} features drifted, validate.min_drifted={drift.params.min_drifted})"]
 
-# %% ../nbs/23_monitor.ipynb #3dee82c2
+# %% ../nbs/23_monitor.ipynb #5456e166
+def _score(model, inputs: pd.DataFrame, notes: list) -> pd.DataFrame:
+    "`outputs_of(model, inputs)`, or no columns (and a note why) when the model cannot score them."
+    try: return outputs_of(model, inputs[[str(c) for c in getattr(model, "feature_names_in_", inputs.columns)]])
+    except Exception as e:
+        notes.append(f"the model could not score the batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+        return pd.DataFrame(index=inputs.index)
+
+# %% ../nbs/23_monitor.ipynb #9d90cc1c
 def monitor(
     window: pd.DataFrame,         # the records (prediction log rows or a batch file)
     reference: Profile,           # the version's training-feature profile
@@ -228,6 +236,7 @@ def monitor(
     prediction_reference: Profile | None = None,  # the version's prediction profile (None: prediction drift not checked)
     labels: pd.DataFrame | None = None,  # request_id, label (and record)
     offline: dict | None = None,  # the version's test metrics
+    model=None,                   # the version's model: scores a batch file that holds no predictions
 ) -> MonitorReport:
     "Compare `window` with the version's references and decide: none, retrain or alert."
     if window.empty: raise MlopsError("the window is empty: nothing to monitor")
@@ -238,6 +247,7 @@ def monitor(
     result, alerts = schema_skew(inputs, schema, params.base.target, params.monitor.max_anomaly_share) if schema is not None else (None, [])
     if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
     outputs = model_outputs(window)
+    if not len(outputs.columns) and model is not None and prediction_reference is not None: outputs = _score(model, inputs, notes)
     predictions = detect_drift(prediction_reference, outputs, params.validate) if prediction_reference is not None and len(outputs.columns) else None
     if predictions is None: notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None else "the window holds no predictions"))
     realized = None
@@ -255,7 +265,7 @@ def monitor(
     span = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None else {}
     return MonitorReport(decision, reasons, len(window), drift, result, alerts, version_mix(window), predictions, realized, offline, notes, span)
 
-# %% ../nbs/23_monitor.ipynb #0cf60e7d
+# %% ../nbs/23_monitor.ipynb #b7985e6e
 def version_references(
     model_dir: str | Path,        # a local copy of the version's MLflow model folder (`registry.model_files`)
     name: str = "",               # how to name the version in errors (its URI)
@@ -270,7 +280,7 @@ def version_references(
             "prediction_reference": opt("prediction_profile.json", lambda p: Profile.from_dict(read_json(p))),
             "offline": opt("evaluate.json", read_json)}
 
-# %% ../nbs/23_monitor.ipynb #fd89b03e
+# %% ../nbs/23_monitor.ipynb #d9fc686c
 def plot_version_mix(mix: pd.DataFrame):
     "A Figure with the records per served version and variant."
     from matplotlib.figure import Figure

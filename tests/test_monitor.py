@@ -72,7 +72,8 @@ def logged(folder: Path, n: int) -> int:
 
 
 def monitor(root: Path, *args):
-    r = run("mlops-nb", "monitor", "--log-dir", str(root / "log"), *args, "--out", str(root / "out"), cwd=root, check=False)
+    source = [] if "--data" in args else ["--log-dir", str(root / "log")]
+    r = run("mlops-nb", "monitor", *source, *args, "--out", str(root / "out"), cwd=root, check=False)
     report = json.loads((root / "out" / "monitor.json").read_text()) if r.returncode in (0, 4, 5) else None
     return r, report
 
@@ -122,6 +123,13 @@ def test_monitor_decides_on_a_real_services_log(project):
     assert r.returncode == 5, r.stdout + r.stderr
     assert broken["decision"] == "alert" and [(a["kind"], a["column"]) for a in broken["schema"]["alerts"]] == [("null_rate", "total_charges")]
     assert (root / "out" / "drift_scores.png").stat().st_size > 0
+
+    # a batch file (inputs only; the version's model scores it): an unknown category in a third of the rows alerts
+    live.assign(contract=np.where(np.arange(PHASE) % 3 == 0, "Weekly", live.contract)).to_csv(root / "batch.csv", index=False)
+    r, batch = monitor(root, "--data", str(root / "batch.csv"))
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert [(a["kind"], a["column"]) for a in batch["schema"]["alerts"]] == [("out_of_domain", "contract")]
+    assert batch["predictions"] is not None and batch["version_mix"] == [] and batch["source"] == {"data": str(root / "batch.csv")}
 
     # errors: one line, exit 1, naming the problem
     (root / "nolabel.csv").write_text("id,label\ncalm-0,Yes\n")
