@@ -65,12 +65,18 @@ def read_prediction_log(folder: str | Path) -> pd.DataFrame:
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
 def _table(columns: dict, meta: dict):
-    "One Arrow table of an answered batch: metadata columns first, then the model's inputs."
+    "One Arrow table of answered records: metadata columns first, then the model's inputs (all-null text: string)."
     import pyarrow as pa
     arrays = {k: pa.array(np.asarray(v) if not isinstance(v, np.ndarray) else v, from_pandas=True) for k, v in meta.items()}
     for name, col in columns.items():
-        arrays[name] = pa.array(col, from_pandas=True) if col.dtype != object else pa.array(col, type=pa.string(), from_pandas=True)
+        arrays[name] = a = pa.array(col, from_pandas=True)
+        if a.type == pa.null(): arrays[name] = a.cast(pa.string())
     return pa.table(arrays)
+
+def _concat(items: list) -> tuple[dict, dict]:
+    "The input columns and metadata of queued batches with the same columns, each concatenated into one array."
+    cat = lambda part, key: np.concatenate([np.asarray(it[part][key]) for it in items])
+    return {k: cat(0, k) for k in items[0][0]}, {k: cat(1, k) for k in items[0][1]}
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -149,7 +155,7 @@ class PredictionLog:
             (groups[-1].append(it) if it[0].keys() == groups[-1][0][0].keys() else groups.append([it]))
         for i, group in enumerate(groups):
             try:
-                table = pa.concat_tables([_table(c, m) for c, m, _ in group]).combine_chunks()
+                table = _table(*_concat(group))   # one conversion per flush, not per batch: the writer holds the GIL less
                 if self._writer is not None and self._schema != table.schema: self._rotate()
                 if self._writer is None: self._open(table.schema)
                 self._writer.write_table(table)
