@@ -331,6 +331,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.pipeline.Stage.executed': ('pipeline.html#stage.executed', 'mlops_nb/pipeline.py'),
                                    'mlops_nb.pipeline.Stage.notebook': ('pipeline.html#stage.notebook', 'mlops_nb/pipeline.py'),
                                    'mlops_nb.pipeline.StageFailed': ('pipeline.html#stagefailed', 'mlops_nb/pipeline.py'),
+                                   'mlops_nb.pipeline._papermill': ('pipeline.html#_papermill', 'mlops_nb/pipeline.py'),
                                    'mlops_nb.pipeline._strip_ansi': ('pipeline.html#_strip_ansi', 'mlops_nb/pipeline.py'),
                                    'mlops_nb.pipeline.dvc': ('pipeline.html#dvc', 'mlops_nb/pipeline.py'),
                                    'mlops_nb.pipeline.dvc_status': ('pipeline.html#dvc_status', 'mlops_nb/pipeline.py'),
