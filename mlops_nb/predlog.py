@@ -113,15 +113,21 @@ class PredictionLog:
             self._queue.append((columns, meta, n))
         return True
 
-    def start(self):
-        "Seal segments left by a crashed process, then start the writer thread."
+    def start(self, background: bool = True):
+        "Seal segments left by a crashed process, then start the writer thread (`background=False`: the caller flushes)."
         self.folder.mkdir(parents=True, exist_ok=True)
         for seg in self.folder.glob("segment-*.arrows"):
             pid = int(seg.stem.split("-")[1])
             if pid == os.getpid() or not _alive(pid): _seal(seg)
-        self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
+            self._thread.start()
         return self
+
+    def flush(self):
+        "Write what is queued now, in the calling thread: for a log started with `background=False` (a batch job)."
+        if self._thread is not None: raise RuntimeError("this log is written by its background thread")
+        self._flush()
 
     def close(self):
         "Write everything queued and seal the open segment; rows that still cannot be written are counted as dropped."
