@@ -1,6 +1,6 @@
 """Batch prediction through the real command: `mlops-nb predict` scores a file in chunks with the champion of a real
 MLflow registry (or a pinned version), writes the output atomically, logs the rows like the service's traffic, and
-refuses schema skew with the column named, writing and logging nothing."""
+refuses schema skew with the column named, writing and logging nothing; its answers are the service's."""
 import json
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import BIN, ROOT
 from mlops_nb.predlog import read_prediction_log
-from test_serve import NAME, fit, register
+from test_serve import NAME, Server, fit, records_of, register
 from test_serve_faults import new_project
 
 pytestmark = pytest.mark.slow
@@ -87,3 +87,17 @@ def test_schema_skew_is_refused_naming_the_column_and_nothing_is_written(project
     assert not (tmp_path / "out.parquet.report.json").exists()
     assert read_prediction_log(tmp_path / "log").empty
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "log") == ["bad.csv", "out.parquet"]   # no temporary file left
+
+
+def test_batch_answers_equal_the_services(project, tmp_path):
+    root, _ = project
+    df = batch(240, seed=8)
+    df.to_parquet(tmp_path / "in.parquet")
+    r = predict(root, "--data", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--chunk-rows", "64", "--no-log")
+    assert r.returncode == 0, r.stderr
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    s = Server(root, "--log-dir", "", "--poll-seconds", "0")
+    try: answer = s.post(records_of(df.drop(columns="rownames"))).json()
+    finally: s.stop()
+    assert answer["model_version"] == "1" and answer["predictions"] == out.prediction.tolist()
+    np.testing.assert_allclose(out[["proba_0", "proba_1"]].to_numpy(), np.asarray(answer["probabilities"]), atol=1e-9)
