@@ -184,7 +184,8 @@ class PredictionLog:
         import pyarrow as pa
         self._seq += 1
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        self._path = self.folder / f"segment-{os.getpid()}-{stamp}-{self._seq:04d}.arrows"
+        # the random tail keeps two writers of one process (one folder, one second) from choosing the same name
+        self._path = self.folder / f"segment-{os.getpid()}-{stamp}-{self._seq:04d}-{os.urandom(4).hex()}.arrows"
         self._file = pa.OSFile(str(self._path), "wb")   # unbuffered: what was written is in the file, nothing held back
         self._fd = os.open(self._path, os.O_RDONLY) if self.fsync else None
         self._writer, self._schema, self._opened, self._good = pa.ipc.new_stream(self._file, schema), schema, time.monotonic(), 0
