@@ -45,7 +45,9 @@ STAGES = {s.name: s for s in [
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
     Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
     Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
-                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance")),
+                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
+                             "infra.service", "serve.runtime", "serve.loadtest_concurrency", "serve.loadtest_seconds",
+                             "serve.budget_p99_ms", "serve.budget_min_rps")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
