@@ -14,7 +14,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
            'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote', 'cmd_monitor',
-           'build_parser', 'main']
+           'cmd_predict', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -251,6 +251,23 @@ def cmd_monitor(args) -> int:
     print(f"report: {path}")
     return report.exit_code
 
+# %% ../nbs/09_cli.ipynb #38a0e23e
+def cmd_predict(args) -> int:
+    "Score a file or SQL query with the champion (or --model) into --out; refuse schema skew, report value skew."
+    import os
+    paths, params = _project()
+    from mlops_nb.predict import predict_batch
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _use_tracking()
+    model = args.model or f"models:/{params.register.model_name}@champion"
+    log_dir = None if args.no_log else args.log_dir if args.log_dir is not None else params.serve.log_dir
+    if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
+    r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key)
+    drifted = (r["drift"] or {}).get("drifted", [])
+    print(f"scored {r['rows']} rows with {r['model_name']} version {r['model_version']} into {args.out}; "
+          f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")
+    return 0
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -331,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", type=Path, help="folder to write (created if missing)")
     ex.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     ex.set_defaults(func=cmd_export)
+    bp = sub.add_parser("predict", help="score a file or SQL query in chunks with the champion (batch prediction, logged like the service)")
+    bp.add_argument("--data", required=True, help="CSV/Parquet file, or a SQLAlchemy URL with --query")
+    bp.add_argument("--out", required=True, type=Path, help="output file (.parquet or .csv), replaced only when every chunk is scored")
+    bp.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    bp.add_argument("--query", default="", help="SQL query, when --data is a SQLAlchemy URL")
+    bp.add_argument("--key", help="column identifying a row in the output (default: the schema's key, else the row number)")
+    bp.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time (default: 100000)")
+    bp.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    bp.add_argument("--no-log", action="store_true", help="do not append the predictions to the prediction log")
+    bp.set_defaults(func=cmd_predict)
     return p
 
 def _one_line(e: BaseException) -> str:

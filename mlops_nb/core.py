@@ -127,6 +127,7 @@ class InfraParams:
     batch_rows: int = 1000       # rows of the batch latency check
     batch_ms: float = 2000.0     # budget: latency of one batch prediction
     repeats: int = 30            # one-row predictions timed
+    service: bool = True         # the release gate: serve the candidate and call it (example, test rows, bad requests, load test)
 
 @dataclass(frozen=True)
 class RegisterParams:

@@ -12,14 +12,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import mlops_nb.edge
 
-from .core import MlopsError
+from .core import MlopsError, ServeParams
 
 # %% auto #0
-__all__ = ['infra_validate']
+__all__ = ['infra_validate', 'refusal_probes', 'service_check']
 
 # %% ../nbs/06_infra.ipynb #0ec73b51
 _CHILD = r'''
@@ -45,6 +46,7 @@ try:
     proba = np.asarray(model.predict(batch), dtype="float64").reshape(len(batch), -1)  # probabilities, or values as a column
     ok = proba.shape[0] == len(batch) and np.isfinite(proba).all()
     check("predicts the example batch", ok, f"{len(batch)} rows -> shape {proba.shape}")
+    out["proba"] = proba.tolist()   # what the service must answer for the same rows
     one = batch.head(1)
     for _ in range(3): model.predict(one)  # warm-up
     times = []
@@ -108,6 +110,8 @@ def infra_validate(
     parity_tolerance: float=1e-4,  # largest accepted probability difference between the ONNX artifact and the model
     blocked: tuple[str, ...]=("mlops_nb",),  # packages the model must not need
     timeout: float=300,         # seconds the child may take
+    service: ServeParams | None=None,  # also start `mlops-nb serve` on the version and call it (`service_check`); None: don't
+    root: str | Path=".",       # the project the service runs in (its params.yaml and tracking store)
 ) -> dict:
     "Load and run `model_uri` in a fresh process; the checks it passed and the latencies it measured."
     with tempfile.TemporaryDirectory() as work:
@@ -130,5 +134,103 @@ def infra_validate(
                               "detail": f"p95 {out['single_row_ms_p95']:.1f} ms, budget {single_row_ms} ms"})
         out["checks"].append({"check": "batch latency", "passed": out["batch_ms"] <= batch_ms,
                               "detail": f"{batch_rows} rows in {out['batch_ms']:.1f} ms, budget {batch_ms} ms"})
+    expected = np.asarray(out.pop("proba", []), dtype="float64")
+    if service is not None and all(c["passed"] for c in out["checks"]):   # the release gate: the real service, called
+        out["checks"] += service_check(model_uri, root, examples, expected, service, parity_tolerance)
     out["ok"] = all(c["passed"] for c in out["checks"]) and len(out["checks"]) >= 5
     return out
+
+# %% ../nbs/06_infra.ipynb #7dae9d44
+def _call(url: str, body: bytes | None=None, timeout: float=30) -> tuple[int, object]:
+    "(status, parsed JSON or text) of a GET, or of a JSON POST when `body` is given."
+    import urllib.error, urllib.request
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"} if body is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r: status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e: status, raw = e.code, e.read()
+    try: return status, json.loads(raw)
+    except ValueError: return status, raw.decode(errors="replace")
+
+def _records(examples: pd.DataFrame) -> list[dict]:
+    "`examples` as the JSON records a client sends (NaN as null, datetimes as ISO text)."
+    return json.loads(examples.to_json(orient="records", date_format="iso"))
+
+# %% ../nbs/06_infra.ipynb #8ce39a1c
+def refusal_probes(example: dict, schema: list[dict]) -> dict[str, bytes]:
+    "Bodies a service must answer with a 4xx: not JSON, a wrong type, an unknown field, a required field missing."
+    first, required = schema[0]["name"], next((f["name"] for f in schema if f["required"]), None)
+    probes = {"a body that is not JSON": b"{not json",
+              "a field of the wrong type": json.dumps({**example, first: [1, 2]}).encode(),
+              "a field the model does not know": json.dumps({**example, "no_such_field": 1}).encode()}
+    if required: probes["a required field missing"] = json.dumps({k: v for k, v in example.items() if k != required}).encode()
+    return probes
+
+# %% ../nbs/06_infra.ipynb #5cda4cd4
+def _differs(got: np.ndarray, expected: np.ndarray, values: bool) -> float:
+    "Largest difference between answers (values: relative to max(1, |value|)); inf when the shapes differ."
+    if got.shape != expected.shape: return float("inf")
+    err = np.abs(got - expected)
+    return float((err / np.maximum(1.0, np.abs(expected)) if values else err).max())
+
+def _ready(url: str, timeout: float) -> str | None:
+    "None once the service at `url` is ready; else why not (its load error: without polling it does not retry)."
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = _call(url + "/ready", timeout=5)
+        if status == 200: return None
+        if isinstance(body, dict) and body.get("error"): return f"the version did not load: {body['error']}"
+        time.sleep(0.2)
+    return f"not ready after {timeout:g} s"
+
+def _serve_cmd(model_uri: str, runtime: str) -> list[str]:
+    "`mlops-nb serve` on `model_uri` alone: a free loopback port, no prediction log, no registry polling."
+    return [sys.executable, "-c", "import sys; from mlops_nb.cli import main; sys.exit(main())", "serve", "--model", model_uri,
+            "--host", "127.0.0.1", "--port", "{port}", "--log-dir", "", "--poll-seconds", "0", "--runtime", runtime]
+
+# %% ../nbs/06_infra.ipynb #2cd0c95a
+def _client_checks(url: str, examples: pd.DataFrame, expected: np.ndarray, tolerance: float, check):
+    "Call the service at `url` as a client: its example, the example rows (answers as offline), bad requests (4xx)."
+    status, meta = _call(url + "/metadata")
+    if status != 200: return check("answers /metadata", False, f"status {status}: {str(meta)[:200]}")
+    status, answer = _call(url + "/predict", json.dumps(meta["example"]).encode())
+    check("answers its example record", status == 200, f"status {status}" + ("" if status == 200 else f": {str(answer)[:300]}"))
+    status, answer = _call(url + "/predict", json.dumps(_records(examples)).encode())
+    if status != 200: return check("answers the example rows as offline", False, f"status {status}: {str(answer)[:300]}")
+    values = not meta.get("classes")
+    got = np.asarray(answer["predictions"], dtype="float64").reshape(-1, 1) if values else np.asarray(answer["probabilities"], dtype="float64")
+    diff = _differs(got, expected, values)
+    check("answers the example rows as offline", diff <= tolerance, f"{len(examples)} rows on {meta.get('runtime')}: max difference {diff:.2e} (tolerance {tolerance})")
+    refused = {what: _call(url + "/predict", body)[0] for what, body in refusal_probes(meta["example"], meta["input_schema"]).items()}
+    wrong = {what: s for what, s in refused.items() if not 400 <= s < 500}
+    check("refuses bad requests with a 4xx", not wrong, ", ".join(f"{w}: {s}" for w, s in (wrong or refused).items()))
+
+# %% ../nbs/06_infra.ipynb #ee5e5d4f
+def service_check(
+    model_uri: str,               # the candidate: models:/NAME/VERSION
+    root: str | Path,             # the project (its params.yaml and tracking store are the service's)
+    examples: pd.DataFrame,       # input rows to send (features only)
+    expected: np.ndarray,         # their offline answers: probabilities, or values as one column
+    serve: ServeParams,           # load-test size and budgets (serve.loadtest_*, serve.budget_*), runtime
+    tolerance: float=1e-4,        # largest accepted difference from `expected` (values: relative to max(1, |value|))
+    timeout: float=180,           # seconds the service may take to become ready
+) -> list[dict]:
+    "Start `mlops-nb serve` on `model_uri` on a free loopback port and call it as clients will: the checks it passed."
+    from mlops_nb.loadtest import ServiceProcess, check_budget, loadtest
+    checks = []
+    check = lambda name, ok, detail="": checks.append({"check": name, "passed": bool(ok), "detail": str(detail)[:500]})
+    with tempfile.TemporaryDirectory() as work:
+        try: server = ServiceProcess(_serve_cmd(model_uri, serve.runtime), "/health", cwd=root, log=Path(work) / "serve.log", timeout=timeout)
+        except MlopsError as e:
+            check("the service starts and becomes ready", False, str(e)[-400:]); return checks
+        try:
+            why = _ready(server.url, timeout)
+            check("the service starts and becomes ready", why is None, why or server.url)
+            if why: return checks
+            _client_checks(server.url, examples, expected, tolerance, check)
+            result = loadtest(server.url + "/predict", examples, serve.loadtest_concurrency, serve.loadtest_seconds)
+            missed = check_budget(result, serve.budget_p99_ms, serve.budget_min_rps)
+            check("load test within the serve budget", not missed, "; ".join(missed) or
+                  f"{result['rps']} req/s, p99 {result['p99_ms']} ms ({serve.loadtest_concurrency} clients, {serve.loadtest_seconds:g} s)")
+        finally: server.stop()
+    return checks

@@ -45,7 +45,9 @@ STAGES = {s.name: s for s in [
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
     Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
     Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
-                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance")),
+                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
+                             "infra.service", "serve.runtime", "serve.loadtest_concurrency", "serve.loadtest_seconds",
+                             "serve.budget_p99_ms", "serve.budget_min_rps")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
@@ -62,13 +64,20 @@ def pipeline_params(params: Params) -> dict:
     d["data"]["source"] = redact(d["data"]["source"])   # recorded in MLflow: never a password
     return {s: d[s] for s in STAGES["register"].sections + ("register",)}
 
+# %% ../nbs/05_pipeline.ipynb #022f2d07
+def _papermill():
+    "papermill, with jsonschema's optional IRI format checker left out (jsonschema skips a format whose library is absent)."
+    sys.modules.setdefault("rfc3987_syntax", None)
+    import papermill
+    return papermill
+
 # %% ../nbs/05_pipeline.ipynb #747001d9
 class StageFailed(MlopsError):
     "A stage notebook raised; the message is the notebook's own error."
 
 def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> Path:
     "Execute stage `name` of the project at `root` with its params; return the executed notebook's path."
-    import papermill
+    papermill = _papermill()
     root = Path(root).resolve()
     params = stage_parameters(name, load_params(root / "params.yaml")) | overrides
     out = root / STAGES[name].executed

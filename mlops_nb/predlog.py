@@ -65,12 +65,18 @@ def read_prediction_log(folder: str | Path) -> pd.DataFrame:
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
 def _table(columns: dict, meta: dict):
-    "One Arrow table of an answered batch: metadata columns first, then the model's inputs."
+    "One Arrow table of answered records: metadata columns first, then the model's inputs (all-null text: string)."
     import pyarrow as pa
     arrays = {k: pa.array(np.asarray(v) if not isinstance(v, np.ndarray) else v, from_pandas=True) for k, v in meta.items()}
     for name, col in columns.items():
-        arrays[name] = pa.array(col, from_pandas=True) if col.dtype != object else pa.array(col, type=pa.string(), from_pandas=True)
+        arrays[name] = a = pa.array(col, from_pandas=True)
+        if a.type == pa.null(): arrays[name] = a.cast(pa.string())
     return pa.table(arrays)
+
+def _concat(items: list) -> tuple[dict, dict]:
+    "The input columns and metadata of queued batches with the same columns, each concatenated into one array."
+    cat = lambda part, key: np.concatenate([np.asarray(it[part][key]) for it in items])
+    return {k: cat(0, k) for k in items[0][0]}, {k: cat(1, k) for k in items[0][1]}
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -107,15 +113,21 @@ class PredictionLog:
             self._queue.append((columns, meta, n))
         return True
 
-    def start(self):
-        "Seal segments left by a crashed process, then start the writer thread."
+    def start(self, background: bool = True):
+        "Seal segments left by a crashed process, then start the writer thread (`background=False`: the caller flushes)."
         self.folder.mkdir(parents=True, exist_ok=True)
         for seg in self.folder.glob("segment-*.arrows"):
             pid = int(seg.stem.split("-")[1])
             if pid == os.getpid() or not _alive(pid): _seal(seg)
-        self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
+            self._thread.start()
         return self
+
+    def flush(self):
+        "Write what is queued now, in the calling thread: for a log started with `background=False` (a batch job)."
+        if self._thread is not None: raise RuntimeError("this log is written by its background thread")
+        self._flush()
 
     def close(self):
         "Write everything queued and seal the open segment; rows that still cannot be written are counted as dropped."
@@ -149,7 +161,7 @@ class PredictionLog:
             (groups[-1].append(it) if it[0].keys() == groups[-1][0][0].keys() else groups.append([it]))
         for i, group in enumerate(groups):
             try:
-                table = pa.concat_tables([_table(c, m) for c, m, _ in group]).combine_chunks()
+                table = _table(*_concat(group))   # one conversion per flush, not per batch: the writer holds the GIL less
                 if self._writer is not None and self._schema != table.schema: self._rotate()
                 if self._writer is None: self._open(table.schema)
                 self._writer.write_table(table)
@@ -172,7 +184,8 @@ class PredictionLog:
         import pyarrow as pa
         self._seq += 1
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        self._path = self.folder / f"segment-{os.getpid()}-{stamp}-{self._seq:04d}.arrows"
+        # the random tail keeps two writers of one process (one folder, one second) from choosing the same name
+        self._path = self.folder / f"segment-{os.getpid()}-{stamp}-{self._seq:04d}-{os.urandom(4).hex()}.arrows"
         self._file = pa.OSFile(str(self._path), "wb")   # unbuffered: what was written is in the file, nothing held back
         self._fd = os.open(self._path, os.O_RDONLY) if self.fsync else None
         self._writer, self._schema, self._opened, self._good = pa.ipc.new_stream(self._file, schema), schema, time.monotonic(), 0

@@ -97,13 +97,13 @@ def _json(obj, status: int = 200, headers: dict | None = None):
 
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
-    too_large = RequestError(413, [{"record": None, "field": None, "problem": f"body larger than max_body_bytes {limit}"}])
+    too_large = lambda: RequestError(413, [{"record": None, "field": None, "problem": f"body larger than max_body_bytes {limit}"}])
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit: raise too_large
+    if declared is not None and declared.isdigit() and int(declared) > limit: raise too_large()
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit: raise too_large
+        if size > limit: raise too_large()
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -210,7 +210,8 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
         state.variants["challenger"] = Variant("challenger", uri)
     for v in state.variants.values():
         v.batcher = Batcher(_run_batch, state.executor, state.params.max_batch_size, state.params.max_wait_ms,
-                            lambda: state.arriving, lambda b, p, f, v=v: _safe_on_batch(state, v, b, p, f), _healthy).start()
+                            lambda: state.arriving, lambda b, p, f, v=v: _safe_on_batch(state, v, b, p, f), _healthy,
+                            inline=lambda version: version.runtime == "onnx").start()   # ONNX: cheaper than a thread handoff
         await _load_variant(state, v)
     if state.variants["champion"].current is None:
         print(f"serve: no model to serve yet ({state.variants['champion'].error or 'alias not set'}); retrying", flush=True)

@@ -142,3 +142,62 @@ def test_run_exits_3_when_the_candidate_is_not_promoted(project):
         assert "exit codes: 0 the candidate became champion" in run("mlops-nb", "run", "--help", cwd=p).stdout
     finally:
         (p / "params.yaml").write_text(params)
+
+
+def served_candidate(p, schema_edit=None, **serve):
+    "Run evaluate, register and infra_validate on the pipeline's own model with the release gate on (`serve:` overrides)."
+    import yaml
+    params, schema = (p / "params.yaml").read_text(), (p / "schema.yaml").read_text()
+    try:
+        d = yaml.safe_load(params)
+        d["infra"]["service"] = True
+        d["register"]["promote_dirty"] = True   # the test edits params.yaml: a dirty tree, allowed to promote here
+        d["serve"].update({"loadtest_seconds": 1.0, "budget_p99_ms": 60000.0, "budget_min_rps": 0.1, **serve})
+        (p / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        if schema_edit: (p / "schema.yaml").write_text(yaml.safe_dump(schema_edit(yaml.safe_load(schema)), sort_keys=False))
+        fit = lambda X, y: build_model("logreg", X, seed=0).fit(X, y)
+        return candidate(p, fit)
+    finally:
+        (p / "params.yaml").write_text(params); (p / "schema.yaml").write_text(schema)
+
+
+def test_the_release_gate_serves_the_candidate_and_promotes_it_when_the_service_answers(project):
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    gate, reg, promotion = served_candidate(p)
+    checks = {c["check"]: c for c in json.loads((p / "reports" / "infra" / "infra.json").read_text())["checks"]}
+    for name in ["the service starts and becomes ready", "answers its example record", "answers the example rows as offline",
+                 "refuses bad requests with a 4xx", "load test within the serve budget"]:
+        assert checks[name]["passed"], checks[name]
+    assert gate["blessed"] and promotion["promoted"], promotion
+    assert champion_version(p) == str(reg["version"])
+
+
+def test_the_release_gate_keeps_the_champion_when_the_candidate_misses_the_latency_budget(project):
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    gate, reg, promotion = served_candidate(p, budget_p99_ms=0.0)        # no service answers in under 0 ms
+    report = json.loads((p / "reports" / "infra" / "infra.json").read_text())
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert [c["check"] for c in failed] == ["load test within the serve budget"] and "above the budget" in failed[0]["detail"]
+    assert gate["blessed"] and not promotion["promoted"] and champion_version(p) == "1"
+
+
+def test_the_release_gate_keeps_the_champion_when_the_service_refuses_its_example(project):
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    example = pd.read_parquet(p / "data" / "processed" / "test.parquet").iloc[0]   # register stores the first test rows as the example
+
+    def narrow(schema):   # the stored schema leaves out the contract of the example stored with the version
+        schema["columns"]["contract"]["domain"] = [v for v in schema["columns"]["contract"]["domain"] if v != example.contract]
+        return schema
+
+    gate, reg, promotion = served_candidate(p, narrow)
+    failed = [c for c in json.loads((p / "reports" / "infra" / "infra.json").read_text())["checks"] if not c["passed"]]
+    # the service checks its example while it loads the version, and refuses to serve it: never ready
+    assert [c["check"] for c in failed] == ["the service starts and becomes ready"], failed
+    assert "contract" in failed[0]["detail"] and "unknown category" in failed[0]["detail"], failed
+    assert not promotion["promoted"] and champion_version(p) == "1"
