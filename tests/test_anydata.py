@@ -73,6 +73,9 @@ def test_init_names_its_choices_and_the_next_command(pipeline):
 def test_the_pipeline_ends_with_a_champion_of_the_task(pipeline):
     task, project, _, out = pipeline
     assert "-> champion" in out
+    served = {c["check"]: c["passed"] for c in read(project, "infra", "infra.json")["checks"]}   # the release gate served it
+    assert all(served[c] for c in ["answers its example record", "answers the example rows as offline", "refuses bad requests with a 4xx",
+                                   "load test within the serve budget"]), served
     splits = read(project, "prepare", "splits.json")
     assert splits["task"] == task
     metrics = read(project, "metrics", "evaluate.json")
