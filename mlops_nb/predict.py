@@ -5,7 +5,6 @@
 # %% ../nbs/24_predict.ipynb #b94ac140
 from __future__ import annotations
 
-import datetime
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, atomic_path, write_json
+from .predlog import log_meta
 from .schema import Schema, load_schema, validate
 
 # %% auto #0
@@ -28,14 +28,12 @@ class BatchRefused(MlopsError):
 
 def _sql_chunks(url: str, query: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
     import sqlalchemy
-    from mlops_nb.data import expand_secrets, redact
+    from mlops_nb.data import expand_secrets, sql_failure
     if not query.strip(): raise BatchRefused(f"a SQL source ({url.split('://')[0]}://...) needs a query")
     try:
         with sqlalchemy.create_engine(expand_secrets(url)).connect() as conn:
             yield from pd.read_sql(sqlalchemy.text(query), conn, chunksize=chunk_rows)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
-        first = str(e).splitlines()[0].replace(expand_secrets(url), redact(url))
-        raise BatchRefused(f"SQL source failed: {type(e).__name__}: {first}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e: raise BatchRefused(sql_failure(e, url)) from None
 
 # %% ../nbs/24_predict.ipynb #108efea1
 def read_chunks(
@@ -143,10 +141,8 @@ class _Writer:
 # %% ../nbs/24_predict.ipynb #989a9608
 def _log_chunk(log, chunk: pd.DataFrame, features: list[str], out: pd.DataFrame, proba, classes, batch_id: str, first: int):
     "Append one scored chunk to the prediction log, as the service logs a batch (variant `batch`)."
-    n, now = len(chunk), np.datetime64(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None), "us")
-    meta = {"ts": np.full(n, now), "request_id": [batch_id] * n, "record": np.arange(first, first + n), "variant": ["batch"] * n,
-            "model_name": out.model_name.to_numpy(), "model_version": out.model_version.to_numpy(), "prediction": out.prediction.to_numpy(),
-            **{f"proba_{c}": proba[:, j] for j, c in enumerate(classes)}}
+    n, version = len(chunk), out.model_version.iloc[0]
+    meta = log_meta([batch_id] * n, np.arange(first, first + n), "batch", out.model_name.iloc[0], version, out.prediction.to_numpy(), proba, classes)
     log.append({c: chunk[c].to_numpy() for c in features}, meta)
     log.flush()   # the job waits for its log: nothing queued beyond one chunk
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['read_prediction_log', 'PredictionLog']
+__all__ = ['read_prediction_log', 'log_meta', 'PredictionLog']
 
 # %% ../nbs/17_predlog.ipynb #d2261248
 _META = ["ts", "request_id", "record", "variant", "model_name", "model_version", "prediction"]
@@ -72,6 +72,13 @@ def _table(columns: dict, meta: dict):
         arrays[name] = a = pa.array(col, from_pandas=True)
         if a.type == pa.null(): arrays[name] = a.cast(pa.string())
     return pa.table(arrays)
+
+def log_meta(request_ids, records, variant: str, name: str, version: str, prediction, proba: np.ndarray, classes: list) -> dict:
+    "The metadata columns of answered rows as the log stores them: now, ids, the version that answered, its answers."
+    n, now = len(records), np.datetime64(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None), "us")
+    return {"ts": np.full(n, now), "request_id": request_ids, "record": records, "variant": [variant] * n,
+            "model_name": [name] * n, "model_version": [str(version)] * n, "prediction": prediction,
+            **{f"proba_{c}": proba[:, j] for j, c in enumerate(classes)}}
 
 def _concat(items: list) -> tuple[dict, dict]:
     "The input columns and metadata of queued batches with the same columns, each concatenated into one array."

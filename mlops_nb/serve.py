@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import random
@@ -26,7 +25,7 @@ from .batcher import Batcher, RecordsFailed
 from .contract import Field, RequestError, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
-from .predlog import PredictionLog, read_prediction_log
+from .predlog import PredictionLog, log_meta, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
@@ -133,11 +132,8 @@ def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.nda
     for f in version.fields:
         if (f.min is not None or f.max is not None) and (k := _out_of_range(f, np.asarray(frame[f.name]))): m.out_of_range.labels(f.name).inc(k)
     if state.log is None: return
-    now = np.datetime64(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None), "us")
-    meta = {"ts": np.full(n, now), "request_id": [it.request_id for it in batch for _ in it.records],
-            "record": np.concatenate([np.arange(len(it.records)) for it in batch]),
-            "variant": [variant.name] * n, "model_name": [version.name] * n, "model_version": [version.version] * n,
-            "prediction": pred, **{f"proba_{c}": proba[:, j] for j, c in enumerate(version.classes)}}
+    meta = log_meta([it.request_id for it in batch for _ in it.records], np.concatenate([np.arange(len(it.records)) for it in batch]),
+                    variant.name, version.name, version.version, pred, proba, version.classes)
     state.log.append({c: np.asarray(frame[c]) for c in frame}, meta)  # a DataFrame (scikit-learn) or columns (ONNX)
 
 # %% ../nbs/20_serve.ipynb #35b784c3
