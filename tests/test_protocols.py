@@ -224,7 +224,9 @@ def test_canary_and_model_switch_reach_every_protocol(tmp_path):
     with ServiceProcess([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", "--challenger-share", "0.5",
                          "--poll-seconds", "0.3", "--log-dir", str(tmp_path / "log")], "/ready", env=_env(tmp_path), cwd=tmp_path,
                         log=tmp_path / "canary.log", timeout=120) as s:
-        meta = httpx.get(f"{s.url}/v2/models/{NAME}", timeout=30).json()
+        deadline = time.monotonic() + 30   # ready means the champion is loaded; the challenger loads right after it
+        while (meta := httpx.get(f"{s.url}/v2/models/{NAME}", timeout=30).json())["versions"] != [v1, v2] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert meta["versions"] == [v1, v2]
         tensors = {"inputs": v2_tensors(meta, rec)}
         seen = {httpx.post(f"{s.url}/v2/models/{NAME}/infer", json=tensors, timeout=30).json()["model_version"] for _ in range(30)}
