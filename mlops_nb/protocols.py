@@ -220,6 +220,7 @@ def _add_mlflow_routes(app, state):
         status, answer = await _answer(state, request, "/invocations", mlflow_records)
         status, body = mlflow_answer(status, answer)
         return _json(body, status)
+    if hasattr(app, "hot"): app.hot["/invocations"] = invocations   # the service's app: straight to the handler
 
     @app.get("/ping")
     async def ping():
