@@ -278,11 +278,29 @@ def bootstrap_ci(y, proba, metric: str, n_boot: int=200, seed: int=0, level: flo
     value = single(y, proba) if len(y) else np.nan
     if len(y) < 2 or n_boot < 1: return float(value), np.nan, np.nan
     idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
-    scores = np.array([single(y[i], proba[i]) for i in idx], dtype=float)
+    scores = _resampled(metric, task, y, [proba], idx)[0]
     scores = scores[np.isfinite(scores)]
     if not len(scores): return float(value), np.nan, np.nan
     lo, hi = np.quantile(scores, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(value), float(lo), float(hi)
+
+# %% ../nbs/03_evaluate.ipynb #5386ef80
+def _auc_rows(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+    "ROC AUC of each row of labels `Y` (0/1) and scores `P`, nan where a row holds one class only."
+    from scipy.stats import rankdata
+    pos = Y.sum(axis=1); neg = Y.shape[1] - pos
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = ((rankdata(P, axis=1) * Y).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
+    return np.where((pos > 0) & (neg > 0), auc, np.nan)
+
+_ROWS = {("binary", "roc_auc"): _auc_rows, ("binary", "accuracy"): lambda Y, P: ((P >= 0.5) == Y).mean(axis=1)}
+
+def _resampled(metric: str, task: str, y: np.ndarray, scores: list[np.ndarray], idx: np.ndarray) -> list[np.ndarray]:
+    "`metric` of each of `scores` on every resample (row of `idx`), in chunks of at most ~2M values."
+    rows, single = _ROWS.get((task, metric)), _metric(metric, task)
+    if rows is None: return [np.array([single(y[i], s[i]) for i in idx], dtype=float) for s in scores]
+    step = max(1, 2_000_000 // max(1, idx.shape[1]))
+    return [np.concatenate([rows(y[idx[k:k + step]], s[idx[k:k + step]]) for k in range(0, len(idx), step)]) for s in scores]
 
 # %% ../nbs/03_evaluate.ipynb #7f76a369
 def _gates(y: np.ndarray, mask: np.ndarray, min_size: int, task: str) -> bool:
@@ -380,7 +398,8 @@ def paired_difference(y, candidate, champion, metric: str, task: str="binary", n
     value = diff(np.arange(len(y)))
     if len(y) < 2 or n_boot < 1: return float(value), np.nan, np.nan
     idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
-    d = np.array([diff(i) for i in idx], dtype=float)
+    sa, sb = _resampled(metric, task, y, [a, b], idx)
+    d = sign * (sa - sb)
     d = d[np.isfinite(d)]
     if not len(d): return float(value), np.nan, np.nan
     lo, hi = np.quantile(d, [(1 - level) / 2, 1 - (1 - level) / 2])
