@@ -42,11 +42,11 @@ def _summary(paths: ProjectPaths) -> list[str]:
         lines.append(f"registered: {reg['name']} version {reg['version']}")
     if (p := paths.reports / "infra" / "promotion.json").exists():
         promo = read_json(p)
-        lines.append(f"promotion: version {promo['version']} -> champion ({promo['reason']})" if promo["promoted"]
+        lines.append(f"promotion: version {promo['version']} -> {promo.get('alias', 'champion')} ({promo['reason']})" if promo["promoted"]
                      else f"promotion: version {promo['version']} not promoted ({promo['reason']})")
     return lines
 
-EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate did not become champion
+EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate did not take its alias
 
 def cmd_run(args) -> int:
     "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate was not promoted."
@@ -120,7 +120,7 @@ def cmd_serve(args) -> int:
     over = {k: v for k, v in {"host": args.host, "port": args.port, "challenger_share": args.challenger_share,
                               "runtime": args.runtime}.items() if v is not None}
     sp = dataclasses.replace(sp, **over)
-    model = args.model or f"models:/{params.register.model_name}@champion"
+    model = args.model or f"models:/{params.register.model_name}@{args.alias}"
     log_dir = args.log_dir if args.log_dir is not None else sp.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
     serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds)
@@ -184,13 +184,18 @@ def _examples(paths: ProjectPaths, params: Params, model_uri: str):
     return Model.load(str(folder)).load_input_example(str(folder))
 
 def cmd_promote(args) -> int:
-    "Make VERSION champion on request: blessed by the gate, infra-validated now, and the champion still the one it was compared with."
+    "Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate too, with infra.service), the champion still the one it was compared with."
     from mlops_nb.core import tracking_uri
     from mlops_nb.infra import infra_validate
     from mlops_nb.registry import _unreproducible, promote_candidate, resolve_version
     paths, params = _project()
-    name, version = args.name or params.register.model_name, str(args.version)
+    name = args.name or params.register.model_name
     _use_tracking()
+    if (args.version is None) == (args.source is None): raise MlopsError("promote takes one of VERSION and --from ALIAS (e.g. --from staging)")
+    if args.source is not None:
+        held = resolve_version(f"models:/{name}@{args.source}")
+        if held is None: raise MlopsError(f"model '{name}' has no version with alias '{args.source}': nothing to promote")
+    version = str(args.version if args.source is None else held.version)
     uri = f"models:/{name}/{version}"
     mv = resolve_version(uri)
     if mv is None: raise MlopsError(f"model '{name}' has no version {version}")
@@ -199,7 +204,8 @@ def cmd_promote(args) -> int:
         print(f"not promoted: the gate rejected version {version} (failed rules: {tags.get('failed_rules', '?')})", file=sys.stderr)
         return EXIT_NOT_PROMOTED
     ip = params.infra
-    report = infra_validate(uri, _examples(paths, params, uri), tracking_uri(paths.root), ip.single_row_ms, ip.batch_ms, ip.batch_rows, ip.repeats)
+    report = infra_validate(uri, _examples(paths, params, uri), tracking_uri(paths.root), ip.single_row_ms, ip.batch_ms, ip.batch_rows, ip.repeats,
+                            params.export.parity_tolerance, service=params.serve if ip.service else None, root=paths.root)
     for c in report["checks"]:
         if not c["passed"]: print(f"infrastructure check failed: {c['check']}: {c.get('detail', '')}", file=sys.stderr)
     if why := _unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
@@ -275,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result",
                          description="Run the pipeline (dvc repro) and summarise the result.",
-                         epilog=f"exit codes: 0 the candidate became champion (or nothing to do); {EXIT_NOT_PROMOTED} the pipeline "
+                         epilog=f"exit codes: 0 the candidate became champion, or staging on a development branch (or nothing to do); "
+                                f"{EXIT_NOT_PROMOTED} the pipeline "
                                 "finished but the candidate was not promoted (the gate rejected it, infrastructure validation "
                                 "failed, or it comes from an uncommitted tree or a DVC experiment); any other non-zero: an error")
     run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
@@ -300,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
     pr = sub.add_parser("promote", help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
                         epilog=f"exit codes: 0 promoted; {EXIT_NOT_PROMOTED} not promoted (the reason is printed); 1 an error")
-    pr.add_argument("version", help="the registered version, e.g. 7")
+    pr.add_argument("version", nargs="?", help="the registered version, e.g. 7")
+    pr.add_argument("--from", dest="source", metavar="ALIAS", help="the version holding this alias, e.g. staging (the test environment)")
     pr.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
     pr.set_defaults(func=cmd_promote)
     from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
@@ -315,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--no-commit", action="store_true", help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
     ini.set_defaults(func=cmd_init)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
-    sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@ALIAS)")
+    sv.add_argument("--alias", default="champion", help="the environment to serve when --model is not given: champion (production) or staging")
     sv.add_argument("--host", help="address to listen on (default: serve.host)")
     sv.add_argument("--port", type=int, help="port (default: serve.port)")
     sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")

@@ -28,7 +28,7 @@ __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPa
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
            'ExportParams', 'ServeParams', 'MonitorParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader',
            'load_yaml', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
-           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state']
+           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -133,6 +133,7 @@ class InfraParams:
 class RegisterParams:
     model_name: str = "churn-classifier"  # the MLflow registered model name
     promote_dirty: bool = False  # let a version built from uncommitted changes or a DVC experiment become champion
+    production_branches: list[str] = field(default_factory=lambda: ["main", "master"])  # a run here promotes to champion; elsewhere to staging
 
 @dataclass(frozen=True)
 class ExportParams:
@@ -339,3 +340,9 @@ def git_state(
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` for the stages it runs
         state |= {"dvc_experiment": os.environ["DVC_EXP_NAME"], "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
     return state
+
+# %% ../nbs/00_core.ipynb #e5ac46ec
+def git_branch(root: str | Path) -> str | None:
+    "The branch checked out at `root`: its name, `HEAD` when detached, None outside a git repository."
+    r = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None

@@ -44,8 +44,8 @@ STAGES = {s.name: s for s in [
         "primary_metric", "min_primary", "baseline_margin", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
     Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
-    Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
-                             "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
+    Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "register.production_branches",
+                             "infra.single_row_ms", "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
                              "infra.service", "serve.runtime", "serve.loadtest_concurrency", "serve.loadtest_seconds",
                              "serve.budget_p99_ms", "serve.budget_min_rps")),
 ]}

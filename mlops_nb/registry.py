@@ -20,10 +20,11 @@ import pandas as pd
 from .core import MlopsError, tracking_uri
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'use_project_tracking', 'pipeline_run', 'flat_params', 'RegistryUnavailable',
-           'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_type', 'model_types', 'load_model_dir',
-           'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate', 'rollback',
-           'model_files', 'champion_file', 'lineage', 'format_lineage']
+__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'use_project_tracking', 'pipeline_run', 'flat_params',
+           'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_type', 'model_types',
+           'load_model_dir', 'register_model', 'champion_summary', 'load_champion', 'promotion_lock',
+           'promote_candidate', 'release_alias', 'rollback', 'model_files', 'champion_file', 'lineage',
+           'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -66,7 +67,7 @@ def flat_params(params: dict, prefix: str="") -> dict:
     return out
 
 # %% ../nbs/04_registry.ipynb #79240378
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, STAGING = "champion", "previous", "staging"
 
 def _client():
     from mlflow import MlflowClient
@@ -250,23 +251,36 @@ def promote_candidate(
     compared_with: str | None,  # the champion the gate compared it with (None: there was none)
     blessed: bool,              # the gate's decision
     infra_ok: bool,             # infrastructure validation passed
-    allow_dirty: bool = False,  # let a version from a dirty tree or a DVC experiment become champion
+    allow_dirty: bool = False,  # let a version from a dirty tree or a DVC experiment take the alias
+    alias: str = CHAMPION,      # champion (production), or staging (the test environment; see `release_alias`)
 ) -> dict:
-    "Make `version` champion if blessed, infra-validated, reproducible and `compared_with` is still champion; say why not otherwise."
-    if not blessed: return {"promoted": False, "reason": "the gate rejected the candidate"}
-    if not infra_ok: return {"promoted": False, "reason": "infrastructure validation failed"}
+    "Give `version` `alias` if blessed, infra-validated, reproducible and `compared_with` is still champion; say why not otherwise."
+    no = lambda reason: {"promoted": False, "alias": alias, "reason": reason}
+    if not blessed: return no("the gate rejected the candidate")
+    if not infra_ok: return no("infrastructure validation failed")
     if not allow_dirty and (why := _unreproducible(name, version)):
-        return {"promoted": False, "reason": f"{why}: registered, not promoted (promote it with `mlops-nb promote {version}`, "
-                                             "or set register.promote_dirty: true)"}
+        return no(f"{why}: registered, not promoted (promote it with `mlops-nb promote {version}`, or set register.promote_dirty: true)")
     with promotion_lock(name):
         current = _version_str(alias_version(name))
         if current != (str(compared_with) if compared_with else None):
-            return {"promoted": False, "reason": f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate"}
-        _promote(name, version)
-        if (now := _version_str(alias_version(name))) != str(version):   # a writer that ignores the lock
-            return {"promoted": False, "reason": f"champion is {now} after setting it to {version}: moved by someone else"}
-    _client().set_model_version_tag(name, version, "promoted", "true")
-    return {"promoted": True, "reason": f"champion {compared_with or '(none)'} -> {version}", "previous": compared_with}
+            return no(f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate")
+        if alias == CHAMPION: _promote(name, version)
+        else: _client().set_registered_model_alias(name, alias, str(version))
+        if (now := _version_str(alias_version(name, alias))) != str(version):   # a writer that ignores the lock
+            return no(f"{alias} is {now} after setting it to {version}: moved by someone else")
+    _client().set_model_version_tag(name, version, "promoted" if alias == CHAMPION else alias, "true")
+    if alias != CHAMPION:
+        return {"promoted": True, "alias": alias, "reason": f"{alias} -> {version}; champion stays {compared_with or '(none)'} "
+                                                            f"until `mlops-nb promote --from {alias}`"}
+    return {"promoted": True, "alias": alias, "reason": f"champion {compared_with or '(none)'} -> {version}", "previous": compared_with}
+
+# %% ../nbs/04_registry.ipynb #b30a7bcb
+def release_alias(
+    branch: str | None,             # the checked-out branch (`core.git_branch`): a name, HEAD when detached, None outside git
+    production_branches=("main", "master"),  # register.production_branches
+) -> str:
+    "The alias a candidate that passes takes: champion on a production branch (or outside git), staging anywhere else."
+    return CHAMPION if branch is None or branch in production_branches else STAGING
 
 # %% ../nbs/04_registry.ipynb #a3a579e9
 def rollback(name: str) -> dict:

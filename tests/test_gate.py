@@ -3,6 +3,7 @@ on a copy of the project: a worse challenger and a challenger whose one slice co
 kept in the registry; the champion moves only for a blessed, loadable model; a registered model can be rebuilt
 from its lineage with identical metrics."""
 import json
+from pathlib import Path
 
 import joblib
 import pandas as pd
@@ -139,7 +140,7 @@ def test_run_exits_3_when_the_candidate_is_not_promoted(project):
         assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         assert "not promoted (the gate rejected the candidate)" in r.stdout
         assert champion_version(p) == before
-        assert "exit codes: 0 the candidate became champion" in run("mlops-nb", "run", "--help", cwd=p).stdout
+        assert "exit codes: 0 the candidate became champion, or staging" in run("mlops-nb", "run", "--help", cwd=p).stdout
     finally:
         (p / "params.yaml").write_text(params)
 
@@ -189,3 +190,27 @@ def test_the_release_gate_keeps_the_champion_when_the_service_refuses_its_exampl
     assert [c["check"] for c in failed] == ["the service starts and becomes ready"], failed
     assert "contract" in failed[0]["detail"] and "unknown category" in failed[0]["detail"], failed
     assert not promotion["promoted"] and champion_version(p) == "1"
+
+
+def test_a_development_branch_moves_staging_and_only_promote_moves_champion(project):
+    "Environments as aliases: off the production branches a passing candidate takes `staging`, served as such; `promote --from staging` takes it to champion."
+    import sys
+    import httpx
+    from mlops_nb.loadtest import ServiceProcess
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    run("git", "checkout", "-qb", "feature/better-model", cwd=p)
+    try: gate, reg, promotion = candidate(p, lambda X, y: build_model("logreg", X, seed=0).fit(X, y))
+    finally: run("git", "checkout", "-q", "main", cwd=p)
+    assert gate["blessed"] and (promotion["promoted"], promotion["alias"]) == (True, "staging"), promotion
+    staged = str(registry(p).get_model_version_by_alias(NAME, "staging").version)
+    assert staged == str(reg["version"]) != "1" and champion_version(p) == "1"   # the test environment moved, production did not
+    with ServiceProcess([str(Path(sys.executable).parent / "mlops-nb"), "serve", "--alias", "staging", "--port", "{port}", "--log-dir", ""],
+                        "/ready", cwd=p, log=p.parent / "staging-serve.log", timeout=120) as s:
+        assert httpx.get(s.url + "/ready", timeout=30).json()["model_version"] == staged
+    r = run("mlops-nb", "promote", cwd=p, check=False)
+    assert r.returncode == 1 and "one of VERSION and --from ALIAS" in r.stderr, (r.returncode, r.stderr)
+    r = run("mlops-nb", "promote", "--from", "staging", cwd=p, check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert champion_version(p) == staged and str(registry(p).get_model_version_by_alias(NAME, "previous").version) == "1"
