@@ -192,13 +192,11 @@ def cmd_promote(args) -> int:
     name = args.name or params.register.model_name
     _use_tracking()
     if (args.version is None) == (args.source is None): raise MlopsError("promote takes one of VERSION and --from ALIAS (e.g. --from staging)")
-    if args.source is not None:
-        held = resolve_version(f"models:/{name}@{args.source}")
-        if held is None: raise MlopsError(f"model '{name}' has no version with alias '{args.source}': nothing to promote")
-    version = str(args.version if args.source is None else held.version)
+    mv = resolve_version(f"models:/{name}@{args.source}" if args.source is not None else f"models:/{name}/{args.version}")
+    if mv is None: raise MlopsError(f"model '{name}' has no version with alias '{args.source}': nothing to promote" if args.source is not None
+                                    else f"model '{name}' has no version {args.version}")
+    version = str(mv.version)
     uri = f"models:/{name}/{version}"
-    mv = resolve_version(uri)
-    if mv is None: raise MlopsError(f"model '{name}' has no version {version}")
     tags = mv.tags
     if tags.get("blessed") != "true":
         print(f"not promoted: the gate rejected version {version} (failed rules: {tags.get('failed_rules', '?')})", file=sys.stderr)
