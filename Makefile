@@ -23,11 +23,15 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)  ## set up, then run the whole pipeline (dvc repro)
 	$(BIN)/mlops-nb run
 
+# test modules run in parallel, one worker per core (PYTEST_WORKERS=0: one process, file order); tests/conftest.py groups them
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)  ## set up, then run every test (unit, notebooks, sync, pipeline smoke)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: $(STAMP)  ## the tests without the slow pipeline/server ones
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 sync: $(STAMP)  ## regenerate mlops_nb/ from nbs/ and strip notebook outputs
 	$(BIN)/nbdev-clean
