@@ -252,6 +252,9 @@ def cmd_monitor(args) -> int:
     print(f"monitor: {report.decision} ({report.n_records} records against {uri})")
     for r in report.reasons: print(f"  - {r}")
     for n in report.notes: print(f"  note: {n}")
+    for m, e in {k: v for k, v in (report.estimated or {}).items() if isinstance(v, dict)}.items():
+        real = f", realized {report.realized[m]:.4g}" if report.realized and m in report.realized else ""
+        print(f"  estimated {m}: {e['estimate']:.4g} ({report.estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}){real}")
     print(f"report: {path}")
     return report.exit_code
 

@@ -20,7 +20,7 @@ from .core import MlopsError, content_hash
 # %% auto #0
 __all__ = ['CHURN_CATEGORIES', 'TASKS', 'DataError', 'synthetic_churn', 'expand_secrets', 'redact', 'sql_failure', 'load_source',
            'drop_identifiers', 'provenance', 'infer_task', 'resolve_task', 'encode_target', 'check_classes',
-           'split_stratified', 'split_by_time', 'split', 'target_summary']
+           'split_stratified', 'split_by_time', 'split_by_hash', 'split', 'target_summary']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -243,12 +243,25 @@ def _check_test_size(test_size, n):
     if not 0 < test_size < 1: raise DataError(f"prepare.test_size must be between 0 and 1, got {test_size}")
     if n < 4: raise DataError(f"{n} rows are too few to split")
 
+# %% ../nbs/01_data.ipynb #78a053cb
+def split_by_hash(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, key_column: str="") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Train and test frames by a stable hash of each row's key: a row keeps its split when data is appended."
+    if key_column and key_column not in df.columns: raise DataError(f"prepare.key_column '{key_column}' is not in the data")
+    _check_test_size(test_size, len(df))
+    keys = df[[key_column]] if key_column else df.drop(columns=[target])
+    h = pd.util.hash_pandas_object(keys, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
+    in_test = h % 1_000_000 < round(test_size * 1_000_000)
+    if in_test.all() or not in_test.any(): raise DataError(f"the hash split put all {len(df)} rows on one side: too few rows to split")
+    return df[~in_test].reset_index(drop=True), df[in_test].reset_index(drop=True)
+
 # %% ../nbs/01_data.ipynb #bc866c19
-def split(df: pd.DataFrame, how: str, target: str, test_size: float, seed: int, time_column: str="", task: str="binary") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Dispatch to `split_stratified` (random for regression) or `split_by_time` as `prepare.split` says."
+def split(df: pd.DataFrame, how: str, target: str, test_size: float, seed: int, time_column: str="", task: str="binary",
+          key_column: str="") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Dispatch to `split_stratified` (random for regression), `split_by_time` or `split_by_hash` as `prepare.split` says."
     if how == "time":
         if not time_column: raise DataError("prepare.split is 'time' but prepare.time_column is empty")
         return split_by_time(df, time_column, test_size)
+    if how == "hash": return split_by_hash(df, target, test_size, seed, key_column)
     return split_stratified(df, target, test_size, seed, stratify=task != "regression")
 
 # %% ../nbs/01_data.ipynb #95732b76

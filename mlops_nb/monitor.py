@@ -22,8 +22,8 @@ from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 # %% auto #0
 __all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'parse_since', 'select_window', 'read_window',
            'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of',
-           'join_labels', 'realized_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
-           'write_monitor_report']
+           'join_labels', 'realized_metrics', 'Calibration', 'fit_calibration', 'estimate_metrics', 'MonitorReport',
+           'monitor', 'version_references', 'plot_version_mix', 'write_monitor_report']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
@@ -168,6 +168,85 @@ def realized_metrics(
     if len(classes) == 2: return task_metrics("binary", codes, proba[:, 1])
     return task_metrics("multiclass", np.asarray(classes)[codes], proba, classes)
 
+# %% ../nbs/23_monitor.ipynb #ebb5e08c
+@dataclass
+class Calibration:
+    "Maps from a model's score to a calibrated probability, one per bootstrap resample of the rows they were fitted on."
+    kind: str                     # binary: P(class 1) from the class-1 proba; top-label: P(prediction right) from its proba
+    x: list[float]                # the grid of scores, ascending
+    maps: list[list[float]]       # the calibrated probability at each grid score, one list per resample
+    def __call__(self, scores, i: int | None = None) -> np.ndarray:
+        "Calibrated probabilities of `scores` by map `i` (None: the maps' mean)."
+        y = np.mean(self.maps, axis=0) if i is None else self.maps[i % len(self.maps)]
+        return np.interp(np.asarray(scores, float), self.x, y)
+    def to_dict(self) -> dict: return {"kind": self.kind, "x": list(self.x), "maps": [list(m) for m in self.maps]}
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration: return cls(d["kind"], [float(v) for v in d["x"]], [[float(v) for v in m] for m in d["maps"]])
+
+# %% ../nbs/23_monitor.ipynb #f1476b67
+def _classes(outputs: pd.DataFrame) -> list[str]:
+    classes = [str(c)[len("proba_"):] for c in outputs.columns if str(c).startswith("proba_")]
+    if not classes: raise MlopsError("performance estimation needs class probabilities (proba_* columns); a regression model has none")
+    return classes
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+def _sigmoid_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    "Platt scaling: P(hit) as a sigmoid of the score's logit, evaluated on `grid`."
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(C=1e6).fit(_logit(score)[:, None], hit).predict_proba(_logit(grid)[:, None])[:, 1]
+
+# %% ../nbs/23_monitor.ipynb #c1b2a3d4
+def fit_calibration(
+    outputs: pd.DataFrame,        # `outputs_of(model, X)` on labelled rows the model never trained on (the test split)
+    y,                            # those rows' true classes, as the model names them
+    resamples: int = 50,          # bootstrap resamples, one map each
+    seed: int = 0,
+) -> Calibration:
+    "Fit the score -> probability maps that `estimate_metrics` draws labels from."
+    classes = _classes(outputs)
+    proba, truth = outputs[[f"proba_{c}" for c in classes]].to_numpy(float), np.asarray(y).astype(str)
+    binary = len(classes) == 2
+    score = proba[:, 1] if binary else proba.max(axis=1)
+    hit = truth == classes[1] if binary else np.asarray(classes)[proba.argmax(axis=1)] == truth
+    grid, rng = np.linspace(0, 1, 201), np.random.default_rng(seed)
+    picks = [rng.integers(0, len(score), len(score)) for _ in range(resamples)]
+    maps = [_sigmoid_map(score[i], hit[i], grid).tolist() for i in picks if 0 < hit[i].sum() < len(i)]
+    if not maps: raise MlopsError(f"calibration needs labelled rows of both outcomes; {len(score)} rows, {int(hit.sum())} of them {'class ' + classes[1] if binary else 'predicted right'}")
+    return Calibration("binary" if binary else "top-label", grid.tolist(), maps)
+
+# %% ../nbs/23_monitor.ipynb #ca2dd6d1
+def _auc(ranks: np.ndarray, labels: np.ndarray) -> float:
+    "ROC AUC from the scores' ranks (ties share a rank) and 0/1 labels; nan with one class only."
+    pos = labels.sum()
+    return float((labels @ ranks - pos * (pos + 1) / 2) / (pos * (len(ranks) - pos))) if 0 < pos < len(ranks) else float("nan")
+
+# %% ../nbs/23_monitor.ipynb #21263431
+def estimate_metrics(
+    outputs: pd.DataFrame,        # the window's `model_outputs`: prediction and proba_* per class
+    calibration: Calibration,     # the version's maps (fitted on its test split)
+    samples: int = 400,           # label sets drawn, each from one of the maps in turn
+    level: float = 0.95,          # the interval's coverage
+    seed: int = 0,
+) -> dict:
+    "Metrics expected before labels arrive: `{metric: {estimate, low, high}}`, `n` and `level`, from labels drawn as calibrated."
+    from scipy.stats import rankdata
+    classes, rng = _classes(outputs), np.random.default_rng(seed)
+    proba = outputs[[f"proba_{c}" for c in classes]].to_numpy(float)
+    decided = outputs["prediction"].astype(str).to_numpy() if "prediction" in outputs else np.asarray(classes)[proba.argmax(axis=1)]
+    binary = calibration.kind == "binary"
+    score = proba[:, 1] if binary else proba.max(axis=1)
+    said, ranks, draws = (decided == classes[1]).astype(float), rankdata(score), {"accuracy": [], "roc_auc": []}
+    for i in range(samples):
+        labels = (rng.random(len(score)) < calibration(score, i)).astype(float)  # binary: class 1; top-label: right
+        draws["accuracy"].append(1 - np.abs(labels - said).mean() if binary else labels.mean())
+        if binary: draws["roc_auc"].append(_auc(ranks, labels))
+    tail = (1 - level) / 2 * 100
+    summary = lambda d: {"estimate": float(np.nanmean(d)), "low": float(np.nanpercentile(d, tail)), "high": float(np.nanpercentile(d, 100 - tail))}
+    return {m: summary(d) for m, d in draws.items() if d} | {"n": len(outputs), "level": level}
+
 # %% ../nbs/23_monitor.ipynb #d9a52c64
 @dataclass
 class MonitorReport:
@@ -184,6 +263,7 @@ class MonitorReport:
     offline: dict | None = None    # the version's test metrics
     notes: list[str] = field(default_factory=list)  # what could not be checked, and why
     window: dict = field(default_factory=dict)  # source, first and last record time
+    estimated: dict | None = None  # metrics estimated from calibrated probabilities, before labels (`estimate_metrics`)
     @property
     def exit_code(self) -> int: return EXIT_CODES[self.decision]
     def to_dict(self) -> dict:
@@ -193,7 +273,8 @@ class MonitorReport:
                 "predictions": self.predictions.to_dict() if self.predictions else None,
                 "schema": {"alerts": [a.to_dict() for a in self.alerts], **(self.schema.to_dict() if self.schema else {})},
                 "version_mix": self.mix.to_dict("records"),
-                "metrics": {"realized": {k: clean(v) for k, v in (self.realized or {}).items()} or None, "offline": self.offline}}
+                "metrics": {"realized": {k: clean(v) for k, v in (self.realized or {}).items()} or None,
+                            "estimated": self.estimated, "offline": self.offline}}
     def __repr__(self): return f"MonitorReport({self.decision}: {'; '.join(self.reasons)})"
 
 # %% ../nbs/23_monitor.ipynb #ef938b23
@@ -210,6 +291,16 @@ def _metric_reason(realized: dict | None, params: Params) -> tuple[bool, str | N
     bad = value < bound if greater_is_better(m) else value > bound
     return bad, f"realized {m} {value:.4g} on {n} labelled records is {'below the floor' if greater_is_better(m) else 'above the ceiling'} {bound:g}" if bad else None
 
+def _estimate_reason(estimated: dict | None, realized_decisive: bool, params: Params) -> tuple[bool, str | None]:
+    "Whether the estimated primary metric calls for retraining (only while no decisive realized metric exists)."
+    from mlops_nb.evaluate import greater_is_better
+    m = params.evaluate.primary_metric
+    if estimated is None or realized_decisive or m not in estimated: return False, None
+    e, bound = estimated[m], params.monitor.min_primary if params.monitor.min_primary is not None else params.evaluate.min_primary
+    bad = e["estimate"] < bound if greater_is_better(m) else e["estimate"] > bound
+    shown = f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, from calibrated probabilities, before labels)"
+    return bad, f"{shown} is {'below the floor' if greater_is_better(m) else 'above the ceiling'} {bound:g}" if bad else None
+
 def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple) -> tuple[str, list[str]]:
     alert = [f"schema skew in traffic: {a.explanation}" for a in alerts]
     retrain = [f"value skew: {f.name}: {f.reason}" for f in drift.features if f.drifted] if drift.retrain else []
@@ -220,6 +311,13 @@ def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[An
     return "none", [f"no value skew ({len(drift.drifted)} of {len(drift.features)} features drifted, validate.min_drifted={drift.params.min_drifted})"]
 
 # %% ../nbs/23_monitor.ipynb #5456e166
+def _estimate(outputs: pd.DataFrame, calibration: Calibration | None, params: Params, notes: list) -> dict | None:
+    "`estimate_metrics` of the window's outputs, or None (and a note why) when there is nothing to estimate from."
+    if calibration is None: notes.append("metrics not estimated: the version stores no calibration.json (a regression model, or registered before it)")
+    elif not any(str(c).startswith("proba_") for c in outputs.columns): notes.append("metrics not estimated: the window holds no class probabilities")
+    else: return estimate_metrics(outputs, calibration, seed=params.base.seed)
+    return None
+
 def _score(model, inputs: pd.DataFrame, notes: list) -> pd.DataFrame:
     "`outputs_of(model, inputs)`, or no columns (and a note why) when the model cannot score them."
     try: return outputs_of(model, inputs[[str(c) for c in getattr(model, "feature_names_in_", inputs.columns)]])
@@ -237,6 +335,7 @@ def monitor(
     labels: pd.DataFrame | None = None,  # request_id, label (and record)
     offline: dict | None = None,  # the version's test metrics
     model=None,                   # the version's model: scores a batch file that holds no predictions
+    calibration: Calibration | None = None,  # the version's calibration map: metrics estimated before labels
 ) -> MonitorReport:
     "Compare `window` with the version's references and decide: none, retrain or alert."
     if window.empty: raise MlopsError("the window is empty: nothing to monitor")
@@ -260,10 +359,14 @@ def monitor(
             realized = realized_metrics(joined, params.base.positive_label, spec.domain if spec is not None else None)
     metric = _metric_reason(realized, params)
     if metric[1] and not metric[0]: notes.append(metric[1])
-    decision, reasons = _decide(drift, predictions, alerts, metric)
+    estimated = _estimate(outputs, calibration, params, notes)
+    decisive = realized is not None and realized.get("n", 0) >= params.monitor.min_labels
+    guess = _estimate_reason(estimated, decisive, params)
+    decision, reasons = _decide(drift, predictions, alerts, metric if metric[0] or not guess[0] else guess)
     ts = pd.to_datetime(window["ts"]) if "ts" in window else None
     span = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None else {}
-    return MonitorReport(decision, reasons, len(window), drift, result, alerts, version_mix(window), predictions, realized, offline, notes, span)
+    return MonitorReport(decision, reasons, len(window), drift, result, alerts, version_mix(window), predictions, realized, offline, notes, span,
+                         estimated=estimated)
 
 # %% ../nbs/23_monitor.ipynb #b7985e6e
 def version_references(
@@ -278,7 +381,8 @@ def version_references(
     opt = lambda f, load: load(extra / f) if (extra / f).is_file() else None
     return {"reference": Profile.from_dict(read_json(ref)), "schema": opt("schema.yaml", load_schema),
             "prediction_reference": opt("prediction_profile.json", lambda p: Profile.from_dict(read_json(p))),
-            "offline": opt("evaluate.json", read_json)}
+            "offline": opt("evaluate.json", read_json),
+            "calibration": opt("calibration.json", lambda p: Calibration.from_dict(d) if (d := read_json(p)).get("kind") in ("binary", "top-label") else None)}
 
 # %% ../nbs/23_monitor.ipynb #d9fc686c
 def plot_version_mix(mix: pd.DataFrame):

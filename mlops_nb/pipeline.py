@@ -37,7 +37,7 @@ STAGES = {s.name: s for s in [
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
                        "validate.linf", "validate.min_drifted", "register.model_name")),
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
-                      "prepare.time_column", "validate.schema")),
+                      "prepare.time_column", "prepare.key_column", "validate.schema")),
     Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
                     "train.categorical_columns")),
     Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (

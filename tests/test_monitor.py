@@ -26,10 +26,10 @@ def churn(n: int, seed: int):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    "A project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics."
+    "A project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics, calibration."
     from mlops_nb.core import write_json
     from mlops_nb.drift import profile
-    from mlops_nb.monitor import outputs_of, prediction_profile
+    from mlops_nb.monitor import fit_calibration, outputs_of, prediction_profile
     from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
     from mlops_nb.schema import load_schema
     from mlops_nb.train import build_model
@@ -40,7 +40,8 @@ def project(tmp_path_factory):
     model = build_model("logreg", X.iloc[train], 1).fit(X.iloc[train], y.iloc[train])
     outputs = outputs_of(model, X.iloc[test])   # as the evaluate stage stores it
     files = {"reference_profile.json": profile(X.iloc[train], load_schema(root / "schema.yaml")).to_dict(),
-             "prediction_profile.json": prediction_profile(outputs).to_dict(), "evaluate.json": {"roc_auc": 0.8, "n": 400}}
+             "prediction_profile.json": prediction_profile(outputs).to_dict(), "evaluate.json": {"roc_auc": 0.8, "n": 400},
+             "calibration.json": fit_calibration(outputs, y.iloc[test]).to_dict()}
     for name, obj in files.items(): write_json(root / name, obj)
     use_project_tracking(root)
     with pipeline_run(run_name="test-monitor"):
@@ -99,6 +100,10 @@ def test_monitor_decides_on_a_real_services_log(project):
         expected = roc_auc_score(live_y, model.predict_proba(live)[:, 1])
         assert calm["metrics"]["realized"]["n"] == PHASE and abs(calm["metrics"]["realized"]["roc_auc"] - expected) < 1e-9
         assert calm["metrics"]["offline"] == {"roc_auc": 0.8, "n": 400}
+        # estimated from the calibrated probabilities alone (the labels play no part): the realized metric falls inside
+        est = calm["metrics"]["estimated"]["roc_auc"]
+        assert est["low"] <= expected <= est["high"] and est["high"] - est["low"] < 0.2, est
+        assert f"estimated roc_auc: {est['estimate']:.4g}" in r.stdout and f"realized {expected:.4g}" in r.stdout
         # contradicting labels (the relation between features and label changed, the features did not): retrain
         labels.assign(label=live_y.map({1: "No", 0: "Yes"}).to_numpy()).to_csv(root / "flipped.csv", index=False)
         r, flipped = monitor(root, "--last", str(PHASE), "--labels", str(root / "flipped.csv"))
