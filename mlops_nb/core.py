@@ -159,6 +159,7 @@ class ServeParams:
     loadtest_seconds: float = 10.0   # how long it drives the service
     budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this
     budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
+    monitor_report: str = "reports/monitor/monitor.json"  # the monitor's latest report, exported on /metrics (empty: none)
     runtime: typing.Literal["auto", "sklearn", "onnx"] = "auto"  # auto: ONNX when the version has a parity-checked artifact
 
 @dataclass(frozen=True)

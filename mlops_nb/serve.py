@@ -24,6 +24,7 @@ from .batcher import Batcher, RecordsFailed
 from .contract import Field, RequestError, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
+from .observe import MonitorCollector
 from .predlog import PredictionLog, log_meta, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
@@ -341,6 +342,7 @@ def create_app(
     poll_seconds = params.poll_seconds if poll_seconds is None else poll_seconds
     log_flush_seconds = params.log_flush_seconds if log_flush_seconds is None else log_flush_seconds
     state = _State(params, PredictionLog(log_dir, log_flush_seconds, fsync=params.log_fsync) if log_dir else None, ServiceMetrics())
+    if params.monitor_report: state.metrics.registry.register(MonitorCollector(params.monitor_report))  # the monitor's gauges
 
     @asynccontextmanager
     async def lifespan(app):

@@ -24,16 +24,14 @@ def churn(n: int, seed: int):
     return df.drop(columns="churn"), df.churn
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    "A project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics, calibration."
+def champion_project(root: Path):
+    "`root` as a project whose champion stores what the pipeline stores: schema, reference profile, prediction profile, test metrics, calibration."
     from mlops_nb.core import write_json
     from mlops_nb.drift import profile
     from mlops_nb.monitor import fit_calibration, outputs_of, prediction_profile
     from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
     from mlops_nb.schema import load_schema
     from mlops_nb.train import build_model
-    root = tmp_path_factory.mktemp("monitor")
     for name in ("params.yaml", "schema.yaml"): shutil.copy2(ROOT / name, root / name)
     X, y = churn(1200, seed=1)
     train, test = slice(0, 800), slice(800, 1200)
@@ -48,6 +46,11 @@ def project(tmp_path_factory):
         reg = register_model(model, X.head(5), NAME, blessed=True, extra_files=[root / "schema.yaml", *(root / f for f in files)])
     _promote(NAME, reg["version"])
     return root, model
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return champion_project(tmp_path_factory.mktemp("monitor"))
 
 
 def send(server, X: pd.DataFrame, prefix: str) -> list[str]:
