@@ -123,6 +123,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.data.split_stratified': ('data.html#split_stratified', 'mlops_nb/data.py'),
                                'mlops_nb.data.sql_failure': ('data.html#sql_failure', 'mlops_nb/data.py'),
                                'mlops_nb.data.synthetic_churn': ('data.html#synthetic_churn', 'mlops_nb/data.py'),
+                               'mlops_nb.data.synthetic_scenario': ('data.html#synthetic_scenario', 'mlops_nb/data.py'),
                                'mlops_nb.data.target_summary': ('data.html#target_summary', 'mlops_nb/data.py')},
             'mlops_nb.docs': { 'mlops_nb.docs.Page': ('docs.html#page', 'mlops_nb/docs.py'),
                                'mlops_nb.docs._after_show_docs': ('docs.html#_after_show_docs', 'mlops_nb/docs.py'),

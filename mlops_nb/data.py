@@ -18,9 +18,10 @@ import pandas as pd
 from .core import MlopsError, content_hash
 
 # %% auto #0
-__all__ = ['CHURN_CATEGORIES', 'TASKS', 'DataError', 'synthetic_churn', 'expand_secrets', 'redact', 'sql_failure', 'load_source',
-           'drop_identifiers', 'provenance', 'infer_task', 'resolve_task', 'encode_target', 'check_classes',
-           'split_stratified', 'split_by_time', 'split_by_hash', 'split', 'target_summary']
+__all__ = ['CHURN_CATEGORIES', 'SCENARIOS', 'TASKS', 'DataError', 'synthetic_churn', 'synthetic_scenario', 'expand_secrets',
+           'redact', 'sql_failure', 'load_source', 'drop_identifiers', 'provenance', 'infer_task', 'resolve_task',
+           'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'split_by_hash', 'split',
+           'target_summary']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -83,6 +84,28 @@ def synthetic_churn(
              + 0.4 * (df.payment_method == "Electronic check") + 0.01 * (monthly - 65))
     churn = rng.random(n_rows) < 1 / (1 + np.exp(-logit))
     df.insert(1, "churn", np.where(churn, "Yes", "No"))
+    return df
+
+# %% ../nbs/01_data.ipynb #5f1ed095
+SCENARIOS = ("none", "gradual", "sudden", "new_category", "broken_column", "concept")
+
+def synthetic_scenario(
+    n_rows: int,       # rows to make
+    scenario: str,     # one of SCENARIOS
+    seed: int=42,
+    strength: float=1.0,  # how far it goes: gradual's shift at the last row, new_category's share, concept's flipped share
+) -> pd.DataFrame:
+    "`synthetic_churn` traffic drifted as `scenario` says (labels included)."
+    if scenario not in SCENARIOS: raise DataError(f"unknown scenario '{scenario}': one of {', '.join(SCENARIOS)}")
+    df, rng = synthetic_churn(n_rows, seed), np.random.default_rng(seed + 1)
+    ramp = np.linspace(0, strength, n_rows) if scenario == "gradual" else np.full(n_rows, float(scenario == "sudden"))
+    df["monthly_charges"] = (df.monthly_charges * (1 + 0.3 * ramp)).clip(18.25, 118.75).round(2)
+    moved = rng.random(n_rows) < 0.8 * ramp
+    df.loc[moved, "contract"] = "Month-to-month"
+    df.loc[moved, "tenure"] = (df.tenure[moved] * 0.3).astype("int64")
+    if scenario == "new_category": df.loc[rng.random(n_rows) < strength, "payment_method"] = "Crypto wallet"
+    if scenario == "broken_column": df["total_charges"] = np.nan
+    if scenario == "concept": df["churn"] = np.where(rng.random(n_rows) < strength, np.where(df.churn == "Yes", "No", "Yes"), df.churn)
     return df
 
 # %% ../nbs/01_data.ipynb #054a0050
