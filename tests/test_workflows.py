@@ -162,7 +162,7 @@ def free_port() -> int:
 
 
 def seed_champion(tracking: Path):
-    "A weak champion (one feature) registered before any workflow runs, with the files the pipeline stores: version 1."
+    "A champion without skill (fitted on shuffled labels) registered before any workflow runs, with the files the pipeline stores: version 1."
     from mlops_nb.data import encode_target, synthetic_churn
     from mlops_nb.drift import profile
     from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
@@ -172,7 +172,7 @@ def seed_champion(tracking: Path):
     df = encode_target(synthetic_churn(800, seed=7), "churn", "Yes", "binary")
     X, y = df.drop(columns=["churn", *yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["drop_columns"]], errors="ignore"), df.churn
     (tracking / "reference_profile.json").write_text(json.dumps(profile(X, load_schema(schema_file)).to_dict()))
-    model = build_model("logreg", X[["senior_citizen"]], seed=0).fit(X[["senior_citizen"]], y)
+    model = build_model("logreg", X, seed=0).fit(X, y.sample(frac=1, random_state=0).to_numpy())   # labels shuffled: no skill
     use_project_tracking(tracking)
     with pipeline_run(run_name="seeded champion"):
         v = register_model(model, X.head(5), NAME, blessed=True, tags={"git_dirty": False},
@@ -216,7 +216,7 @@ def github(tmp_path_factory):
                      ["checkout", "-qb", "dev"], ["commit", "-q", "--allow-empty", "-m", "work on a development branch"]):
             run("git", *args, cwd=src)
         run("git", "clone", "-q", "--bare", str(src), str(tmp / "remote.git"), cwd=tmp)
-        yield {"tmp": tmp, "remote": tmp / "remote.git", "s3": s3, "uri": uri, "champion": champion}
+        yield {"tmp": tmp, "remote": tmp / "remote.git", "s3": s3, "uri": uri, "champion": champion, "endpoint": f"http://127.0.0.1:{port}"}
     finally:
         if saved is None: os.environ.pop("MLFLOW_TRACKING_URI", None)
         else: os.environ["MLFLOW_TRACKING_URI"] = saved
@@ -224,7 +224,7 @@ def github(tmp_path_factory):
         moto.wait(timeout=30)
 
 
-def job(github, workflow, job_id, ref, event, name, inputs=None, replace=None):
+def job(github, workflow, job_id, ref, event, name, inputs=None, replace=None, vars=None):
     "Run a job of a project workflow as GitHub would on `event` at `ref`, with the secrets a user sets."
     wf = github["remote"].parent / "src" / ".github" / "workflows" / workflow   # the copy in the pushed project
     secrets = {"MLFLOW_TRACKING_URI": github["uri"], **KEY}
@@ -236,7 +236,7 @@ def job(github, workflow, job_id, ref, event, name, inputs=None, replace=None):
                 **{k: v for k, v in os.environ.items() if k.startswith("GIT_")}}
     Path(base_env["HOME"]).mkdir()
     return run_job(wf, job_id, remote=github["remote"], ref=ref, event=event, workspace=github["tmp"] / name,
-                   context={"secrets": secrets, "inputs": inputs or {}, "vars": {}, "github": {"ref": ref}},
+                   context={"secrets": secrets, "inputs": inputs or {}, "vars": vars or {}, "github": {"ref": ref}},
                    base_env=base_env, replace=replace)
 
 
@@ -287,3 +287,31 @@ def test_push_to_dev_moves_staging_then_the_promotion_job_moves_champion(github)
     promote = job(github, "promote.yml", "promote", "refs/heads/main", "workflow_dispatch", "promote", inputs={"version": "staging"})
     assert promote.ok, promote.log()
     assert alias(github, "champion") == staged and alias(github, "previous") == github["champion"]
+
+
+@pytest.mark.slow
+def test_continuous_training_retrains_when_the_traffic_drifted(github):
+    "The scheduled job reads the prediction log from S3; a drifted window (exit 4 of monitor) takes the retraining steps."
+    from mlops_nb.data import synthetic_churn
+    tmp, src = github["tmp"], github["tmp"] / "src"
+    drop = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["drop_columns"]
+    batch = synthetic_churn(500, seed=11).drop(columns=["churn", *drop], errors="ignore").dropna().head(400)   # no null beyond the schema's allowance
+    batch["contract"] = "Two year"              # within the schema's domain, far from the training mix: drift, not skew
+    batch.to_csv(tmp / "ct-batch.csv", index=False)
+    log = tmp / "ct-log"
+    run("mlops-nb", "predict", "--data", str(tmp / "ct-batch.csv"), "--out", str(tmp / "ct-scores.parquet"), "--log-dir", str(log), cwd=src)
+    files = [f for f in log.rglob("*") if f.is_file()]
+    assert files
+    for f in files: github["s3"].upload_file(str(f), BUCKET, f"predictions/{f.relative_to(log)}")
+    before = alias(github, "champion")
+    # retraining is `mlops-nb run --force`, the pipeline run the CD test already makes: here it is replaced by a
+    # command that only shows the step ran in the project, so this test costs a monitor run, not a pipeline run
+    ct = job(github, "ct.yml", "monitor-and-retrain", "refs/heads/main", "schedule", "ct",
+             vars={"PREDICTION_LOG_URL": f"s3://{BUCKET}/predictions/", "S3_ENDPOINT_URL": github["endpoint"]},
+             replace={"Retrain (mlops-nb run)": "mlops-nb status"})
+    assert ct.ok, ct.log()
+    assert sorted(p.name for p in (tmp / "ct" / "prediction-log").rglob("*") if p.is_file()) == sorted(f.name for f in files)
+    monitor = ct.step("Monitor (mlops-nb monitor)").output
+    assert "monitor: retrain (400 records" in monitor and "contract" in monitor, monitor
+    assert [s.outcome for s in ct.steps[-4:]] == ["success"] * 4, ct.log()   # pull, retrain, push, summary: taken
+    assert "### Monitoring: exit 4" in ct.summary and alias(github, "champion") == before
