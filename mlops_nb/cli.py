@@ -14,7 +14,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
            'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote', 'cmd_monitor',
-           'cmd_predict', 'build_parser', 'main']
+           'cmd_predict', 'summary_markdown', 'cmd_summary', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -275,6 +275,49 @@ def cmd_predict(args) -> int:
           f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")
     return 0
 
+# %% ../nbs/09_cli.ipynb #4456ec98
+def _cell(v) -> str:
+    "A Markdown table cell: pass/FAIL for a check, 4 significant digits for a number, text with its pipes escaped."
+    if isinstance(v, bool): return "pass" if v else "**FAIL**"
+    if isinstance(v, float): return f"{v:.4g}"
+    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(map(_cell, r)) + " |" for r in rows)]
+
+def summary_markdown(
+    reports: Path,  # the project's reports/ folder, as the last `mlops-nb run` left it
+) -> str:
+    "The last run's registration, promotion, test metrics, gate, release gate and drift as Markdown (a CI job summary)."
+    def read(*p):
+        return read_json(reports.joinpath(*p)) if reports.joinpath(*p).is_file() else None
+    out = ["## mlops-nb: the last pipeline run", ""]
+    if reg := read("register", "registration.json"): out.append(f"Registered **{reg['name']}** version **{reg['version']}**.")
+    if p := read("infra", "promotion.json"):
+        out.append(f"Promoted: version {p['version']} took **{p.get('alias', 'champion')}** ({p['reason']})." if p["promoted"]
+                   else f"**Not promoted**: version {p['version']} ({p['reason']}).")
+    if m := read("metrics", "evaluate.json"):
+        out += ["", "### Test metrics", *_table(["metric", "value"], [[k, v] for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)])]
+    if g := read("evaluate", "gate.json"):
+        out += ["", "### Gate: " + ("blessed" if g["blessed"] else "rejected"),
+                *_table(["rule", "result", "value", "bound"], [[r["rule"], r["passed"], r.get("value"), r.get("bound")] for r in g["rules"]])]
+    if i := read("infra", "infra.json"):
+        out += ["", "### Infrastructure validation and release gate: " + ("passed" if i["ok"] else "failed"),
+                *_table(["check", "result", "detail"], [[c["check"], c["passed"], c.get("detail")] for c in i["checks"]])]
+    if d := read("validate", "drift.json"):
+        out += ["", "### Drift against the champion's training data",
+                f"Drifted: {', '.join(d['drifted']) or 'none'} of {len(d.get('features', []))} features compared; retrain signal: "
+                f"{'yes' if d['retrain'] else 'no'}" + (f" ({d['note']})" if d.get("note") else "") + "."]
+    if len(out) == 2: out.append("No reports of a pipeline run in reports/.")
+    return "\n".join(out) + "\n"
+
+def cmd_summary(args) -> int:
+    "Print the last run's reports as Markdown: `mlops-nb summary >> \"$GITHUB_STEP_SUMMARY\"` in a CI job."
+    paths, _ = _project()
+    sys.stdout.write(summary_markdown(paths.reports))
+    return 0
+
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -306,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    sub.add_parser("summary", help="the last run's metrics, gate, release gate, promotion and drift as Markdown (a CI job summary)").set_defaults(func=cmd_summary)
     pr = sub.add_parser("promote", help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
                         epilog=f"exit codes: 0 promoted; {EXIT_NOT_PROMOTED} not promoted (the reason is printed); 1 an error")
     pr.add_argument("version", nargs="?", help="the registered version, e.g. 7")
