@@ -230,17 +230,20 @@ def estimate_metrics(
     samples: int = 400,           # label sets drawn, each from one of the maps in turn
     level: float = 0.95,          # the interval's coverage
     seed: int = 0,
+    max_rows: int = 10_000,       # a larger window is estimated on a random sample of this many records
 ) -> dict:
     "Metrics expected before labels arrive: `{metric: {estimate, low, high}}`, `n` and `level`, from labels drawn as calibrated."
     from scipy.stats import rankdata
     classes, rng = _classes(outputs), np.random.default_rng(seed)
+    if len(outputs) > max_rows: outputs = outputs.iloc[np.sort(rng.choice(len(outputs), max_rows, replace=False))]
     proba = outputs[[f"proba_{c}" for c in classes]].to_numpy(float)
     decided = outputs["prediction"].astype(str).to_numpy() if "prediction" in outputs else np.asarray(classes)[proba.argmax(axis=1)]
     binary = calibration.kind == "binary"
     score = proba[:, 1] if binary else proba.max(axis=1)
     said, ranks, draws = (decided == classes[1]).astype(float), rankdata(score), {"accuracy": [], "roc_auc": []}
+    calibrated = [calibration(score, i) for i in range(min(samples, len(calibration.maps)))]   # each map once
     for i in range(samples):
-        labels = (rng.random(len(score)) < calibration(score, i)).astype(float)  # binary: class 1; top-label: right
+        labels = (rng.random(len(score)) < calibrated[i % len(calibrated)]).astype(float)  # binary: class 1; top-label: right
         draws["accuracy"].append(1 - np.abs(labels - said).mean() if binary else labels.mean())
         if binary: draws["roc_auc"].append(_auc(ranks, labels))
     tail = (1 - level) / 2 * 100
