@@ -90,6 +90,7 @@ def tune(
     scoring: str="roc_auc",  # scikit-learn scorer to maximise
     seed: int=42,         # seeds the sampler, the folds and the model
     progress: bool=True,  # show a progress bar
+    n_jobs: int | None=None,  # folds in parallel: None here, one by one; -1 on the active joblib backend (e.g. Dask)
 ) -> TuneResult:
     "Cross-validated random search over zoo entry `name`, refitted on all of `X`."
     if n_iter < 1 or cv_folds < 2: raise TrainingError(f"need train.n_iter >= 1 and train.cv_folds >= 2, got {n_iter} and {cv_folds}")
@@ -99,7 +100,7 @@ def tune(
     candidates = list(ParameterSampler(MODEL_ZOO[name].space, n_iter, random_state=seed))
     for params in tqdm(candidates, desc=f"tuning {name}", disable=not progress):
         params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
-        try: cv = cross_validate(clone(base).set_params(**params), X, y, cv=folds, scoring=scoring, error_score="raise")
+        try: cv = cross_validate(clone(base).set_params(**params), X, y, cv=folds, scoring=scoring, error_score="raise", n_jobs=n_jobs)
         except ValueError as e: raise TrainingError(f"cross-validation failed for {params}: {e}") from None
         rows.append({"params": params, "mean_test_score": cv["test_score"].mean(), "std_test_score": cv["test_score"].std(),
                      "mean_fit_time": cv["fit_time"].mean()})
