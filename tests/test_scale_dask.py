@@ -51,10 +51,10 @@ def test_search_on_the_cluster_matches_local_and_uses_both_workers(scheduler):
     from dask.distributed import Client, get_task_stream
     train = training_frame()
     X, y = train.drop(columns="churn"), train.churn
-    local = tune("hgb", X, y, n_iter=3, cv_folds=2, seed=7, progress=False)
+    local = tune("logreg", X, y, n_iter=3, cv_folds=2, seed=7, progress=False)
     with Client(scheduler) as watcher, get_task_stream(client=watcher) as stream:
         with search_backend("dask", scheduler) as n_jobs:
-            remote = tune("hgb", X, y, n_iter=3, cv_folds=2, seed=7, progress=False, n_jobs=n_jobs)
+            remote = tune("logreg", X, y, n_iter=3, cv_folds=2, seed=7, progress=False, n_jobs=n_jobs)
     assert n_jobs == -1
     assert remote.cv_results.mean_test_score.tolist() == local.cv_results.mean_test_score.tolist()
     assert remote.best_params == local.best_params

@@ -27,7 +27,7 @@ PARAMS = {**TINY, "evaluate": {**TINY["evaluate"], "deepchecks": False},  # deep
           "serve": {"poll_seconds": 0.5}}
 
 
-def wait_http(url, proc, log, timeout=120):
+def wait_http(url, proc, log, timeout=400):  # generous: a loaded CI machine starts mlflow server slowly
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None: break
@@ -52,14 +52,14 @@ def stop(proc):
 
 class Postgres:
     "A throw-away PostgreSQL cluster on 127.0.0.1 and a free port (as user postgres when running as root)."
-    def __init__(self, folder: Path):
+    def __init__(self):
         apt_install("postgresql", binary="pg_ctlcluster")
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found: skip_or_fail("postgresql is installed but no initdb was found under /usr/lib/postgresql")
         self.bin = Path(found[-1]).parent
         self.user = "postgres" if os.geteuid() == 0 else None
+        folder = Path(tempfile.mkdtemp(prefix="mlops-nb-pg-"))  # short: the socket path must fit 107 bytes
         self.dir, self.port = folder, free_port()
-        folder.mkdir(mode=0o700)
         if self.user: shutil.chown(folder, self.user)
         self.pg(["initdb", "-D", str(folder / "data"), "-U", "mlflow", "--auth=trust", "-E", "UTF8"])
         self.pg(["pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-w", "-t", "60", "start",
@@ -80,13 +80,14 @@ class Postgres:
     def stop(self):
         subprocess.run(([ "runuser", "-u", self.user, "--"] if self.user else []) +
                        [str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     "PostgreSQL + moto S3 + `mlflow server`, and a project copy whose pipeline ran against them."
     tmp = tmp_path_factory.mktemp("team")
-    pg = Postgres(Path(tempfile.mkdtemp(prefix="mlops-nb-pg-")) / "pg")
+    pg = Postgres()
     procs = []
     try:
         s3_port, mlflow_port = free_port(), free_port()
