@@ -65,7 +65,7 @@ class Postgres:
         self.pg(["pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-w", "-t", "60", "start",
                  "-o", f"-h 127.0.0.1 -p {self.port} -k {folder}"])
         self.pg(["createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", "mlflow"])
-        self.uri = f"postgresql://mlflow@127.0.0.1:{self.port}/mlflow"
+        self.uri = f"postgresql+psycopg2://mlflow@127.0.0.1:{self.port}/mlflow"
 
     def pg(self, cmd):
         full = [str(self.bin / cmd[0]), *cmd[1:]]
