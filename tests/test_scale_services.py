@@ -27,7 +27,7 @@ PARAMS = {**TINY, "evaluate": {**TINY["evaluate"], "deepchecks": False},  # deep
           "serve": {"poll_seconds": 0.5}}
 
 
-def wait_http(url, proc, log, timeout=400):  # generous: a loaded CI machine starts mlflow server slowly
+def wait_http(url, proc, log, timeout=900):  # generous: a loaded CI machine starts mlflow server slowly
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None: break
