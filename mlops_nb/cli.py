@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
+    add_docs_commands(sub)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
     sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     sv.add_argument("--host", help="address to listen on (default: serve.host)")
