@@ -97,7 +97,10 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
 def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
     cmd = [sys.executable, __file__, "--stage", name, "--dir", str(folder), "--rows", str(rows),
            "--max-train-rows", str(max_train_rows), "--mode", mode]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # one OpenMP thread per process unless told otherwise: on a shared, oversubscribed machine HGB's spinning OpenMP
+    # threads made a 75k-row search take minutes instead of seconds, which says nothing about the data path
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0: raise SystemExit(f"{mode} {name} at {rows} rows failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
