@@ -14,10 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import BIN, TINY, apt_install, copy_project, git_init, run, skip_or_fail
-from mlops_nb.core import content_hash
+from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, synthetic_churn
 from mlops_nb.loadtest import free_port
 
@@ -164,6 +165,10 @@ def race(team):
     for name in ("b", "c"):
         dest = team["tmp"] / name
         shutil.copytree(team["project"], dest, ignore=shutil.ignore_patterns(".git", ".dvc/cache", "logs"))
+        # what is raced is the promotion: no deepchecks suites and no ONNX conversion in the racers (the run above had both)
+        params = load_yaml((dest / "params.yaml").read_text())
+        params["evaluate"]["deepchecks"], params["export"]["onnx"] = False, False
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         copies.append(dest)
     for stage in ("evaluate", "register", "infra_validate"):
         procs = [subprocess.Popen([str(BIN / "mlops-nb"), "stage", stage], cwd=c,
