@@ -475,6 +475,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.scale._Columns.__init__': ('scale.html#_columns.__init__', 'mlops_nb/scale.py'),
                                 'mlops_nb.scale._Columns.values': ('scale.html#_columns.values', 'mlops_nb/scale.py'),
                                 'mlops_nb.scale._append': ('scale.html#_append', 'mlops_nb/scale.py'),
+                                'mlops_nb.scale._knock': ('scale.html#_knock', 'mlops_nb/scale.py'),
                                 'mlops_nb.scale._parquet': ('scale.html#_parquet', 'mlops_nb/scale.py'),
                                 'mlops_nb.scale.drift_parquet': ('scale.html#drift_parquet', 'mlops_nb/scale.py'),
                                 'mlops_nb.scale.ingest_to_parquet': ('scale.html#ingest_to_parquet', 'mlops_nb/scale.py'),

@@ -24,6 +24,13 @@ class ScaleError(MlopsError):
     "A cluster that cannot be reached, or data that cannot be streamed as asked."
 
 # %% ../nbs/12_scale.ipynb #f83602e5
+def _knock(address: str, timeout: float=5.0):
+    "Open and close a TCP connection to a tcp:// or tls:// scheduler address (OSError when nothing listens there)."
+    import socket
+    from distributed.comm.addressing import parse_address, parse_host_port
+    scheme, location = parse_address(address)
+    if scheme in ("tcp", "tls"): socket.create_connection(parse_host_port(location), timeout).close()
+
 @contextmanager
 def search_backend(
     backend: str="local",   # `local` (in this process) or `dask`
@@ -39,11 +46,13 @@ def search_backend(
     from dask.distributed import Client, LocalCluster
     cluster = None
     try:
-        if scheduler: client = Client(scheduler, timeout="20s")
+        if scheduler:
+            _knock(scheduler)  # a refused port fails now, not after the client's 20 s of retries
+            client = Client(scheduler, timeout="20s")
         else:
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
             client = Client(cluster)
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address (no port, unknown protocol)
         raise ScaleError(f"cannot reach the Dask scheduler at {scheduler or 'a LocalCluster'}: {e}") from None
     try:
         with joblib.parallel_config(backend="dask"): yield -1
