@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -24,7 +25,8 @@ from mlops_nb.loadtest import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "churn-classifier"
-PARAMS = {**TINY, "serve": {"poll_seconds": 0.5}}  # deepchecks stays on: dvc.yaml declares its reports as outputs
+# deepchecks stays on: dvc.yaml declares its reports as outputs; the split is the streamed one, sampling 500 training rows
+PARAMS = {**TINY, "prepare": {"max_train_rows": 500}, "serve": {"poll_seconds": 0.5}}
 # MLflow 3's server also starts a job runner by default (for GenAI judges and trace roll-ups, unused here): eight more
 # Python processes importing MLflow (about 1.4 GB) that made the server take minutes to answer on a loaded 2-core
 # machine. The deploy recipes turn it off the same way.
@@ -138,6 +140,8 @@ def client(team):
 def test_pipeline_runs_against_the_server_and_its_stores(team):
     project = team["project"]
     assert "pipeline finished" in team["run"].stdout and "-> champion" in team["run"].stdout
+    splits = json.loads((project / "reports" / "prepare" / "splits.json").read_text())
+    assert 450 <= len(pd.read_parquet(project / "data" / "processed" / "train.parquet")) <= 500 and splits["test"]["rows"] == 200
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()  # nothing went to the local default
     champion = team["after_run"]["champion"]
     assert str(champion.version) == "1" and champion.tags["blessed"] == "true" and team["after_run"]["versions"] == ["1"]
