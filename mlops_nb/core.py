@@ -96,6 +96,7 @@ class PrepareParams:
     test_size: float = 0.25      # fraction of rows held out
     time_column: str = ""        # the ordering column when split is `time`
     key_column: str = ""         # the row key hashed when split is `hash` (empty: every column but the label)
+    max_train_rows: int = 0      # training rows kept at most, sampled per class while streaming the split (0: all, in memory)
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -104,6 +105,8 @@ class TrainParams:
     n_iter: int = 6              # candidates sampled from the model's search space
     scoring: str = "roc_auc"     # the scikit-learn scorer the search maximises (auto: the task's default)
     categorical_columns: list[str] = field(default_factory=list)  # numeric columns that are category codes (one-hot encoded)
+    backend: typing.Literal["local", "dask"] = "local"  # where the search's fits run: here, or on a Dask cluster
+    dask_scheduler: str = ""     # the Dask scheduler's address (tcp://HOST:8786); empty: a LocalCluster for the search
 
 @dataclass(frozen=True)
 class EvaluateParams:

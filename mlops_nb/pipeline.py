@@ -37,9 +37,9 @@ STAGES = {s.name: s for s in [
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
                        "validate.linf", "validate.min_drifted", "register.model_name")),
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
-                      "prepare.time_column", "prepare.key_column", "validate.schema")),
+                      "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema")),
     Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
-                    "train.categorical_columns")),
+                    "train.categorical_columns", "train.backend", "train.dask_scheduler")),
     Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
         "primary_metric", "min_primary", "baseline_margin", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),

@@ -53,6 +53,7 @@ def pipeline_run(run_id: str | None=None, run_name: str | None=None, tags: dict 
     "Open the MLflow run `run_id` (or a new one named `run_name`) with provenance tags."
     import mlflow
     base = {"host": platform.node(), "user": getpass.getuser()}
+    tags = {k: str(v) for k, v in (tags or {}).items()}  # as register_model does: a tracking server takes strings only
     with mlflow.start_run(run_id=run_id, run_name=run_name, tags=None if run_id else {**base, **(tags or {})}) as run:
         if run_id and tags: mlflow.set_tags(tags)
         yield run

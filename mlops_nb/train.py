@@ -123,6 +123,7 @@ def tune(
     progress: bool=True,  # show a progress bar
     task: str="binary",   # binary | multiclass | regression
     categorical: list[str]=(),  # numeric columns that are category codes
+    n_jobs: int | None=None,  # folds in parallel: None here, one by one; -1 on the active joblib backend (e.g. Dask)
 ) -> TuneResult:
     "Cross-validated random search over zoo entry `name`, refitted on all of `X`."
     from mlops_nb.data import check_classes
@@ -137,7 +138,7 @@ def tune(
     candidates = list(ParameterSampler(zoo(task)[name].space, n_iter, random_state=seed))
     for params in tqdm(candidates, desc=f"tuning {name}", disable=not progress):
         params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
-        try: cv = cross_validate(clone(base).set_params(**params), X, y, cv=folds, scoring=scoring, error_score="raise")
+        try: cv = cross_validate(clone(base).set_params(**params), X, y, cv=folds, scoring=scoring, error_score="raise", n_jobs=n_jobs)
         except ValueError as e: raise TrainingError(f"cross-validation failed for {params}: {e}") from None
         rows.append({"params": params, "mean_test_score": cv["test_score"].mean(), "std_test_score": cv["test_score"].std(),
                      "mean_fit_time": cv["fit_time"].mean()})

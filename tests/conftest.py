@@ -35,8 +35,8 @@ STRICT = os.environ.get("MLOPS_NB_NO_SKIP") == "1"
 # executions it reuses. The longest modules start first, so no worker is left alone with a long one at the end
 # (their order comes from CI's --durations; a module missing from the list just starts later).
 SAME_WORKER = {"test_site": "test_notebooks"}
-LONGEST_FIRST = ["test_gate", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_serve_faults", "test_container",
-                 "test_promotion", "test_monitor", "test_protocols", "test_serve", "test_export"]
+LONGEST_FIRST = ["test_gate", "test_scale_services", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_serve_faults",
+                 "test_container", "test_promotion", "test_monitor", "test_scale_dask", "test_protocols", "test_serve", "test_export"]
 
 
 def worker_group(module: str) -> str:

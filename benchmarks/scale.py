@@ -1,0 +1,176 @@
+"""Scale: the pipeline's data path at 100k, 1M and 10M synthetic rows, streamed (mlops-nb) vs in memory.
+
+    python benchmarks/scale.py [--sizes 100000 1000000 10000000] [--max-train-rows 200000] [--baseline-max 1000000]
+
+For each size the synthetic churn generator feeds ingest -> validate (schema + drift) -> prepare (split,
+reference profile) -> train (hgb, cross-validated search on at most `--max-train-rows` sampled rows) ->
+evaluate (every test row). Each stage runs in a fresh Python process, so its peak RSS is its own (the
+process's high-water mark, imports included); wall time is the stage's work, imports excluded.
+
+- ours: the streamed functions of `mlops_nb.scale` (what the stages call), Parquet in, Parquet out.
+- baseline (sizes up to `--baseline-max`): the same work in memory with pandas, the way the stages worked
+  before streaming (whole frame read, validated, profiled, split): its peak RSS is what grows with rows.
+
+Printed: a table per stage and size, the growth exponent b of time ~ rows^b per stage and end to end (1 is
+linear; fitted over the sizes run), the peak RSS of the largest size, and last one JSON object (also written
+to reports/benchmarks/scale.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "validate", "prepare", "train", "evaluate"]
+TARGET, POSITIVE = "churn", "Yes"
+
+
+def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) -> dict:
+    "Run one stage in this process; return its wall time (imports excluded) and this process's peak RSS."
+    import numpy as np
+    import pandas as pd
+    from mlops_nb import scale
+    from mlops_nb.core import ValidateParams, content_hash, write_json, write_parquet
+    from mlops_nb.data import drop_identifiers, encode_target, split_stratified, synthetic_churn
+    from mlops_nb.drift import Profile, detect_drift, profile
+    from mlops_nb.evaluate import classification_metrics
+    from mlops_nb.schema import load_schema, validate
+    from mlops_nb.train import tune
+    import joblib
+    schema = load_schema(ROOT / "schema.yaml")
+    raw, train_p, test_p = folder / "raw.parquet", folder / "train.parquet", folder / "test.parquet"
+    start = time.perf_counter()
+    extra = {}
+    if name == "ingest":
+        if mode == "ours": extra = scale.ingest_to_parquet("synthetic", raw, n_rows=rows, seed=42, drop_columns=["rownames"])
+        else:
+            df = drop_identifiers(synthetic_churn(rows, 42), ["rownames"])
+            write_parquet(raw, df)
+            extra = {"rows": len(df), "content_hash": content_hash(df)}
+        extra = {"content_hash": extra["content_hash"][:12]}
+    elif name == "validate":
+        # the champion's reference profile, made at its training time (not part of this stage's cost)
+        reference = Profile.from_dict(json.loads((folder / "reference_in.json").read_text()))
+        start = time.perf_counter()
+        if mode == "ours":
+            result, drift = scale.validate_parquet(raw, schema), scale.drift_parquet(reference, raw, ValidateParams())
+        else:
+            df = pd.read_parquet(raw)
+            result, drift = validate(df, schema), detect_drift(reference, df.drop(columns=[TARGET]), ValidateParams())
+        extra = {"errors": len(result.errors), "drifted": drift.drifted}
+    elif name == "prepare":
+        if mode == "ours":
+            summary, _ = scale.split_parquet(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows)
+            ref = scale.profile_parquet(train_p, schema, exclude=[TARGET])
+        else:
+            train, test = split_stratified(encode_target(pd.read_parquet(raw), TARGET, POSITIVE), TARGET, 0.25, 42)
+            if max_train_rows and len(train) > max_train_rows: train = train.sample(max_train_rows, random_state=42)
+            write_parquet(train_p, train); write_parquet(test_p, test)
+            summary = {"train": {"rows": len(train)}, "test": {"rows": len(test)}}
+            ref = profile(train.drop(columns=[TARGET]), schema)
+        write_json(folder / "reference.json", ref.to_dict())
+        extra = {"train_rows": summary["train"]["rows"], "test_rows": summary["test"]["rows"]}
+    elif name == "train":
+        train = pd.read_parquet(train_p)
+        result = tune("hgb", train.drop(columns=[TARGET]), train[TARGET], n_iter=2, cv_folds=2, seed=42, progress=False)
+        joblib.dump(result.model, folder / "model.joblib")
+        extra = {"cv_roc_auc": round(result.best_score, 4), "train_rows": len(train)}
+    elif name == "evaluate":
+        model = joblib.load(folder / "model.joblib")
+        ys, ps = [], []
+        for batch in scale.iter_batches(test_p, 250_000):
+            ys.append(batch[TARGET].to_numpy()); ps.append(model.predict_proba(batch.drop(columns=[TARGET]))[:, 1])
+        metrics = classification_metrics(np.concatenate(ys), np.concatenate(ps))
+        extra = {"roc_auc": round(metrics["roc_auc"], 4), "test_rows": int(metrics.get("n", sum(map(len, ys))))}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+
+
+def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
+    cmd = [sys.executable, __file__, "--stage", name, "--dir", str(folder), "--rows", str(rows),
+           "--max-train-rows", str(max_train_rows), "--mode", mode]
+    # one OpenMP thread per process unless told otherwise: on a shared, oversubscribed machine HGB's spinning OpenMP
+    # threads made a 75k-row search take minutes instead of seconds, which says nothing about the data path
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0: raise SystemExit(f"{mode} {name} at {rows} rows failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def exponent(sizes, seconds) -> float | None:
+    "Least-squares slope of log(seconds) on log(rows)."
+    pts = [(math.log(n), math.log(max(s, 1e-3))) for n, s in zip(sizes, seconds)]
+    if len(pts) < 2: return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    ap.add_argument("--max-train-rows", type=int, default=200_000, help="prepare.max_train_rows")
+    ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size run in memory too (0: none)")
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.stage:  # a child: one stage, one JSON line
+        print(json.dumps(stage(args.stage, Path(args.dir), args.rows, args.max_train_rows, args.mode)))
+        return
+    from mlops_nb.data import drop_identifiers, synthetic_churn
+    from mlops_nb.drift import profile
+    from mlops_nb.schema import load_schema
+    results = {}
+    print(f"{'rows':>11} {'mode':>9} {'stage':>9} {'seconds':>9} {'peak RSS MB':>12}  notes")
+    for rows in args.sizes:
+        for mode in ["ours"] + (["in-memory"] if rows <= args.baseline_max else []):
+            with tempfile.TemporaryDirectory(prefix="mlops-nb-scale-") as tmp:
+                folder = Path(tmp)
+                # a champion's reference profile from other data of the same kind (what validate compares with)
+                ref = profile(drop_identifiers(synthetic_churn(50_000, 7), ["rownames", "churn"]), load_schema(ROOT / "schema.yaml"))
+                (folder / "reference_in.json").write_text(json.dumps(ref.to_dict()))
+                for name in STAGES:
+                    r = run_stage(name, folder, rows, args.max_train_rows, mode)
+                    results.setdefault(mode, {}).setdefault(rows, {})[name] = r
+                    notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("seconds", "peak_rss_mb"))
+                    print(f"{rows:>11,} {mode:>9} {name:>9} {r['seconds']:>9.1f} {r['peak_rss_mb']:>12,.0f}  {notes}", flush=True)
+    ours = results["ours"]
+    sizes = sorted(ours)
+    total = {n: sum(ours[n][s]["seconds"] for s in STAGES) for n in sizes}
+    peak = {n: max(ours[n][s]["peak_rss_mb"] for s in STAGES) for n in sizes}
+    growth = {s: exponent(sizes, [ours[n][s]["seconds"] for n in sizes]) for s in STAGES}
+    growth["end_to_end"] = exponent(sizes, [total[n] for n in sizes])
+    print()
+    for n in sizes:
+        base = results.get("in-memory", {}).get(n)
+        side = (f" | in memory: {sum(base[s]['seconds'] for s in STAGES):.1f} s, peak {max(base[s]['peak_rss_mb'] for s in STAGES):,.0f} MB"
+                if base else "")
+        print(f"{n:>11,} rows: streamed {total[n]:.1f} s, peak {peak[n]:,.0f} MB{side}")
+    print("growth exponent b (time ~ rows^b): " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if v is not None))
+    largest = sizes[-1]
+    print(f"largest size {largest:,} rows: peak RSS {peak[largest] / 1024:.2f} GB ({'within' if peak[largest] < 8192 else 'ABOVE'} 8 GB)")
+    out = {"benchmark": "scale", "sizes": sizes, "max_train_rows": args.max_train_rows,
+           "seconds": {str(n): round(total[n], 1) for n in sizes}, "peak_rss_mb": {str(n): round(peak[n]) for n in sizes},
+           "per_stage": {str(n): {s: {"seconds": round(ours[n][s]["seconds"], 2), "peak_rss_mb": round(ours[n][s]["peak_rss_mb"])}
+                                  for s in STAGES} for n in sizes},
+           "baseline": "pandas in memory",
+           "baseline_peak_rss_mb": {str(n): round(max(v[s]["peak_rss_mb"] for s in STAGES)) for n, v in results.get("in-memory", {}).items()},
+           "baseline_seconds": {str(n): round(sum(v[s]["seconds"] for s in STAGES), 1) for n, v in results.get("in-memory", {}).items()},
+           "growth_exponent": {k: (round(v, 3) if v is not None else None) for k, v in growth.items()},
+           "within_8gb": peak[largest] < 8192}
+    (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
+    (ROOT / "reports" / "benchmarks" / "scale.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
