@@ -23,9 +23,9 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)  ## set up, then run the whole pipeline (dvc repro)
 	$(BIN)/mlops-nb run
 
-# test modules run in parallel, one worker per core (PYTEST_WORKERS=0: one process, file order); tests/conftest.py groups them
+# test files run in parallel, one worker per core, each file whole on one worker (PYTEST_WORKERS=0: one process, file order)
 PYTEST_WORKERS ?= auto
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)  ## set up, then run every test (unit, notebooks, sync, pipeline smoke)
 	$(BIN)/python -m pytest $(XDIST)

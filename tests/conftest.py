@@ -30,25 +30,18 @@ for var, value in [("GIT_AUTHOR_NAME", "mlops-nb tests"), ("GIT_COMMITTER_NAME",
 STRICT = os.environ.get("MLOPS_NB_NO_SKIP") == "1"
 
 
-# `make test` spreads the modules over pytest-xdist workers (`-n auto --dist loadgroup`). A module runs whole on one
-# worker, so its module-scoped pipeline run is built once; the site shares a worker with the notebooks, whose
-# executions it reuses. The longest modules start first, so no worker is left alone with a long one at the end
-# (their order comes from CI's --durations; a module missing from the list just starts later).
-SAME_WORKER = {"test_site": "test_notebooks"}
+# `make test` spreads the test files over pytest-xdist workers (`-n auto --dist loadfile`): a module runs whole on
+# one worker, so its module-scoped pipeline run is built once. The longest modules start first, so no worker is left
+# alone with a long one at the end (their order comes from CI's --durations; a module missing from the list just
+# starts later).
 LONGEST_FIRST = ["test_gate", "test_scale_services", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_serve_faults",
                  "test_container", "test_promotion", "test_monitor", "test_scale_dask", "test_protocols", "test_serve", "test_export"]
 
 
-def worker_group(module: str) -> str:
-    "The xdist group of the tests of `module`: the module itself, or the module it must share a worker with."
-    return SAME_WORKER.get(module, module)
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items: item.add_marker(pytest.mark.xdist_group(worker_group(item.module.__name__)))
     if hasattr(config, "workerinput"):  # an xdist worker: order the work longest first (a stable sort keeps file order within)
         rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(worker_group(item.module.__name__), len(rank)))
+        items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
 def skip_or_fail(reason: str):
