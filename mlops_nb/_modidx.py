@@ -365,6 +365,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.monitor._label_codes': ('monitor.html#_label_codes', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._logit': ('monitor.html#_logit', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._metric_reason': ('monitor.html#_metric_reason', 'mlops_nb/monitor.py'),
+                                  'mlops_nb.monitor._resample_map': ('monitor.html#_resample_map', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._score': ('monitor.html#_score', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._sigmoid_map': ('monitor.html#_sigmoid_map', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.estimate_metrics': ('monitor.html#estimate_metrics', 'mlops_nb/monitor.py'),

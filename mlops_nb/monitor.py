@@ -199,6 +199,11 @@ def _sigmoid_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.nda
     return LogisticRegression(C=1e6).fit(_logit(score)[:, None], hit).predict_proba(_logit(grid)[:, None])[:, 1]
 
 # %% ../nbs/23_monitor.ipynb #c1b2a3d4
+def _resample_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    "Platt scaling of one resample; with one outcome only (a model right on every test row), Laplace's rule of succession."
+    if 0 < hit.sum() < len(hit): return _sigmoid_map(score, hit, grid)
+    return np.full(len(grid), (hit.sum() + 1) / (len(hit) + 2))   # near, never at, certainty
+
 def fit_calibration(
     outputs: pd.DataFrame,        # `outputs_of(model, X)` on labelled rows the model never trained on (the test split)
     y,                            # those rows' true classes, as the model names them
@@ -213,8 +218,7 @@ def fit_calibration(
     hit = truth == classes[1] if binary else np.asarray(classes)[proba.argmax(axis=1)] == truth
     grid, rng = np.linspace(0, 1, 201), np.random.default_rng(seed)
     picks = [rng.integers(0, len(score), len(score)) for _ in range(resamples)]
-    maps = [_sigmoid_map(score[i], hit[i], grid).tolist() for i in picks if 0 < hit[i].sum() < len(i)]
-    if not maps: raise MlopsError(f"calibration needs labelled rows of both outcomes; {len(score)} rows, {int(hit.sum())} of them {'class ' + classes[1] if binary else 'predicted right'}")
+    maps = [_resample_map(score[i], hit[i], grid).tolist() for i in picks]
     return Calibration("binary" if binary else "top-label", grid.tolist(), maps)
 
 # %% ../nbs/23_monitor.ipynb #ca2dd6d1
