@@ -43,10 +43,11 @@ def timed(f, repeat=1):
     return best, out
 
 
-def run_deepchecks(ref, new, n_samples):
+def run_deepchecks(ref, new, n_samples, cats=None):
+    "deepchecks' FeatureDrift scores per column; `cats`: the categorical columns (default: those named cat_*)."
     from deepchecks.tabular import Dataset
     from deepchecks.tabular.checks import FeatureDrift
-    cats = [c for c in ref.columns if c.startswith("cat")]
+    cats = [c for c in ref.columns if c.startswith("cat")] if cats is None else cats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = FeatureDrift(n_samples=n_samples).run(Dataset(ref, cat_features=cats), Dataset(new, cat_features=cats))
