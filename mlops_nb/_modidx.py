@@ -358,6 +358,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor.MonitorReport.to_dict': ('monitor.html#monitorreport.to_dict', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._auc': ('monitor.html#_auc', 'mlops_nb/monitor.py'),
+                                  'mlops_nb.monitor._beyond_floor': ('monitor.html#_beyond_floor', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._classes': ('monitor.html#_classes', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._decide': ('monitor.html#_decide', 'mlops_nb/monitor.py'),
                                   'mlops_nb.monitor._estimate': ('monitor.html#_estimate', 'mlops_nb/monitor.py'),

@@ -285,28 +285,32 @@ class MonitorReport:
     def __repr__(self): return f"MonitorReport({self.decision}: {'; '.join(self.reasons)})"
 
 # %% ../nbs/23_monitor.ipynb #ef938b23
+def _beyond_floor(value: float, params: Params) -> tuple[bool, str]:
+    "Whether `value` of the primary metric is beyond the monitor's floor (a ceiling for error metrics), and how to say so."
+    from mlops_nb.evaluate import greater_is_better
+    bound = params.monitor.min_primary if params.monitor.min_primary is not None else params.evaluate.min_primary
+    up = greater_is_better(params.evaluate.primary_metric)
+    return (value < bound if up else value > bound), f"{'below the floor' if up else 'above the ceiling'} {bound:g}"
+
 def _metric_reason(realized: dict | None, params: Params) -> tuple[bool, str | None]:
     "Whether the realized primary metric calls for retraining, and the line that says so."
     if realized is None: return False, None
-    from mlops_nb.evaluate import greater_is_better
     m, n = params.evaluate.primary_metric, realized.get("n", 0)
-    bound = params.monitor.min_primary if params.monitor.min_primary is not None else params.evaluate.min_primary
     value = realized.get(m)
     shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "not computable"
     if n < params.monitor.min_labels: return False, f"realized {m} {shown} on {n} labelled records: fewer than monitor.min_labels={params.monitor.min_labels}, not decisive"
     if value is None or not math.isfinite(value): return False, f"realized {m} not computable on {n} labelled records (one class only?)"
-    bad = value < bound if greater_is_better(m) else value > bound
-    return bad, f"realized {m} {value:.4g} on {n} labelled records is {'below the floor' if greater_is_better(m) else 'above the ceiling'} {bound:g}" if bad else None
+    bad, beyond = _beyond_floor(value, params)
+    return bad, f"realized {m} {value:.4g} on {n} labelled records is {beyond}" if bad else None
 
 def _estimate_reason(estimated: dict | None, realized_decisive: bool, params: Params) -> tuple[bool, str | None]:
     "Whether the estimated primary metric calls for retraining (only while no decisive realized metric exists)."
-    from mlops_nb.evaluate import greater_is_better
     m = params.evaluate.primary_metric
     if estimated is None or realized_decisive or m not in estimated: return False, None
-    e, bound = estimated[m], params.monitor.min_primary if params.monitor.min_primary is not None else params.evaluate.min_primary
-    bad = e["estimate"] < bound if greater_is_better(m) else e["estimate"] > bound
+    e = estimated[m]
+    bad, beyond = _beyond_floor(e["estimate"], params)
     shown = f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, from calibrated probabilities, before labels)"
-    return bad, f"{shown} is {'below the floor' if greater_is_better(m) else 'above the ceiling'} {bound:g}" if bad else None
+    return bad, f"{shown} is {beyond}" if bad else None
 
 def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple) -> tuple[str, list[str]]:
     alert = [f"schema skew in traffic: {a.explanation}" for a in alerts]
