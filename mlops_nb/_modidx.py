@@ -550,6 +550,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mlops_nb.schema._coerce': ('schema.html#_coerce', 'mlops_nb/schema.py'),
                                  'mlops_nb.schema._coerce_objects': ('schema.html#_coerce_objects', 'mlops_nb/schema.py'),
                                  'mlops_nb.schema._column': ('schema.html#_column', 'mlops_nb/schema.py'),
+                                 'mlops_nb.schema._column_anomalies': ('schema.html#_column_anomalies', 'mlops_nb/schema.py'),
                                  'mlops_nb.schema._column_lines': ('schema.html#_column_lines', 'mlops_nb/schema.py'),
                                  'mlops_nb.schema._comment': ('schema.html#_comment', 'mlops_nb/schema.py'),
                                  'mlops_nb.schema._count': ('schema.html#_count', 'mlops_nb/schema.py'),

@@ -184,7 +184,7 @@ class _Columns(dict):
 
 def validate_parquet(path: str | Path, schema) -> "ValidationResult":
     "`schema.validate` of the Parquet file at `path`, reading one column at a time."
-    from mlops_nb.schema import Anomaly, ValidationResult, _check_column, _key, _renames, _rows
+    from mlops_nb.schema import Anomaly, ValidationResult, _check_column, _column_anomalies, _key, _renames, _rows
     names = [str(n) for n in _parquet(path).schema_arrow.names]
     out = [Anomaly("duplicate_column", n, "error", names.count(n), 1, f"column '{n}' appears {names.count(n)} times; only the first is checked")
            for n in dict.fromkeys(names) if names.count(n) > 1]
@@ -194,12 +194,7 @@ def validate_parquet(path: str | Path, schema) -> "ValidationResult":
     missing = [c for c, spec in schema.columns.items() if c not in cols and spec.required]
     unexpected = [c for c in cols if c not in schema.columns]
     renames = _renames(missing, unexpected, cols, schema) if n else {}
-    for old, new in renames.items():
-        out.append(Anomaly("renamed_column", old, "error", new, old, f"column '{old}' is missing and '{new}' is unexpected; "
-                           f"its values fit '{old}': renamed?"))
-    out += [Anomaly("missing_column", c, "error", None, None, f"required column '{c}' is missing") for c in missing if c not in renames]
-    out += [Anomaly("unexpected_column", c, "error", None, None, f"column '{c}' is not in the schema")
-            for c in unexpected if c not in renames.values()]
+    out += _column_anomalies(missing, unexpected, renames)
     if schema.key in cols: out += _key({schema.key: cols[schema.key]}, schema.key)
     for name, spec in schema.columns.items():
         if name in cols: out += _check_column(name, cols[name], spec)

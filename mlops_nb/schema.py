@@ -540,6 +540,14 @@ def _rows(n: int, schema: Schema) -> list[Anomaly]:
     return []
 
 # %% ../nbs/10_schema.ipynb #5b731d70
+def _column_anomalies(missing: list[str], unexpected: list[str], renames: dict[str, str]) -> list[Anomaly]:
+    "Renamed, missing and unexpected columns; a renamed column is reported once, not also as missing and unexpected."
+    out = [Anomaly("renamed_column", old, "error", new, old, f"column '{old}' is missing and '{new}' is unexpected; "
+                   f"its values fit '{old}': renamed?") for old, new in renames.items()]
+    out += [Anomaly("missing_column", c, "error", None, None, f"required column '{c}' is missing") for c in missing if c not in renames]
+    return out + [Anomaly("unexpected_column", c, "error", None, None, f"column '{c}' is not in the schema")
+                  for c in unexpected if c not in renames.values()]
+
 def _renames(missing: list[str], unexpected: list[str], cols: dict, schema: Schema) -> dict[str, str]:
     "{missing name: unexpected name} for unexpected columns whose values fit a missing column's spec."
     if not missing or not unexpected or not len(next(iter(cols.values()))): return {}
@@ -575,12 +583,7 @@ def validate(
     missing = [c for c, spec in schema.columns.items() if c not in cols and spec.required]
     unexpected = [c for c in cols if c not in schema.columns]
     renames = _renames(missing, unexpected, cols, schema)
-    for old, new in renames.items():
-        out.append(Anomaly("renamed_column", old, "error", new, old, f"column '{old}' is missing and '{new}' is unexpected; "
-                           f"its values fit '{old}': renamed?"))
-    out += [Anomaly("missing_column", c, "error", None, None, f"required column '{c}' is missing") for c in missing if c not in renames]
-    out += [Anomaly("unexpected_column", c, "error", None, None, f"column '{c}' is not in the schema")
-            for c in unexpected if c not in renames.values()]
+    out += _column_anomalies(missing, unexpected, renames)
     out += _key(cols, schema.key)
     for name, spec in schema.columns.items():
         if name in cols: out += _check_column(name, cols[name], spec)
