@@ -10,9 +10,9 @@ calibration maps.
 
 - ours: `monitor(window, ...)`: schema skew of the traffic, every feature's drift, prediction drift, the served
   version mix and metrics estimated before labels (CBPE), and the decision. Best of `--repeat`.
-- baseline: deepchecks `FeatureDrift` on the features plus `PredictionDrift`... is not comparable without a model
-  object, so the baseline is `FeatureDrift` over the features and the two output columns (KS / Cramer's V), with
-  its Datasets built inside the timing. By default deepchecks samples `n_samples=100_000` rows per side; the
+- baseline: deepchecks `FeatureDrift` over the features and the two output columns (KS / Cramer's V; its
+  `PredictionDrift` needs a model object, which a log does not have), its Datasets built inside the timing. By
+  default deepchecks samples `n_samples=100_000` rows per side; the
   headline ratio uses the unsampled run (`n_samples=None`), so both sides read every row.
 
 The goal (DESIGN.md, "Benchmarks"): ours under 10 s and at least 20x faster than deepchecks. The last line is one
