@@ -12,9 +12,10 @@ from pathlib import Path
 from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
-__all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
-           'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote', 'cmd_monitor',
-           'cmd_predict', 'summary_markdown', 'cmd_summary', 'build_parser', 'main']
+__all__ = ['EXIT_NOT_PROMOTED', 'EXIT_BUSY', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback',
+           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote',
+           'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary', 'build_parser',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -216,47 +217,49 @@ def cmd_promote(args) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #99744c51
-def _monitored_version(model: str) -> tuple[str, Path]:
-    "The version `model` names (an alias resolved) and a local copy of its model folder."
-    from mlops_nb.registry import model_files, parse_model_uri, resolve_version
-    name, _, _ = parse_model_uri(model)
-    if name is None:
-        if not Path(model).is_dir(): raise MlopsError(f"--model {model}: not a models:/ URI nor a model folder")
-        return model, Path(model)
-    mv = resolve_version(model)
-    if mv is None: raise MlopsError(f"no such model version: {model} (no champion yet? run the pipeline, or pass --model)")
-    uri = f"models:/{name}/{mv.version}"
-    return uri, model_files(uri)
+def print_monitored(m) -> None:
+    "The decision of a `monitor.monitor_project` result, its reasons and notes, and the estimated metrics beside the realized."
+    report = m.report
+    print(f"monitor: {report.decision} ({report.n_records} records against {m.uri})")
+    for r in report.reasons: print(f"  - {r}")
+    for n in report.notes: print(f"  note: {n}")
+    for k, e in {k: v for k, v in (report.estimated or {}).items() if isinstance(v, dict)}.items():
+        real = f", realized {report.realized[k]:.4g}" if report.realized and k in report.realized else ""
+        print(f"  estimated {k}: {e['estimate']:.4g} ({report.estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}){real}")
+    print(f"report: {m.path}")
 
 def cmd_monitor(args) -> int:
     "Compare a window of traffic with the champion's references; exit 0 none, 4 retrain, 5 alert, 1 an error."
-    from mlops_nb.monitor import join_labels, monitor, read_window, version_references, write_monitor_report
-    from mlops_nb.schema import read_table
+    from mlops_nb.monitor import monitor_project
     paths, params = _project()
-    if args.data is None:
-        log_dir = Path(args.log_dir if args.log_dir is not None else params.serve.log_dir)
-        log_dir = log_dir if log_dir.is_absolute() else paths.root / log_dir
-    window = read_window(None if args.data else log_dir, args.data, args.since, args.last)
-    labels = read_table(args.labels) if args.labels else None
-    if labels is not None: join_labels(window, labels)   # a bad labels file fails before the registry is asked
-    _use_tracking()
-    uri, folder = _monitored_version(args.model or f"models:/{params.register.model_name}@champion")
-    model = None
-    if args.data is not None and "prediction" not in window:   # a batch of inputs: the version's model scores it
-        from mlops_nb.registry import load_model_dir
-        model = load_model_dir(folder)
-    report = monitor(window, **version_references(folder, uri), params=params, labels=labels, model=model)
-    out = args.out if args.out is not None else paths.reports / "monitor"
-    source = {"data": str(args.data)} if args.data else {"log_dir": str(log_dir), "since": args.since, "last": args.last}
-    path = write_monitor_report(report, out, {"model": uri, "source": source, "labels": str(args.labels) if args.labels else None})
-    print(f"monitor: {report.decision} ({report.n_records} records against {uri})")
-    for r in report.reasons: print(f"  - {r}")
-    for n in report.notes: print(f"  note: {n}")
-    for m, e in {k: v for k, v in (report.estimated or {}).items() if isinstance(v, dict)}.items():
-        real = f", realized {report.realized[m]:.4g}" if report.realized and m in report.realized else ""
-        print(f"  estimated {m}: {e['estimate']:.4g} ({report.estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}){real}")
-    print(f"report: {path}")
-    return report.exit_code
+    m = monitor_project(paths, params, args.log_dir, args.data, args.since, args.last, args.labels, args.model, args.out)
+    print_monitored(m)
+    return m.report.exit_code
+
+EXIT_BUSY = 75  # `mlops-nb ct`: another cycle holds the lock (EX_TEMPFAIL: try again later)
+
+def _ct_once(args) -> int:
+    "One cycle: its report, and its exit code (75 when another cycle runs)."
+    from mlops_nb.ct import CycleBusy, format_cycle, run_cycle
+    try: cycle = run_cycle(_project()[0].root, args.log_dir, args.since, args.last, args.labels)
+    except CycleBusy as e:
+        print(f"ct: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    print(format_cycle(cycle))
+    return cycle.exit_code
+
+def cmd_ct(args) -> int:
+    "One continuous-training cycle, or (--every) one per period until interrupted; exit codes as the cycle's outcome."
+    import time
+    from mlops_nb.monitor import parse_duration
+    if args.every is None: return _ct_once(args)
+    if (period := parse_duration(args.every)) is None: raise MlopsError(f"--every {args.every!r}: expected a duration (30m, 1h, 1d)")
+    while True:
+        try: code = _ct_once(args)
+        except MlopsError as e: code = print(f"error: {e}", file=sys.stderr) or 1   # a bad cycle does not end the loop
+        print(f"ct: exit {code}; next cycle in {args.every} (Ctrl-C stops)", flush=True)
+        time.sleep(period.total_seconds())
+
 
 # %% ../nbs/09_cli.ipynb #38a0e23e
 def cmd_predict(args) -> int:
@@ -397,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
     mo.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
     mo.set_defaults(func=cmd_monitor)
+    ct = sub.add_parser("ct", help="one continuous-training cycle: monitor, and on retrain snapshot the labelled window, run the pipeline, promote",
+                        epilog="exit codes: 0 no retraining needed, or the new version promoted; 3 retrained, not promoted (the gate or "
+                               "infrastructure validation said no); 4 retraining due but no labelled records; 5 alert (schema skew in "
+                               "traffic); 75 another cycle is running; 1 an error (a pipeline that stopped: its snapshot is withdrawn)")
+    ct.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    cwin = ct.add_mutually_exclusive_group()
+    cwin.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time")
+    cwin.add_argument("--last", type=int, help="the last N records")
+    ct.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): the records to learn from")
+    ct.add_argument("--every", help="run a cycle every DURATION (30m, 1h, 1d) until interrupted, for local use")
+    ct.set_defaults(func=cmd_ct)
     ex = sub.add_parser("export", help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
     ex.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     ex.add_argument("out", type=Path, help="folder to write (created if missing)")

@@ -62,6 +62,8 @@ class ProjectPaths:
     @property
     def processed(self) -> Path: return self.root / "data" / "processed"
     @property
+    def labelled(self) -> Path: return self.root / "data" / "labelled"   # labelled production windows `mlops-nb ct` appends
+    @property
     def models(self) -> Path: return self.root / "models"
     @property
     def reports(self) -> Path: return self.root / "reports"

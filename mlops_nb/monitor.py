@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, Params, read_json, write_json
+from .core import MlopsError, Params, ProjectPaths, read_json, write_json
 from .drift import DriftReport, Profile, detect_drift, profile
 from .predlog import _META, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
-__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'parse_since', 'select_window', 'read_window',
-           'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of',
-           'join_labels', 'realized_metrics', 'Calibration', 'fit_calibration', 'estimate_metrics', 'MonitorReport',
-           'monitor', 'version_references', 'plot_version_mix', 'write_monitor_report']
+__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'parse_duration', 'parse_since',
+           'select_window', 'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew',
+           'prediction_profile', 'outputs_of', 'join_labels', 'realized_metrics', 'Calibration', 'fit_calibration',
+           'estimate_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
+           'write_monitor_report', 'MonitoredWindow', 'monitored_version', 'monitor_project']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
@@ -32,6 +33,11 @@ EXIT_CODES = {"none": EXIT_NONE, "retrain": EXIT_RETRAIN, "alert": EXIT_ALERT}  
 # %% ../nbs/23_monitor.ipynb #7053673f
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
+def parse_duration(text: str) -> pd.Timedelta | None:
+    "A duration such as 30m, 1h, 2d (s, m, h, d, w), or None when `text` is not one."
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(text))
+    return pd.Timedelta(**{_UNITS[m[2]]: float(m[1])}) if m else None
+
 def parse_since(
     text: str,                         # a duration (30m, 1h, 2d) or an ISO time
     now: datetime.datetime | None = None,  # the end of a duration's window (default: the current time)
@@ -39,8 +45,7 @@ def parse_since(
     "The start of a window as a naive UTC timestamp (the prediction log's `ts`)."
     now = pd.Timestamp(now or datetime.datetime.now(datetime.timezone.utc))
     now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
-    if m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(text)):
-        return (now - pd.Timedelta(**{_UNITS[m[2]]: float(m[1])})).tz_localize(None)
+    if (span := parse_duration(text)) is not None: return (now - span).tz_localize(None)
     try: t = pd.Timestamp(str(text))
     except ValueError: t = pd.NaT
     if t is pd.NaT: raise MlopsError(f"--since {text!r}: expected a duration (30m, 1h, 2d) or an ISO time")
@@ -417,3 +422,51 @@ def write_monitor_report(
     save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
     if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")
     return write_json(out / "monitor.json", {**(extra or {}), **report.to_dict()})
+
+# %% ../nbs/23_monitor.ipynb #0e508459
+@dataclass
+class MonitoredWindow:
+    "What `monitor_project` read, decided and wrote."
+    report: MonitorReport         # the decision and its evidence
+    window: pd.DataFrame          # the records monitored
+    labels: pd.DataFrame | None   # the labels file's rows (None: none given)
+    uri: str                      # the version compared with
+    path: Path                    # the JSON report
+
+def monitored_version(model: str) -> tuple[str, Path]:
+    "The version `model` names (an alias resolved) and a local copy of its model folder."
+    from mlops_nb.registry import model_files, parse_model_uri, resolve_version
+    name, _, _ = parse_model_uri(model)
+    if name is None:
+        if not Path(model).is_dir(): raise MlopsError(f"--model {model}: not a models:/ URI nor a model folder")
+        return model, Path(model)
+    mv = resolve_version(model)
+    if mv is None: raise MlopsError(f"no such model version: {model} (no champion yet? run the pipeline, or pass --model)")
+    uri = f"models:/{name}/{mv.version}"
+    return uri, model_files(uri)
+
+# %% ../nbs/23_monitor.ipynb #69584423
+def monitor_project(
+    paths: ProjectPaths,          # the project
+    params: Params,               # its params (serve.log_dir, monitor.*, register.model_name)
+    log_dir: str | Path | None = None,  # the prediction log folder (default: serve.log_dir)
+    data: str | Path | None = None,     # or a batch file instead of the log
+    since: str | None = None,     # a duration (1h) or an ISO time
+    last: int | None = None,      # the last N records
+    labels: str | Path | None = None,   # a labels file: request_id, label (and record)
+    model: str | None = None,     # the version to compare with (default: the champion)
+    out: str | Path | None = None,  # the report's folder (default: reports/monitor)
+) -> MonitoredWindow:
+    "Monitor a window of the project's traffic against `model` and write the report."
+    from mlops_nb.registry import load_model_dir, use_project_tracking
+    if data is None: log_dir = paths.root / (log_dir if log_dir is not None else params.serve.log_dir)
+    window = read_window(None if data else log_dir, data, since, last)
+    table = read_table(labels) if labels else None
+    if table is not None: join_labels(window, table)   # a bad labels file fails before the registry is asked
+    use_project_tracking(paths.root)
+    uri, folder = monitored_version(model or f"models:/{params.register.model_name}@champion")
+    scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it
+    report = monitor(window, **version_references(folder, uri), params=params, labels=table, model=scorer)
+    source = {"data": str(data)} if data else {"log_dir": str(log_dir), "since": since, "last": last}
+    path = write_monitor_report(report, out if out is not None else paths.reports / "monitor", {"model": uri, "source": source, "labels": str(labels) if labels else None})
+    return MonitoredWindow(report, window, table, uri, path)

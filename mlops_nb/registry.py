@@ -199,6 +199,16 @@ def _lock_holder(client, lock: str) -> tuple[str, float] | None:
         raise
     return tags.get("owner", "?"), float(tags.get("since", "0"))
 
+def _owner_died(owner: str) -> bool:
+    "Whether `owner` (host:pid:token) is a process of this host that no longer runs (killed while it held the lock)."
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != platform.node() or not pid.isdigit(): return False
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return True
+    except PermissionError: return False
+    return False
+
 @contextmanager
 def promotion_lock(
     name: str,                  # the registered model whose aliases are about to move
@@ -217,8 +227,8 @@ def promotion_lock(
         except Exception as e:  # taken (RESOURCE_ALREADY_EXISTS), or the database busy: wait and retry
             last = e
         held = _lock_holder(client, lock) if getattr(last, "error_code", "") == "RESOURCE_ALREADY_EXISTS" else None
-        if held and time.time() - held[1] > stale_after and _lock_holder(client, lock) == held:
-            client.delete_registered_model(lock)   # stale: its owner died holding it
+        if held and (time.time() - held[1] > stale_after or _owner_died(held[0])) and _lock_holder(client, lock) == held:
+            client.delete_registered_model(lock)   # stale: its owner died holding it (old, or a process of this host that is gone)
             continue
         if time.monotonic() > deadline:
             who = f"held by {held[0]}" if held else f"not available: {type(last).__name__}: {str(last).splitlines()[0][:200]}"
@@ -263,7 +273,8 @@ def promote_candidate(
         return no(f"{why}: registered, not promoted (promote it with `mlops-nb promote {version}`, or set register.promote_dirty: true)")
     with promotion_lock(name):
         current = _version_str(alias_version(name))
-        if current != (str(compared_with) if compared_with else None):
+        finishing = alias == CHAMPION and current == str(version)   # an earlier promotion of it was killed after moving the alias
+        if not finishing and current != (str(compared_with) if compared_with else None):
             return no(f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate")
         if alias == CHAMPION: _promote(name, version)
         else: _client().set_registered_model_alias(name, alias, str(version))

@@ -5,6 +5,7 @@
 # %% ../nbs/12_scale.ipynb #2b7aa99c
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -153,12 +154,22 @@ def write_batches(path: str | Path, frames) -> int:
     return rows
 
 # %% ../nbs/12_scale.ipynb #fe95181a
+def _alike(named_frames) -> Iterator[pd.DataFrame]:
+    "The frames of (origin, frame) pairs, each checked to have the first one's columns."
+    from mlops_nb.data import DataError
+    first = None
+    for origin, df in named_frames:
+        first = first or (origin, list(df.columns))
+        if list(df.columns) != first[1]: raise DataError(f"{origin}: its columns {list(df.columns)} are not those of {first[0]}: {first[1]}")
+        yield df
+
 def ingest_to_parquet(
     source: str, dest: str | Path, query: str="", n_rows: int=5000, seed: int=42, root: str | Path=".",
     drop_columns: list[str] | None=None,  # identifiers removed from every batch
     chunk_rows: int=1_000_000,            # rows generated or copied at a time
+    append: list | None=None,             # Parquet files whose rows follow the source's (labelled production windows)
 ) -> dict:
-    "Write `source` (see `data.load_source`) to `dest` as Parquet, streaming what can be streamed; return the provenance."
+    "Write `source` (see `data.load_source`) and then the `append` files to `dest` as Parquet, streaming what can be streamed; return the provenance."
     import datetime as dt
     from mlops_nb.data import DataError, drop_identifiers, load_source, redact
     drop = list(drop_columns or [])
@@ -168,9 +179,12 @@ def ingest_to_parquet(
         if not path.is_file(): raise DataError(f"data source not found: {path}")
         frames = iter_batches(path, chunk_rows)
     else: frames = [load_source(source, query, n_rows, seed, root)]
-    rows = write_batches(dest, (drop_identifiers(f, drop) for f in frames))
+    extra = [Path(p) for p in append or []]
+    named = itertools.chain(((redact(source), f) for f in frames), *(((p.name, f) for f in iter_batches(p, chunk_rows)) for p in extra))
+    rows = write_batches(dest, _alike((n, drop_identifiers(f, drop)) for n, f in named))
     if not rows: Path(dest).unlink(); raise DataError(f"data source {source} holds no rows")
-    return {"source": redact(source), "rows": rows, "columns": len(parquet_dtypes(dest)), "content_hash": parquet_content_hash(dest),
+    appended = {"appended": [{"file": p.name, "rows": parquet_rows(p)} for p in extra]} if extra else {}
+    return {"source": redact(source), "rows": rows, **appended, "columns": len(parquet_dtypes(dest)), "content_hash": parquet_content_hash(dest),
             "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/12_scale.ipynb #0fd6bb54
