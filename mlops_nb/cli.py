@@ -234,6 +234,10 @@ def cmd_monitor(args) -> int:
     paths, params = _project()
     m = monitor_project(paths, params, args.log_dir, args.data, args.since, args.last, args.labels, args.model, args.out)
     print_monitored(m)
+    if not args.no_notebook:
+        from mlops_nb.monitor import monitor_notebook
+        try: print(f"notebook: {monitor_notebook(m.path, paths.root)}")
+        except Exception as e: print(f"warning: the monitoring notebook failed, the report stands: {_one_line(e)}", file=sys.stderr)
     return m.report.exit_code
 
 EXIT_BUSY = 75  # `mlops-nb ct`: another cycle holds the lock (EX_TEMPFAIL: try again later)
@@ -399,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): realized metrics")
     mo.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
     mo.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
+    mo.add_argument("--no-notebook", action="store_true", help="skip the executed monitoring notebook (pipeline/monitor.ipynb) beside the report")
     mo.set_defaults(func=cmd_monitor)
     ct = sub.add_parser("ct", help="one continuous-training cycle: monitor, and on retrain snapshot the labelled window, run the pipeline, promote",
                         epilog="exit codes: 0 no retraining needed, or the new version promoted; 3 retrained, not promoted (the gate or "

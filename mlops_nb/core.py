@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import hashlib
 import json
 import os
@@ -27,8 +28,9 @@ import yaml
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
            'ExportParams', 'ServeParams', 'MonitorParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader',
-           'load_yaml', 'load_params', 'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv',
-           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch']
+           'load_yaml', 'load_params', 'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet',
+           'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch',
+           'failpoint']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -265,7 +267,8 @@ def atomic_path(path: str | Path):
     "Yield a temporary path beside `path`; on success it replaces `path` (file or folder), on error it vanishes."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    _sweep(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)) / path.name
     try:
         yield tmp
         if tmp.is_dir() and path.exists():
@@ -280,6 +283,19 @@ def atomic_path(path: str | Path):
 def _remove(p: Path):
     if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
     elif p.exists(): p.unlink()
+
+def process_running(pid: int) -> bool:
+    "Whether process `pid` runs on this host (a process of another user counts)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _sweep(path: Path):
+    "Remove the temporaries of `path` left by writers that were killed (their process is gone)."
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = old.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not process_running(int(pid)): _remove(old)
 
 # %% ../nbs/00_core.ipynb #05c02c98
 def write_text(path: str | Path, text: str) -> Path:
@@ -353,3 +369,11 @@ def git_branch(root: str | Path) -> str | None:
     "The branch checked out at `root`: its name, `HEAD` when detached, None outside a git repository."
     r = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else None
+
+# %% ../nbs/00_core.ipynb #9e9a2e67
+def failpoint(name: str, wait: float = 3600) -> None:
+    "Stop here for `wait` seconds, saying so in `MLOPS_NB_FAILPOINT_FILE`, when `MLOPS_NB_FAILPOINT` is `name`."
+    if os.environ.get("MLOPS_NB_FAILPOINT") != name: return
+    import time
+    Path(os.environ.get("MLOPS_NB_FAILPOINT_FILE", "failpoint-reached")).write_text(str(os.getpid()))
+    time.sleep(wait)

@@ -16,10 +16,10 @@ import pandas as pd
 from .core import MlopsError, Params, ProjectPaths, git_state, load_params, read_json, write_json, write_parquet
 
 # %% auto #0
-__all__ = ['OUTCOME_EXIT', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'check_ready', 'CycleBusy', 'cycle_lock', 'Cycle',
-           'new_cycle', 'save_pending', 'load_pending', 'save_finished', 'data_state', 'take_snapshot',
-           'discard_snapshot', 'withdraw_snapshot', 'close_cycle', 'log_cycle', 'finish_cycle', 'start_cycle',
-           'run_cycle', 'format_cycle']
+__all__ = ['OUTCOME_EXIT', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'uncached_outputs', 'pipeline_record', 'check_ready',
+           'CycleBusy', 'cycle_lock', 'Cycle', 'new_cycle', 'save_pending', 'load_pending', 'save_finished',
+           'data_state', 'take_snapshot', 'discard_snapshot', 'restore_record', 'withdraw_snapshot', 'close_cycle',
+           'log_cycle', 'finish_cycle', 'start_cycle', 'run_cycle', 'format_cycle']
 
 # %% ../nbs/27_ct.ipynb #953af46e
 def labelled_rows(
@@ -53,6 +53,18 @@ def commit_files(root: str | Path, files: list, message: str) -> str:
         named = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
         _git(root, *([] if named else ["-c", "user.name=mlops-nb ct", "-c", "user.email=mlops-nb-ct@localhost"]), "commit", "-q", "-m", message, "--", *files)
     return _git(root, "rev-parse", "HEAD")
+
+# %% ../nbs/27_ct.ipynb #75b6339a
+def uncached_outputs(root: str | Path) -> list[str]:
+    "The outputs `dvc.yaml` declares with `cache: false`: git holds them, beside dvc.lock."
+    import yaml
+    stages = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {})
+    return [path for stage in stages.values() for kind in ("outs", "metrics", "plots") for out in stage.get(kind) or []
+            if isinstance(out, dict) for path, spec in out.items() if (spec or {}).get("cache") is False]
+
+def pipeline_record(root: str | Path) -> list[str]:
+    "dvc.lock and the uncached outputs that exist: what a cycle commits after a stage."
+    return ["dvc.lock", *[p for p in uncached_outputs(root) if (Path(root) / p).exists()]]
 
 # %% ../nbs/27_ct.ipynb #54de881d
 def check_ready(root: str | Path, params: Params) -> None:
@@ -159,10 +171,14 @@ def discard_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     if _committed(paths, str(ignore)): _git(paths.root, "checkout", "HEAD", "--", str(ignore))
     else: (paths.root / ignore).unlink(missing_ok=True)
 
+def restore_record(paths: ProjectPaths) -> None:
+    "Put dvc.lock and the uncached outputs back as committed (a stage that stopped may have rewritten some)."
+    _git(paths.root, "checkout", "HEAD", "--", *[p for p in pipeline_record(paths.root) if _committed(paths, p)])
+
 def withdraw_snapshot(paths: ProjectPaths, cycle: Cycle, why: str) -> str:
     "Take the committed snapshot of `cycle` out of the data with a commit, and return the workspace to the committed dvc.lock."
     rel = f"{paths.labelled.relative_to(paths.root)}/{cycle.id}.parquet"
-    _git(paths.root, "checkout", "HEAD", "--", "dvc.lock")
+    restore_record(paths)
     _dvc(paths.root, "remove", "--outs", f"{rel}.dvc")
     done = commit_files(paths.root, [f"{rel}.dvc", paths.labelled.relative_to(paths.root) / ".gitignore"], f"ct {cycle.id}: withdraw {rel} ({why})")
     _dvc(paths.root, "checkout", "-q", "--force")
@@ -211,10 +227,10 @@ def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle) -> Cycle:
     for stage, key in (("register", "registered"), ("infra_validate", "promoted")):
         if dvc("repro", stage, root=paths.root).returncode != 0:
             why = f"the pipeline stopped before the end of {stage} (its notebook is in reports/notebooks/)"
-            if "registered" in cycle.commits: _git(paths.root, "checkout", "HEAD", "--", "dvc.lock")
+            if "registered" in cycle.commits: restore_record(paths)
             else: cycle.commits["withdrawn"] = withdraw_snapshot(paths, cycle, why)
             return close_cycle(paths, params, cycle, "failed", why)
-        cycle.commits[key] = commit_files(paths.root, ["dvc.lock"], f"ct {cycle.id}: dvc.lock after {stage}")
+        cycle.commits[key] = commit_files(paths.root, pipeline_record(paths.root), f"ct {cycle.id}: dvc.lock after {stage}")
         cycle.phase = "promote"
         save_pending(paths.reports / "ct", cycle)
     read = lambda *p: read_json(paths.reports.joinpath(*p))
@@ -235,8 +251,8 @@ def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, l
     cycle.champion_before, cycle.data_before = _champion(paths, params), data_state(paths)
     m = monitor_project(paths, params, log_dir, None, since, last, labels)
     cycle.decision, cycle.reasons = m.report.decision, m.report.reasons
-    cycle.window = {**m.report.window, "records": m.report.n_records, "log_dir": str(log_dir or params.serve.log_dir), "since": since, "last": last,
-                    "labels": str(labels) if labels else None, "model": m.uri}
+    cycle.window = {**m.report.window, "records": m.report.n_records, "log_dir": str(log_dir or params.serve.log_dir), "since": since,
+                    "last_records": last, "labels": str(labels) if labels else None, "model": m.uri}
     if m.report.decision != "retrain":
         return close_cycle(paths, params, cycle, "alert" if m.report.decision == "alert" else "no-retrain",
                            "schema skew in traffic: a broken upstream, which retraining would learn" if m.report.decision == "alert" else "the traffic is like the training data")

@@ -24,7 +24,8 @@ __all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES'
            'select_window', 'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew',
            'prediction_profile', 'outputs_of', 'join_labels', 'realized_metrics', 'Calibration', 'fit_calibration',
            'estimate_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
-           'write_monitor_report', 'MonitoredWindow', 'monitored_version', 'monitor_project']
+           'write_monitor_report', 'drift_from_dict', 'plot_metrics', 'monitor_notebook', 'MonitoredWindow',
+           'monitored_version', 'monitor_project']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
@@ -422,6 +423,48 @@ def write_monitor_report(
     save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
     if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")
     return write_json(out / "monitor.json", {**(extra or {}), **report.to_dict()})
+
+# %% ../nbs/23_monitor.ipynb #c0fdb59b
+def drift_from_dict(d: dict) -> DriftReport:
+    "The `DriftReport` a report's drift section was written from."
+    from mlops_nb.core import ValidateParams
+    from mlops_nb.drift import FeatureDrift
+    return DriftReport([FeatureDrift(**f) for f in d["features"]], ValidateParams(**d["thresholds"]), d["n_rows"])
+
+# %% ../nbs/23_monitor.ipynb #cb53d994
+def plot_metrics(report: dict):
+    "A Figure with each metric's estimate and interval (before labels), its realized value and its offline test value; None without metrics."
+    from matplotlib.figure import Figure
+    m = report["metrics"]
+    est = {k: v for k, v in (m.get("estimated") or {}).items() if isinstance(v, dict)}
+    names = [*est, *(k for k in (m.get("realized") or {}) if k not in est and k != "n" and k in (m.get("offline") or {}))]
+    if not names: return None
+    fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    for i, k in enumerate(names):
+        if k in est: ax.errorbar(est[k]["estimate"], i, xerr=[[est[k]["estimate"] - est[k]["low"]], [est[k]["high"] - est[k]["estimate"]]], fmt="s", capsize=4, color="tab:blue", label="estimated")
+        for source, marker, color in (("realized", "x", "tab:red"), ("offline", "o", "tab:grey")):
+            if (v := (m.get(source) or {}).get(k)) is not None: ax.plot(v, i, marker, color=color, label=source)
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    ax.legend(handles.values(), handles.keys()); ax.set_yticks(range(len(names)), names); ax.set_title("metrics of the window")
+    return fig
+
+# %% ../nbs/23_monitor.ipynb #9ddc7385
+def monitor_notebook(
+    report_path: str | Path,      # a monitor.json
+    root: str | Path,             # the project: its pipeline/monitor.ipynb is executed
+) -> Path:
+    "Execute the project's monitoring notebook on a report (papermill); the executed notebook, kept beside the report."
+    from mlops_nb.core import atomic_path
+    from mlops_nb.pipeline import _papermill
+    root, report_path = Path(root).resolve(), Path(report_path).resolve()
+    source = root / "pipeline" / "monitor.ipynb"
+    if not source.exists(): raise MlopsError(f"{source} not found: copy it from mlops-nb's project template, or pass --no-notebook")
+    out = report_path.with_name("monitor.ipynb")
+    with atomic_path(out) as tmp:
+        _papermill().execute_notebook(str(source), str(tmp), parameters={"report": str(report_path)}, cwd=str(root), kernel_name="python3",
+                                      progress_bar=False, log_output=False)
+    return out
 
 # %% ../nbs/23_monitor.ipynb #0e508459
 @dataclass

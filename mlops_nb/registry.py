@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import MlopsError, tracking_uri
+from .core import MlopsError, failpoint, process_running, tracking_uri
 
 # %% auto #0
 __all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'use_project_tracking', 'pipeline_run', 'flat_params',
@@ -203,11 +203,7 @@ def _owner_died(owner: str) -> bool:
     "Whether `owner` (host:pid:token) is a process of this host that no longer runs (killed while it held the lock)."
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != platform.node() or not pid.isdigit(): return False
-    try: os.kill(int(pid), 0)
-    except ProcessLookupError: return True
-    except PermissionError: return False
-    return False
+    return host == platform.node() and pid.isdigit() and not process_running(int(pid))
 
 @contextmanager
 def promotion_lock(
@@ -280,6 +276,7 @@ def promote_candidate(
         else: _client().set_registered_model_alias(name, alias, str(version))
         if (now := _version_str(alias_version(name, alias))) != str(version):   # a writer that ignores the lock
             return no(f"{alias} is {now} after setting it to {version}: moved by someone else")
+        failpoint("promote.after_alias")   # tests kill the process here: the alias moved, the lock held, nothing recorded yet
     _client().set_model_version_tag(name, version, "promoted" if alias == CHAMPION else alias, "true")
     if alias != CHAMPION:
         return {"promoted": True, "alias": alias, "reason": f"{alias} -> {version}; champion stays {compared_with or '(none)'} "

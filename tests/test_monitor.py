@@ -75,9 +75,9 @@ def logged(folder: Path, n: int) -> int:
     return k
 
 
-def monitor(root: Path, *args):
+def monitor(root: Path, *args, notebook: bool = False):
     source = [] if "--data" in args else ["--log-dir", str(root / "log")]
-    r = run("mlops-nb", "monitor", *source, *args, "--out", str(root / "out"), cwd=root, check=False)
+    r = run("mlops-nb", "monitor", *source, *args, "--out", str(root / "out"), *([] if notebook else ["--no-notebook"]), cwd=root, check=False)
     report = json.loads((root / "out" / "monitor.json").read_text()) if r.returncode in (0, 4, 5) else None
     return r, report
 
@@ -117,10 +117,17 @@ def test_monitor_decides_on_a_real_services_log(project):
         hi = 118.75
         send(server, live.assign(monthly_charges=np.minimum(live.monthly_charges * 1.5, hi)), "shift")
         assert logged(root / "log", 2 * PHASE) == 2 * PHASE
-        r, shift = monitor(root, "--last", str(PHASE))
+        (root / "pipeline").mkdir(exist_ok=True)
+        shutil.copy2(ROOT / "pipeline" / "monitor.ipynb", root / "pipeline")
+        r, shift = monitor(root, "--last", str(PHASE), notebook=True)
         assert r.returncode == 4, r.stdout + r.stderr
         assert shift["decision"] == "retrain" and "monthly_charges" in shift["drift"]["drifted"] and not shift["schema"]["alerts"]
         assert r.stdout.startswith(f"monitor: retrain ({PHASE} records against models:/{NAME}/1)")
+        # the executed monitoring notebook beside the report: the decision, and the drift plotted
+        cells = json.loads((root / "out" / "monitor.ipynb").read_text())["cells"]
+        outputs = [o for c in cells for o in c.get("outputs", [])]
+        assert "Decision: `retrain`" in json.dumps(outputs) and "monthly_charges" in json.dumps(outputs)
+        assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2   # feature drift and prediction drift
 
         # a broken upstream: total_charges arrives null in every record (one null is valid, so the service answers)
         send(server, live.assign(total_charges=np.nan), "broken")

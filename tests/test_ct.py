@@ -1,0 +1,200 @@
+"""`mlops-nb ct` on a real project: the pipeline makes version 1 champion, drifted traffic goes through
+`mlops-nb predict` into the prediction log, its labels arrive, and continuous-training cycles run. The first cycle is
+SIGKILLed in training (while it runs, a second cycle is refused), the second in the middle of a promotion (after the
+alias moved, holding the promotion lock); each is rerun. The scenario runs once per module; each test checks one
+property of what it left, against git, DVC, the registry and the data themselves."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import BIN, TINY, champion_version, copy_project, git_init, registry, run
+
+pytestmark = pytest.mark.slow
+
+N = 400   # records per window of traffic
+# a hash split keeps each row's side as data is appended; the gate's tolerances are open, so a retrained candidate
+# passes and both the training and the promotion phase are reached
+# passes and both the training and the promotion phase are reached. The monitor's floor is above the gate's: labels
+# that contradict the model (concept drift) trigger retraining, and the retrained candidate still clears the gate.
+PARAMS = {**TINY, "prepare": {"split": "hash"}, "monitor": {"min_primary": 0.65},
+          "evaluate": {**TINY["evaluate"], "deepchecks": False, "min_primary": 0.5, "champion_tolerance": 1.0, "slice_tolerance": 1.0}}
+NAME = "churn-classifier"
+
+
+def traffic(project: Path, scenario: str, seed: int, tag: str, strength: float = 1.0) -> Path:
+    "Score a drifted window with `mlops-nb predict` (it goes to the prediction log); the labels file of its records."
+    from mlops_nb.data import synthetic_scenario
+    window = synthetic_scenario(N, scenario, seed=seed, strength=strength).drop(columns="rownames")
+    # drift that leaves more new customers (tenure 0, no charges yet) than the schema's null tolerance is schema skew,
+    # which predict refuses: these customers have been billed once
+    window["total_charges"] = window.total_charges.fillna(window.monthly_charges)
+    here = project.parent   # outside the project: the cycle commits, and finds nothing else changed
+    window.drop(columns="churn").to_parquet(here / f"{tag}.parquet")
+    run("mlops-nb", "predict", "--data", str(here / f"{tag}.parquet"), "--out", str(here / f"{tag}-scores.parquet"), cwd=project)
+    batch = json.loads((here / f"{tag}-scores.parquet.report.json").read_text())["request_id"]
+    labels = here / f"{tag}-labels.csv"
+    pd.DataFrame({"request_id": batch, "record": range(N), "label": window.churn}).to_csv(labels, index=False)
+    return labels
+
+
+def start_ct(project: Path, labels: Path, env: dict | None = None) -> subprocess.Popen:
+    "`mlops-nb ct` on the last window, in a process group of its own (so a kill reaches dvc and the stage under it)."
+    return subprocess.Popen([str(BIN / "mlops-nb"), "ct", "--last", str(N), "--labels", str(labels)], cwd=project, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+
+
+def wait_for(check, what: str, proc: subprocess.Popen, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (found := check()): return found
+        if proc.poll() is not None: raise AssertionError(f"ct ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stage_running(proc: subprocess.Popen, stage: str) -> bool:
+    "Whether `mlops-nb stage STAGE` runs in the process group of `proc` (not in another test's project)."
+    return subprocess.run(["pgrep", "-g", str(proc.pid), "-f", f"mlops-nb stage {stage}"], capture_output=True).returncode == 0
+
+
+def kill(proc: subprocess.Popen):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def state(project: Path) -> dict:
+    "What a killed or finished cycle left: aliases, pending record, git and DVC status, the registry's lock."
+    client = registry(project)
+    pending = project / "reports" / "ct" / "pending.json"
+    aliases = {a: str(client.get_model_version_by_alias(NAME, a).version) for a in ("champion", "previous")
+               if a in client.get_registered_model(NAME).aliases}
+    locks = [m.name for m in client.search_registered_models() if m.name.endswith("--promotion-lock")]
+    latest = max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
+    return {"aliases": aliases, "pending": json.loads(pending.read_text()) if pending.exists() else None, "locks": locks, "latest": str(latest),
+            "git": run("git", "status", "--porcelain", cwd=project).stdout.strip(),
+            "dvc": json.loads(run("dvc", "status", "--json", cwd=project).stdout or "{}"),
+            "head": run("git", "rev-parse", "HEAD", cwd=project).stdout.strip()}
+
+
+def row_keys(df: pd.DataFrame) -> set:
+    return set(pd.util.hash_pandas_object(df.drop(columns="churn"), index=False))
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("ct") / "project", PARAMS)
+    git_init(project)
+    run("mlops-nb", "run", cwd=project)
+    run("git", "add", "-A", cwd=project); run("git", "commit", "-qm", "the first pipeline run", cwd=project)
+    out = {"project": project, "train_v1": pd.read_parquet(project / "data/processed/train.parquet"),
+           "test_v1": pd.read_parquet(project / "data/processed/test.parquet"),
+           "raw_v1": pd.read_parquet(project / "data/raw/data.parquet"), "champion_v1": champion_version(project)}
+
+    # cycle 1: sudden drift; killed in training; a second cycle started meanwhile is refused
+    labels = traffic(project, "sudden", 11, "w1")
+    proc = start_ct(project, labels)
+    wait_for(lambda: stage_running(proc, "train"), "the train stage", proc)
+    busy = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
+    kill(proc)
+    out["busy"], out["killed_in_training"] = busy, state(project)
+    out["resume1"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
+    out["after1"] = state(project)
+    out["cycle1"] = json.loads((project / "reports/ct/latest.json").read_text())
+    out["train_v2"] = pd.read_parquet(project / "data/processed/train.parquet")
+    out["test_v2"] = pd.read_parquet(project / "data/processed/test.parquet")
+    out["raw_v2"] = pd.read_parquet(project / "data/raw/data.parquet")
+
+    # cycle 2: concept drift (half the labels contradict the model); killed inside the promotion, after the alias
+    # moved, holding the promotion lock
+    labels = traffic(project, "concept", 12, "w2", strength=0.5)
+    reached = project.parent / "failpoint"
+    proc = start_ct(project, labels, {"MLOPS_NB_FAILPOINT": "promote.after_alias", "MLOPS_NB_FAILPOINT_FILE": str(reached)})
+    wait_for(reached.exists, "the promotion's failpoint", proc)
+    kill(proc)
+    out["killed_in_promotion"] = state(project)
+    out["resume2"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
+    out["after2"] = state(project)
+    out["cycle2"] = json.loads((project / "reports/ct/latest.json").read_text())
+    return out
+
+
+def test_a_second_cycle_is_refused_while_one_runs(scenario):
+    assert scenario["busy"].returncode == 75, scenario["busy"].stdout + scenario["busy"].stderr
+    assert "another ct cycle is running" in scenario["busy"].stderr
+
+
+def test_a_cycle_killed_in_training_leaves_the_champion_and_a_committed_snapshot(scenario):
+    s, project = scenario["killed_in_training"], scenario["project"]
+    assert s["aliases"]["champion"] == scenario["champion_v1"]
+    assert s["pending"]["phase"] == "pipeline" and s["pending"]["decision"] == "retrain"
+    snapshot = s["pending"]["snapshot"]
+    committed = run("git", "show", "--name-only", "--format=", s["pending"]["commits"]["snapshot"], cwd=project).stdout.split()
+    assert f"{snapshot}.dvc" in committed
+
+
+def test_the_rerun_completes_the_killed_cycle_and_promotes_a_new_version(scenario):
+    r, c, s = scenario["resume1"], scenario["cycle1"], scenario["after1"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c["id"] == scenario["killed_in_training"]["pending"]["id"] and c["outcome"] == "promoted"
+    assert s["aliases"] == {"champion": c["version"], "previous": scenario["champion_v1"]}
+    assert c["gate"]["compared_with"] == scenario["champion_v1"] and c["gate"]["blessed"]
+    assert s["pending"] is None and s["locks"] == []
+
+
+def test_a_completed_cycle_leaves_git_dvc_and_the_lock_consistent(scenario):
+    for key in ("after1", "after2"):
+        s = scenario[key]
+        assert s["git"] == "", f"{key}: uncommitted changes: {s['git']}"
+        assert s["dvc"] == {}, f"{key}: dvc status: {s['dvc']}"
+    project, c = scenario["project"], scenario["cycle1"]
+    log = run("git", "log", "--format=%H %s", cwd=project).stdout
+    assert f"{c['commits']['registered']} ct {c['id']}: dvc.lock after register" in log
+    # the version records the commit of its data snapshot
+    tags = registry(project).get_model_version(NAME, c["version"]).tags
+    assert tags["git_commit"] == c["commits"]["snapshot"] and tags["git_dirty"] == "False"
+
+
+def test_the_labelled_window_is_appended_to_the_training_data(scenario):
+    project, c = scenario["project"], scenario["cycle1"]
+    window = pd.read_parquet(project.parent / "w1.parquet")
+    raw_v2 = scenario["raw_v2"]
+    assert len(raw_v2) == len(scenario["raw_v1"]) + N == c["data_after"]["rows"]
+    pd.testing.assert_frame_equal(raw_v2.tail(N).drop(columns="churn").reset_index(drop=True), window, check_dtype=False)
+    labels = pd.read_csv(project.parent / "w1-labels.csv")
+    assert raw_v2.tail(N).churn.tolist() == labels.label.tolist()
+    assert c["data_before"]["content_hash"] != c["data_after"]["content_hash"]
+
+
+def test_the_champion_and_the_candidate_are_compared_on_rows_neither_trained_on(scenario):
+    test_v2 = row_keys(scenario["test_v2"])
+    assert not test_v2 & row_keys(scenario["train_v1"]), "the champion's training rows are in the new test set"
+    assert not test_v2 & row_keys(scenario["train_v2"])
+    assert row_keys(scenario["test_v1"]) <= test_v2   # rows the first split held out stay held out
+
+
+def test_a_cycle_killed_inside_a_promotion_is_finished_by_the_rerun(scenario):
+    s, c1, c2 = scenario["killed_in_promotion"], scenario["cycle1"], scenario["cycle2"]
+    assert s["pending"]["phase"] == "promote"
+    assert s["aliases"]["champion"] == s["latest"] != c1["version"] and s["locks"] == [f"{NAME}--promotion-lock"]   # the alias had moved
+    r, after = scenario["resume2"], scenario["after2"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c2["id"] == s["pending"]["id"] and c2["outcome"] == "promoted"
+    assert after["aliases"] == {"champion": c2["version"], "previous": c1["version"]} and after["locks"] == []
+    assert registry(scenario["project"]).get_model_version(NAME, c2["version"]).tags.get("promoted") == "true"
+
+
+def test_every_cycle_is_recorded_in_mlflow(scenario):
+    client = registry(scenario["project"])
+    runs = client.search_runs([client.get_experiment_by_name("mlops-nb-ct").experiment_id])
+    recorded = {r.data.tags["mlflow.runName"]: r.data.tags for r in runs}
+    for c in (scenario["cycle1"], scenario["cycle2"]):
+        tags = recorded[f"ct-{c['id']}"]
+        assert (tags["ct.outcome"], tags["ct.version"], tags["ct.commit.snapshot"]) == (c["outcome"], c["version"], c["commits"]["snapshot"])
