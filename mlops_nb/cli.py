@@ -123,7 +123,9 @@ def cmd_serve(args) -> int:
     model = args.model or f"models:/{params.register.model_name}@{args.alias}"
     log_dir = args.log_dir if args.log_dir is not None else sp.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
-    serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds)
+    feature_repo = None if args.feature_repo is None else paths.root / args.feature_repo
+    serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds,
+          feature_repo=feature_repo)
     return 0
 
 def cmd_loadtest(args) -> int:
@@ -377,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
     sv.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
     sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
+    sv.add_argument("--feature-repo", help="a Feast repository (e.g. features): POST /predict also answers {\"customer_id\": ...} from its online store")
     sv.set_defaults(func=cmd_serve)
     lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
     lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")

@@ -221,3 +221,6 @@ class OnlineLookup:
         cols = [c for c in df.columns if c not in (KEY, "found", TS) and (fields is None or c in fields)]
         recs = [{c: None if isinstance(v, float) and np.isnan(v) else v for c, v in r.items()} for r in df[cols].to_dict("records")]
         return recs, keys
+    def logged_keys(self, batch) -> list[str]:
+        "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
+        return [str(k) for it in batch for k in (self.pending.pop(it.request_id, None) or [""] * len(it.records))]
