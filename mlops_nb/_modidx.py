@@ -294,6 +294,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.features.OnlineLookup': ('features.html#onlinelookup', 'mlops_nb/features.py'),
                                    'mlops_nb.features.OnlineLookup.__init__': ( 'features.html#onlinelookup.__init__',
                                                                                 'mlops_nb/features.py'),
+                                   'mlops_nb.features.OnlineLookup._read': ('features.html#onlinelookup._read', 'mlops_nb/features.py'),
                                    'mlops_nb.features.OnlineLookup.logged_keys': ( 'features.html#onlinelookup.logged_keys',
                                                                                    'mlops_nb/features.py'),
                                    'mlops_nb.features.OnlineLookup.records': ('features.html#onlinelookup.records', 'mlops_nb/features.py'),

@@ -196,15 +196,32 @@ class OnlineLookup:
                  repo: str | Path,        # the feature repository
                  service: str=SERVICE,    # the feature service the model reads
                  registry=None):          # a prometheus CollectorRegistry for the stale-features counter
+        from feast.infra.provider import get_provider
         from prometheus_client import Counter
         self.store, self.service = open_store(repo), service
-        views = self.store.get_feature_service(service).feature_view_projections
-        self.ttl = min(pd.Timedelta(self.store.get_feature_view(v.name).ttl) for v in views)
+        # the service's views and features, resolved once: Feast's get_online_features resolves them from the registry per call
+        self.views = [(self.store.get_feature_view(p.name), [f.name for f in p.features])
+                      for p in self.store.get_feature_service(service).feature_view_projections]
+        self.provider = get_provider(self.store.config)
+        self.ttl = min(pd.Timedelta(v.ttl) for v, _ in self.views)
         self.stale = Counter("mlops_stale_features", "Records answered with online features older than the view's TTL", registry=registry)
         self.pending: dict[str, list] = {}   # request id -> its keys, until the prediction log has them
     def wants(self, body) -> bool:
         "Whether `body` asks by entity key (an object whose only field is `customer_id`)."
         return isinstance(body, dict) and list(body) == [KEY]
+    def _read(self, keys: list) -> tuple[list[dict | None], list]:
+        "Per key its values (None when the store has none) and their oldest event time, read from the online store's tables."
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type as py
+        ek = [EntityKey(join_keys=[KEY], entity_values=[Value(int64_val=k)]) for k in keys]
+        recs, times = [{} for _ in keys], [None] * len(keys)
+        for view, names in self.views:
+            for i, (ts, values) in enumerate(self.provider.online_read(self.store.config, view, ek, names)):
+                if values is None or recs[i] is None: recs[i] = None; continue
+                recs[i].update({n: py(values[n]) if n in values else None for n in names})
+                times[i] = ts if times[i] is None else min(times[i], ts)
+        return recs, times
     def records(self, body, fields: list[str] | None=None) -> tuple[list[dict], list]:
         "The feature records for the key(s) in `body` (only `fields`, when given) and the keys; 422 for a bad key, 404 naming unknown ones."
         from mlops_nb.contract import RequestError
@@ -213,14 +230,13 @@ class OnlineLookup:
         if bad or not keys:
             raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be an integer, got {keys[i]!r}"} for i in bad]
                                or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}])
-        df = online_features(self.store, keys, self.service)
-        if not df.found.all():
-            raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {k}: not in the online store"}
-                                     for i, (k, f) in enumerate(zip(keys, df.found)) if not f])
-        n_stale = int((df[TS] < pd.Timestamp.now(tz="UTC") - self.ttl).sum())
+        recs, times = self._read(keys)
+        missing = [i for i, r in enumerate(recs) if r is None]
+        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing])
+        oldest = pd.Timestamp.now(tz="UTC") - self.ttl
+        n_stale = sum(pd.Timestamp(t).tz_localize("UTC") < oldest if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) < oldest for t in times)
         if n_stale: self.stale.inc(n_stale)
-        cols = [c for c in df.columns if c not in (KEY, "found", TS) and (fields is None or c in fields)]
-        recs = [{c: None if isinstance(v, float) and np.isnan(v) else v for c, v in r.items()} for r in df[cols].to_dict("records")]
+        if fields is not None: recs = [{c: v for c, v in r.items() if c in fields} for r in recs]
         return recs, keys
     def logged_keys(self, batch) -> list[str]:
         "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
