@@ -250,7 +250,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
             body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
             keys = None
             if to_body is None and state.features is not None and state.features.wants(body):   # by entity key: the online store's features
-                body, keys = await asyncio.get_running_loop().run_in_executor(None, state.features.records, body, [f.name for f in version.fields])
+                body, keys = state.features.records(body, [f.name for f in version.fields])   # ~1 ms of SQLite: cheaper than a thread handoff
             records = validate_records(body, version.fields, state.params.max_records)
             if keys is not None: state.features.pending[rid] = keys
         except RequestError as e:
