@@ -194,3 +194,21 @@ def test_features_list_and_describe(repo):
     assert "tenure Int64" in out and "contract String" in out and "materialized until never" not in out
     bad = run("mlops-nb", "features", "describe", "nope", cwd=root, check=False)
     assert bad.returncode == 1 and "no feature view or feature service named 'nope'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_features_apply_publishes_the_ingested_snapshot(own_store):
+    from mlops_nb.data import synthetic_churn
+    missing = run("mlops-nb", "features", "apply", cwd=own_store, check=False)
+    assert missing.returncode == 1 and "data/raw/data.parquet not found: run the ingest stage first" in missing.stderr
+    raw = synthetic_churn(30, seed=4).drop(columns="rownames")   # what the ingest stage writes
+    (own_store / "data" / "raw").mkdir(parents=True)
+    raw.to_parquet(own_store / "data" / "raw" / "data.parquet")
+    as_of = (TODAY - pd.Timedelta(hours=6)).isoformat()
+    run("mlops-nb", "features", "apply", "--as-of", as_of, cwd=own_store)
+    published = pd.read_parquet(own_store / "data" / "features" / "customers.parquet")
+    assert published[KEY].tolist() == list(range(1, 31)) and "churn" not in published
+    on = online_features(open_store(own_store / "features"), [1, 30])
+    assert on.found.tolist() == [True, True]
+    assert on.tenure[:2].tolist() == raw.tenure.iloc[[0, 29]].tolist()
+    assert on[TS][:2].tolist() == [pd.Timestamp(as_of)] * 2
