@@ -13,7 +13,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
-           'cmd_readme', 'build_parser', 'main']
+           'cmd_readme', 'cmd_sweep', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -145,6 +145,21 @@ def cmd_readme(args) -> int:
     print("README.md regenerated from nbs/index.ipynb")
     return 0
 
+# %% ../nbs/09_cli.ipynb #5a1e7c0d
+def cmd_sweep(args) -> int:
+    "Run the trial notebook once per combination of --grid (and --point) with papermill; print the results table."
+    from mlops_nb.pipeline import dvc
+    from mlops_nb.sweep import format_results, parse_grid, parse_point, sweep
+    paths, params = _project()
+    grid, points = parse_grid(args.grid or []), [parse_point(p) for p in args.point or []]
+    if not all((paths.processed / f"{s}.parquet").exists() for s in ("train", "test")):
+        print("no prepared data yet: dvc repro prepare", file=sys.stderr)
+        if dvc("repro", "prepare", root=paths.root).returncode != 0: raise MlopsError("dvc repro prepare failed: the sweep needs data/processed/")
+    sweep_id, table = sweep(paths.root, grid, points, jobs=args.jobs, notebook=args.notebook, sweep_id=args.id, log_mlflow=not args.no_mlflow)
+    print(format_results(table, list(grid) + [k for p in points for k in p if k not in grid], params.evaluate.primary_metric))
+    print(f"results: reports/sweeps/{sweep_id}/results.csv")
+    return 0 if (table.status == "ok").all() else 1
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -186,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
     lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
     lt.set_defaults(func=cmd_loadtest)
+    sw = sub.add_parser("sweep", help="papermill batch: one trial notebook execution per grid combination, in parallel")
+    sw.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a params key and its values, e.g. train.model=[logreg,rf] (repeat: cross product)")
+    sw.add_argument("--point", action="append", metavar="'K=V K=V'", help="one extra combination, e.g. 'train.model=rf train.n_iter=2'")
+    sw.add_argument("--jobs", type=int, default=None, help="trials at once (default: the number of cores)")
+    sw.add_argument("--notebook", default="pipeline/trial.ipynb", help="the notebook executed per combination")
+    sw.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
+    sw.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 def main(argv: list[str] | None=None) -> int:

@@ -146,6 +146,7 @@ class ServeParams:
     loadtest_seconds: float = 10.0   # how long it drives the service
     budget_p99_ms: float = 100.0     # loadtest fails when p99 latency is above this
     budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
+    threshold: float = 0.5           # probability of the positive class at or above which the decision is positive (`mlops-nb` threshold tuner)
 
 @dataclass(frozen=True)
 class Params:
