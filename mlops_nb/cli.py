@@ -149,9 +149,10 @@ def cmd_readme(args) -> int:
 def cmd_sweep(args) -> int:
     "Run the trial notebook once per combination of --grid (and --point) with papermill; print the results table."
     from mlops_nb.pipeline import dvc
-    from mlops_nb.sweep import format_results, parse_grid, parse_point, sweep
+    from mlops_nb.sweep import format_results, parse_grid, parse_point, plan, sweep
     paths, params = _project()
     grid, points = parse_grid(args.grid or []), [parse_point(p) for p in args.point or []]
+    plan(params, grid, points)  # a bad key or value is named before anything runs
     if not all((paths.processed / f"{s}.parquet").exists() for s in ("train", "test")):
         print("no prepared data yet: dvc repro prepare", file=sys.stderr)
         if dvc("repro", "prepare", root=paths.root).returncode != 0: raise MlopsError("dvc repro prepare failed: the sweep needs data/processed/")

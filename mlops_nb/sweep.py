@@ -23,7 +23,7 @@ from .core import MlopsError, Params, atomic_path, load_params, load_yaml, parse
 
 # %% auto #0
 __all__ = ['TRIAL_NOTEBOOK', 'TRIAL_KEYS', 'LOWER_IS_BETTER', 'parse_grid', 'parse_point', 'combinations', 'apply_combination',
-           'trial_parameters', 'check_grid_keys', 'failed_cell', 'run_trial', 'results_table', 'sweep',
+           'trial_parameters', 'check_grid_keys', 'failed_cell', 'run_trial', 'results_table', 'plan', 'sweep',
            'format_results']
 
 # %% ../nbs/31_sweep.ipynb #214f2ba2
@@ -96,11 +96,17 @@ def failed_cell(notebook: str | Path) -> dict | None:
                         "evalue": re.sub(r"\x1b\[[0-9;]*m", "", o.get("evalue", ""))}
     return None
 
-# %% ../nbs/31_sweep.ipynb #1b7a3a6f
+# %% ../nbs/31_sweep.ipynb #7459619d
 def _slug(combination: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(f"{k.split('.')[-1]}={v}" for k, v in combination.items()))[:80]
 
-def run_trial(root: Path, notebook: str, folder: Path, parameters: dict, kernel: str="python3") -> dict:
+def _trial_env(threads: int | None) -> dict:
+    "The environment of a trial: with `threads`, native thread pools (OpenMP, BLAS) sized so parallel trials do not oversubscribe the cores."
+    env = {**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    if threads: env |= {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    return env
+
+def run_trial(root: Path, notebook: str, folder: Path, parameters: dict, kernel: str="python3", threads: int | None=None) -> dict:
     "Execute `notebook` with `parameters` into `folder`; return status, seconds, result and failing cell."
     folder.mkdir(parents=True, exist_ok=True)
     parameters = {**parameters, "out_dir": str(folder.relative_to(root))}
@@ -109,7 +115,7 @@ def run_trial(root: Path, notebook: str, folder: Path, parameters: dict, kernel:
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "papermill", str(root / notebook), str(out), "-f", str(folder / "parameters.yaml"),
                         "--cwd", str(root), "-k", kernel, "--no-progress-bar", "--no-log-output"],
-                       capture_output=True, text=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+                       capture_output=True, text=True, env=_trial_env(threads))
     seconds = time.perf_counter() - start
     result = folder / "result.json"
     if r.returncode == 0 and result.exists():
@@ -139,7 +145,15 @@ def _log_trial(mlflow, parent_id: str, sweep_id: str, trial: str, combination: d
         if Path(outcome["notebook"]).exists(): mlflow.log_artifact(str(outcome["notebook"]), "notebooks")
     return run.info.run_id
 
-# %% ../nbs/31_sweep.ipynb #2153401b
+# %% ../nbs/31_sweep.ipynb #65e21b7c
+def plan(params: Params, grid: dict[str, list], points: list[dict]=()) -> list[tuple[str, dict, dict]]:
+    "(trial name, combination, trial parameters) of every combination, each checked before anything runs."
+    combos = combinations(grid, points)
+    if not combos: raise MlopsError("sweep: no combinations (give --grid KEY=[VALUES] or --point KEY=VALUE)")
+    check_grid_keys({k for c in combos for k in c})
+    return [(f"{i:02d}-{_slug(c)}", c, trial_parameters(apply_combination(params, c))) for i, c in enumerate(combos)]
+
+# %% ../nbs/31_sweep.ipynb #8a2e38f3
 def sweep(
     root: str | Path,                  # the project
     grid: dict[str, list],             # {section.key: [values]}
@@ -154,10 +168,7 @@ def sweep(
     from tqdm.auto import tqdm
     root = Path(root).resolve()
     base = load_params(root / "params.yaml")
-    combos = combinations(grid, points)
-    if not combos: raise MlopsError("sweep: no combinations (give --grid KEY=[VALUES] or --point KEY=VALUE)")
-    check_grid_keys({k for c in combos for k in c})
-    trials = [(f"{i:02d}-{_slug(c)}", c, trial_parameters(apply_combination(base, c))) for i, c in enumerate(combos)]
+    trials = plan(base, grid, points)
     for f in ("train", "test"):
         if not (root / "data" / "processed" / f"{f}.parquet").exists():
             raise MlopsError("sweep: no prepared data in data/processed/ (run `mlops-nb run prepare` first)")
@@ -173,8 +184,10 @@ def sweep(
         parent = mlflow.start_run(run_name=f"sweep {sweep_id}", tags={"sweep_id": sweep_id, "grid": json.dumps(grid, default=str)[:5000]})
     rows, table = [], None
     try:
-        with ThreadPoolExecutor(max(1, min(jobs or os.cpu_count() or 1, len(trials)))) as pool:
-            futures = {pool.submit(run_trial, root, notebook, folder / name, p): (name, c, p) for name, c, p in trials}
+        workers = max(1, min(jobs or os.cpu_count() or 1, len(trials)))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(run_trial, root, notebook, folder / name, p, threads=threads): (name, c, p) for name, c, p in trials}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"sweep {sweep_id}", disable=not progress):
                 name, c, p = futures[fut]
                 outcome = fut.result()
@@ -197,7 +210,7 @@ def sweep(
                                          "trials": json.loads(table.to_json(orient="records"))})
     return sweep_id, table
 
-# %% ../nbs/31_sweep.ipynb #eb021e85
+# %% ../nbs/31_sweep.ipynb #c3ac191a
 def format_results(table: pd.DataFrame, grid_keys: list[str], primary: str) -> str:
     "The results table as text, best first, with failed trials' errors below it."
     cols = ["trial", *[k for k in grid_keys if k in table.columns], "status", *[c for c in (primary, "cv_score", "seconds") if c in table.columns]]
