@@ -20,15 +20,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import yaml
+
+if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
 __all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
            'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ServeParams', 'Params',
            'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text',
            'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri',
-           'git_state']
+           'git_state', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -286,6 +287,7 @@ def read_json(path: str | Path):
 # %% ../nbs/00_core.ipynb #c92b753d
 def content_hash(df: pd.DataFrame) -> str:
     "SHA-256 of `df`'s column names, dtypes and values."
+    import pandas as pd
     h = hashlib.sha256()
     h.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
     h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
@@ -308,3 +310,11 @@ def git_state(root: str | Path) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
     return {"git_commit": commit or "none", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+
+# %% ../nbs/00_core.ipynb #5e7a1c02
+def skip_iri_checker() -> bool:
+    "Keep jsonschema from importing its slow optional IRI checker; True if it will be skipped in this process."
+    import sys
+    if "jsonschema" in sys.modules: return sys.modules.get("rfc3987_syntax", 0) is None
+    sys.modules.setdefault("rfc3987_syntax", None)
+    return sys.modules["rfc3987_syntax"] is None

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .core import atomic_path
+from .core import atomic_path, skip_iri_checker
 
 # %% auto #0
 __all__ = ['METRICS', 'classification_metrics', 'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite',
@@ -114,6 +114,7 @@ def run_suite(
     categorical: list[str]=(),       # categorical feature names
 ) -> dict:
     "Run one deepchecks suite, save its HTML report atomically and return its summary."
+    skip_iri_checker()  # deepchecks imports jsonschema: not its slow optional IRI checker
     from deepchecks.tabular import suites
     suite = getattr(suites, name)()
     ds = lambda d: None if d is None else _deepchecks_dataset(d, target, list(categorical))

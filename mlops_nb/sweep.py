@@ -110,11 +110,12 @@ def run_trial(root: Path, notebook: str, folder: Path, parameters: dict, kernel:
     "Execute `notebook` with `parameters` into `folder`; return status, seconds, result and failing cell."
     folder.mkdir(parents=True, exist_ok=True)
     parameters = {**parameters, "out_dir": str(folder.relative_to(root))}
-    (folder / "parameters.yaml").write_text(json.dumps(parameters))  # JSON is YAML: papermill -f reads it typed
+    (folder / "parameters.json").write_text(json.dumps(parameters))
     out = folder / "notebook.ipynb"
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "papermill", str(root / notebook), str(out), "-f", str(folder / "parameters.yaml"),
-                        "--cwd", str(root), "-k", kernel, "--no-progress-bar", "--no-log-output"],
+    run = ("import json, sys\nfrom mlops_nb.pipeline import execute\n"
+           "execute(sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4], kernel=sys.argv[5])")
+    r = subprocess.run([sys.executable, "-c", run, str(root / notebook), str(out), str(folder / "parameters.json"), str(root), kernel],
                        capture_output=True, text=True, env=_trial_env(threads))
     seconds = time.perf_counter() - start
     result = folder / "result.json"
