@@ -34,7 +34,7 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     "Register the default algorithm's Pipeline as champion in `store`; return its version and the records to send."
     from mlops_nb.core import load_params
     from mlops_nb.data import encode_target, synthetic_churn
-    from mlops_nb.registry import pipeline_run, promote, register_model, use_project_tracking
+    from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
     from mlops_nb.train import build_model
     test = ROOT / "data" / "processed" / "test.parquet"
     df = encode_target(synthetic_churn(2000, seed=7).drop(columns="rownames"), "churn", "Yes")
@@ -47,7 +47,7 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     with pipeline_run(run_name="bench-serving"):
         reg = register_model(build_model(algorithm, X).fit(X, y), X.head(5), NAME, blessed=True,
                              extra_files=[store / "schema.yaml", store / "gate.json"])
-    promote(NAME, reg["version"])
+    _promote(NAME, reg["version"])
     return reg["version"], records
 
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from mlops_nb.core import write_json
     from mlops_nb.loadtest import loadtest
-    from mlops_nb.serve import read_prediction_log
+    from mlops_nb.predlog import read_prediction_log
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:

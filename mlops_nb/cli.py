@@ -12,8 +12,8 @@ from pathlib import Path
 from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
-__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
-           'cmd_readme', 'cmd_sweep', 'build_parser', 'main']
+__all__ = ['EXIT_NOT_PROMOTED', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage',
+           'cmd_serve', 'cmd_loadtest', 'cmd_readme', 'cmd_sweep', 'cmd_promote', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -45,8 +45,10 @@ def _summary(paths: ProjectPaths) -> list[str]:
                      else f"promotion: version {promo['version']} not promoted ({promo['reason']})")
     return lines
 
+EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate did not become champion
+
 def cmd_run(args) -> int:
-    "Check params.yaml, then `dvc repro` the pipeline and summarise the result."
+    "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate was not promoted."
     from mlops_nb.pipeline import dvc
     paths, _ = _project()  # a bad key or type stops here, named, before any stage starts
     result = dvc("repro", *(["--force"] if args.force else []), *args.stages, root=paths.root)
@@ -54,6 +56,8 @@ def cmd_run(args) -> int:
         print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
         return result.returncode
     print("\n".join(["", "pipeline finished", *_summary(paths)]))
+    promotion = paths.reports / "infra" / "promotion.json"
+    if promotion.exists() and not read_json(promotion)["promoted"]: return EXIT_NOT_PROMOTED
     return 0
 
 def cmd_status(args) -> int:
@@ -161,12 +165,55 @@ def cmd_sweep(args) -> int:
     print(f"results: reports/sweeps/{sweep_id}/results.csv")
     return 0 if (table.status == "ok").all() else 1
 
+# %% ../nbs/09_cli.ipynb #27d243ab
+def _examples(paths: ProjectPaths, params: Params, model_uri: str):
+    "Input rows for infrastructure validation: the test split when there is one, else the model's own input example."
+    import pandas as pd
+    from mlflow.models import Model
+    from mlops_nb.registry import model_files
+    test = paths.processed / "test.parquet"
+    if test.exists(): return pd.read_parquet(test).drop(columns=[params.base.target], errors="ignore").head(200)
+    folder = model_files(model_uri)
+    return Model.load(str(folder)).load_input_example(str(folder))
+
+def cmd_promote(args) -> int:
+    "Make VERSION champion on request: blessed by the gate, infra-validated now, and the champion still the one it was compared with."
+    from mlops_nb.core import tracking_uri
+    from mlops_nb.infra import infra_validate
+    from mlops_nb.registry import _unreproducible, promote_candidate, resolve_version
+    paths, params = _project()
+    name, version = args.name or params.register.model_name, str(args.version)
+    _use_tracking()
+    uri = f"models:/{name}/{version}"
+    mv = resolve_version(uri)
+    if mv is None: raise MlopsError(f"model '{name}' has no version {version}")
+    tags = mv.tags
+    if tags.get("blessed") != "true":
+        print(f"not promoted: the gate rejected version {version} (failed rules: {tags.get('failed_rules', '?')})", file=sys.stderr)
+        return EXIT_NOT_PROMOTED
+    ip = params.infra
+    report = infra_validate(uri, _examples(paths, params, uri), tracking_uri(paths.root), ip.single_row_ms, ip.batch_ms, ip.batch_rows, ip.repeats)
+    for c in report["checks"]:
+        if not c["passed"]: print(f"infrastructure check failed: {c['check']}: {c.get('detail', '')}", file=sys.stderr)
+    if why := _unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
+    compared = tags.get("compared_with")
+    r = promote_candidate(name, version, None if compared in (None, "", "none") else compared, True, report["ok"], allow_dirty=True)
+    if not r["promoted"]:
+        print(f"not promoted: {r['reason']}", file=sys.stderr)
+        return EXIT_NOT_PROMOTED
+    print(f"promoted {name}: {r['reason']}")
+    return 0
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
     p = argparse.ArgumentParser(prog="mlops-nb", description="Notebook-first MLOps: run, inspect and serve the pipeline of this project.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result")
+    run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result",
+                         description="Run the pipeline (dvc repro) and summarise the result.",
+                         epilog=f"exit codes: 0 the candidate became champion (or nothing to do); {EXIT_NOT_PROMOTED} the pipeline "
+                                "finished but the candidate was not promoted (the gate rejected it, infrastructure validation "
+                                "failed, or it comes from an uncommitted tree or a DVC experiment); any other non-zero: an error")
     run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
     run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     run.set_defaults(func=cmd_run)
@@ -187,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     ln.set_defaults(func=cmd_lineage)
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    pr = sub.add_parser("promote", help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
+                        epilog=f"exit codes: 0 promoted; {EXIT_NOT_PROMOTED} not promoted (the reason is printed); 1 an error")
+    pr.add_argument("version", help="the registered version, e.g. 7")
+    pr.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
+    pr.set_defaults(func=cmd_promote)
     sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
     sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
     sv.add_argument("--host", help="address to listen on (default: serve.host)")
@@ -212,8 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
     return p
 
+def _one_line(e: BaseException) -> str:
+    "What went wrong, in one line: the exception's first line, with its type when that says something."
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    name = type(e).__name__
+    if name == "MlflowException": return f"MLflow: {first}"
+    if name == "Timeout" and type(e).__module__.startswith("filelock"): return f"could not take the lock {getattr(e, 'lock_file', '')}: another process holds it"
+    if name == "DeadKernelError": return f"the notebook's kernel died (out of memory, or killed): {first}"
+    if isinstance(e, OSError) and e.filename: return f"{e.strerror or name}: {e.filename}"
+    return f"{name}: {first}" if first else name
+
 def main(argv: list[str] | None=None) -> int:
-    "Entry point of the `mlops-nb` command."
+    "Entry point of the `mlops-nb` command: any error is one line on stderr and a non-zero exit (MLOPS_NB_DEBUG=1: traceback)."
+    import os
     args = build_parser().parse_args(argv)
     try: return args.func(args)
     except MlopsError as e:
@@ -222,3 +285,7 @@ def main(argv: list[str] | None=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # MLflow, a lock, a dead kernel, the disk: the user gets the problem, not our stack
+        if os.environ.get("MLOPS_NB_DEBUG") == "1": raise
+        print(f"error: {_one_line(e)} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

