@@ -30,7 +30,7 @@ from .predlog import PredictionLog, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
+__all__ = ['ServiceMetrics', 'Variant', 'decide_classes', 'create_app', 'app_from_env', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -107,6 +107,12 @@ async def _read_body(request, limit: int) -> bytes:
         chunks.append(chunk)
     return b"".join(chunks)
 
+# %% ../nbs/20_serve.ipynb #7d1e5c02
+def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
+    "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
+    if proba.shape[1] == 2: return np.asarray(classes)[(proba[:, 1] >= threshold).astype(int)]
+    return np.asarray(classes)[proba.argmax(axis=1)]
+
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _run_batch(version: ModelVersion, records: list[dict]):
     "One model call (in the executor thread): the probabilities, and the input frame for the log."
@@ -128,7 +134,7 @@ def _out_of_range(f: Field, col: np.ndarray) -> int:
 def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
-    pred = np.asarray(version.classes)[proba.argmax(axis=1)]
+    pred = decide_classes(proba, version.classes, state.params.threshold)
     for cls, k in zip(*np.unique(pred, return_counts=True)): m.predictions.labels(version.version, variant.name, str(cls)).inc(int(k))
     score = m.score.labels(version.version, variant.name)
     for p in proba[:, -1].tolist(): score.observe(p)
@@ -255,7 +261,7 @@ async def _predict(state: _State, request) -> tuple[int, dict, str, str]:
     finally:
         if not queued: state.arriving -= 1
     proba = np.ascontiguousarray(proba)
-    pred = np.asarray(version.classes)[proba.argmax(axis=1)]
+    pred = decide_classes(proba, version.classes, state.params.threshold)
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                  "classes": version.classes, "predictions": pred, "probabilities": proba}, version.version, variant.name
 

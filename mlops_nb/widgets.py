@@ -145,7 +145,7 @@ def current_data(
     if isinstance(source, pd.DataFrame): return source
     if str(source) == "latest": return read_table(ProjectPaths.find(root).raw / "data.parquet")
     if str(source) == "log":
-        from mlops_nb.serve import read_prediction_log
+        from mlops_nb.predlog import read_prediction_log
         paths = ProjectPaths.find(root)
         log = read_prediction_log(paths / load_params(paths.params).serve.log_dir)
         if log.empty: raise MlopsError(f"the prediction log in {load_params(paths.params).serve.log_dir} holds no records yet")
