@@ -36,6 +36,7 @@ from mlops_nb.pipeline import STAGES, stage_parameters  # noqa: E402
 FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", ".dvc", ".dvcignore", ".gitignore", "mlops_nb"]
 TINY = {"data": {"source": "synthetic", "n_rows": 800}, "train": {"model": "logreg", "n_iter": 2, "cv_folds": 2},
         "evaluate": {"min_primary": 0.6}}
+TINY_ALLOWED = ["Simple Model Comparison"]  # on 200 test rows the gain over deepchecks' baseline is noise (as in the tests)
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "true", "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "bench",
        "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
@@ -51,6 +52,7 @@ def project_copy(dest: Path, tiny: bool) -> Path:
     if tiny:
         params = yaml.safe_load((dest / "params.yaml").read_text())
         for section, values in TINY.items(): params[section].update(values)
+        params["evaluate"]["deepchecks_allowed"] = [*params["evaluate"]["deepchecks_allowed"], *TINY_ALLOWED]
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
@@ -138,8 +140,9 @@ def main():
         for name in STAGES:
             per_stage[name] = {"ours_s": timed([str(BIN / "dvc"), "repro", "--single-item", name], ours),
                                "plain_s": timed([str(BIN / "dvc"), "repro", "--single-item", name], plain)}
-        noop_run = statistics.median(timed([str(BIN / "mlops-nb"), "run"], ours) for _ in range(3))
-        noop_plain = statistics.median(timed([str(BIN / "dvc"), "repro"], plain) for _ in range(3))
+        # nothing to do: the exit code only repeats the last run's promotion decision
+        noop_run = statistics.median(timed([str(BIN / "mlops-nb"), "run"], ours, check=False) for _ in range(3))
+        noop_plain = statistics.median(timed([str(BIN / "dvc"), "repro"], plain, check=False) for _ in range(3))
         parts = pieces(ours)
     t_ours, t_plain = sum(s["ours_s"] for s in per_stage.values()), sum(s["plain_s"] for s in per_stage.values())
     fixed = {name: s["ours_s"] - s["plain_s"] for name, s in per_stage.items()}
