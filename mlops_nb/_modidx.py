@@ -416,6 +416,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.widgets.ThresholdTuner.write': ('widgets.html#thresholdtuner.write', 'mlops_nb/widgets.py'),
                                   'mlops_nb.widgets._check_column': ('widgets.html#_check_column', 'mlops_nb/widgets.py'),
                                   'mlops_nb.widgets._exp_row': ('widgets.html#_exp_row', 'mlops_nb/widgets.py'),
+                                  'mlops_nb.widgets._failed_tasks': ('widgets.html#_failed_tasks', 'mlops_nb/widgets.py'),
                                   'mlops_nb.widgets._flat': ('widgets.html#_flat', 'mlops_nb/widgets.py'),
                                   'mlops_nb.widgets._flow': ('widgets.html#_flow', 'mlops_nb/widgets.py'),
                                   'mlops_nb.widgets._summary_frame': ('widgets.html#_summary_frame', 'mlops_nb/widgets.py'),

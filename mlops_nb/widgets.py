@@ -491,11 +491,22 @@ def queue_experiment(root: str | Path, changes: dict, name: str | None=None) -> 
     if r.returncode != 0: raise MlopsError(f"dvc exp run --queue failed: {(r.stderr or r.stdout).strip()[-500:]}")
     return r.stdout.strip()
 
-def run_queued(root: str | Path, jobs: int=1) -> str:
-    "Run every queued experiment of the project at `root` and wait for them; return DVC's output."
+def _failed_tasks(root: Path) -> set[str]:
     from mlops_nb.pipeline import dvc
-    r = dvc("exp", "run", "--run-all", "--jobs", str(jobs), root=ProjectPaths.find(root).root, capture=True)
+    r = dvc("queue", "status", root=root, capture=True)
+    return {line.split()[1] for line in r.stdout.splitlines()[1:] if len(line.split()) > 2 and line.split()[-1] == "Failed"}
+
+def run_queued(root: str | Path, jobs: int=1) -> str:
+    "Run every queued experiment of the project at `root` and wait for them; return DVC's output, or name the ones that failed."
+    from mlops_nb.pipeline import dvc
+    root = ProjectPaths.find(root).root
+    before = _failed_tasks(root)
+    r = dvc("exp", "run", "--run-all", "--jobs", str(jobs), root=root, capture=True)
     if r.returncode != 0: raise MlopsError(f"dvc exp run --run-all failed: {(r.stderr or r.stdout).strip()[-800:]}")
+    failed = sorted(_failed_tasks(root) - before)
+    if failed:
+        log = dvc("queue", "logs", failed[0], root=root, capture=True).stdout.strip().splitlines()
+        raise MlopsError(f"experiment(s) {', '.join(failed)} failed (`dvc queue logs {failed[0]}`): " + " | ".join(log[-8:]))
     return r.stdout
 
 # %% ../nbs/30_widgets.ipynb #3f98ee8b
