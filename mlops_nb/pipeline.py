@@ -102,6 +102,10 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
         except papermill.PapermillExecutionError as e:
             tmp.replace(out)  # keep the failed notebook as the report of what went wrong
             raise StageFailed(f"stage {name} failed: {e.ename}: {_strip_ansi(e.evalue)}\n  executed notebook: {out.relative_to(root)}") from None
+        except Exception as e:
+            if type(e).__name__ != "DeadKernelError": raise
+            if tmp.exists(): tmp.replace(out)
+            raise StageFailed(f"stage {name} failed: its kernel died (out of memory, or killed): {str(e).splitlines()[0] if str(e) else ''}") from None
     return out
 
 def _strip_ansi(text: str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", str(text))

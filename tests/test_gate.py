@@ -121,3 +121,20 @@ def test_rebuilding_from_lineage_gives_identical_metrics(project, tmp_path):
         if name != "n": assert abs(record["metrics"]["test"][name] - value) <= 1e-9, name
     assert json.loads((clone / "reports" / "ingest" / "provenance.json").read_text())["content_hash"] == record["data"]["data_hash"]
 
+
+
+def test_run_exits_3_when_the_candidate_is_not_promoted(project):
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    params = (p / "params.yaml").read_text()
+    before = champion_version(p)
+    try:
+        (p / "params.yaml").write_text(params.replace("min_primary: 0.6", "min_primary: 0.999"))   # a floor no model reaches
+        r = run("mlops-nb", "run", cwd=p, check=False)
+        assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        assert "not promoted (the gate rejected the candidate)" in r.stdout
+        assert champion_version(p) == before
+        assert "exit codes: 0 the candidate became champion" in run("mlops-nb", "run", "--help", cwd=p).stdout
+    finally:
+        (p / "params.yaml").write_text(params)

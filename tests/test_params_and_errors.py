@@ -51,3 +51,22 @@ def test_csv_missing_a_required_column_stops_validate(project):
     assert not anomalies["ok"]
     assert [a["column"] for a in anomalies["anomalies"] if a["severity"] == "error"] == ["contract"]
     assert (project / "reports" / "notebooks" / "validate.ipynb").exists()  # the failed notebook is the report
+
+
+def test_a_registry_outage_is_one_line_not_a_traceback(project):
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    r = run("mlops-nb", "lineage", "models:/churn-classifier/1", cwd=project, check=False, env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+
+
+def test_a_dead_kernel_is_one_line_naming_the_stage(project):
+    import json
+    nb_path = project / "pipeline" / "ingest.ipynb"
+    nb = json.loads(nb_path.read_text())
+    nb["cells"].append({"cell_type": "code", "execution_count": None, "id": "kill-self", "metadata": {}, "outputs": [],
+                        "source": ["import os, signal\n", "os.kill(os.getpid(), signal.SIGKILL)"]})
+    nb_path.write_text(json.dumps(nb))
+    r = run("mlops-nb", "stage", "ingest", cwd=project, check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "stage ingest failed: its kernel died" in r.stderr, r.stderr

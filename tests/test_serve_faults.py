@@ -85,7 +85,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
                              "--default-artifact-root", str(root / "server-artifacts")],
                             cwd=root, stdout=open(root / f"mlflow-server-{port}.log", "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    if not wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 90):
+    if not wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 240):   # slow on a loaded CI machine
         stop_process_group(proc)
         skip_or_fail(f"mlflow server did not start: {(root / f'mlflow-server-{port}.log').read_text()[-2000:]}")
     return proc
