@@ -71,7 +71,8 @@ def test_control_panel_queues_and_runs_an_experiment_that_dvc_exp_show_lists(tmp
     assert not panel.status.value.startswith("error"), panel.status.value
     queued = panel.experiments[panel.experiments.parent.notna()]
     assert len(queued) == 1 and queued["train.n_iter"].tolist() == [1]
-    panel.run_button.click()                      # runs the queue and waits
+    try: panel.run_button.click()                 # runs the queue and waits
+    finally: run("dvc", "queue", "stop", cwd=project, check=False)  # no idle DVC queue worker left behind
     assert not panel.status.value.startswith("error"), panel.status.value
     shown = json.loads(run("dvc", "exp", "show", "--json", cwd=project).stdout)
     exps = [rev for base in shown for e in (base.get("experiments") or []) for rev in e["revs"]]
