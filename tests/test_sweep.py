@@ -29,7 +29,7 @@ def swept(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("sweep") / "project")  # the default params and data
     train, test = prepared_default_data(project)
     r = run("mlops-nb", "sweep", *GRID, "--jobs", "2", "--id", "t1", cwd=project, check=False)
-    table = pd.read_csv(project / "reports" / "sweeps" / "t1" / "results.csv")
+    table = pd.read_csv(project / "reports" / "sweeps" / "t1" / "results.csv", dtype={"run_id": str})  # MLflow ids like 3620e65608... crash pandas 2.3 number inference
     return project, r, table, train, test
 
 
