@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: run test test-fast sync lint lock bench serve clean-venv help
+.PHONY: run test test-fast sync lint lock bench serve docs docs-serve clean-venv help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -39,6 +39,12 @@ sync: $(STAMP)  ## regenerate mlops_nb/ from nbs/ and strip notebook outputs
 
 bench: $(STAMP)  ## run every benchmark in benchmarks/
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+docs: $(STAMP)  ## build the documentation site into _site/ (executed notebooks, API, latest run; offline, strict)
+	$(BIN)/mlops-nb docs build
+
+docs-serve: $(STAMP)  ## serve the documentation site on 127.0.0.1:8001, rebuilt when a notebook or report changes
+	$(BIN)/mlops-nb docs serve
 
 serve: $(STAMP)  ## serve the champion model
 	$(BIN)/mlops-nb serve

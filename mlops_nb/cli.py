@@ -289,3 +289,86 @@ def main(argv: list[str] | None=None) -> int:
         if os.environ.get("MLOPS_NB_DEBUG") == "1": raise
         print(f"error: {_one_line(e)} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+# %% ../nbs/09_cli.ipynb #ae53bb11
+def build_parser() -> argparse.ArgumentParser:
+    "The `mlops-nb` argument parser."
+    p = argparse.ArgumentParser(prog="mlops-nb", description="Notebook-first MLOps: run, inspect and serve the pipeline of this project.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result",
+                         description="Run the pipeline (dvc repro) and summarise the result.",
+                         epilog=f"exit codes: 0 the candidate became champion (or nothing to do); {EXIT_NOT_PROMOTED} the pipeline "
+                                "finished but the candidate was not promoted (the gate rejected it, infrastructure validation "
+                                "failed, or it comes from an uncommitted tree or a DVC experiment); any other non-zero: an error")
+    run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
+    run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
+    run.set_defaults(func=cmd_run)
+    st = sub.add_parser("stage", help="execute one stage notebook with its params (what dvc.yaml runs)")
+    st.add_argument("name", help="ingest, validate, prepare, train, evaluate or register")
+    st.set_defaults(func=cmd_stage)
+    sub.add_parser("status", help="which stages are out of date, and the current champion").set_defaults(func=cmd_status)
+    schema = sub.add_parser("schema", help="data schema tools").add_subparsers(dest="schema_command", required=True, metavar="ACTION")
+    infer = schema.add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
+    infer.add_argument("data", type=Path)
+    infer.add_argument("--drop", nargs="*", default=None, help="columns to leave out (default: data.drop_columns of params.yaml)")
+    infer.set_defaults(func=cmd_schema_infer)
+    rb = sub.add_parser("rollback", help="move alias champion back to the version holding alias previous")
+    rb.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
+    rb.set_defaults(func=cmd_rollback)
+    ln = sub.add_parser("lineage", help="what produced a registered model: commit, data hashes, params, reports")
+    ln.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+    ln.set_defaults(func=cmd_lineage)
+    sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
+    from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
+    add_docs_commands(sub)
+    sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
+    sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    sv.add_argument("--host", help="address to listen on (default: serve.host)")
+    sv.add_argument("--port", type=int, help="port (default: serve.port)")
+    sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    sv.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
+    sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
+    sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
+    sv.set_defaults(func=cmd_serve)
+    lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
+    lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
+    lt.add_argument("--concurrency", type=int, help="concurrent clients (default: serve.loadtest_concurrency)")
+    lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
+    lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
+    lt.set_defaults(func=cmd_loadtest)
+    sw = sub.add_parser("sweep", help="papermill batch: one trial notebook execution per grid combination, in parallel")
+    sw.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a params key and its values, e.g. train.model=[logreg,rf] (repeat: cross product)")
+    sw.add_argument("--point", action="append", metavar="'K=V K=V'", help="one extra combination, e.g. 'train.model=rf train.n_iter=2'")
+    sw.add_argument("--jobs", type=int, default=None, help="trials at once (default: the number of cores)")
+    sw.add_argument("--notebook", default="pipeline/trial.ipynb", help="the notebook executed per combination")
+    sw.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
+    sw.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
+    sw.set_defaults(func=cmd_sweep)
+    return p
+
+def _one_line(e: BaseException) -> str:
+    "What went wrong, in one line: the exception's first line, with its type when that says something."
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    name = type(e).__name__
+    if name == "MlflowException": return f"MLflow: {first}"
+    if name == "Timeout" and type(e).__module__.startswith("filelock"): return f"could not take the lock {getattr(e, 'lock_file', '')}: another process holds it"
+    if name == "DeadKernelError": return f"the notebook's kernel died (out of memory, or killed): {first}"
+    if isinstance(e, OSError) and e.filename: return f"{e.strerror or name}: {e.filename}"
+    return f"{name}: {first}" if first else name
+
+def main(argv: list[str] | None=None) -> int:
+    "Entry point of the `mlops-nb` command: any error is one line on stderr and a non-zero exit (MLOPS_NB_DEBUG=1: traceback)."
+    import os
+    args = build_parser().parse_args(argv)
+    try: return args.func(args)
+    except MlopsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # MLflow, a lock, a dead kernel, the disk: the user gets the problem, not our stack
+        if os.environ.get("MLOPS_NB_DEBUG") == "1": raise
+        print(f"error: {_one_line(e)} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,155 @@
+"""The documentation site: `mlops-nb docs build` (what `make docs` runs) builds it strictly and offline from the
+executed notebooks, and headless Chromium finds on each kind of page its title, the navigation, a rendered image
+or table, a working search and no console errors. Screenshots go to reports/docs/.
+
+This module runs after tests/test_notebooks.py, which executes every library notebook into _proc/executed/: the
+build reuses those executions (same execution key) instead of running the notebooks a second time."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, apt_install, run, skip_or_fail
+
+pytestmark = pytest.mark.slow
+SHOTS = ROOT / "reports" / "docs"
+
+# (screenshot name, path, words of the <title>, what the page must render: "img" or "table")
+PAGES = [
+    ("home", "", "mlops-nb", "table"),
+    ("api-docs", "api/docs/", "docs", "table"),
+    ("notebook-drift", "library/11_drift/", "drift", "img"),
+    ("latest-run", "latest-run/", "Latest run", "img"),
+]
+NAV = ["Home", "Getting started", "Library", "API reference", "Latest run"]
+
+
+@pytest.fixture(scope="module")
+def site():
+    "The site as `make docs` builds it, and what the build printed."
+    r = run("mlops-nb", "docs", "build", cwd=ROOT)
+    return ROOT / "_site", r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def base_url(site):
+    "The built site served over HTTP on 127.0.0.1, as any static host would serve it."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site[0])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError: time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    "Headless Chromium (Debian's package, installed when missing) driven by Playwright; nothing is downloaded."
+    chromium = apt_install("chromium", binary="chromium")
+    os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
+    try: from playwright.sync_api import sync_playwright
+    except ImportError: skip_or_fail("the playwright package is not installed (make: requirements.lock)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])  # tests run as root in CI
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    "A page at `url`, with the console errors, page errors and requests to other hosts it caused."
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = []
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url}"))
+    page.on("request", lambda r: r.url.startswith("http://127.0.0.1") or r.url.startswith("data:")
+            or problems.append(f"request to another host: {r.url}"))
+    response = page.goto(url, wait_until="networkidle")
+    assert response.status == 200, f"{url}: HTTP {response.status}"
+    return page, problems
+
+
+def test_build_is_strict_clean_and_offline(site):
+    path, out = site
+    assert "WARNING" not in out, out[-3000:]
+    for name in ["index.html", "getting-started/index.html", "api/docs/index.html", "library/11_drift/index.html",
+                 "latest-run/index.html", "search/search_index.json"]:
+        assert (path / name).is_file(), f"{name} missing from the built site"
+    from mlops_nb.docs import remote_assets
+    assert remote_assets(path) == []
+
+
+def test_every_library_notebook_and_module_has_a_page(site):
+    path, _ = site
+    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+        assert (path / "library" / nb.stem / "index.html").is_file(), f"no page for {nb.name}"
+    for mod in sorted((ROOT / "mlops_nb").glob("[a-z]*.py")):
+        if mod.stem != "__init__": assert (path / "api" / mod.stem / "index.html").is_file(), f"no API page for mlops_nb.{mod.stem}"
+
+
+@pytest.mark.parametrize("name,path,title,rendered", PAGES, ids=[p[0] for p in PAGES])
+def test_page_in_chromium(browser, base_url, name, path, title, rendered):
+    page, problems = open_page(browser, base_url + path)
+    try:
+        assert title.lower() in page.title().lower(), f"title {page.title()!r} lacks {title!r}"
+        nav = page.locator("nav.md-tabs").inner_text()
+        assert all(entry in nav for entry in NAV), f"navigation lacks some of {NAV}: {nav[:500]}"
+        content = page.locator("article.md-content__inner")
+        if rendered == "img":
+            sizes = content.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+            assert sizes and all(w > 100 for w in sizes), f"images not rendered: widths {sizes}"
+        else:
+            assert content.locator("table tbody tr").count() > 0, "no table rendered"
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        assert problems == []
+    finally:
+        page.close()
+
+
+def test_search_finds_a_library_function(browser, base_url):
+    page, problems = open_page(browser, base_url)
+    try:
+        box = page.locator("input.md-search__input")
+        box.click()
+        box.fill("readme_text")
+        first = page.locator(".md-search-result__item a").first
+        first.wait_for(timeout=15_000)
+        assert "readme_text" in page.locator(".md-search-result").inner_text()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "search.png"))
+        first.click()
+        page.wait_for_load_state("networkidle")
+        assert "docs" in page.url, page.url  # the result leads to the docs module's pages
+        assert problems == []
+    finally:
+        page.close()
+
+
+def test_a_broken_link_fails_the_build(site, tmp_path):
+    "Strict: a page linking to a page that does not exist stops the build with the link named (the copy reuses the executions)."
+    project = tmp_path / "project"
+    for name in ["nbs", "docs", "mlops_nb", "reports", "pyproject.toml", "params.yaml", "schema.yaml", "requirements.lock", "_proc/executed"]:
+        src, dst = ROOT / name, project / name
+        if not src.exists(): continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy2(src, dst)
+    with (project / "docs" / "getting-started.md").open("a") as f: f.write("\nSee [the missing page](no-such-page.md).\n")
+    r = run("mlops-nb", "docs", "build", cwd=project, check=False)
+    assert r.returncode == 1
+    assert "no-such-page.md" in r.stderr and "mkdocs build --strict failed" in r.stderr
