@@ -66,9 +66,15 @@ def pipeline_params(params: Params) -> dict:
 
 # %% ../nbs/05_pipeline.ipynb #6a0e1c02
 def _papermill():
-    "papermill, imported without jsonschema's optional IRI checker."
+    "papermill, imported without jsonschema's optional IRI checker and without its S3 and HDFS notebook handlers."
     skip_iri_checker()
-    import papermill
+    if "papermill" in sys.modules: return sys.modules["papermill"]
+    unused = [m for m in ("papermill.s3", "pyarrow") if m not in sys.modules]  # papermill skips a handler whose import fails
+    for m in unused: sys.modules[m] = None
+    try: import papermill
+    finally:
+        for m in unused:
+            if sys.modules.get(m, 0) is None: del sys.modules[m]
     return papermill
 
 def _kernel_manager_class():
