@@ -22,9 +22,8 @@ import pandas as pd
 from .core import MlopsError, Params, atomic_path, load_params, load_yaml, parse_params, write_json
 
 # %% auto #0
-__all__ = ['TRIAL_NOTEBOOK', 'TRIAL_KEYS', 'LOWER_IS_BETTER', 'parse_grid', 'parse_point', 'combinations', 'apply_combination',
-           'trial_parameters', 'check_grid_keys', 'failed_cell', 'run_trial', 'results_table', 'plan', 'sweep',
-           'format_results']
+__all__ = ['TRIAL_NOTEBOOK', 'TRIAL_KEYS', 'parse_grid', 'parse_point', 'combinations', 'apply_combination', 'trial_parameters',
+           'check_grid_keys', 'failed_cell', 'run_trial', 'results_table', 'plan', 'sweep', 'format_results']
 
 # %% ../nbs/31_sweep.ipynb #214f2ba2
 def _assignment(spec: str) -> tuple[str, object]:
@@ -70,8 +69,8 @@ def apply_combination(params: Params, combination: dict) -> Params:
 
 # %% ../nbs/31_sweep.ipynb #330dc4a4
 TRIAL_NOTEBOOK = "pipeline/trial.ipynb"
-TRIAL_KEYS = ("base.seed", "base.target", "train.model", "train.cv_folds", "train.n_iter", "train.scoring", "evaluate.primary_metric")
-LOWER_IS_BETTER = {"log_loss", "brier"}
+TRIAL_KEYS = ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
+              "train.categorical_columns", "evaluate.primary_metric")
 
 def trial_parameters(params: Params, keys=TRIAL_KEYS) -> dict:
     "The papermill parameters of a trial: each key's value under its last name."
@@ -129,9 +128,10 @@ def run_trial(root: Path, notebook: str, folder: Path, parameters: dict, kernel:
 # %% ../nbs/31_sweep.ipynb #6d26d967
 def results_table(rows: list[dict], primary: str) -> pd.DataFrame:
     "One row per trial sorted by the primary metric (best first, failed trials last)."
+    from mlops_nb.evaluate import greater_is_better
     t = pd.DataFrame(rows)
     if primary not in t.columns: t[primary] = float("nan")
-    t = t.sort_values(primary, ascending=primary in LOWER_IS_BETTER, na_position="last", kind="stable")
+    t = t.sort_values(primary, ascending=not greater_is_better(primary), na_position="last", kind="stable")
     return t.reset_index(drop=True)
 
 # %% ../nbs/31_sweep.ipynb #594d9208
