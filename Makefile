@@ -17,7 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlops-nb)" >/dev/null
+	@# JupyterLab's kernels get CurveZMQ keys: encrypted, and no "running over TCP without encryption" warning per kernel
+	@mkdir -p $(VENV)/etc/jupyter && echo '{"MappingKernelManager": {"transport_encryption": "auto"}}' > $(VENV)/etc/jupyter/jupyter_server_config.json
 	@touch $@
 
 run: $(STAMP)  ## set up, then run the whole pipeline (dvc repro)

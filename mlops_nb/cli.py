@@ -13,9 +13,9 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'EXIT_BUSY', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback',
-           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_promote',
-           'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary', 'build_parser',
-           'main']
+           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_sweep',
+           'cmd_promote', 'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary',
+           'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -174,6 +174,22 @@ def cmd_init(args) -> int:
     for choice in plan.choices: print(f"  - {choice}")
     print("next: mlops-nb run")
     return 0
+
+# %% ../nbs/09_cli.ipynb #5a1e7c0d
+def cmd_sweep(args) -> int:
+    "Run the trial notebook once per combination of --grid (and --point) with papermill; print the results table."
+    from mlops_nb.pipeline import dvc
+    from mlops_nb.sweep import format_results, parse_grid, parse_point, plan, sweep
+    paths, params = _project()
+    grid, points = parse_grid(args.grid or []), [parse_point(p) for p in args.point or []]
+    plan(params, grid, points)  # a bad key or value is named before anything runs
+    if not all((paths.processed / f"{s}.parquet").exists() for s in ("train", "test")):
+        print("no prepared data yet: dvc repro prepare", file=sys.stderr)
+        if dvc("repro", "prepare", root=paths.root).returncode != 0: raise MlopsError("dvc repro prepare failed: the sweep needs data/processed/")
+    sweep_id, table = sweep(paths.root, grid, points, jobs=args.jobs, notebook=args.notebook, sweep_id=args.id, log_mlflow=not args.no_mlflow)
+    print(format_results(table, list(grid) + [k for p in points for k in p if k not in grid], params.evaluate.primary_metric))
+    print(f"results: reports/sweeps/{sweep_id}/results.csv")
+    return 0 if (table.status == "ok").all() else 1
 
 # %% ../nbs/09_cli.ipynb #27d243ab
 def _examples(paths: ProjectPaths, params: Params, model_uri: str):
@@ -436,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
     bp.add_argument("--no-log", action="store_true", help="do not append the predictions to the prediction log")
     bp.set_defaults(func=cmd_predict)
+    sw = sub.add_parser("sweep", help="papermill batch: one trial notebook execution per grid combination, in parallel")
+    sw.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a params key and its values, e.g. train.model=[logreg,rf] (repeat: cross product)")
+    sw.add_argument("--point", action="append", metavar="'K=V K=V'", help="one extra combination, e.g. 'train.model=rf train.n_iter=2'")
+    sw.add_argument("--jobs", type=int, default=None, help="trials at once (default: the number of cores)")
+    sw.add_argument("--notebook", default="pipeline/trial.ipynb", help="the notebook executed per combination")
+    sw.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
+    sw.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 def _one_line(e: BaseException) -> str:

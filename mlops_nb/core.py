@@ -21,8 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import yaml
+
+if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
@@ -30,7 +31,7 @@ __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPa
            'ExportParams', 'ServeParams', 'MonitorParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader',
            'load_yaml', 'load_params', 'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet',
            'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch',
-           'failpoint']
+           'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -168,6 +169,7 @@ class ServeParams:
     budget_min_rps: float = 50.0     # loadtest fails when throughput is below this
     monitor_report: str = "reports/monitor/monitor.json"  # the monitor's latest report, exported on /metrics (empty: none)
     runtime: typing.Literal["auto", "sklearn", "onnx"] = "auto"  # auto: ONNX when the version has a parity-checked artifact
+    threshold: float = 0.5           # probability of the positive class at or above which a binary decision is positive (the threshold tuner sets it)
 
 @dataclass(frozen=True)
 class MonitorParams:
@@ -330,6 +332,7 @@ def read_json(path: str | Path):
 # %% ../nbs/00_core.ipynb #c92b753d
 def content_hash(df: pd.DataFrame) -> str:
     "SHA-256 of `df`'s column names, dtypes and values."
+    import pandas as pd
     h = hashlib.sha256()
     h.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
     h.update(pd.util.hash_pandas_object(df, index=False).values.tobytes())
@@ -377,3 +380,11 @@ def failpoint(name: str, wait: float = 3600) -> None:
     import time
     Path(os.environ.get("MLOPS_NB_FAILPOINT_FILE", "failpoint-reached")).write_text(str(os.getpid()))
     time.sleep(wait)
+
+# %% ../nbs/00_core.ipynb #5e7a1c02
+def skip_iri_checker() -> bool:
+    "Keep jsonschema from importing its slow optional IRI checker; True if it will be skipped in this process."
+    import sys
+    if "jsonschema" in sys.modules: return sys.modules.get("rfc3987_syntax", 0) is None
+    sys.modules.setdefault("rfc3987_syntax", None)
+    return sys.modules["rfc3987_syntax"] is None

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .core import EvaluateParams, MlopsError, atomic_path
+from .core import EvaluateParams, MlopsError, atomic_path, skip_iri_checker
 from .train import model_output
 
 # %% auto #0
@@ -199,6 +199,7 @@ def run_suite(
     task: str | None=None,           # binary | multiclass | regression: deepchecks' label type (None: it guesses)
 ) -> dict:
     "Run one deepchecks suite, save its HTML report atomically and return its summary."
+    skip_iri_checker()  # deepchecks imports jsonschema: not its slow optional IRI checker
     from deepchecks.tabular import suites
     suite = getattr(suites, name)()
     ds = lambda d: None if d is None else _deepchecks_dataset(d, target, list(categorical), task)

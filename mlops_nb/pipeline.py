@@ -13,10 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import MlopsError, Params, atomic_path, load_params
+from .core import MlopsError, Params, atomic_path, load_params, skip_iri_checker
 
 # %% auto #0
-__all__ = ['STAGES', 'Stage', 'stage_parameters', 'pipeline_params', 'StageFailed', 'run_stage', 'dvc', 'dvc_status']
+__all__ = ['STAGES', 'Stage', 'stage_parameters', 'pipeline_params', 'execute', 'StageFailed', 'run_stage', 'dvc', 'dvc_status']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 @dataclass(frozen=True)
@@ -64,12 +64,37 @@ def pipeline_params(params: Params) -> dict:
     d["data"]["source"] = redact(d["data"]["source"])   # recorded in MLflow: never a password
     return {s: d[s] for s in STAGES["register"].sections + ("register",)}
 
-# %% ../nbs/05_pipeline.ipynb #022f2d07
+# %% ../nbs/05_pipeline.ipynb #6a0e1c02
 def _papermill():
-    "papermill, with jsonschema's optional IRI format checker left out (jsonschema skips a format whose library is absent)."
-    sys.modules.setdefault("rfc3987_syntax", None)
-    import papermill
+    "papermill, imported without jsonschema's optional IRI checker and without its S3 and HDFS notebook handlers."
+    skip_iri_checker()
+    if "papermill" in sys.modules: return sys.modules["papermill"]
+    unused = [m for m in ("papermill.s3", "pyarrow") if m not in sys.modules]  # papermill skips a handler whose import fails
+    for m in unused: sys.modules[m] = None
+    try: import papermill
+    finally:
+        for m in unused:
+            if sys.modules.get(m, 0) is None: del sys.modules[m]
     return papermill
+
+def _kernel_manager_class():
+    "nbclient's kernel manager with local IPC sockets as the default transport (TCP where IPC does not exist)."
+    import tempfile
+    import uuid
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+    class LocalKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self): return "ipc" if os.name == "posix" else "tcp"
+        def _ip_default(self):
+            if self.transport != "ipc": return super()._ip_default()
+            return os.path.join(tempfile.gettempdir(), f"mlops-nb-{uuid.uuid4().hex[:12]}-ipc")  # short: socket paths have a length limit
+    return LocalKernelManager
+
+def execute(notebook: str | Path, out: str | Path, parameters: dict, cwd: str | Path, progress: bool=False, kernel: str="python3"):
+    "Execute `notebook` into `out` with `parameters` injected, in `cwd`, with papermill and a local IPC kernel."
+    _papermill().execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                                  progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class())
 
 # %% ../nbs/05_pipeline.ipynb #747001d9
 class StageFailed(MlopsError):
@@ -82,9 +107,7 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
     params = stage_parameters(name, load_params(root / "params.yaml")) | overrides
     out = root / STAGES[name].executed
     with atomic_path(out) as tmp:
-        try:
-            papermill.execute_notebook(str(root / STAGES[name].notebook), str(tmp), parameters=params, cwd=str(root),
-                                       kernel_name="python3", progress_bar=progress, log_output=False)
+        try: execute(root / STAGES[name].notebook, tmp, params, root, progress)
         except papermill.PapermillExecutionError as e:
             tmp.replace(out)  # keep the failed notebook as the report of what went wrong
             raise StageFailed(f"stage {name} failed: {e.ename}: {_strip_ansi(e.evalue)}\n  executed notebook: {out.relative_to(root)}") from None

@@ -29,7 +29,7 @@ from .predlog import PredictionLog, log_meta, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
+__all__ = ['ServiceMetrics', 'Variant', 'decide_classes', 'create_app', 'app_from_env', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -112,6 +112,15 @@ async def _read_body(request, limit: int) -> bytes:
         chunks.append(chunk)
     return b"".join(chunks)
 
+# %% ../nbs/20_serve.ipynb #7d1e5c02
+def _decision(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
+    "The index of the class decided for each row of `proba`: binary by `threshold` on the second class, others the most probable."
+    return (proba[:, 1] >= threshold).astype(np.intp) if proba.shape[1] == 2 else proba.argmax(axis=1)
+
+def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
+    "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
+    return np.asarray(classes)[_decision(proba, threshold)]
+
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _run_batch(version: ModelVersion, records: list[dict]):
     "One model call (in the executor thread) on the version's runtime: the probabilities, and the input columns for the log."
@@ -133,7 +142,7 @@ def _out_of_range(fields: list[Field], frame) -> dict[str, int]:
 def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
-    best = proba.argmax(axis=1) if version.classes else None
+    best = _decision(proba, state.params.threshold) if version.classes else None
     pred = np.asarray(version.classes)[best] if version.classes else proba[:, 0]  # a class, or a value
     if version.classes:
         for cls, k in zip(version.classes, np.bincount(best, minlength=len(version.classes)).tolist()):
@@ -271,7 +280,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
     if not version.classes:  # a regressor: one value per record
         return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                      "predictions": proba[:, 0]}, version.version, variant.name
-    pred = np.asarray(version.classes)[proba.argmax(axis=1)]
+    pred = decide_classes(proba, version.classes, state.params.threshold)
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                  "classes": version.classes, "predictions": pred.tolist(), "probabilities": proba}, version.version, variant.name
 
