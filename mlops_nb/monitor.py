@@ -456,14 +456,12 @@ def monitor_notebook(
 ) -> Path:
     "Execute the project's monitoring notebook on a report (papermill); the executed notebook, kept beside the report."
     from mlops_nb.core import atomic_path
-    from mlops_nb.pipeline import _papermill
+    from mlops_nb.pipeline import execute
     root, report_path = Path(root).resolve(), Path(report_path).resolve()
     source = root / "pipeline" / "monitor.ipynb"
     if not source.exists(): raise MlopsError(f"{source} not found: copy it from mlops-nb's project template, or pass --no-notebook")
     out = report_path.with_name("monitor.ipynb")
-    with atomic_path(out) as tmp:
-        _papermill().execute_notebook(str(source), str(tmp), parameters={"report": str(report_path)}, cwd=str(root), kernel_name="python3",
-                                      progress_bar=False, log_output=False)
+    with atomic_path(out) as tmp: execute(source, tmp, {"report": str(report_path)}, root)
     return out
 
 # %% ../nbs/23_monitor.ipynb #0e508459

@@ -23,8 +23,10 @@ N = 400   # records per window of traffic
 # passes and both the training and the promotion phase are reached
 # passes and both the training and the promotion phase are reached. The monitor's floor is above the gate's: labels
 # that contradict the model (concept drift) trigger retraining, and the retrained candidate still clears the gate.
-PARAMS = {**TINY, "prepare": {"split": "hash"}, "monitor": {"min_primary": 0.65},
-          "evaluate": {**TINY["evaluate"], "deepchecks": False, "min_primary": 0.5, "champion_tolerance": 1.0, "slice_tolerance": 1.0}}
+# Fewer bootstrap resamples and timing repeats: four pipeline runs, and none of them is about intervals or latency.
+PARAMS = {**TINY, "prepare": {"split": "hash"}, "monitor": {"min_primary": 0.65}, "infra": {**TINY["infra"], "repeats": 5},
+          "evaluate": {**TINY["evaluate"], "deepchecks": False, "min_primary": 0.5, "champion_tolerance": 1.0, "slice_tolerance": 1.0,
+                       "bootstrap": 50}}
 NAME = "churn-classifier"
 
 
