@@ -67,9 +67,25 @@ def stage_running(proc: subprocess.Popen, stage: str) -> bool:
     return subprocess.run(["pgrep", "-g", str(proc.pid), "-f", f"mlops-nb stage {stage}"], capture_output=True).returncode == 0
 
 
+def become_subreaper():
+    "Adopt the orphans of the processes this one starts (Linux), so that a killed cycle's dvc is reaped here."
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+
+
 def kill(proc: subprocess.Popen):
+    """SIGKILL the cycle's whole process group, then reap it as an init would. DVC takes a killed process that is still
+    a zombie for a live one holding its lock; on a host (or a container with an init) the dead are reaped at once."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try: os.killpg(proc.pid, 0)
+        except ProcessLookupError: return   # no process of the group is left, zombies included
+        try: os.waitpid(-proc.pid, os.WNOHANG)
+        except ChildProcessError: pass
+        time.sleep(0.05)
+    raise AssertionError(f"processes of the killed group {proc.pid} were never reaped")
 
 
 def state(project: Path) -> dict:
@@ -92,6 +108,7 @@ def row_keys(df: pd.DataFrame) -> set:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
+    become_subreaper()
     project = copy_project(tmp_path_factory.mktemp("ct") / "project", PARAMS)
     git_init(project)
     run("mlops-nb", "run", cwd=project)
