@@ -348,6 +348,7 @@ def _score(model, inputs: pd.DataFrame, notes: list) -> pd.DataFrame:
     except Exception as e:
         notes.append(f"the model could not score the batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
         return pd.DataFrame(index=inputs.index)
+
 def _encoded(df: pd.DataFrame, reference: Profile | None) -> pd.DataFrame:
     "`df` with each text column that `reference` profiles as categorical encoded once as a `Categorical` (same values), so the schema check and drift count its codes."
     if reference is None or df.columns.duplicated().any(): return df
@@ -359,7 +360,6 @@ def _encoded(df: pd.DataFrame, reference: Profile | None) -> pd.DataFrame:
     for c, cat in zip(cols, _map(encode, cols, parallel=len(df) >= 100_000)):
         if cat is not None: out[c] = cat
     return out
-
 
 # %% ../nbs/23_monitor.ipynb #9d90cc1c
 def monitor(
