@@ -1,6 +1,6 @@
 """Monitoring a large window of the prediction log: `mlops_nb.monitor.monitor` against deepchecks' drift checks, same window, same run.
 
-    python benchmarks/monitoring.py [--rows 1000000] [--skip-full-baseline]
+    python benchmarks/monitoring.py [--rows 1000000] [--repeat 3] [--skip-full-baseline] [--skip-evidently]
 
 The window is what the service logs: `--rows` records x 20 features (10 numeric, 10 categorical strings, from
 `mlops_nb.drift.synthetic_features`, drift injected in 3 of them) with the log's metadata and a binary model's
@@ -14,6 +14,12 @@ calibration maps.
   `PredictionDrift` needs a model object, which a log does not have), its Datasets built inside the timing. By
   default deepchecks samples `n_samples=100_000` rows per side; the
   headline ratio uses the unsampled run (`n_samples=None`), so both sides read every row.
+- Evidently's `DataDriftPreset` over the same columns, all rows, when `evidently` is installed (an optional
+  benchmark dependency, not in the project's default install: `pip install evidently==0.7.23`, or
+  `pip install -e '.[bench]'`); without it the row says how to install it. `--skip-evidently` leaves it out.
+
+How ours stays fast: each categorical text column is encoded once (`pd.factorize`) and the schema check (nulls,
+types, domain) and the drift count its codes, not a million strings per check; the version mix groups codes.
 
 The goal (DESIGN.md, "Benchmarks"): ours under 10 s and at least 20x faster than deepchecks. The last line is one
 JSON object, also written to reports/benchmarks/monitoring.json.
@@ -55,6 +61,24 @@ def log_window(rows: int, seed: int) -> pd.DataFrame:
     return pd.concat([meta, feats, outputs(feats, seed)[0]], axis=1)
 
 
+EVIDENTLY_PIN = "evidently==0.7.23"   # optional: `pip install evidently==0.7.23` (or the project's `bench` extra)
+
+
+def run_evidently(ref: pd.DataFrame, new: pd.DataFrame, cats: list[str]):
+    "Evidently's DataDriftPreset report over the same columns (None when evidently is not installed)."
+    try:
+        from evidently import DataDefinition, Dataset, Report
+        from evidently.presets import DataDriftPreset
+    except ImportError: return None
+    nums = [c for c in ref.columns if c not in cats]
+    definition = DataDefinition(numerical_columns=nums, categorical_columns=cats)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Report([DataDriftPreset()]).run(Dataset.from_pandas(new, data_definition=definition),
+                                                Dataset.from_pandas(ref, data_definition=definition))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="records in the monitored window")
@@ -62,6 +86,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="runs of ours (best is reported)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip-full-baseline", action="store_true", help="skip deepchecks without sampling (slow)")
+    ap.add_argument("--skip-evidently", action="store_true", help="skip Evidently's DataDriftPreset even if it is installed (slow)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "monitoring.json"))
     args = ap.parse_args(argv)
 
@@ -83,6 +108,14 @@ def main(argv=None):
     t_dc_sampled, dc_sampled = timed(lambda: run_deepchecks(ref_dc, new_dc, 100_000, CATS))
     t_dc_full = dc_full = None
     if not args.skip_full_baseline: t_dc_full, dc_full = timed(lambda: run_deepchecks(ref_dc, new_dc, None, CATS))
+    t_ev = None
+    if args.skip_evidently: ev_note = "skipped (--skip-evidently)"
+    else:
+        try:
+            import evidently  # noqa: F401  (its import is not part of its timing)
+            t_ev, _ = timed(lambda: run_evidently(ref_dc, new_dc, CATS))
+            ev_note = f"{t_ev:.2f} s (evidently {evidently.__version__})"
+        except ImportError: ev_note = f"not installed: pip install {EVIDENTLY_PIN}"
     baseline_s = t_dc_full if t_dc_full is not None else t_dc_sampled
     dc_drifted = sorted(c for c, v in (dc_full or dc_sampled).items() if v > 0.2)   # deepchecks' default condition
 
@@ -97,6 +130,9 @@ def main(argv=None):
     rows += [("deepchecks: drifted (score > 0.2)", str(dc_drifted)),
              ("ratio deepchecks / ours", f"{baseline_s / t_ours:.1f}x against the {'unsampled' if t_dc_full is not None else 'SAMPLED'} run"),
              ("ratio vs sampled deepchecks", f"{t_dc_sampled / t_ours:.1f}x"),
+             ("Evidently DataDriftPreset, all rows", ev_note)]
+    if t_ev is not None: rows.append(("ratio Evidently / ours", f"{t_ev / t_ours:.1f}x"))
+    rows += [
              ("machine", f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
@@ -104,6 +140,7 @@ def main(argv=None):
                "baseline": "deepchecks FeatureDrift", "baseline_s": round(baseline_s, 3), "baseline_sampled": t_dc_full is None,
                "baseline_sampled_s": round(t_dc_sampled, 3), "ratio": round(baseline_s / t_ours, 1),
                "ratio_vs_sampled": round(t_dc_sampled / t_ours, 1), "goal_met": t_ours < 10 and baseline_s / t_ours >= 20,
+               "evidently_s": None if t_ev is None else round(t_ev, 3), "ratio_vs_evidently": None if t_ev is None else round(t_ev / t_ours, 1),
                "decision": report.decision, "ours_drifted": report.drift.drifted, "baseline_drifted": dc_drifted}
     write_json(args.out, figures)
     print(json.dumps(figures))

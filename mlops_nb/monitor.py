@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime
+from concurrent.futures import ThreadPoolExecutor
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, Params, ProjectPaths, read_json, write_json
-from .drift import DriftReport, Profile, detect_drift, profile
+from .drift import DriftReport, Profile, _map, detect_drift, profile
 from .predlog import _META, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
@@ -89,7 +90,13 @@ def version_mix(window: pd.DataFrame) -> pd.DataFrame:
     "Records and share per served model version and variant (empty for a batch file without them)."
     keys = [c for c in ("model_name", "model_version", "variant") if c in window]
     if not keys: return pd.DataFrame(columns=["records", "share"])
-    mix = window.groupby(keys, dropna=False).size().rename("records").reset_index()
+    key = np.zeros(len(window), dtype="int64")
+    for k in keys:                    # one pass per key; nulls (code -1) are a group of their own
+        codes, uniques = pd.factorize(window[k])
+        key = key * (len(uniques) + 1) + codes + 1
+    group, first = np.unique(key, return_index=True)
+    records = np.bincount(np.searchsorted(group, key), minlength=len(group))
+    mix = window[keys].iloc[first].reset_index(drop=True).assign(records=records)
     return mix.assign(share=mix.records / len(window)).sort_values(["records", *keys], ascending=False, ignore_index=True)
 
 def model_inputs(window: pd.DataFrame) -> pd.DataFrame:
@@ -342,6 +349,18 @@ def _score(model, inputs: pd.DataFrame, notes: list) -> pd.DataFrame:
         notes.append(f"the model could not score the batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
         return pd.DataFrame(index=inputs.index)
 
+def _encoded(df: pd.DataFrame, reference: Profile | None) -> pd.DataFrame:
+    "`df` with each text column that `reference` profiles as categorical encoded once as a `Categorical` (same values), so the schema check and drift count its codes."
+    if reference is None or df.columns.duplicated().any(): return df
+    def encode(c):
+        codes, uniques = pd.factorize(df[c])
+        return pd.Categorical.from_codes(codes, uniques) if pd.api.types.infer_dtype(uniques, skipna=False) == "string" else None
+    cols = [c for c in df.columns if (fp := reference.features.get(str(c))) is not None and fp.kind == "categorical" and df[c].dtype == object]
+    out = df.copy(deep=False)         # the other columns are shared, not copied
+    for c, cat in zip(cols, _map(encode, cols, parallel=len(df) >= 100_000)):
+        if cat is not None: out[c] = cat
+    return out
+
 # %% ../nbs/23_monitor.ipynb #9d90cc1c
 def monitor(
     window: pd.DataFrame,         # the records (prediction log rows or a batch file)
@@ -359,12 +378,17 @@ def monitor(
     if len(window) < params.monitor.min_rows:
         raise MlopsError(f"the window has {len(window)} records, fewer than monitor.min_rows={params.monitor.min_rows}: too few to judge drift")
     inputs, notes = model_inputs(window), []
-    drift = detect_drift(reference, inputs, params.validate)
-    result, alerts = schema_skew(inputs, schema, params.base.target, params.monitor.max_anomaly_share) if schema is not None else (None, [])
+    coded = _encoded(inputs, reference)
+    with ThreadPoolExecutor(2) as pool:   # the version mix and the schema check run beside the drift
+        mix = pool.submit(version_mix, window)
+        skew = pool.submit(schema_skew, coded, schema, params.base.target, params.monitor.max_anomaly_share) if schema is not None else None
+        drift = detect_drift(reference, coded, params.validate)
+        result, alerts = skew.result() if skew is not None else (None, [])
+        mix = mix.result()
     if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
     outputs = model_outputs(window)
     if not len(outputs.columns) and model is not None and prediction_reference is not None: outputs = _score(model, inputs, notes)
-    predictions = detect_drift(prediction_reference, outputs, params.validate) if prediction_reference is not None and len(outputs.columns) else None
+    predictions = detect_drift(prediction_reference, _encoded(outputs, prediction_reference), params.validate) if prediction_reference is not None and len(outputs.columns) else None
     if predictions is None: notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None else "the window holds no predictions"))
     realized = None
     if labels is not None:
@@ -382,7 +406,7 @@ def monitor(
     decision, reasons = _decide(drift, predictions, alerts, metric if metric[0] or not guess[0] else guess)
     ts = pd.to_datetime(window["ts"]) if "ts" in window else None
     span = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None else {}
-    return MonitorReport(decision, reasons, len(window), drift, result, alerts, version_mix(window), predictions, realized, offline, notes, span,
+    return MonitorReport(decision, reasons, len(window), drift, result, alerts, mix, predictions, realized, offline, notes, span,
                          estimated=estimated)
 
 # %% ../nbs/23_monitor.ipynb #b7985e6e

@@ -469,9 +469,10 @@ def _tolerant(kind: str, column: str, fraction: float, spec: ColumnSchema, text:
     severity = "error" if fraction > bound else "warning"
     return Anomaly(kind, column, severity, float(fraction), bound, text, tuple(examples))
 
-def _domain_check(name: str, valid: np.ndarray, n: int, spec: ColumnSchema) -> list[Anomaly]:
-    if spec.domain is None or not valid.size: return []
-    vc = _counts(valid)
+def _domain_check(name: str, valid: np.ndarray, n: int, spec: ColumnSchema, counts: pd.Series | None = None) -> list[Anomaly]:
+    "Values of `valid` outside the domain; `counts` (value -> rows, most frequent first), if known, stands for `valid`."
+    if spec.domain is None or (counts is None and not valid.size): return []
+    vc = _counts(valid) if counts is None else counts
     domain = pd.Index(spec.domain, dtype=object)
     out = vc[~vc.index.isin(domain)]
     if out.empty: return []
@@ -503,22 +504,50 @@ def _range_check(name: str, valid: np.ndarray, n: int, spec: ColumnSchema) -> li
                       f"[{spec.min}, {spec.max}] (seen: {_scalar(lo)} to {_scalar(hi)})", _examples(valid[bad]))]
 
 # %% ../nbs/10_schema.ipynb #69d9fc73
-def _check_column(name: str, s: pd.Series, spec: ColumnSchema) -> list[Anomaly]:
-    "The anomalies of column `s` against `spec`."
+def _null_check(name: str, nulls: int, n: int, spec: ColumnSchema) -> list[Anomaly]:
+    if nulls / n <= spec.max_null_fraction: return []
+    return [Anomaly("null_rate", name, "error", nulls / n, spec.max_null_fraction,
+                    f"{_pct(nulls / n)} of '{name}' is null, above the {_pct(spec.max_null_fraction)} allowed")]
+
+def _check_plain(name: str, s: pd.Series, spec: ColumnSchema) -> list[Anomaly]:
+    "The anomalies of column `s` against `spec`, value by value."
     n = len(s)
     if n == 0: return []
-    out = []
     notna = s.notna().to_numpy()
-    nulls = n - int(notna.sum())
-    if nulls / n > spec.max_null_fraction:
-        out.append(Anomaly("null_rate", name, "error", nulls / n, spec.max_null_fraction,
-                           f"{_pct(nulls / n)} of '{name}' is null, above the {_pct(spec.max_null_fraction)} allowed"))
+    out = _null_check(name, n - int(notna.sum()), n, spec)
     v = _coerce(s, spec.type, notna)
     if v.bad.size:
         frac = v.bad.size / v.n_nonnull
         out.append(_tolerant("type_mismatch", name, frac, spec, f"{_pct(frac)} of non-null values of '{name}' are not "
                              f"{spec.type} (dtype {s.dtype})", _examples(v.bad)))
     return out + _domain_check(name, v.valid, v.n_nonnull, spec) + _range_check(name, v.valid, v.n_nonnull, spec)
+
+
+# %% ../nbs/10_schema.ipynb #7413c079
+def _string_counts(s: pd.Series) -> tuple[pd.Series, int] | None:
+    "When every non-null value of `s` is a string: their counts (most frequent first, ties in order of first appearance) and the nulls; else None."
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        codes = s.cat.codes.to_numpy()
+        seen = pd.unique(codes)
+        seen = seen[seen >= 0]
+        counts = np.bincount(codes[codes >= 0], minlength=len(s.cat.categories))[seen]
+        uniques = s.cat.categories.to_numpy(dtype=object)[seen]
+    elif s.dtype == object or isinstance(s.dtype, pd.StringDtype):
+        codes, uniques = pd.factorize(s)
+        counts, uniques = np.bincount(codes[codes >= 0], minlength=len(uniques)), np.asarray(uniques, dtype=object)
+    else: return None
+    if pd.api.types.infer_dtype(uniques, skipna=False) not in ("string", "empty"): return None
+    return pd.Series(counts, index=pd.Index(uniques, dtype=object)).sort_values(ascending=False), int((codes < 0).sum())
+
+def _check_column(name: str, s: pd.Series, spec: ColumnSchema) -> list[Anomaly]:
+    "The anomalies of column `s` against `spec`; a text column with a domain is checked on its distinct values, weighted by their counts."
+    n = len(s)
+    if n == 0: return []
+    fast = _string_counts(s) if spec.type == "str" and spec.domain is not None and spec.min is None and spec.max is None else None
+    if fast is None: return _check_plain(name, s, spec)
+    counts, nulls = fast      # every value is a string: no type mismatch, and a text column has no range
+    return _null_check(name, nulls, n, spec) + _domain_check(name, np.array([], dtype=object), n - nulls, spec, counts)
+
 
 # %% ../nbs/10_schema.ipynb #6f541101
 def _structure(df: pd.DataFrame) -> tuple[dict[str, pd.Series], list[Anomaly]]:
