@@ -74,18 +74,23 @@ def become_subreaper():
 
 
 def kill(proc: subprocess.Popen):
-    """SIGKILL the cycle's whole process group, then reap it as an init would. DVC takes a killed process that is still
-    a zombie for a live one holding its lock; on a host (or a container with an init) the dead are reaped at once."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the cycle and every process under it, as a scheduler stopping its job's cgroup does (the notebook kernels
+    run in sessions of their own), then reap them as an init would: DVC takes a killed process that is still a zombie
+    for a live one holding its lock."""
+    import psutil
+    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:
+        try: os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError: pass
     proc.wait()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try: os.killpg(proc.pid, 0)
-        except ProcessLookupError: return   # no process of the group is left, zombies included
-        try: os.waitpid(-proc.pid, os.WNOHANG)
-        except ChildProcessError: pass
+        for pid in tree:   # the orphans are ours (subreaper): reap them
+            try: os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError: pass
+        if not [pid for pid in tree if psutil.pid_exists(pid)]: return
         time.sleep(0.05)
-    raise AssertionError(f"processes of the killed group {proc.pid} were never reaped")
+    raise AssertionError(f"processes of the killed cycle were never reaped: {[pid for pid in tree if psutil.pid_exists(pid)]}")
 
 
 def state(project: Path) -> dict:
