@@ -192,7 +192,10 @@ def symbol_markdown(obj, name: str, level: int = 3) -> str:
     if isinstance(obj, property): obj = obj.fget
     if isinstance(obj, (classmethod, staticmethod)): obj = obj.__func__
     if not callable(obj): return head + fence(f"{name} = {obj!r}"[:300], "python")
-    return head + MarkdownRenderer(obj, name=name, title_level=level)._repr_markdown_().strip()
+    try: return head + MarkdownRenderer(obj, name=name, title_level=level)._repr_markdown_().strip()
+    except NameError:   # an annotation names a module the library imports lazily (kept as text by `from __future__ import annotations`)
+        import inspect
+        return head + fence(f"{name}{inspect.signature(obj)}", "python") + "\n\n" + (inspect.getdoc(obj) or "")
 
 # %% ../nbs/08_docs.ipynb #d1122b71
 @dataclass
