@@ -141,6 +141,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlops_nb.ct.run_cycle': ('ct.html#run_cycle', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.save_finished': ('ct.html#save_finished', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.save_pending': ('ct.html#save_pending', 'mlops_nb/ct.py'),
+                             'mlops_nb.ct.snapshot_path': ('ct.html#snapshot_path', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.start_cycle': ('ct.html#start_cycle', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.take_snapshot': ('ct.html#take_snapshot', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.uncached_outputs': ('ct.html#uncached_outputs', 'mlops_nb/ct.py'),

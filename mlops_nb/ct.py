@@ -18,8 +18,8 @@ from .core import MlopsError, Params, ProjectPaths, git_state, load_params, read
 # %% auto #0
 __all__ = ['OUTCOME_EXIT', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'uncached_outputs', 'pipeline_record', 'check_ready',
            'CycleBusy', 'cycle_lock', 'Cycle', 'new_cycle', 'save_pending', 'load_pending', 'save_finished',
-           'data_state', 'take_snapshot', 'discard_snapshot', 'restore_record', 'withdraw_snapshot', 'close_cycle',
-           'log_cycle', 'finish_cycle', 'start_cycle', 'run_cycle', 'format_cycle']
+           'data_state', 'snapshot_path', 'take_snapshot', 'discard_snapshot', 'restore_record', 'withdraw_snapshot',
+           'close_cycle', 'log_cycle', 'finish_cycle', 'start_cycle', 'run_cycle', 'format_cycle']
 
 # %% ../nbs/27_ct.ipynb #953af46e
 def labelled_rows(
@@ -153,10 +153,14 @@ def _dvc(root: Path, *args: str):
     r = dvc(*args, root=root, capture=True)
     if r.returncode != 0: raise MlopsError(f"dvc {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-300:]}")
 
+def snapshot_path(paths: ProjectPaths, cycle_id: str) -> Path:
+    "Where cycle `cycle_id` keeps its labelled window, relative to the project: data/labelled/<cycle>.parquet."
+    return paths.labelled.relative_to(paths.root) / f"{cycle_id}.parquet"
+
 def take_snapshot(paths: ProjectPaths, cycle: Cycle, rows: pd.DataFrame) -> str:
     "Write `rows` as data/labelled/<cycle>.parquet, track it with DVC and commit its pointer; the commit."
-    path = write_parquet(paths.labelled / f"{cycle.id}.parquet", rows)
-    rel = path.relative_to(paths.root)
+    rel = snapshot_path(paths, cycle.id)
+    write_parquet(paths.root / rel, rows)
     _dvc(paths.root, "add", "-q", str(rel))
     return commit_files(paths.root, [f"{rel}.dvc", rel.parent / ".gitignore"], f"ct {cycle.id}: append {len(rows)} labelled production records ({rel})")
 
@@ -165,7 +169,7 @@ def _committed(paths: ProjectPaths, rel: str) -> bool:
 
 def discard_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     "Remove the uncommitted snapshot of `cycle`: its file, its .dvc pointer, its .gitignore line."
-    path = paths.labelled / f"{cycle.id}.parquet"
+    path = paths.root / snapshot_path(paths, cycle.id)
     for f in (path, path.with_name(path.name + ".dvc")): f.unlink(missing_ok=True)
     ignore = (paths.labelled / ".gitignore").relative_to(paths.root)
     if _committed(paths, str(ignore)): _git(paths.root, "checkout", "HEAD", "--", str(ignore))
@@ -177,10 +181,10 @@ def restore_record(paths: ProjectPaths) -> None:
 
 def withdraw_snapshot(paths: ProjectPaths, cycle: Cycle, why: str) -> str:
     "Take the committed snapshot of `cycle` out of the data with a commit, and return the workspace to the committed dvc.lock."
-    rel = f"{paths.labelled.relative_to(paths.root)}/{cycle.id}.parquet"
+    rel = snapshot_path(paths, cycle.id)
     restore_record(paths)
     _dvc(paths.root, "remove", "--outs", f"{rel}.dvc")
-    done = commit_files(paths.root, [f"{rel}.dvc", paths.labelled.relative_to(paths.root) / ".gitignore"], f"ct {cycle.id}: withdraw {rel} ({why})")
+    done = commit_files(paths.root, [f"{rel}.dvc", rel.parent / ".gitignore"], f"ct {cycle.id}: withdraw {rel} ({why})")
     _dvc(paths.root, "checkout", "-q", "--force")
     return done
 
@@ -262,7 +266,7 @@ def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, l
     rows = labelled_rows(m.window, m.labels, parquet_dtypes(raw), target, spec.domain if spec is not None else None) if m.labels is not None else pd.DataFrame()
     cycle.window["labelled"] = len(rows)
     if rows.empty: return close_cycle(paths, params, cycle, "no-labels", "retrain is due, but no record of the window has its label yet (--labels)")
-    cycle.phase, cycle.snapshot = "snapshot", f"{paths.labelled.relative_to(paths.root)}/{cycle.id}.parquet"
+    cycle.phase, cycle.snapshot = "snapshot", str(snapshot_path(paths, cycle.id))
     save_pending(folder, cycle)
     cycle.commits["snapshot"] = take_snapshot(paths, cycle, rows)
     cycle.phase = "pipeline"
