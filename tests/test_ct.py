@@ -3,6 +3,7 @@
 SIGKILLed in training (while it runs, a second cycle is refused), the second in the middle of a promotion (after the
 alias moved, holding the promotion lock); each is rerun. The scenario runs once per module; each test checks one
 property of what it left, against git, DVC, the registry and the data themselves."""
+import contextlib
 import json
 import os
 import shutil
@@ -67,10 +68,25 @@ def stage_running(proc: subprocess.Popen, stage: str) -> bool:
     return subprocess.run(["pgrep", "-g", str(proc.pid), "-f", f"mlops-nb stage {stage}"], capture_output=True).returncode == 0
 
 
-def become_subreaper():
-    "Adopt the orphans of the processes this one starts (Linux), so that a killed cycle's dvc is reaped here."
+@contextlib.contextmanager
+def subreaper():
+    """Adopt the orphans of the processes this one starts (Linux), so that a killed cycle's dvc is reaped here; on exit
+    stop adopting and reap what was adopted, so later tests on this worker see their orphans go as before."""
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+    try: yield
+    finally:
+        prctl(36, 0, 0, 0, 0)
+        reap_adopted()
+
+
+def reap_adopted():
+    "Reap every child of this process that has ended (orphans adopted as a subreaper among them)."
+    while True:
+        try: pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError: return
+        if pid == 0: return
 
 
 def kill(proc: subprocess.Popen):
@@ -113,7 +129,10 @@ def row_keys(df: pd.DataFrame) -> set:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    become_subreaper()
+    with subreaper(): return scenario_of(tmp_path_factory)
+
+
+def scenario_of(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("ct") / "project", PARAMS)
     git_init(project)
     run("mlops-nb", "run", cwd=project)

@@ -20,7 +20,8 @@ def test_misspelled_params_key_is_named(project):
     r = run("mlops-nb", "run", cwd=project, check=False)
     assert r.returncode == 1
     assert "unknown key 'train.n_iters' (did you mean 'n_iter'?)" in r.stderr
-    assert "Traceback" not in r.stderr and not (project / "data").exists()  # nothing ran
+    assert "Traceback" not in r.stderr
+    assert [p.relative_to(project).as_posix() for p in (project / "data").rglob("*.*")] == ["data/labelled/README.md"]  # nothing ran
 
 
 def test_wrong_type_is_named(project):
