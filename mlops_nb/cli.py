@@ -294,7 +294,8 @@ def cmd_predict(args) -> int:
     model = args.model or f"models:/{params.register.model_name}@champion"
     log_dir = None if args.no_log else args.log_dir if args.log_dir is not None else params.serve.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
-    r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key)
+    r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key,
+                      threshold=params.serve.threshold)   # decided as the service decides
     drifted = (r["drift"] or {}).get("drifted", [])
     print(f"scored {r['rows']} rows with {r['model_name']} version {r['model_version']} into {args.out}; "
           f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")
