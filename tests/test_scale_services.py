@@ -26,7 +26,7 @@ from mlops_nb.loadtest import free_port
 pytestmark = pytest.mark.slow
 MODEL = "churn-classifier"
 # deepchecks stays on: dvc.yaml declares its reports as outputs; the split is the streamed one, sampling 500 training rows
-PARAMS = {**TINY, "prepare": {"split": "stratified", "max_train_rows": 500}, "serve": {"poll_seconds": 0.5}}
+PARAMS = {**TINY, "prepare": {"max_train_rows": 500}, "serve": {"poll_seconds": 0.5}}
 # MLflow 3's server also starts a job runner by default (for GenAI judges and trace roll-ups, unused here): eight more
 # Python processes importing MLflow (about 1.4 GB) that made the server take minutes to answer on a loaded 2-core
 # machine. The deploy recipes turn it off the same way.
