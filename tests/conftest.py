@@ -14,7 +14,7 @@ from mlops_nb.core import load_yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # what a project copy needs to run its pipeline; data, models, reports and the tracking store are made anew
-PROJECT_FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "data/labelled/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml"]
+PROJECT_FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "features", "data/labelled/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
