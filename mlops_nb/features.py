@@ -280,8 +280,9 @@ def publish(
     df = with_entity_time(raw.drop(columns=[target], errors="ignore"), as_of=as_of)
     write_parquet(repo.parent / "data" / "features" / "customers.parquet", df)
     store, objects = open_store(repo), repo_objects(repo)
+    definitions = definitions_hash(objects)   # before apply, which stamps the objects
     apply(store, objects)
-    return {"customers": len(df), "as_of": as_of.isoformat(), "definitions": definitions_hash(objects),
+    return {"customers": len(df), "as_of": as_of.isoformat(), "definitions": definitions,
             "materialized_until": materialize(store).isoformat()}
 
 # %% ../nbs/26_features.ipynb #c2baf403
