@@ -113,7 +113,7 @@ TINY = {"data": {"source": "synthetic", "n_rows": 800},
         # latency budgets belong in benchmarks: here infra validation checks loading, predicting and parity, not timing
         # the release gate (a served candidate, called and load-tested) has its own tests in test_gate.py: a server start saved per run
         "infra": {"single_row_ms": 60000.0, "batch_ms": 600000.0, "service": False},
-        # the feature store path (materialize publishing, prepare's point-in-time join, the skew gate) costs about 15 s a
+        # the feature store path (materialize publishing, prepare's point-in-time join, the skew gate) costs about 20 s a
         # run here: test_feature_pipeline.py runs it, every other pipeline run reads data/raw
         "features": {"enabled": False}}
 

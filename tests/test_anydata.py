@@ -28,7 +28,7 @@ DEEPCHECKS = {"multiclass": True, "regression": True, "binary": False}
 SMALL = {"train.model": "logreg", "train.n_iter": 1, "train.cv_folds": 3, "evaluate.bootstrap": 50,
          # the release gate serves each task's candidate; its speed is a benchmark's business, not these tests'
          "serve.loadtest_seconds": 1.0, "serve.budget_p99_ms": 60000.0, "serve.budget_min_rps": 0.1,
-         "features.enabled": False}   # the feature store path has its own pipeline test (CI time: about 15 s a run)
+         "features.enabled": False}   # the feature store path has its own pipeline test (CI time: about 20 s a run)
 
 
 def small_project(dest, deepchecks=True):
