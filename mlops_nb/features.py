@@ -188,7 +188,7 @@ def skew_check(
     bad = [{"customer_id": _plain(k), "feature": c, "online": _plain(on.at[k, c]), "offline": _plain(off.at[k, c])}
            for k in keys for c in feats if not _same(on.at[k, c], off.at[k, c], tolerance)]
     return {"passed": not bad, "entities": len(keys), "features": len(feats), "at": at.isoformat(),
-            "n_mismatches": len(bad), "mismatches": bad[:max_listed]}
+            "n_mismatches": len(bad), "mismatches": bad[:max_listed], "not_online": [_plain(k) for k in keys if not on.at[k, "found"]]}
 
 # %% ../nbs/26_features.ipynb #3e5c0ecb
 class OnlineLookup:
@@ -331,6 +331,9 @@ def skew_gate(
 ) -> dict:
     "`skew_check` as an infrastructure check: passed, and a detail naming the mismatching customers and features."
     r = skew_check(store, keys, at, service, tolerance)
+    if r["not_online"]:   # a sampled customer the online store lacks is skew too, even where the offline store lacks it as well
+        return {"check": "online features equal offline (training-serving skew)", "passed": False,
+                "detail": f"{len(r['not_online'])} sampled customers not in the online store: {KEY} {r['not_online'][:listed]}"}
     if r["passed"]: detail = f"{r['entities']} customers x {r['features']} features: online equals offline at {r['at']}"
     else: detail = f"{r['n_mismatches']} mismatches at {r['at']}: " + "; ".join(
         f"{KEY} {m['customer_id']} {m['feature']}: online {m['online']!r}, offline {m['offline']!r}" for m in r["mismatches"][:listed])
