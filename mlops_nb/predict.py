@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from .contract import decide_classes
 from .core import MlopsError, atomic_path, write_json
 from .predlog import log_meta
 from .schema import Schema, load_schema, validate
@@ -114,10 +115,10 @@ def _model_input(chunk: pd.DataFrame, features: list[str], schema: Schema) -> pd
         if c in schema.columns and schema.columns[c].type == "str": X[c] = X[c].astype(object).where(X[c].notna(), np.nan)
     return X
 
-def output_frame(keys: pd.Series, proba: np.ndarray, classes: list, name: str, version: str) -> pd.DataFrame:
-    "The scored rows: key, prediction, a probability per class (a regressor: the value only), model name and version."
+def output_frame(keys: pd.Series, proba: np.ndarray, classes: list, name: str, version: str, threshold: float=0.5) -> pd.DataFrame:
+    "The scored rows: key, prediction (decided as the service does), a probability per class (a regressor: the value only), model name and version."
     out = pd.DataFrame({keys.name or "row": keys.to_numpy()})
-    out["prediction"] = np.asarray(classes, dtype=object)[proba.argmax(axis=1)] if classes else proba[:, 0]
+    out["prediction"] = decide_classes(proba, np.asarray(classes, dtype=object), threshold) if classes else proba[:, 0]
     for j, c in enumerate(classes): out[f"proba_{c}"] = proba[:, j]
     return out.assign(model_name=name, model_version=str(version))
 
@@ -154,6 +155,7 @@ def predict_source(
     chunk_rows: int=100_000, query: str="", key: str | None=None,  # key: the column that identifies a row (default: schema key, else row number)
     log=None,                  # a `PredictionLog` started with background=False, or None
     progress: bool=True,
+    threshold: float=0.5,      # a binary model's decision threshold on the positive class (`serve.threshold`)
 ) -> dict:
     "Check, then score `source` chunk by chunk into `out` (atomically); log each chunk; return the run's report."
     from tqdm.auto import tqdm
@@ -168,7 +170,7 @@ def predict_source(
             for chunk in read_chunks(source, chunk_rows, query):
                 proba = model_output(model, _model_input(chunk, features, schema))
                 keys = chunk[key] if key and key in chunk.columns else pd.Series(np.arange(done, done + len(chunk)), name="row")
-                frame = output_frame(keys, proba, classes, name, version)
+                frame = output_frame(keys, proba, classes, name, version, threshold)
                 writer.write(frame)
                 if log is not None: _log_chunk(log, chunk, features, frame, proba, classes, batch_id, done)
                 done += len(chunk); bar.update(len(chunk))
@@ -188,7 +190,7 @@ def predict_batch(
     source, out: str | Path,         # input (file or SQLAlchemy URL), output file
     model_uri: str,                  # models:/NAME@ALIAS or models:/NAME/VERSION
     log_dir: str | Path | None=None, # the prediction log's folder (None: no log)
-    **kwargs,                        # chunk_rows, query, key, progress: see `predict_source`
+    **kwargs,                        # chunk_rows, query, key, progress, threshold: see `predict_source`
 ) -> dict:
     "Score `source` with the registered version at `model_uri` into `out`; see `predict_source`."
     from mlops_nb.drift import Profile

@@ -21,7 +21,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import Batcher, RecordsFailed
-from .contract import Field, RequestError, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, _decision, decide_classes, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
@@ -29,7 +29,7 @@ from .predlog import PredictionLog, log_meta, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'decide_classes', 'create_app', 'app_from_env', 'serve']
+__all__ = ['ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -111,15 +111,6 @@ async def _read_body(request, limit: int) -> bytes:
         if size > limit: raise too_large()
         chunks.append(chunk)
     return b"".join(chunks)
-
-# %% ../nbs/20_serve.ipynb #7d1e5c02
-def _decision(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
-    "The index of the class decided for each row of `proba`: binary by `threshold` on the second class, others the most probable."
-    return (proba[:, 1] >= threshold).astype(np.intp) if proba.shape[1] == 2 else proba.argmax(axis=1)
-
-def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
-    "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
-    return np.asarray(classes)[_decision(proba, threshold)]
 
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _run_batch(version: ModelVersion, records: list[dict]):

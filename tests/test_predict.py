@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import BIN, ROOT
 from mlops_nb.predlog import read_prediction_log
@@ -90,14 +91,23 @@ def test_schema_skew_is_refused_naming_the_column_and_nothing_is_written(project
 
 
 def test_batch_answers_equal_the_services(project, tmp_path):
-    root, _ = project
+    "Both decide with `serve.threshold` (here a tuned 0.3, not the default 0.5)."
+    root, models = project
     df = batch(240, seed=8)
     df.to_parquet(tmp_path / "in.parquet")
-    r = predict(root, "--data", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--chunk-rows", "64", "--no-log")
+    params = (root / "params.yaml").read_text()
+    tuned = yaml.safe_load(params)
+    tuned["serve"]["threshold"] = 0.3
+    (root / "params.yaml").write_text(yaml.safe_dump(tuned, sort_keys=False))
+    try:
+        r = predict(root, "--data", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--chunk-rows", "64", "--no-log")
+        s = Server(root, "--log-dir", "", "--poll-seconds", "0")
+        try: answer = s.post(records_of(df.drop(columns="rownames"))).json()
+        finally: s.stop()
+    finally: (root / "params.yaml").write_text(params)   # the other tests see the default threshold
     assert r.returncode == 0, r.stderr
     out = pd.read_parquet(tmp_path / "out.parquet")
-    s = Server(root, "--log-dir", "", "--poll-seconds", "0")
-    try: answer = s.post(records_of(df.drop(columns="rownames"))).json()
-    finally: s.stop()
+    proba = models["1"].predict_proba(df.drop(columns="rownames"))[:, 1]
+    assert out.prediction.tolist() == (proba >= 0.3).astype(int).tolist() != models["1"].predict(df.drop(columns="rownames")).tolist()
     assert answer["model_version"] == "1" and answer["predictions"] == out.prediction.tolist()
     np.testing.assert_allclose(out[["proba_0", "proba_1"]].to_numpy(), np.asarray(answer["probabilities"]), atol=1e-9)
