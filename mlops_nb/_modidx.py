@@ -348,8 +348,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.features._plain': ('features.html#_plain', 'mlops_nb/features.py'),
                                    'mlops_nb.features._same': ('features.html#_same', 'mlops_nb/features.py'),
                                    'mlops_nb.features._ttl': ('features.html#_ttl', 'mlops_nb/features.py'),
-                                   'mlops_nb.features.add_features_commands': ( 'features.html#add_features_commands',
-                                                                                'mlops_nb/features.py'),
                                    'mlops_nb.features.apply': ('features.html#apply', 'mlops_nb/features.py'),
                                    'mlops_nb.features.catalog': ('features.html#catalog', 'mlops_nb/features.py'),
                                    'mlops_nb.features.definitions_hash': ('features.html#definitions_hash', 'mlops_nb/features.py'),

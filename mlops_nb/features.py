@@ -18,8 +18,7 @@ from .schema import Schema
 __all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreError', 'with_entity_time', 'synthetic_history',
            'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize', 'training_set',
            'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects', 'publish',
-           'entity_frame', 'store_frame', 'sample_keys', 'skew_gate', 'with_check', 'catalog', 'used_by', 'describe',
-           'add_features_commands']
+           'entity_frame', 'store_frame', 'sample_keys', 'skew_gate', 'with_check', 'catalog', 'used_by', 'describe']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -402,15 +401,3 @@ def _cmd_features(args) -> int:
         print(f"  fields: {', '.join(f'{k} {t}' for k, t in v['fields'].items())}")
     return 0
 
-def add_features_commands(sub) -> None:
-    "Add `mlops-nb features list|describe|apply` to the CLI's subparsers `sub`."
-    p = sub.add_parser("features", help="the Feast feature store: list and describe feature views, publish the data")
-    p.add_argument("--repo", default="features", help="the feature repository folder (default: features)")
-    cmds = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
-    ls = cmds.add_parser("list", help="feature views: fields, owner, description, TTL, freshness, feature services")
-    ls.add_argument("--json", action="store_true", help="as JSON")
-    d = cmds.add_parser("describe", help="one feature view or feature service (with the model versions that use it)")
-    d.add_argument("name", help="a feature view or feature service name")
-    a = cmds.add_parser("apply", help="write data/raw's snapshot as the store's source, apply the definitions, materialise")
-    a.add_argument("--as-of", help="when the snapshot's values became valid (ISO time; default: now)")
-    p.set_defaults(func=_cmd_features)
