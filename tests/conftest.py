@@ -34,7 +34,7 @@ STRICT = os.environ.get("MLOPS_NB_NO_SKIP") == "1"
 # one worker, so its module-scoped pipeline run is built once. The longest modules start first, so no worker is left
 # alone with a long one at the end (their order comes from CI's --durations; a module missing from the list just
 # starts later).
-LONGEST_FIRST = ["test_gate", "test_ct", "test_scale_services", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_feature_pipeline", "test_widgets",
+LONGEST_FIRST = ["test_gate", "test_ct", "test_scale_services", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_widgets",
                  "test_serve_faults", "test_container", "test_promotion", "test_monitor", "test_feature_store", "test_sweep", "test_scale_dask",
                  "test_protocols", "test_serve", "test_export"]
 
@@ -114,7 +114,7 @@ TINY = {"data": {"source": "synthetic", "n_rows": 800},
         # the release gate (a served candidate, called and load-tested) has its own tests in test_gate.py: a server start saved per run
         "infra": {"single_row_ms": 60000.0, "batch_ms": 600000.0, "service": False},
         # the feature store path (materialize publishing, prepare's point-in-time join, the skew gate) costs about 20 s a
-        # run here: test_feature_pipeline.py runs it, every other pipeline run reads data/raw
+        # run here: test_pipeline.py's smoke run has it on (the default), every other pipeline run reads data/raw
         "features": {"enabled": False}}
 
 
