@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     run.set_defaults(func=cmd_run)
     st = sub.add_parser("stage", help="execute one stage notebook with its params (what dvc.yaml runs)")
-    st.add_argument("name", help="ingest, validate, prepare, train, evaluate or register")
+    st.add_argument("name", help="a stage of dvc.yaml: ingest, validate, materialize, prepare, train, evaluate, register or infra_validate")
     st.set_defaults(func=cmd_stage)
     sub.add_parser("status", help="which stages are out of date, and the current champion").set_defaults(func=cmd_status)
     schema = sub.add_parser("schema", help="data schema tools").add_subparsers(dest="schema_command", required=True, metavar="ACTION")

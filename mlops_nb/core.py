@@ -28,10 +28,10 @@ if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI sta
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ExportParams', 'ServeParams', 'MonitorParams', 'Params', 'parse_section', 'parse_params', 'Yaml12Loader',
-           'load_yaml', 'load_params', 'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet',
-           'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch',
-           'failpoint', 'skip_iri_checker']
+           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params', 'parse_section', 'parse_params',
+           'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'process_running', 'write_text', 'write_json',
+           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state',
+           'git_branch', 'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -179,6 +179,14 @@ class MonitorParams:
     min_labels: int = 50         # fewer labelled records: realized metrics are reported, not decided on
 
 @dataclass(frozen=True)
+class FeaturesParams:
+    enabled: bool = True         # prepare joins the features from the Feast store, infra_validate gates on skew (false: prepare reads data/raw)
+    repo: str = "features"       # the Feast feature repository (feature_store.yaml and the definitions)
+    feature_service: str = "churn_model"  # the feature service the model reads (recorded on each registered version)
+    skew_sample: int = 50        # entities whose online features infra_validate compares with the offline ones
+    skew_tolerance: float = 1e-9 # largest absolute difference of numeric features taken as equal
+
+@dataclass(frozen=True)
 class Params:
     "All knobs of the pipeline, one attribute per `params.yaml` section."
     base: BaseParams = field(default_factory=BaseParams)
@@ -192,6 +200,7 @@ class Params:
     infra: InfraParams = field(default_factory=InfraParams)
     serve: ServeParams = field(default_factory=ServeParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
     def get(self, dotted: str):
         "The value at `section.key`."
         section, key = dotted.split(".")

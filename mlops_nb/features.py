@@ -17,8 +17,8 @@ from .schema import Schema
 # %% auto #0
 __all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreError', 'with_entity_time', 'synthetic_history',
            'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize', 'training_set',
-           'online_features', 'skew_check', 'OnlineLookup', 'repo_objects', 'publish', 'catalog', 'used_by', 'describe',
-           'add_features_commands']
+           'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects', 'publish',
+           'entity_frame', 'store_frame', 'sample_keys', 'skew_gate', 'with_check', 'catalog', 'used_by', 'describe']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -187,7 +187,7 @@ def skew_check(
     bad = [{"customer_id": _plain(k), "feature": c, "online": _plain(on.at[k, c]), "offline": _plain(off.at[k, c])}
            for k in keys for c in feats if not _same(on.at[k, c], off.at[k, c], tolerance)]
     return {"passed": not bad, "entities": len(keys), "features": len(feats), "at": at.isoformat(),
-            "n_mismatches": len(bad), "mismatches": bad[:max_listed]}
+            "n_mismatches": len(bad), "mismatches": bad[:max_listed], "not_online": [_plain(k) for k in keys if not on.at[k, "found"]]}
 
 # %% ../nbs/26_features.ipynb #3e5c0ecb
 class OnlineLookup:
@@ -242,6 +242,16 @@ class OnlineLookup:
         "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
         return [str(k) for it in batch for k in (self.pending.pop(it.request_id, None) or [""] * len(it.records))]
 
+# %% ../nbs/26_features.ipynb #6bd9eb30
+def definitions_hash(objects) -> str:
+    "A content hash of Feast definitions (their specs, not the registry's timestamps): the registry snapshot a model version records."
+    import hashlib
+    h = hashlib.sha256()
+    for o in sorted(objects, key=lambda o: (type(o).__name__, o.name)):
+        proto = o.to_proto()
+        h.update(type(o).__name__.encode() + getattr(proto, "spec", proto).SerializeToString(deterministic=True))
+    return h.hexdigest()[:16]
+
 # %% ../nbs/26_features.ipynb #1cae5a9c
 def repo_objects(repo: str | Path) -> list:
     "The Feast objects defined by the `.py` files of the repository `repo`, as `feast apply` collects them."
@@ -268,9 +278,69 @@ def publish(
     as_of = pd.Timestamp.now(tz="UTC").floor("s") if as_of is None else pd.Timestamp(as_of)
     df = with_entity_time(raw.drop(columns=[target], errors="ignore"), as_of=as_of)
     write_parquet(repo.parent / "data" / "features" / "customers.parquet", df)
-    store = open_store(repo)
-    apply(store, repo_objects(repo))
-    return {"customers": len(df), "as_of": as_of.isoformat(), "materialized_until": materialize(store).isoformat()}
+    store, objects = open_store(repo), repo_objects(repo)
+    definitions = definitions_hash(objects)   # before apply, which stamps the objects
+    apply(store, objects)
+    return {"customers": len(df), "as_of": as_of.isoformat(), "definitions": definitions,
+            "materialized_until": materialize(store).isoformat()}
+
+# %% ../nbs/26_features.ipynb #c2baf403
+def entity_frame(
+    raw: pd.DataFrame,         # the ingested snapshot (data/raw/data.parquet), with its label
+    target: str,               # the label column
+    as_of: pd.Timestamp,       # when the labels were observed (the snapshot's time)
+) -> pd.DataFrame:
+    "Keys (as `publish` gives them), label times and labels: what `training_set` joins the features onto."
+    if target not in raw: raise FeatureStoreError(f"the label column {target!r} is not in the data (base.target)")
+    return with_entity_time(raw, as_of=pd.Timestamp(as_of))[[KEY, TS, target]]
+
+def store_frame(
+    store,                     # the FeatureStore `publish` filled
+    raw: pd.DataFrame,         # the ingested snapshot, with its label
+    target: str,               # the label column
+    as_of: pd.Timestamp,       # when the labels were observed
+    service: str=SERVICE,      # the feature service the model reads
+) -> pd.DataFrame:
+    "`raw`'s labels with the service's features joined point-in-time from the store, in `raw`'s column order and types."
+    joined = training_set(store, entity_frame(raw, target, as_of), service)
+    feats = [c for c in joined.columns if c not in (KEY, TS, target)]
+    lost = joined.loc[joined[feats].isna().all(axis=1), KEY]
+    if len(lost): raise FeatureStoreError(f"{len(lost)} customers have no feature values at their label time in the store "
+                                          f"(first: {KEY} {lost.iloc[0]}): run the materialize stage (mlops-nb run --force materialize)")
+    out = joined[[c for c in raw.columns if c in feats or c == target] + [c for c in feats if c not in raw]]
+    return out.astype({c: raw[c].dtype for c in out.columns if c in raw and not (out[c].isna().any() and not raw[c].isna().any())})
+
+# %% ../nbs/26_features.ipynb #aec9d091
+def sample_keys(
+    n_customers: int,          # customers published (keys 1..n_customers)
+    size: int,                 # how many to draw (all of them when fewer)
+    seed: int=0,
+) -> list[int]:
+    "`size` customer ids drawn without replacement from 1..`n_customers`, sorted."
+    rng = np.random.default_rng(seed)
+    return sorted(int(k) for k in rng.choice(np.arange(1, n_customers + 1), min(size, n_customers), replace=False))
+
+def skew_gate(
+    store,                        # the FeatureStore
+    keys: list,                   # the customers compared
+    service: str=SERVICE,
+    tolerance: float=1e-9,        # largest absolute difference of numbers taken as equal
+    at: pd.Timestamp | None=None, # the time the offline values are taken at (default: now)
+    listed: int=5,                # mismatches named in the detail
+) -> dict:
+    "`skew_check` as an infrastructure check: passed, and a detail naming the mismatching customers and features."
+    r = skew_check(store, keys, at, service, tolerance)
+    if r["not_online"]:   # a sampled customer the online store lacks is skew too, even where the offline store lacks it as well
+        return {"check": "online features equal offline (training-serving skew)", "passed": False,
+                "detail": f"{len(r['not_online'])} sampled customers not in the online store: {KEY} {r['not_online'][:listed]}"}
+    if r["passed"]: detail = f"{r['entities']} customers x {r['features']} features: online equals offline at {r['at']}"
+    else: detail = f"{r['n_mismatches']} mismatches at {r['at']}: " + "; ".join(
+        f"{KEY} {m['customer_id']} {m['feature']}: online {m['online']!r}, offline {m['offline']!r}" for m in r["mismatches"][:listed])
+    return {"check": "online features equal offline (training-serving skew)", "passed": r["passed"], "detail": detail}
+
+def with_check(report: dict, check: dict) -> dict:
+    "An infrastructure report (`infra.infra_validate`) with `check` added: not ok when it failed."
+    return {**report, "checks": [*report["checks"], check], "ok": bool(report["ok"] and check["passed"])}
 
 # %% ../nbs/26_features.ipynb #c653f8e7
 def _ttl(v) -> str | None: return None if not v.ttl else str(pd.Timedelta(v.ttl))
@@ -331,15 +401,3 @@ def _cmd_features(args) -> int:
         print(f"  fields: {', '.join(f'{k} {t}' for k, t in v['fields'].items())}")
     return 0
 
-def add_features_commands(sub) -> None:
-    "Add `mlops-nb features list|describe|apply` to the CLI's subparsers `sub`."
-    p = sub.add_parser("features", help="the Feast feature store: list and describe feature views, publish the data")
-    p.add_argument("--repo", default="features", help="the feature repository folder (default: features)")
-    cmds = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
-    ls = cmds.add_parser("list", help="feature views: fields, owner, description, TTL, freshness, feature services")
-    ls.add_argument("--json", action="store_true", help="as JSON")
-    d = cmds.add_parser("describe", help="one feature view or feature service (with the model versions that use it)")
-    d.add_argument("name", help="a feature view or feature service name")
-    a = cmds.add_parser("apply", help="write data/raw's snapshot as the store's source, apply the definitions, materialise")
-    a.add_argument("--as-of", help="when the snapshot's values became valid (ISO time; default: now)")
-    p.set_defaults(func=_cmd_features)

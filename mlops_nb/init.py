@@ -142,12 +142,13 @@ def plan_init(
                    f"{bound}: a trivial model ({'the mean' if resolved == 'regression' else 'the class prior'}) scores {base:.4g}")
     name = _model_name(target, resolved)
     choices.append(f"registered model name: {name}")
+    choices.append("feature store: off (features/ defines the default data's customers: write feature views for this data, then set features.enabled: true)")
     updates = {"base.target": str(target), "base.task": resolved, "base.positive_label": positive,
                "data.drop_columns": [str(c) for c in dropped], "train.scoring": scoring, "train.categorical_columns": [str(c) for c in coded],
                "prepare.split": "stratified", "prepare.time_column": "",
                "evaluate.primary_metric": metric, "evaluate.min_primary": bound,
                "evaluate.slice_columns": [str(c) for c in slice_columns], "evaluate.slice_crosses": [[str(c) for c in p] for p in crosses],
-               "register.model_name": name}
+               "register.model_name": name, "features.enabled": False}
     return InitPlan(str(target), resolved, positive, updates, schema_to_yaml(infer_schema(kept)), roles, choices)
 
 # %% ../nbs/07_init.ipynb #6c182d21

@@ -36,8 +36,10 @@ STAGES = {s.name: s for s in [
     Stage("ingest", ("base.seed", "data.source", "data.query", "data.n_rows", "data.drop_columns")),
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
                        "validate.linf", "validate.min_drifted", "register.model_name")),
+    Stage("materialize", ("base.target", "features.enabled", "features.repo", "features.feature_service")),
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
-                      "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema")),
+                      "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema",
+                      "features.enabled", "features.repo", "features.feature_service")),
     Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
                     "train.categorical_columns", "train.backend", "train.dask_scheduler")),
     Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
@@ -47,7 +49,8 @@ STAGES = {s.name: s for s in [
     Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "register.production_branches",
                              "infra.single_row_ms", "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
                              "infra.service", "serve.runtime", "serve.loadtest_concurrency", "serve.loadtest_seconds",
-                             "serve.budget_p99_ms", "serve.budget_min_rps")),
+                             "serve.budget_p99_ms", "serve.budget_min_rps", "features.enabled", "features.repo",
+                             "features.feature_service", "features.skew_sample", "features.skew_tolerance")),
 ]}
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import copy_project, git_init, registry, run
+from mlops_nb.core import load_params
 from mlops_nb.init import set_params_text
 from test_serve import Server
 
@@ -28,6 +29,7 @@ DEEPCHECKS = {"multiclass": True, "regression": True, "binary": False}
 SMALL = {"train.model": "logreg", "train.n_iter": 1, "train.cv_folds": 3, "evaluate.bootstrap": 50,
          # the release gate serves each task's candidate; its speed is a benchmark's business, not these tests'
          "serve.loadtest_seconds": 1.0, "serve.budget_p99_ms": 60000.0, "serve.budget_min_rps": 0.1}
+# (the feature store: init turns it off, as features/ defines the default data's customers)
 
 
 def small_project(dest, deepchecks=True):
@@ -60,6 +62,7 @@ def test_init_names_its_choices_and_the_next_command(pipeline):
     assert f"primary metric: {metric}" in out and "a trivial model" in out
     for column in dropped: assert f"column '{column}': identifier, dropped" in out
     assert "exploration notebook: reports/explore/explore.ipynb" in out
+    assert "feature store: off" in out and load_params(project / "params.yaml").features.enabled is False
     assert "committed params.yaml and schema.yaml as" in out   # so the run builds from a reproducible state
     assert run("git", "status", "--porcelain", "--", "params.yaml", "schema.yaml", cwd=project).stdout == ""
     assert run("git", "log", "-1", "--format=%s", cwd=project).stdout.startswith(f"mlops-nb init: {source} -> {target} ({task})")

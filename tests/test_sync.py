@@ -60,7 +60,7 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def test_dvc_yaml_has_exactly_the_stages():
-    assert list(DVC) == list(STAGES) == ["ingest", "validate", "prepare", "train", "evaluate", "register", "infra_validate"]
+    assert list(DVC) == list(STAGES) == ["ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate"]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
