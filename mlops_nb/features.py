@@ -330,13 +330,12 @@ def skew_gate(
 ) -> dict:
     "`skew_check` as an infrastructure check: passed, and a detail naming the mismatching customers and features."
     r = skew_check(store, keys, at, service, tolerance)
-    if r["not_online"]:   # a sampled customer the online store lacks is skew too, even where the offline store lacks it as well
-        return {"check": "online features equal offline (training-serving skew)", "passed": False,
-                "detail": f"{len(r['not_online'])} sampled customers not in the online store: {KEY} {r['not_online'][:listed]}"}
-    if r["passed"]: detail = f"{r['entities']} customers x {r['features']} features: online equals offline at {r['at']}"
+    passed = r["passed"] and not r["not_online"]   # a sampled customer the online store lacks is skew too, even where the offline store lacks it as well
+    if r["not_online"]: detail = f"{len(r['not_online'])} sampled customers not in the online store: {KEY} {r['not_online'][:listed]}"
+    elif passed: detail = f"{r['entities']} customers x {r['features']} features: online equals offline at {r['at']}"
     else: detail = f"{r['n_mismatches']} mismatches at {r['at']}: " + "; ".join(
         f"{KEY} {m['customer_id']} {m['feature']}: online {m['online']!r}, offline {m['offline']!r}" for m in r["mismatches"][:listed])
-    return {"check": "online features equal offline (training-serving skew)", "passed": r["passed"], "detail": detail}
+    return {"check": "online features equal offline (training-serving skew)", "passed": passed, "detail": detail}
 
 def with_check(report: dict, check: dict) -> dict:
     "An infrastructure report (`infra.infra_validate`) with `check` added: not ok when it failed."
