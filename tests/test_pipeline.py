@@ -180,28 +180,14 @@ def test_schema_skew_stops_the_pipeline_and_keeps_the_champion(own_copy):
 
 # the feature store's part of the run
 
-@pytest.fixture
-def piped(smoke):
-    "The smoke run's project and its result."
-    return smoke[0], smoke[2]
-
-
-@pytest.fixture
-def store_copy(smoke, tmp_path):
-    "A copy of the smoke run's project (git, store, tracking store) for a test that alters the store."
-    copy = tmp_path / "project"
-    shutil.copytree(smoke[0], copy, symlinks=True)
-    return copy
-
-
 def _json(project, path): return json.loads((project / path).read_text())
 
 
 def _raw(project) -> pd.DataFrame: return pd.read_parquet(project / "data" / "raw" / "data.parquet")
 
 
-def test_the_pipeline_runs_end_to_end_reading_the_store(piped):
-    project, r = piped
+def test_the_pipeline_runs_end_to_end_reading_the_store(smoke):
+    project, _, r = smoke
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Running stage 'materialize'" in r.stdout
     raw = _raw(project)
@@ -226,8 +212,8 @@ def test_the_pipeline_runs_end_to_end_reading_the_store(piped):
     assert _json(project, "reports/infra/promotion.json")["promoted"]
 
 
-def test_the_version_records_the_feature_service_and_definitions(piped):
-    project, _ = piped
+def test_the_version_records_the_feature_service_and_definitions(smoke):
+    project, _, _ = smoke
     version = champion_version(project)
     tags = registry(project).get_model_version("churn-classifier", version).tags
     assert tags["feature_service"] == "churn_model"
@@ -236,9 +222,9 @@ def test_the_version_records_the_feature_service_and_definitions(piped):
     assert json.loads(out.stdout)["used_by"] == [f"churn-classifier/{version}"]
 
 
-def test_predict_by_key_equals_predict_inline(piped):
+def test_predict_by_key_equals_predict_inline(smoke):
     from test_serve import Server, records_of
-    project, _ = piped
+    project, _, _ = smoke
     raw = _raw(project)
     keys = [1, 17, 333, 800]
     inline_rows = raw.iloc[[k - 1 for k in keys]].drop(columns=["churn"]).reset_index(drop=True)
@@ -259,8 +245,8 @@ def _reinfra(project) -> dict:
     return _json(project, "reports/infra/promotion.json")
 
 
-def test_the_skew_gate_refuses_an_altered_online_store(store_copy):
-    project = store_copy
+def test_the_skew_gate_refuses_an_altered_online_store(own_copy):
+    project, _ = own_copy
     before = champion_version(project)
     key = sample_keys(len(_raw(project)), SKEW_SAMPLE)[3]   # a customer the gate samples
     store = open_store(project / "features")
@@ -275,9 +261,9 @@ def test_the_skew_gate_refuses_an_altered_online_store(store_copy):
     assert champion_version(project) == before
 
 
-def test_the_skew_gate_fails_on_a_stale_online_store(store_copy):
+def test_the_skew_gate_fails_on_a_stale_online_store(own_copy):
     "The gate's check on its sampled customers (the stage's refusal path is the altered store's test: CI time)."
-    project = store_copy
+    project, _ = own_copy
     sample = sample_keys(len(_raw(project)), SKEW_SAMPLE)
     keys = sample[:2]
     path = project / "data" / "features" / "customers.parquet"
