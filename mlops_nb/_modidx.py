@@ -160,6 +160,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.data.drop_identifiers': ('data.html#drop_identifiers', 'mlops_nb/data.py'),
                                'mlops_nb.data.encode_target': ('data.html#encode_target', 'mlops_nb/data.py'),
                                'mlops_nb.data.expand_secrets': ('data.html#expand_secrets', 'mlops_nb/data.py'),
+                               'mlops_nb.data.in_hash_test': ('data.html#in_hash_test', 'mlops_nb/data.py'),
                                'mlops_nb.data.infer_task': ('data.html#infer_task', 'mlops_nb/data.py'),
                                'mlops_nb.data.load_source': ('data.html#load_source', 'mlops_nb/data.py'),
                                'mlops_nb.data.provenance': ('data.html#provenance', 'mlops_nb/data.py'),

@@ -97,7 +97,7 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class PrepareParams:
-    split: typing.Literal["stratified", "time", "hash"] = "stratified"  # how the test set is held out
+    split: typing.Literal["hash", "stratified", "time"] = "hash"  # how the test set is held out (hash: a row keeps its side as data grows)
     test_size: float = 0.25      # fraction of rows held out
     time_column: str = ""        # the ordering column when split is `time`
     key_column: str = ""         # the row key hashed when split is `hash` (empty: every column but the label)

@@ -20,8 +20,8 @@ from .core import MlopsError, content_hash
 # %% auto #0
 __all__ = ['CHURN_CATEGORIES', 'SCENARIOS', 'TASKS', 'DataError', 'synthetic_churn', 'synthetic_scenario', 'expand_secrets',
            'redact', 'sql_failure', 'load_source', 'drop_identifiers', 'provenance', 'infer_task', 'resolve_task',
-           'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'split_by_hash', 'split',
-           'target_summary']
+           'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'in_hash_test', 'split_by_hash',
+           'split', 'target_summary']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -267,13 +267,18 @@ def _check_test_size(test_size, n):
     if n < 4: raise DataError(f"{n} rows are too few to split")
 
 # %% ../nbs/01_data.ipynb #78a053cb
-def split_by_hash(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, key_column: str="") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Train and test frames by a stable hash of each row's key: a row keeps its split when data is appended."
+def in_hash_test(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, key_column: str="") -> np.ndarray:
+    "Whether each row is held out: a stable hash of its key (`key_column`, or every column but `target`) salted with `seed`."
+    if not 0 < test_size < 1: raise DataError(f"prepare.test_size must be between 0 and 1, got {test_size}")
     if key_column and key_column not in df.columns: raise DataError(f"prepare.key_column '{key_column}' is not in the data")
-    _check_test_size(test_size, len(df))
     keys = df[[key_column]] if key_column else df.drop(columns=[target])
     h = pd.util.hash_pandas_object(keys, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
-    in_test = h % 1_000_000 < round(test_size * 1_000_000)
+    return h % 1_000_000 < round(test_size * 1_000_000)
+
+def split_by_hash(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, key_column: str="") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Train and test frames by a stable hash of each row's key: a row keeps its split when data is appended."
+    _check_test_size(test_size, len(df))
+    in_test = in_hash_test(df, target, test_size, seed, key_column)
     if in_test.all() or not in_test.any(): raise DataError(f"the hash split put all {len(df)} rows on one side: too few rows to split")
     return df[~in_test].reset_index(drop=True), df[in_test].reset_index(drop=True)
 

@@ -145,7 +145,7 @@ def plan_init(
     choices.append("feature store: off (features/ defines the default data's customers: write feature views for this data, then set features.enabled: true)")
     updates = {"base.target": str(target), "base.task": resolved, "base.positive_label": positive,
                "data.drop_columns": [str(c) for c in dropped], "train.scoring": scoring, "train.categorical_columns": [str(c) for c in coded],
-               "prepare.split": "stratified", "prepare.time_column": "",
+               "prepare.split": "hash", "prepare.time_column": "",
                "evaluate.primary_metric": metric, "evaluate.min_primary": bound,
                "evaluate.slice_columns": [str(c) for c in slice_columns], "evaluate.slice_crosses": [[str(c) for c in p] for p in crosses],
                "register.model_name": name, "features.enabled": False}

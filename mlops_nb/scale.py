@@ -242,13 +242,14 @@ def split_parquet(
     test_size: float=0.25, seed: int=42,
     max_train_rows: int=0,        # training rows kept at most (0: all)
     batch_rows: int=1_000_000,    # rows split at a time
-    split: str="stratified",      # `prepare.split`: only a stratified split streams
+    split: str="stratified",      # `prepare.split`: stratified or hash (a time split orders the whole table)
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
+    key_column: str="",           # `prepare.key_column`, for the hash split
 ) -> tuple[dict, int]:
     "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped."
-    from mlops_nb.data import encode_target, split_stratified, target_summary
-    if split != "stratified":
-        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'stratified', got {split!r}: a time split orders the whole table in memory")
+    from mlops_nb.data import encode_target, in_hash_test, split_stratified, target_summary
+    if split not in ("stratified", "hash"):
+        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
     if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
     n, classes = parquet_rows(raw), task != "regression"
     keep = 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, n * (1 - test_size)))
@@ -259,7 +260,10 @@ def split_parquet(
                 s = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 batch = encode_target(batch, target, positive_label, task)
                 labelled += len(batch)
-                train, test = split_stratified(batch, target, test_size, s, stratify=classes)
+                if split == "hash":   # row by row: the same sides as in memory, whatever the batches
+                    held = in_hash_test(batch, target, test_size, seed, key_column)
+                    train, test = batch[~held].reset_index(drop=True), batch[held].reset_index(drop=True)
+                else: train, test = split_stratified(batch, target, test_size, s, stratify=classes)
                 if keep < 1:  # per class, so the sample keeps the class balance
                     rng = np.random.default_rng([seed, i])
                     groups = train.groupby(target).indices.values() if classes else [np.arange(len(train))]
