@@ -390,6 +390,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.init._positive': ('init.html#_positive', 'mlops_nb/init.py'),
                                'mlops_nb.init._reads_as_dates': ('init.html#_reads_as_dates', 'mlops_nb/init.py'),
                                'mlops_nb.init._slices': ('init.html#_slices', 'mlops_nb/init.py'),
+                               'mlops_nb.init._split': ('init.html#_split', 'mlops_nb/init.py'),
                                'mlops_nb.init._words': ('init.html#_words', 'mlops_nb/init.py'),
                                'mlops_nb.init.column_role': ('init.html#column_role', 'mlops_nb/init.py'),
                                'mlops_nb.init.commit_init': ('init.html#commit_init', 'mlops_nb/init.py'),

@@ -19,9 +19,10 @@ from .data import DataError, check_classes, encode_target, infer_task, load_sour
 from .schema import _y, infer_schema, schema_to_yaml
 
 # %% auto #0
-__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'INIT_FILES', 'DEFAULT_SOURCE', 'SMALL_DATA', 'column_role', 'InitPlan',
-           'plan_init', 'set_params_text', 'profile_columns', 'plot_missing', 'plot_distributions',
-           'plot_target_relations', 'explore_notebook', 'commit_init', 'init_project', 'run_explore']
+__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'HASH_SPLIT_MIN_ROWS', 'INIT_FILES', 'DEFAULT_SOURCE', 'SMALL_DATA',
+           'column_role', 'InitPlan', 'plan_init', 'set_params_text', 'profile_columns', 'plot_missing',
+           'plot_distributions', 'plot_target_relations', 'explore_notebook', 'commit_init', 'init_project',
+           'run_explore']
 
 # %% ../nbs/07_init.ipynb #9a7c4db6
 ID_WORDS = {"id", "ids", "uuid", "guid", "rownames", "rowid", "index"}
@@ -63,6 +64,7 @@ def column_role(s: pd.Series, max_categories: int=50) -> tuple[str, str]:
 # %% ../nbs/07_init.ipynb #a562217c
 PRIMARY = {"binary": ("roc_auc", "roc_auc"), "multiclass": ("f1_macro", "f1_macro"), "regression": ("rmse", "neg_root_mean_squared_error")}
 POSITIVE_WORDS = ("yes", "true", "1", "y", "positive", "pos", "churn", "default", "fraud", "spam")
+HASH_SPLIT_MIN_ROWS = 5000  # smaller tables are split stratified: a hash split's few test rows are often unbalanced by chance
 
 @dataclass
 class InitPlan:
@@ -92,6 +94,12 @@ def _floor(task: str, y: pd.Series) -> tuple[float, float]:
         majority = y.value_counts().index[0]
         base = float(skm.f1_score(y, np.full(len(y), majority), average="macro", zero_division=0))
     return base, math.ceil((base + 0.1 * (1 - base)) * 1000) / 1000
+
+def _split(n: int) -> tuple[str, str]:
+    "`prepare.split` for `n` labelled rows, and the sentence that says why."
+    if n >= HASH_SPLIT_MIN_ROWS: return "hash", f"split: hash ({n} labelled rows): a row keeps its side as data grows, as mlops-nb ct needs"
+    return "stratified", (f"split: stratified ({n} labelled rows, fewer than {HASH_SPLIT_MIN_ROWS}: a hash split would leave the test set "
+                          "unbalanced by chance; set prepare.split: hash before mlops-nb ct appends data)")
 
 # %% ../nbs/07_init.ipynb #0bdf78ba
 def _slices(df: pd.DataFrame, roles: dict) -> tuple[list[str], list[list[str]]]:
@@ -137,15 +145,17 @@ def plan_init(
     slice_columns, crosses = _slices(kept, {c: roles[c] for c in kept.columns if c != target})
     metric, scoring = PRIMARY[resolved]
     base, bound = _floor(resolved, labelled[target])
+    split, split_why = _split(len(labelled))
     choices.append(f"slices: {', '.join(map(str, slice_columns)) or 'none'}" + (f"; crossed: {' x '.join(map(str, crosses[0]))}" if crosses else ""))
     choices.append(f"primary metric: {metric} (search scorer {scoring}); the gate's {'floor' if metric != 'rmse' else 'ceiling'} "
                    f"{bound}: a trivial model ({'the mean' if resolved == 'regression' else 'the class prior'}) scores {base:.4g}")
+    choices.append(split_why)
     name = _model_name(target, resolved)
     choices.append(f"registered model name: {name}")
     choices.append("feature store: off (features/ defines the default data's customers: write feature views for this data, then set features.enabled: true)")
     updates = {"base.target": str(target), "base.task": resolved, "base.positive_label": positive,
                "data.drop_columns": [str(c) for c in dropped], "train.scoring": scoring, "train.categorical_columns": [str(c) for c in coded],
-               "prepare.split": "hash", "prepare.time_column": "",
+               "prepare.split": split, "prepare.time_column": "",
                "evaluate.primary_metric": metric, "evaluate.min_primary": bound,
                "evaluate.slice_columns": [str(c) for c in slice_columns], "evaluate.slice_crosses": [[str(c) for c in p] for p in crosses],
                "register.model_name": name, "features.enabled": False}

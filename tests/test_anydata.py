@@ -63,6 +63,7 @@ def test_init_names_its_choices_and_the_next_command(pipeline):
     for column in dropped: assert f"column '{column}': identifier, dropped" in out
     assert "exploration notebook: reports/explore/explore.ipynb" in out
     assert "feature store: off" in out and load_params(project / "params.yaml").features.enabled is False
+    assert "split: stratified (" in out and load_params(project / "params.yaml").prepare.split == "stratified"   # all under 5,000 rows
     assert "committed params.yaml and schema.yaml as" in out   # so the run builds from a reproducible state
     assert run("git", "status", "--porcelain", "--", "params.yaml", "schema.yaml", cwd=project).stdout == ""
     assert run("git", "log", "-1", "--format=%s", cwd=project).stdout.startswith(f"mlops-nb init: {source} -> {target} ({task})")
