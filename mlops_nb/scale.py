@@ -252,7 +252,11 @@ def split_parquet(
         raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
     if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
     n, classes = parquet_rows(raw), task != "regression"
-    keep = 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, n * (1 - test_size)))
+    expected_train = n * (1 - test_size)   # a stratified split holds out its share of every batch, exactly
+    if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds
+        labelled_batches = (encode_target(b, target, positive_label, task) for b in iter_batches(raw, batch_rows))
+        expected_train = sum(int((~in_hash_test(b, target, test_size, seed, key_column)).sum()) for b in labelled_batches)
+    keep = 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, expected_train))
     rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
     with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
         try:
