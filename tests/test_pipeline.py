@@ -15,6 +15,7 @@ from conftest import ROOT, TINY, champion_version, copy_project, git_init, regis
 from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 from mlops_nb.features import KEY, TS, definitions_hash, online_features, open_store, repo_objects, sample_keys, skew_gate
+from mlops_nb.init import set_params_text
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,12 @@ def own_copy(smoke, tmp_path):
     copy = tmp_path / "project"
     shutil.copytree(project, copy, symlinks=True)
     return copy, commit
+
+
+def held_out_by_hash(df: pd.DataFrame, seed: int = 42, test_size: float = 0.25) -> int:
+    "Rows the hash split holds out, by its documented rule: pandas' hash of each row's features keyed by the seed, mod 10**6."
+    h = pd.util.hash_pandas_object(df.drop(columns="churn"), index=False, hash_key=f"{seed:016d}").to_numpy()
+    return int((h % 1_000_000 < test_size * 1_000_000).sum())
 
 
 def declared_outputs(project):
@@ -65,13 +72,18 @@ def test_executed_notebooks_and_reports(smoke):
         text = (project / "reports" / html).read_text()
         assert text.lstrip().lower().startswith(("<html", "<!doctype")) and len(text) < 30e6, html
     metrics = json.loads((project / "reports" / "metrics" / "evaluate.json").read_text())
-    assert metrics["n"] == 200 and 0.6 <= metrics["roc_auc"] <= 1  # 25% of 800 rows; the synthetic label is learnable
+    expected = drop_identifiers(synthetic_churn(800, seed=42), ["rownames"])  # what the params ask for, made again
+    assert metrics["n"] == held_out_by_hash(expected) and 0.6 <= metrics["roc_auc"] <= 1  # the synthetic label is learnable
 
 
-def test_binary_metrics_are_those_of_the_release_before_task_types(smoke):
+def test_binary_metrics_are_those_of_the_release_before_task_types(own_copy):
     """tests/golden/tiny_binary_evaluate.json holds the test metrics the pipeline gave for these tiny params before it
-    learned multiclass and regression (written by that release, not by this code): the binary path must not move."""
-    project, _, _ = smoke
+    learned multiclass and regression (written by that release, not by this code): the binary path must not move.
+    That release split stratified, so this run does too: prepare, train and evaluate again on a copy of the smoke run."""
+    project, _ = own_copy
+    params = project / "params.yaml"
+    params.write_text(set_params_text(params.read_text(), {"prepare.split": "stratified"}))
+    run("dvc", "repro", "evaluate", cwd=project)
     golden = json.loads((ROOT / "tests" / "golden" / "tiny_binary_evaluate.json").read_text())
     metrics = json.loads((project / "reports" / "metrics" / "evaluate.json").read_text())
     assert {k: metrics.get(k) for k in golden} == pytest.approx(golden, abs=1e-9, rel=0)
