@@ -142,6 +142,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlops_nb.ct.log_cycle': ('ct.html#log_cycle', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.new_cycle': ('ct.html#new_cycle', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.pipeline_record': ('ct.html#pipeline_record', 'mlops_nb/ct.py'),
+                             'mlops_nb.ct.push_commits': ('ct.html#push_commits', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.restore_record': ('ct.html#restore_record', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.run_cycle': ('ct.html#run_cycle', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.save_finished': ('ct.html#save_finished', 'mlops_nb/ct.py'),

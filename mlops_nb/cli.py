@@ -263,7 +263,7 @@ EXIT_BUSY = 75  # `mlops-nb ct`: another cycle holds the lock (EX_TEMPFAIL: try 
 def _ct_once(args) -> int:
     "One cycle: its report, and its exit code (75 when another cycle runs)."
     from mlops_nb.ct import CycleBusy, format_cycle, run_cycle
-    try: cycle = run_cycle(_project()[0].root, args.log_dir, args.since, args.last, args.labels)
+    try: cycle = run_cycle(_project()[0].root, args.log_dir, args.since, args.last, args.labels, args.push)
     except CycleBusy as e:
         print(f"ct: {e}", file=sys.stderr)
         return EXIT_BUSY
@@ -455,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     cwin.add_argument("--last", type=int, help="the last N records")
     ct.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): the records to learn from")
     ct.add_argument("--every", help="run a cycle every DURATION (30m, 1h, 1d) until interrupted, for local use")
+    ct.add_argument("--push", action="store_true", help="dvc push and git push each commit of the cycle before its next step (promotion waits for it)")
     ct.set_defaults(func=cmd_ct)
     ex = sub.add_parser("export", help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
     ex.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")

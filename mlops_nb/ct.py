@@ -19,7 +19,7 @@ from .core import MlopsError, Params, ProjectPaths, git_state, load_params, read
 __all__ = ['OUTCOME_EXIT', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'uncached_outputs', 'pipeline_record', 'check_ready',
            'CycleBusy', 'cycle_lock', 'Cycle', 'new_cycle', 'save_pending', 'load_pending', 'save_finished',
            'data_state', 'snapshot_path', 'take_snapshot', 'discard_snapshot', 'restore_record', 'withdraw_snapshot',
-           'close_cycle', 'log_cycle', 'finish_cycle', 'start_cycle', 'run_cycle', 'format_cycle']
+           'push_commits', 'close_cycle', 'log_cycle', 'finish_cycle', 'start_cycle', 'run_cycle', 'format_cycle']
 
 # %% ../nbs/27_ct.ipynb #953af46e
 def labelled_rows(
@@ -188,6 +188,13 @@ def withdraw_snapshot(paths: ProjectPaths, cycle: Cycle, why: str) -> str:
     _dvc(paths.root, "checkout", "-q", "--force")
     return done
 
+# %% ../nbs/27_ct.ipynb #d529bef1
+def push_commits(root: str | Path) -> str:
+    "`dvc push` what HEAD's `dvc.lock` and `.dvc` files name, then `git push` HEAD to the branch's upstream; the pushed commit."
+    _dvc(Path(root), "push", "-q")
+    _git(root, "push", "--quiet")
+    return _git(root, "rev-parse", "HEAD")
+
 # %% ../nbs/27_ct.ipynb #62645211
 def _champion(paths: ProjectPaths, params: Params) -> str | None:
     from mlops_nb.registry import _version_str, alias_version, use_project_tracking
@@ -225,8 +232,8 @@ def log_cycle(paths: ProjectPaths, cycle: Cycle) -> str:
     return run.info.run_id
 
 # %% ../nbs/27_ct.ipynb #41dacca5
-def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle) -> Cycle:
-    "Run the pipeline on the committed snapshot: commit dvc.lock after register, then promote (infra_validate) and commit it again."
+def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle, push: bool=False) -> Cycle:
+    "Run the pipeline on the committed snapshot: commit dvc.lock after register, then promote (infra_validate) and commit it again; `push` each."
     from mlops_nb.pipeline import dvc
     for stage, key in (("register", "registered"), ("infra_validate", "promoted")):
         if dvc("repro", stage, root=paths.root).returncode != 0:
@@ -237,6 +244,9 @@ def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle) -> Cycle:
         cycle.commits[key] = commit_files(paths.root, pipeline_record(paths.root), f"ct {cycle.id}: dvc.lock after {stage}")
         cycle.phase = "promote"
         save_pending(paths.reports / "ct", cycle)
+        if push:
+            try: push_commits(paths.root)
+            except MlopsError as e: raise MlopsError(f"{e}\n  ct cycle {cycle.id} stays pending: fix the remote, then run `mlops-nb ct --push` again to complete it") from None
     read = lambda *p: read_json(paths.reports.joinpath(*p))
     gate, promo = read("evaluate", "gate.json"), read("infra", "promotion.json")
     cycle.version = str(read("register", "registration.json")["version"])
@@ -245,7 +255,7 @@ def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle) -> Cycle:
     return close_cycle(paths, params, cycle, outcome, (f"{promo.get('alias', 'champion')}: " if promo["promoted"] else "") + promo["reason"])
 
 # %% ../nbs/27_ct.ipynb #35b24047
-def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, last=None, labels=None) -> Cycle:
+def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, last=None, labels=None, push: bool=False) -> Cycle:
     "Monitor the window; on `retrain` with labelled records, snapshot and commit them and finish the cycle."
     from mlops_nb.monitor import monitor_project
     from mlops_nb.scale import parquet_dtypes
@@ -271,7 +281,7 @@ def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, l
     cycle.commits["snapshot"] = take_snapshot(paths, cycle, rows)
     cycle.phase = "pipeline"
     save_pending(folder, cycle)
-    return finish_cycle(paths, params, cycle)
+    return finish_cycle(paths, params, cycle, push)
 
 # %% ../nbs/27_ct.ipynb #783a0c56
 def run_cycle(
@@ -280,16 +290,17 @@ def run_cycle(
     since: str | None = None,     # the window: records since a duration ago or an ISO time
     last: int | None = None,      # or the last N records
     labels: str | Path | None = None,   # the labels file: request_id, label (and record)
+    push: bool = False,           # push each commit (dvc push, git push) before the next step
 ) -> Cycle:
     "One continuous-training cycle under the project's lock: complete the cycle a kill interrupted, or start one."
     paths = ProjectPaths(Path(root).resolve())
     params = load_params(paths.params)
     with cycle_lock(paths.root):
         if (pending := load_pending(paths.reports / "ct")) is not None:
-            if pending.snapshot and _committed(paths, f"{pending.snapshot}.dvc"): return finish_cycle(paths, params, pending)
+            if pending.snapshot and _committed(paths, f"{pending.snapshot}.dvc"): return finish_cycle(paths, params, pending, push)
             discard_snapshot(paths, pending)
             close_cycle(paths, params, pending, "abandoned", "killed before its snapshot was committed: discarded")
-        return start_cycle(paths, params, log_dir, since, last, labels)
+        return start_cycle(paths, params, log_dir, since, last, labels, push)
 
 # %% ../nbs/27_ct.ipynb #e4aef696
 def format_cycle(cycle: Cycle) -> str:

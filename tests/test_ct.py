@@ -137,7 +137,13 @@ def scenario_of(tmp_path_factory):
     git_init(project)
     run("mlops-nb", "run", cwd=project)
     run("git", "add", "-A", cwd=project); run("git", "commit", "-qm", "the first pipeline run", cwd=project)
-    out = {"project": project, "train_v1": pd.read_parquet(project / "data/processed/train.parquet"),
+    # the remotes a --push cycle publishes to: a bare git repository (the branch's upstream) and a DVC folder remote
+    remote, store = project.parent / "remote.git", project.parent / "dvc-store"
+    run("git", "init", "-q", "--bare", "-b", "main", str(remote), cwd=project.parent)
+    run("git", "remote", "add", "origin", str(remote), cwd=project); run("git", "push", "-q", "-u", "origin", "main", cwd=project)
+    run("dvc", "remote", "add", "-d", "store", str(store), cwd=project)
+    run("git", "commit", "-qm", "a DVC remote", "--", ".dvc/config", cwd=project)
+    out = {"project": project, "remote": remote, "train_v1": pd.read_parquet(project / "data/processed/train.parquet"),
            "test_v1": pd.read_parquet(project / "data/processed/test.parquet"),
            "raw_v1": pd.read_parquet(project / "data/raw/data.parquet"), "champion_v1": champion_version(project)}
 
@@ -148,7 +154,7 @@ def scenario_of(tmp_path_factory):
     busy = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
     kill(proc)
     out["busy"], out["killed_in_training"] = busy, state(project)
-    out["resume1"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
+    out["resume1"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), "--push", cwd=project, check=False)
     out["after1"] = state(project)
     out["cycle1"] = json.loads((project / "reports/ct/latest.json").read_text())
     out["train_v2"] = pd.read_parquet(project / "data/processed/train.parquet")
@@ -203,6 +209,18 @@ def test_a_completed_cycle_leaves_git_dvc_and_the_lock_consistent(scenario):
     # the version records the commit of its data snapshot
     tags = registry(project).get_model_version(NAME, c["version"]).tags
     assert tags["git_commit"] == c["commits"]["snapshot"] and tags["git_dirty"] == "False"
+
+
+def test_a_pushed_cycle_is_rebuilt_from_the_remotes_alone(scenario):
+    "With --push, the cycle's commits and everything their dvc.lock names reached the git and DVC remotes."
+    c, remote = scenario["cycle1"], scenario["remote"]
+    assert run("git", "merge-base", "--is-ancestor", c["commits"]["promoted"], "main", cwd=remote).returncode == 0
+    clone = remote.parent / "clone"
+    run("git", "clone", "-q", str(remote), str(clone), cwd=remote.parent)
+    run("git", "checkout", "-q", c["commits"]["promoted"], cwd=clone)
+    run("dvc", "pull", "-q", cwd=clone)   # from the DVC remote: the project's cache is not used
+    pd.testing.assert_frame_equal(pd.read_parquet(clone / c["snapshot"]), pd.read_parquet(scenario["project"] / c["snapshot"]))
+    assert run("dvc", "status", "--json", cwd=clone).stdout.strip() == "{}"   # every output matches the commit's dvc.lock
 
 
 def test_the_labelled_window_is_appended_to_the_training_data(scenario):
