@@ -154,6 +154,11 @@ def scenario_of(tmp_path_factory):
     busy = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
     kill(proc)
     out["busy"], out["killed_in_training"] = busy, state(project)
+    # the rerun with --push, while the git remote is away: the commit after register cannot be pushed, so nothing is promoted
+    remote.rename(remote.with_name("away.git"))
+    out["push_failed"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), "--push", cwd=project, check=False)
+    out["after_push_failed"] = state(project)
+    remote.with_name("away.git").rename(remote)
     out["resume1"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), "--push", cwd=project, check=False)
     out["after1"] = state(project)
     out["cycle1"] = json.loads((project / "reports/ct/latest.json").read_text())
@@ -209,6 +214,13 @@ def test_a_completed_cycle_leaves_git_dvc_and_the_lock_consistent(scenario):
     # the version records the commit of its data snapshot
     tags = registry(project).get_model_version(NAME, c["version"]).tags
     assert tags["git_commit"] == c["commits"]["snapshot"] and tags["git_dirty"] == "False"
+
+
+def test_a_failed_push_promotes_nothing_and_leaves_the_cycle_to_the_next_run(scenario):
+    r, s = scenario["push_failed"], scenario["after_push_failed"]
+    assert r.returncode != 0 and "git push --quiet failed" in r.stderr and "stays pending" in r.stderr, r.stdout + r.stderr
+    assert s["aliases"]["champion"] == scenario["champion_v1"]
+    assert s["pending"]["id"] == scenario["cycle1"]["id"] and "registered" in s["pending"]["commits"]
 
 
 def test_a_pushed_cycle_is_rebuilt_from_the_remotes_alone(scenario):
