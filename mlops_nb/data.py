@@ -262,14 +262,17 @@ def split_by_time(df: pd.DataFrame, time_column: str, test_size: float=0.25) -> 
     cut = len(df) - max(1, round(len(df) * test_size))
     return ordered.iloc[:cut].reset_index(drop=True), ordered.iloc[cut:].reset_index(drop=True)
 
-def _check_test_size(test_size, n):
+def _check_share(test_size):
     if not 0 < test_size < 1: raise DataError(f"prepare.test_size must be between 0 and 1, got {test_size}")
+
+def _check_test_size(test_size, n):
+    _check_share(test_size)
     if n < 4: raise DataError(f"{n} rows are too few to split")
 
 # %% ../nbs/01_data.ipynb #78a053cb
 def in_hash_test(df: pd.DataFrame, target: str, test_size: float=0.25, seed: int=42, key_column: str="") -> np.ndarray:
     "Whether each row is held out: a stable hash of its key (`key_column`, or every column but `target`) salted with `seed`."
-    if not 0 < test_size < 1: raise DataError(f"prepare.test_size must be between 0 and 1, got {test_size}")
+    _check_share(test_size)
     if key_column and key_column not in df.columns: raise DataError(f"prepare.key_column '{key_column}' is not in the data")
     keys = df[[key_column]] if key_column else df.drop(columns=[target])
     h = pd.util.hash_pandas_object(keys, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
