@@ -139,7 +139,7 @@ def cmd_loadtest(args) -> int:
     data = read_table(args.data or paths.processed / "test.parquet")
     records = data.drop(columns=[c for c in [params.base.target] if c in data.columns])
     url = args.url if args.url.rstrip("/").endswith("/predict") else args.url.rstrip("/") + "/predict"
-    result = loadtest(url, records, args.concurrency or sp.loadtest_concurrency, args.seconds or sp.loadtest_seconds)
+    result = loadtest(url, records, args.concurrency or sp.loadtest_concurrency, args.seconds or sp.loadtest_seconds, rate=args.rate)
     missed = check_budget(result, sp.budget_p99_ms, sp.budget_min_rps)
     print(json.dumps({**result, "budget": {"p99_ms": sp.budget_p99_ms, "min_rps": sp.budget_min_rps}, "passed": not missed}))
     for m in missed: print(f"budget missed: {m}", file=sys.stderr)
@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
     lt.add_argument("--concurrency", type=int, help="concurrent clients (default: serve.loadtest_concurrency)")
     lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
+    lt.add_argument("--rate", type=float, help="open loop: send R requests a second on schedule, latency counted from when each was due "
+                                              "(as wrk2; shows stalls a closed loop hides); default: a closed loop of --concurrency clients")
     lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
     lt.set_defaults(func=cmd_loadtest)
     mo = sub.add_parser("monitor", help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
