@@ -11,6 +11,7 @@ import math
 from importlib.metadata import version as _package_version
 
 import numpy as np
+import orjson
 from fastapi import Request
 from starlette.responses import Response
 
@@ -18,8 +19,8 @@ from .contract import Field, RequestError, parse_body
 from .serve import _answer, _json
 
 # %% auto #0
-__all__ = ['MLFLOW_FORMATS', 'V2_DATATYPES', 'csv_records', 'mlflow_records', 'mlflow_answer', 'v2_model_metadata', 'v2_records',
-           'v2_answer', 'add_protocol_routes']
+__all__ = ['MLFLOW_FORMATS', 'V2_DATATYPES', 'csv_records', 'mlflow_records', 'mlflow_answer', 'v2_model_metadata',
+           'decode_tensor', 'encode_tensor', 'v2_records', 'v2_answer', 'v2_binary', 'add_protocol_routes']
 
 # %% ../nbs/22_protocols.ipynb #8e404d55
 MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -118,7 +119,11 @@ def mlflow_answer(status: int, answer: dict) -> tuple[int, dict]:
 
 # %% ../nbs/22_protocols.ipynb #3606c6be
 V2_DATATYPES = {"int": "INT64", "float": "FP64", "bool": "BOOL", "str": "BYTES", "datetime": "BYTES", "any": "BYTES"}
-_KNOWN = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
+_NUMPY = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
+          "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}   # raw little-endian layout
+_KNOWN = {*_NUMPY, "BYTES"}
+_INTS = {t for t in _NUMPY if "INT" in t}
+_FITS = {"int": _INTS, "float": _INTS | {"FP16", "FP32", "FP64"}, "bool": {"BOOL"}, "str": {"BYTES"}, "datetime": {"BYTES"}}
 
 def _datatype(values) -> str:
     "The v2 datatype of a list of output values."
@@ -128,6 +133,7 @@ def _datatype(values) -> str:
     if kinds <= {int, float}: return "FP64"
     return "BYTES"
 
+# %% ../nbs/22_protocols.ipynb #9dfe8494
 def v2_model_metadata(version, versions: list[str]) -> dict:
     "Model metadata: the inputs as named tensors typed from the schema, and the outputs."
     out = [{"name": "predict", "datatype": _datatype(version.classes) if version.classes else "FP64", "shape": [-1]}]
@@ -136,42 +142,97 @@ def v2_model_metadata(version, versions: list[str]) -> dict:
             "inputs": [{"name": f.name, "datatype": V2_DATATYPES.get(f.type, "BYTES"), "shape": [-1]} for f in version.fields],
             "outputs": out}
 
+# %% ../nbs/22_protocols.ipynb #ff4591ca
+def _decode_bytes(buf: bytes, name: str) -> list[str]:
+    "BYTES elements: each a 4-byte little-endian length, then that many bytes of UTF-8 text."
+    out, i = [], 0
+    while i < len(buf):
+        n = int.from_bytes(buf[i:i + 4], "little")
+        if i + 4 + n > len(buf): raise _bad(f"a BYTES element at byte {i} runs past the tensor's {len(buf)} bytes", field=name)
+        try: out.append(buf[i + 4:i + 4 + n].decode())
+        except UnicodeDecodeError: raise _bad(f"the BYTES element at byte {i} is not UTF-8 text", field=name) from None
+        i += 4 + n
+    return out
+
+def decode_tensor(buf: bytes, datatype: str, name: str = "") -> list:
+    "The values of a tensor sent as binary data."
+    if datatype == "BYTES": return _decode_bytes(buf, name)
+    dt = np.dtype(_NUMPY[datatype])
+    if len(buf) % dt.itemsize: raise _bad(f"{len(buf)} bytes are not a whole number of {datatype} values", field=name)
+    return np.frombuffer(buf, dt).tolist()
+
+def encode_tensor(values, datatype: str) -> bytes:
+    "The binary data of a tensor's (flat) values."
+    if datatype == "BYTES": return b"".join(len(b := str(v).encode()).to_bytes(4, "little") + b for v in values)
+    return np.ascontiguousarray(values, dtype=_NUMPY[datatype]).tobytes()
+
 # %% ../nbs/22_protocols.ipynb #9d2cd414
 def _flat(data) -> list:
     if not isinstance(data, list): return [data]
     if not any(isinstance(v, list) for v in data): return data
     return [x for v in data for x in _flat(v)]
 
-def _tensor_column(t, j: int) -> tuple[str, list]:
+def _check_tensor(t, j: int, fields: dict) -> tuple[str, str, list]:
+    "Name, datatype and shape of input tensor `j`, each checked (the datatype against the field it feeds)."
     if not isinstance(t, dict) or not isinstance(t.get("name"), str): raise _bad(f"input {j}: a tensor needs a name")
-    name = t["name"]
-    if "data" not in t:
-        binary = "binary_data_size" in (t.get("parameters") or {})
-        raise _bad("binary tensor data is not supported: send the data as JSON" if binary else "tensor has no data", field=name)
-    if t.get("datatype") not in _KNOWN: raise _bad(f"unknown datatype {str(t.get('datatype'))[:20]!r}", field=name)
-    data, shape = _flat(t["data"]), t.get("shape")
+    name, dtype, shape = t["name"], t.get("datatype"), t.get("shape")
+    if dtype not in _KNOWN: raise _bad(f"unknown datatype {str(dtype)[:20]!r}", field=name)
+    if (ftype := fields.get(name)) in _FITS and dtype not in _FITS[ftype]:
+        raise _bad(f"datatype {dtype} does not fit field type {ftype} (send {V2_DATATYPES[ftype]})", field=name)
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise _bad("shape must be a list of non-negative integers", field=name)
-    if math.prod(shape) != len(data): raise _bad(f"shape {shape[:4]} holds {math.prod(shape)} values, data has {len(data)}", field=name)
-    if t["datatype"].startswith("FP"): data = [None if isinstance(v, float) and math.isnan(v) else v for v in data]  # NaN: missing
-    return name, data
+    if not (len(shape) == 1 or len(shape) == 2 and shape[1] == 1):
+        raise _bad(f"shape {shape[:4]}: a field's tensor is one column, of shape [n] or [n, 1]", field=name)
+    return name, dtype, shape
 
 # %% ../nbs/22_protocols.ipynb #91308cf8
-def v2_records(raw: bytes, request: dict) -> list[dict]:
-    "The records in an Open Inference Protocol `infer` body (one tensor per field); fills `request` (id, outputs, pd)."
-    body = parse_body(raw)
+def _tensor_data(t: dict, name: str, dtype: str, shape: list, binary: memoryview, at: int) -> tuple[list, int]:
+    "A tensor's values, from JSON or from the binary part at offset `at`; and the offset after them."
+    size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t.get("parameters"), dict) else None
+    if size is None:
+        if "data" not in t: raise _bad("tensor has no data", field=name)
+        data = _flat(t["data"])
+    elif not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(binary):
+        raise _bad(f"binary_data_size {str(size)[:20]} does not fit the {len(binary) - at} bytes left after the header", field=name)
+    else: data, at = decode_tensor(bytes(binary[at:at + size]), dtype, name), at + size
+    if math.prod(shape) != len(data): raise _bad(f"shape {shape[:4]} holds {math.prod(shape)} values, data has {len(data)}", field=name)
+    if dtype.startswith("FP"): data = [None if isinstance(v, float) and math.isnan(v) else v for v in data]  # NaN: missing
+    return data, at
+
+def _split_header(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    "The JSON header and the binary part of a body (`Inference-Header-Content-Length`: the header's size)."
+    if header_length is None: return raw, memoryview(b"")
+    if not header_length.strip().isdigit() or int(header_length) > len(raw):
+        raise _bad(f"Inference-Header-Content-Length {header_length[:20]!r} is not a length within the body's {len(raw)} bytes")
+    return raw[:int(header_length)], memoryview(raw)[int(header_length):]
+
+# %% ../nbs/22_protocols.ipynb #9a84f2b2
+def _binary_outputs(body: dict) -> dict:
+    "Which outputs go back as binary data: `default` for any output, `named` where an output says."
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    outs = [o for o in body.get("outputs") or [] if isinstance(o, dict)] if isinstance(body.get("outputs"), list) else []
+    named = {o.get("name"): o["parameters"]["binary_data"] for o in outs
+             if isinstance(o.get("parameters"), dict) and isinstance(o["parameters"].get("binary_data"), bool)}
+    return {"default": params.get("binary_data_output") is True, "named": named}
+
+def v2_records(raw: bytes, request: dict, fields: list[Field] = (), header_length: str | None = None) -> list[dict]:
+    "The records in an Open Inference Protocol `infer` body (one tensor per field); fills `request` (id, outputs, pd, binary)."
+    head, binary = _split_header(raw, header_length)
+    body = parse_body(head)
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise _bad("expected an inference request: {\"inputs\": [one tensor per input field]}")
+    if "id" in body and not isinstance(body["id"], str): raise _bad(f"id must be a string, got {type(body['id']).__name__}", field="id")
     ct = (body.get("parameters") or {}).get("content_type") if isinstance(body.get("parameters"), dict) else None
     if ct not in (None, "pd"): raise _bad(f"unsupported request content_type {str(ct)[:20]!r}: one tensor per column, or 'pd'")
     outs = body.get("outputs")
     names = [o.get("name") if isinstance(o, dict) else None for o in outs] if isinstance(outs, list) else []
-    request.update(id=body.get("id") if isinstance(body.get("id"), str) else None, pd=ct == "pd", outputs=names or None)
-    columns = {}
+    request.update(id=body.get("id"), pd=ct == "pd", outputs=names or None, binary=_binary_outputs(body))
+    columns, at, types = {}, 0, {f.name: f.type for f in fields}
     for j, t in enumerate(body["inputs"]):
-        name, data = _tensor_column(t, j)
+        name, dtype, shape = _check_tensor(t, j, types)
         if name in columns: raise _bad("the same input twice", field=name)
-        columns[name] = data
+        columns[name], at = _tensor_data(t, name, dtype, shape, binary, at)
+    if at != len(binary): raise _bad(f"{len(binary) - at} bytes after the header belong to no tensor (binary_data_size)")
     if len(lengths := {len(v) for v in columns.values()}) > 1:
         raise _bad("tensors of different lengths: " + ", ".join(f"{k}={len(v)}" for k, v in list(columns.items())[:10]))
     return [{k: v[i] for k, v in columns.items()} for i in range(lengths.pop())]
@@ -195,6 +256,17 @@ def v2_answer(status: int, answer: dict, request: dict) -> tuple[int, dict]:
            "outputs": [o for o in outputs if not wanted or o["name"] in wanted]}
     if request.get("pd"): out["parameters"] = {"content_type": "pd"}
     return 200, out
+
+# %% ../nbs/22_protocols.ipynb #1f0af3a8
+def v2_binary(body: dict, wanted: dict) -> tuple[bytes, bytes]:
+    "The JSON header and the binary part of an answer whose outputs in `wanted` (see `_binary_outputs`) go as binary data."
+    outputs, tail = [], b""
+    for o in body["outputs"]:
+        if not wanted["named"].get(o["name"], wanted["default"]): outputs.append(o); continue
+        data = encode_tensor(o["data"], o["datatype"])
+        outputs.append({k: v for k, v in o.items() if k != "data"} | {"parameters": {"binary_data_size": len(data)}})
+        tail += data
+    return orjson.dumps({**body, "outputs": outputs}, option=orjson.OPT_SERIALIZE_NUMPY), tail
 
 # %% ../nbs/22_protocols.ipynb #8bebf5af
 def _text(text: str, status: int = 200) -> Response: return Response(text, status, media_type="text/plain")
@@ -241,7 +313,7 @@ def _add_v2_routes(app, state):
     async def v2_ready(): return _json({"ready": state.ready}, 200 if state.ready else 503)
 
     @app.get("/v2")
-    async def v2_server(): return _json({"name": "mlops-nb", "version": _package_version("mlops-nb"), "extensions": []})
+    async def v2_server(): return _json({"name": "mlops-nb", "version": _package_version("mlops-nb"), "extensions": ["binary_tensor_data"]})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -263,9 +335,12 @@ def _add_v2_routes(app, state):
         status, error, pin = _find(state, name, version)
         if error: return _json({"error": error}, status)
         req = {}
-        status, answer = await _answer(state, request, "/v2/infer", lambda raw, ct, fields: v2_records(raw, req), pin)
+        hlen = request.headers.get("inference-header-content-length")
+        status, answer = await _answer(state, request, "/v2/infer", lambda raw, ct, fields: v2_records(raw, req, fields, hlen), pin)
         status, body = v2_answer(status, answer, req)
-        return _json(body, status)
+        if status != 200 or not req["binary"]["default"] and not any(req["binary"]["named"].values()): return _json(body, status)
+        head, tail = v2_binary(body, req["binary"])
+        return Response(head + tail, status, {"Inference-Header-Content-Length": str(len(head))}, media_type="application/octet-stream")
 
 def add_protocol_routes(app, state):
     "Mount MLflow's scoring protocol and the Open Inference Protocol v2 on the service's FastAPI `app`."

@@ -205,11 +205,45 @@ def test_tritonclient_checks_health_metadata_and_infers(ours, project):
     result = client.infer(NAME, inputs, model_version=version, outputs=outputs)
     np.testing.assert_allclose(result.as_numpy("predict_proba"), model.predict_proba(X), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(result.as_numpy("predict"), model.predict(X))
-    # a refused value comes back as the client's exception, naming record and field
+    # a refused tensor comes back as the client's exception, naming the field (text is no int: its datatype says so already)
     bad = tc.InferInput("tenure", [1], "BYTES")
     bad.set_data_from_numpy(np.array(["abc"], dtype=object), binary_data=False)
-    with pytest.raises(InferenceServerException, match="record 0, field 'tenure': expected int, got str"):
+    with pytest.raises(InferenceServerException, match="field 'tenure': datatype BYTES does not fit field type int"):
         client.infer(NAME, [bad], outputs=outputs[:1])
+    client.close()
+
+
+def test_tritonclient_defaults_binary_tensors_get_the_json_answers(ours, project):
+    "tritonclient's defaults send every tensor as binary data and ask for binary outputs: the same answers as JSON."
+    try: import tritonclient.http as tc
+    except ImportError as e: skip_or_fail(f"tritonclient[http] is not installed: {e}")
+    _, model, X, version = project
+    client = tc.InferenceServerClient(url=ours.url.removeprefix("http://"))
+    recs = records(X)
+    inputs = []
+    for spec in client.get_model_metadata(NAME)["inputs"]:
+        dtype = {"BYTES": object, "FP64": np.float64, "INT64": np.int64, "BOOL": bool}[spec["datatype"]]
+        t = tc.InferInput(spec["name"], [len(recs)], spec["datatype"])
+        t.set_data_from_numpy(np.array([np.nan if r[spec["name"]] is None else r[spec["name"]] for r in recs], dtype=dtype))  # binary_data=True
+        inputs.append(t)
+    assert all("binary_data_size" in t._get_tensor()["parameters"] for t in inputs)   # really binary on the wire
+    result = client.infer(NAME, inputs, model_version=version)   # no outputs named: every output comes back as binary data
+    assert all("data" not in o and o["parameters"]["binary_data_size"] > 0 for o in result.get_response()["outputs"])
+    as_json = httpx.post(f"{ours.url}/v2/models/{NAME}/versions/{version}/infer", timeout=30, json={"inputs": [
+        {"name": t.name(), "datatype": t.datatype(), "shape": t.shape(), "data": [r[t.name()] for r in recs]} for t in inputs]}).json()
+    expected = {o["name"]: np.reshape(o["data"], o["shape"]) for o in as_json["outputs"]}
+    np.testing.assert_array_equal(result.as_numpy("predict_proba"), expected["predict_proba"])
+    np.testing.assert_array_equal(result.as_numpy("predict").astype(expected["predict"].dtype), expected["predict"])
+    np.testing.assert_allclose(result.as_numpy("predict_proba"), model.predict_proba(X), rtol=0, atol=1e-12)
+    # the declared shape and datatype are honoured: a [n, 3] tensor for one column and a BOOL tensor on a float column are refused
+    wide = tc.InferInput("tenure", [2, 3], "INT64")
+    wide.set_data_from_numpy(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(Exception, match="field 'tenure': shape \\[2, 3\\]: a field's tensor is one column"):
+        client.infer(NAME, [wide])
+    flag = tc.InferInput("monthly_charges", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    with pytest.raises(Exception, match="field 'monthly_charges': datatype BOOL does not fit field type float"):
+        client.infer(NAME, [flag])
     client.close()
 
 
