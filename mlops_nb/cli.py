@@ -13,7 +13,7 @@ from .core import MlopsError, Params, ProjectPaths, load_params, read_json
 
 # %% auto #0
 __all__ = ['EXIT_NOT_PROMOTED', 'EXIT_BUSY', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback',
-           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_init', 'cmd_sweep',
+           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_log', 'cmd_init', 'cmd_sweep',
            'cmd_promote', 'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary',
            'cmd_features', 'build_parser', 'main']
 
@@ -161,6 +161,18 @@ def cmd_readme(args) -> int:
     root = ProjectPaths.find().root
     write_text(root / "README.md", readme_text(root))
     print("README.md regenerated from nbs/index.ipynb")
+    return 0
+
+# %% ../nbs/09_cli.ipynb #1dc36f89
+def cmd_log(args) -> int:
+    "Compact the prediction log's partitions, or prune days past retention; print what was done as JSON."
+    import json
+    from mlops_nb.logstore import compact, prune
+    paths, params = _project()
+    folder = paths.root / (args.dir or params.serve.log_dir)
+    if not folder.is_dir(): raise MlopsError(f"prediction log folder not found: {folder}")
+    if args.action == "prune" and args.keep_days is None: raise MlopsError("mlops-nb log prune needs --keep-days N (days of log to keep)")
+    print(json.dumps(compact(folder) if args.action == "compact" else prune(folder, args.keep_days)))
     return 0
 
 # %% ../nbs/09_cli.ipynb #c8456fb3
@@ -433,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(as wrk2; shows stalls a closed loop hides); default: a closed loop of --concurrency clients")
     lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
     lt.set_defaults(func=cmd_loadtest)
+    lg = sub.add_parser("log", help="prediction log upkeep: compact hour partitions into one part each, or prune old days")
+    lg.add_argument("action", choices=["compact", "prune"], help="compact: rewrite each hour's parts as one (and move a flat log into "
+                    "partitions); prune: delete whole days older than --keep-days")
+    lg.add_argument("--keep-days", type=float, help="prune: days of log to keep (every row newer than this stays)")
+    lg.add_argument("--dir", help="the log folder (default: serve.log_dir)")
+    lg.set_defaults(func=cmd_log)
     mo = sub.add_parser("monitor", help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
                         epilog="exit codes: 0 none; 4 retrain (value skew, prediction drift, or the realized primary metric beyond "
                                "monitor.min_primary); 5 alert (schema skew in traffic: a broken upstream); 1 an error")

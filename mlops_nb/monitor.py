@@ -80,7 +80,8 @@ def read_window(
     if data is not None: records, source = read_table(data), str(data)
     else:
         if not Path(log_dir).is_dir(): raise MlopsError(f"prediction log folder not found: {log_dir}")
-        records, source = read_prediction_log(log_dir), str(log_dir)
+        start = parse_since(since, now) if since else None   # the reader opens only the partitions the window reaches
+        records, source = read_prediction_log(log_dir, since=start, last=last if last and last > 0 else None), str(log_dir)
     window = select_window(records, parse_since(since, now) if since else None, last)
     if window.empty: raise MlopsError(f"the window is empty: no records{' since ' + since if since else ''} in {source}")
     return window

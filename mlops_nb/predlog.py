@@ -15,26 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .logstore import read_log, read_segment, write_parts
+
 # %% auto #0
 __all__ = ['read_prediction_log', 'log_meta', 'PredictionLog']
 
 # %% ../nbs/17_predlog.ipynb #d2261248
 _META = ["ts", "request_id", "record", "variant", "model_name", "model_version", "prediction"]
 
-def _read_segment(path: Path):
-    "The complete record batches of a stream segment (a crash may have cut the last one); None when there are none."
-    import pyarrow as pa
-    batches = []
-    try:
-        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
-            for b in reader: batches.append(b)
-    except (pa.ArrowInvalid, OSError, StopIteration): pass
-    return pa.Table.from_batches(batches) if batches else None
-
 def _seal(path: Path) -> Path | None:
-    "Rewrite segment `path` as a Parquet part (atomically), then delete it; an unreadable one is moved aside."
-    import pyarrow.parquet as pq
-    table = _read_segment(path)
+    "Rewrite segment `path` as Parquet parts in its hours' partitions, then delete it; an unreadable one is moved aside."
+    table = read_segment(path)
     if table is None:
         if path.exists() and path.stat().st_size > 0:   # bytes we cannot read: keep them for a human
             aside = path.with_suffix(".unreadable")
@@ -43,25 +34,14 @@ def _seal(path: Path) -> Path | None:
             return aside
         path.unlink(missing_ok=True)
         return None
-    part = path.with_name(path.name.replace("segment-", "part-")).with_suffix(".parquet")
-    tmp = part.with_name("." + part.name + ".tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, part)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise                                            # the segment stays: nothing is lost
-    path.unlink(missing_ok=True)
-    return part
+    parts = write_parts(table, path.parent, path.stem.removeprefix("segment-"))   # an error: the segment stays, nothing is lost
+    path.unlink(missing_ok=True)                         # from now on its parts are read (logstore's rule)
+    return parts[0] if parts else None
 
-def read_prediction_log(folder: str | Path) -> pd.DataFrame:
-    "Every logged record in `folder`: sealed Parquet parts and the open segments' complete batches, by time."
-    import pyarrow.parquet as pq
-    folder = Path(folder)
-    tables = [pq.read_table(p).to_pandas() for p in sorted(folder.glob("part-*.parquet"))]
-    tables += [t.to_pandas() for p in sorted(folder.glob("segment-*.arrows")) if (t := _read_segment(p)) is not None]
-    if not tables: return pd.DataFrame(columns=_META)
-    return pd.concat(tables, ignore_index=True).sort_values("ts", kind="stable", ignore_index=True)
+def read_prediction_log(folder: str | Path, since=None, last: int | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    "The logged records in `folder` (all, or a window: at or after `since`, the last `last`), oldest first."
+    out = read_log(folder, since, last, columns)
+    return pd.DataFrame(columns=_META) if out is None else out
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
 def _table(columns: dict, meta: dict):

@@ -147,7 +147,7 @@ def current_data(
     if str(source) == "log":
         from mlops_nb.predlog import read_prediction_log
         paths = ProjectPaths.find(root)
-        log = read_prediction_log(paths / load_params(paths.params).serve.log_dir)
+        log = read_prediction_log(paths / load_params(paths.params).serve.log_dir, last=window)   # only the window's partitions
         if log.empty: raise MlopsError(f"the prediction log in {load_params(paths.params).serve.log_dir} holds no records yet")
         return log.tail(window) if window else log
     return read_table(Path(root or ".") / source)
