@@ -89,7 +89,7 @@ def _kfp_type(value) -> str:
         if isinstance(value, t): return t.__name__
     return "str"
 
-# %% ../nbs/32_orchestrate.ipynb #92d8c314
+# %% ../nbs/32_orchestrate.ipynb #171ca262
 STEP_SCRIPT = r'''set -euo pipefail
 url="$1" branch="$2" commit="$3" notebook="$5"
 export MLFLOW_TRACKING_URI="$4"
@@ -99,6 +99,7 @@ work="$(mktemp -d)/project"
 git clone --quiet --branch "$branch" "$url" "$work"
 cd "$work"
 git reset --quiet --hard "$commit"
+export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"   # the commit's library, in the CLI and in the stage's kernel
 outs=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -191,13 +192,13 @@ exec(compile(code, "<mlops-nb pipeline>", "exec"), scope)
 compiler.Compiler().compile(scope["pipeline"], sys.argv[2])
 '''
 
-# %% ../nbs/32_orchestrate.ipynb #57129b59
+# %% ../nbs/32_orchestrate.ipynb #836ed12e
 def tool_python(
     root: str | Path,   # the project
     tool: str,          # kfp | airflow: the tool environment `make tools-TOOL` builds into .tools/TOOL
 ) -> Path:
-    "The python of a tool environment; a clear error naming the make target when it is missing."
-    py = Path(root) / ".tools" / tool / "bin" / "python"
+    "The python of a tool environment (under $MLOPS_NB_TOOLS, default the project's .tools/); a clear error when it is missing."
+    py = Path(os.environ.get("MLOPS_NB_TOOLS") or Path(root) / ".tools") / tool / "bin" / "python"
     if not py.exists(): raise MlopsError(f"the {tool} tool environment is missing: run `make tools-{tool}` (it installs tools/{tool}/requirements.lock into .tools/{tool})")
     return py
 
