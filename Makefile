@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: run test test-fast sync lint lock bench serve docs docs-serve clean-venv help
+.PHONY: run test test-fast sync lint lock bench serve docs docs-serve clean-venv help tools-kfp tools-airflow
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -61,3 +61,16 @@ lock:  ## rewrite requirements.lock from the current .venv
 
 clean-venv:  ## remove the environment
 	rm -rf $(VENV)
+
+# The orchestrators' SDKs cannot share the project's environment (kfp needs protobuf<7; Airflow 3 needs a newer
+# fastapi/pydantic/uvicorn than Feast allows): each gets a tool environment of its own, built from its own lock.
+TOOLS := .tools
+
+$(TOOLS)/%/.installed: tools/%/requirements.lock
+	@test -x $(TOOLS)/$*/bin/python || $(PYTHON) -m venv $(TOOLS)/$*
+	$(TOOLS)/$*/bin/python -m pip install --quiet --disable-pip-version-check -r tools/$*/requirements.lock
+	@touch $@
+
+tools-kfp: $(TOOLS)/kfp/.installed  ## the kfp SDK's environment (.tools/kfp), for `mlops-nb orchestrate kubeflow`
+
+tools-airflow: $(TOOLS)/airflow/.installed  ## Airflow's environment (.tools/airflow), to test the generated DAGs

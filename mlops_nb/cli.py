@@ -500,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
     sw.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
     sw.set_defaults(func=cmd_sweep)
+    from mlops_nb.orchestrate import add_orchestrate_command
+    add_orchestrate_command(sub)   # mlops-nb orchestrate kubeflow|airflow (nbs/32_orchestrate.ipynb)
     return p
 
 def _one_line(e: BaseException) -> str:
