@@ -190,12 +190,15 @@ def skew_check(
             "n_mismatches": len(bad), "mismatches": bad[:max_listed], "not_online": [_plain(k) for k in keys if not on.at[k, "found"]]}
 
 # %% ../nbs/26_features.ipynb #3e5c0ecb
+_INT64 = (-2**63, 2**63 - 1)   # the range of Feast's INT64 join key
+
 class OnlineLookup:
     "What the service needs to answer `{\"customer_id\": ...}`: the online store's records, with missing and stale keys named."
     def __init__(self,
                  repo: str | Path,        # the feature repository
                  service: str=SERVICE,    # the feature service the model reads
                  registry=None):          # a prometheus CollectorRegistry for the stale-features counter
+        from concurrent.futures import ThreadPoolExecutor
         from feast.infra.provider import get_provider
         from prometheus_client import Counter
         self.store, self.service = open_store(repo), service
@@ -206,6 +209,7 @@ class OnlineLookup:
         self.ttl = min(pd.Timedelta(v.ttl) for v, _ in self.views)
         self.stale = Counter("mlops_stale_features", "Records answered with online features older than the view's TTL", registry=registry)
         self.pending: dict[str, list] = {}   # request id -> its keys, until the prediction log has them
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="features")   # lookups off the event loop, one at a time (one SQLite connection)
     def wants(self, body) -> bool:
         "Whether `body` asks by entity key (an object whose only field is `customer_id`)."
         return isinstance(body, dict) and list(body) == [KEY]
@@ -222,22 +226,35 @@ class OnlineLookup:
                 recs[i].update({n: py(values[n]) if n in values else None for n in names})
                 times[i] = ts if times[i] is None else min(times[i], ts)
         return recs, times
-    def records(self, body, fields: list[str] | None=None) -> tuple[list[dict], list]:
-        "The feature records for the key(s) in `body` (only `fields`, when given) and the keys; 422 for a bad key, 404 naming unknown ones."
+    def keys(self, body, max_records: int | None=None) -> list:
+        "The keys in `body`, checked before any lookup: 413 beyond `max_records`, 422 naming a key that is not a 64-bit integer."
         from mlops_nb.contract import RequestError
         keys = body[KEY] if isinstance(body[KEY], list) else [body[KEY]]
-        bad = [i for i, k in enumerate(keys) if not isinstance(k, int) or isinstance(k, bool)]
+        if max_records is not None and len(keys) > max_records:
+            raise RequestError(413, [{"record": None, "field": KEY, "problem": f"{len(keys)} keys, more than max_records {max_records}"}])
+        bad = [i for i, k in enumerate(keys) if not isinstance(k, int) or isinstance(k, bool) or not _INT64[0] <= k <= _INT64[1]]
         if bad or not keys:
-            raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be an integer, got {keys[i]!r}"} for i in bad]
-                               or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}])
+            raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be a 64-bit integer, got {keys[i]!r:.60}"} for i in bad[:100]]
+                               or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}], len(bad) or 1)
+        return keys
+    def _answer(self, keys: list, fields: list[str] | None) -> list[dict]:
+        from mlops_nb.contract import RequestError
         recs, times = self._read(keys)
         missing = [i for i, r in enumerate(recs) if r is None]
-        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing])
+        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing[:100]], len(missing))
         oldest = pd.Timestamp.now(tz="UTC") - self.ttl
         n_stale = sum(pd.Timestamp(t).tz_localize("UTC") < oldest if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) < oldest for t in times)
         if n_stale: self.stale.inc(n_stale)
-        if fields is not None: recs = [{c: v for c, v in r.items() if c in fields} for r in recs]
-        return recs, keys
+        return recs if fields is None else [{c: v for c, v in r.items() if c in fields} for r in recs]
+    def records(self, body, fields: list[str] | None=None, max_records: int | None=None) -> tuple[list[dict], list]:
+        "The feature records for the key(s) in `body` (only `fields`, when given) and the keys; 413/422 before any lookup, 404 naming unknown keys."
+        keys = self.keys(body, max_records)
+        return self._answer(keys, fields), keys
+    async def arecords(self, body, fields: list[str] | None=None, max_records: int | None=None) -> tuple[list[dict], list]:
+        "`records` for the service: the checks on the event loop, the lookup in the lookup thread, so other requests are answered meanwhile."
+        import asyncio
+        keys = self.keys(body, max_records)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, keys, fields), keys
     def logged_keys(self, batch) -> list[str]:
         "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
         return [str(k) for it in batch for k in (self.pending.pop(it.request_id, None) or [""] * len(it.records))]

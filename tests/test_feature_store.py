@@ -157,7 +157,40 @@ def test_unknown_and_bad_keys_are_4xx_naming_them(served):
     assert r.status_code == 404, r.text
     assert r.json()["errors"] == [{"record": 1, "field": KEY, "problem": f"unknown {KEY} 424242: not in the online store"}]
     r = server.post({KEY: "1"})
-    assert r.status_code == 422 and "must be an integer" in r.json()["errors"][0]["problem"]
+    assert r.status_code == 422 and "must be a 64-bit integer" in r.json()["errors"][0]["problem"]
+    r = server.post(b'{"customer_id": 9223372036854775808}')   # one past Feast's INT64: a 422, not a 500
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["problem"] == f"{KEY} must be a 64-bit integer, got 9223372036854775808"
+
+
+@pytest.mark.slow
+def test_too_many_keys_are_a_413_before_any_lookup(served):
+    "100,000 keys (578 KB, under max_body_bytes) are refused by count before the online store is read; a request within it is read once."
+    from starlette.testclient import TestClient
+    from mlops_nb.core import ServeParams
+    from mlops_nb.serve import create_app
+    from test_serve import NAME
+    root, hist = served[2], served[3]
+    app = create_app(f"models:/{NAME}@champion", ServeParams(), f"sqlite:///{root / 'mlflow.db'}", log_dir="", poll_seconds=0,
+                     feature_repo=root / "features")
+    lookups = []
+    features = app.state.service.features
+    features._read = lambda keys, _read=features._read: lookups.append(len(keys)) or _read(keys)
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200: break
+            time.sleep(0.1)
+        body = ('{"%s": [%s]}' % (KEY, ",".join(str(k) for k in range(1, 100_001)))).encode()
+        assert len(body) > 500_000
+        r = client.post("/predict", content=body)
+        assert r.status_code == 413, r.text
+        assert r.json()["errors"][0]["problem"] == "100000 keys, more than max_records 1000"
+        assert lookups == []   # refused before any lookup
+        r = client.post("/predict", json={KEY: 2**63})
+        assert r.status_code == 422 and lookups == [], r.text
+        r = client.post("/predict", json={KEY: _fresh(hist, 3)})
+        assert r.status_code == 200, r.text
+        assert lookups == [3]
 
 
 @pytest.mark.slow
