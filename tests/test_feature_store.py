@@ -241,7 +241,7 @@ def test_features_apply_publishes_the_ingested_snapshot(own_store):
     run("mlops-nb", "features", "apply", "--as-of", as_of, cwd=own_store)
     published = pd.read_parquet(own_store / "data" / "features" / "customers.parquet")
     published = published[published[TS] == pd.Timestamp(as_of)]   # appended to the module's history
-    ids = entity_keys(raw)   # the data has no customer id: keys from the rows' content
+    ids = entity_keys(raw.drop(columns="churn"))   # the data has no customer id: keys from the rows' content (not the label)
     assert published[KEY].tolist() == sorted(ids) and "churn" not in published
     on = online_features(open_store(own_store / "features"), ids.iloc[[0, 29]].tolist())
     assert on.found.tolist() == [True, True]
