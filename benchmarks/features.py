@@ -12,6 +12,10 @@ Every customer has `--snapshots` monthly snapshots; each label is observed 10 da
 shared and noisy: the ratios are what holds.
 
     python benchmarks/features.py [--entities 7000 1000000] [--snapshots 3] [--seconds 10] [--concurrency 8]
+    python benchmarks/features.py --setup-only   # a small store, the model registered, one request by key: what the isolation test runs
+
+The model is registered in the benchmark's own temporary tracking store, and the service it starts reads that store,
+whatever MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI say: a team's registry is never touched.
 
 Prints a table, then as its last line one JSON object, also written to reports/benchmarks/features.json.
 """
@@ -81,8 +85,8 @@ def historical(n: int, snapshots: int, work: Path) -> dict:
             "feast_over_pandas": round(t_feast / t_pandas, 1), "same_values": agree}
 
 
-def serving(n: int, snapshots: int, work: Path, seconds: float, concurrency: int) -> dict:
-    from serving import NAME, setup
+def serving(n: int, snapshots: int, work: Path, seconds: float, concurrency: int, setup_only: bool = False) -> dict:
+    from serving import NAME, isolated_env, setup
     from mlops_nb.features import materialize, synthetic_history
     from mlops_nb.loadtest import ServiceProcess, loadtest
     hist = synthetic_history(n, snapshots, seed=3, end=pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(hours=1))
@@ -90,9 +94,8 @@ def serving(n: int, snapshots: int, work: Path, seconds: float, concurrency: int
     t0 = time.perf_counter()
     materialize(store)
     t_mat = time.perf_counter() - t0
-    setup(work)   # the project's default algorithm with its ONNX export, registered as champion
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    version, _ = setup(work)   # the project's default algorithm with its ONNX export, registered as champion in work's own store
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **isolated_env(work)}
     (work / "project").mkdir()
     shutil.copy2(ROOT / "params.yaml", work / "project" / "params.yaml")
     newest = hist.groupby("customer_id").tail(1)
@@ -105,6 +108,11 @@ def serving(n: int, snapshots: int, work: Path, seconds: float, concurrency: int
            "--runtime", "onnx", "--log-dir", str(work / "log"), "--poll-seconds", "0", "--feature-repo", str(work / "fs" / "repo")]
     server = ServiceProcess(cmd, "/ready", env=env, cwd=work / "project", log=work / "serve.log", timeout=600)
     try:
+        if setup_only:   # one request by key: the service found the champion setup registered, and the online store
+            import httpx
+            r = httpx.post(server.url + "/predict", content=by_key[0], timeout=30)
+            return {"setup_only": True, "version": version, "status": r.status_code, "served_version": r.json().get("model_version"),
+                    "tracking_uri": env["MLFLOW_TRACKING_URI"]}
         runs = {}
         for name, bodies in (("by key (online store)", by_key), ("inline features", inline)) * 2:   # two turns each, alternating
             r = loadtest(server.url + "/predict", bodies, concurrency, seconds / 2)
@@ -123,11 +131,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="load per serving mode")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "features.json")
+    ap.add_argument("--setup-only", action="store_true", help="a 50-customer store, the model registered, one request by key (no timing, no report)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     from mlops_nb.core import write_json
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
     try:
+        if args.setup_only:
+            done = serving(50, 2, work / "serve", 0, 1, setup_only=True)
+            print(json.dumps({"benchmark": "features", **done}))
+            return 0 if done["status"] == 200 and done["served_version"] == done["version"] else 1
         hist_runs = [historical(n, args.snapshots, work / f"hist-{n}") for n in args.entities]
         served = serving(args.serving_entities, args.snapshots, work / "serve", args.seconds, args.concurrency)
     finally: shutil.rmtree(work, ignore_errors=True)

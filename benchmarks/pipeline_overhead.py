@@ -14,6 +14,10 @@ no-op `dvc repro` of the plain scripts. The last line is one JSON object (also i
     .venv/bin/python benchmarks/pipeline_overhead.py            # the default dataset and params
     .venv/bin/python benchmarks/pipeline_overhead.py --tiny     # 800 synthetic rows, 2 candidates: a quick look
     .venv/bin/python benchmarks/pipeline_overhead.py --tiny --repeat 3   # each stage 3 times (--force): best of 3
+    .venv/bin/python benchmarks/pipeline_overhead.py --setup-only        # a tiny copy; register and promote as its stages would
+
+Each copy registers and promotes in its own tracking store (its mlflow.db): MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI
+are removed from the stages' environment, so a team's registry is never touched.
 
 One run of a stage varies by seconds on a shared machine (other processes, MLflow's store); with --repeat N each
 stage runs N times in both projects, interleaved, and each side's time is its best of N (as timeit does: noise only
@@ -46,7 +50,34 @@ TINY_ALLOWED = ["Simple Model Comparison", "Feature Label Correlation Change"]  
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "true", "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "bench",
        "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
+for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"): ENV.pop(var, None)   # each copy's own mlflow.db, never the user's registry
+
+# what the register and infra_validate stages do with the tracking store, run in a copy with the stages' environment
+STAGE_TRACKING = """
+from pathlib import Path
+from mlops_nb.data import encode_target, synthetic_churn
+from mlops_nb.registry import _promote, pipeline_run, register_model, use_project_tracking
+from mlops_nb.train import build_model
+uri = use_project_tracking(Path.cwd())   # as every stage notebook does
+df = encode_target(synthetic_churn(200, seed=0).drop(columns="rownames"), "churn", "Yes")
+X, y = df.drop(columns="churn"), df.churn
+with pipeline_run(run_name="bench-setup"):
+    reg = register_model(build_model("logreg", X).fit(X, y), X.head(5), "churn-classifier", blessed=True)
+_promote("churn-classifier", reg["version"])
+print(uri)
+"""
+
+
+def setup_check(dest: Path) -> int:
+    "The set-up alone: a tiny copy, and a registration and promotion in it with the stages' environment, which must land in the copy's store."
+    project_copy(dest, tiny=True)
+    git_commit(dest)
+    r = subprocess.run([str(BIN / "python"), "-c", STAGE_TRACKING], cwd=dest, env=ENV, capture_output=True, text=True)
+    uri = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    own = f"sqlite:///{dest.resolve() / 'mlflow.db'}"
+    print(json.dumps({"benchmark": "pipeline_overhead", "setup_only": True, "tracking_uri": uri, "own_store": uri == own}))
+    if r.returncode: print(r.stderr[-3000:], file=sys.stderr)
+    return 0 if r.returncode == 0 and uri == own else 1
 
 
 def project_copy(dest: Path, tiny: bool) -> Path:
@@ -138,7 +169,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="800 synthetic rows and a 2-candidate search")
     ap.add_argument("--repeat", type=int, default=1, help="run every stage this many times (reruns forced): best of N")
+    ap.add_argument("--setup-only", action="store_true", help="a tiny copy, registered and promoted in as its stages would (no timing, no report)")
     args = ap.parse_args()
+    if args.setup_only:
+        with tempfile.TemporaryDirectory() as tmp: return setup_check(Path(tmp) / "ours")
     with tempfile.TemporaryDirectory() as tmp:
         ours = project_copy(Path(tmp) / "ours", args.tiny)
         plain = project_copy(Path(tmp) / "plain", args.tiny)
@@ -180,4 +214,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,10 @@ checks that the prediction log holds every answered record. The generator runs o
 with the services for its cores: absolute figures understate every service, the ratios are what holds.
 
     python benchmarks/serving.py [--seconds 10] [--concurrency 8] [--rounds 3] [--soak 60]
+    python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
+
+Everything it does (the registration in this process, every service it starts) uses its own temporary tracking store
+and registry, whatever MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI say: a team's registry is never touched.
 
 Prints a table, then as its last line one JSON object, also written to reports/benchmarks/serving.json.
 """
@@ -36,8 +40,14 @@ BIN = Path(sys.executable).parent
 NAME = "churn-classifier"
 
 
+def isolated_env(store: Path) -> dict:
+    "MLflow's tracking store and registry in `store` (a temporary folder): for this process and every service a benchmark starts."
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def setup(store: Path) -> tuple[str, pd.DataFrame]:
-    "Register the default algorithm's Pipeline as champion in `store`; return its version and the records to send."
+    "Register the default algorithm's Pipeline as champion in `store` (its own registry, never the user's); return its version and the records to send."
     from mlops_nb.core import load_params
     from mlops_nb.data import encode_target, synthetic_churn
     from mlops_nb.export import export_onnx, write_export
@@ -50,7 +60,8 @@ def setup(store: Path) -> tuple[str, pd.DataFrame]:
     records = pd.read_parquet(test).drop(columns="churn") if test.exists() else X.iloc[:1000]
     shutil.copy2(ROOT / "schema.yaml", store / "schema.yaml")
     (store / "gate.json").write_text('{"blessed": true}')
-    use_project_tracking(store)
+    os.environ.update(isolated_env(store))   # the user's MLFLOW_TRACKING_URI (a team's server) is not this benchmark's store
+    if use_project_tracking(store) != isolated_env(store)["MLFLOW_TRACKING_URI"]: raise SystemExit("the benchmark's tracking store is not its own")
     algorithm = load_params(ROOT / "params.yaml").train.model  # the project's default model (hgb)
     model = build_model(algorithm, X).fit(X, y)
     onnx = export_onnx(model, X.iloc[:500], load_schema(store / "schema.yaml"))
@@ -109,6 +120,20 @@ def soak(url: str, pid: int, records, seconds: float, concurrency: int) -> dict:
             "rss_growth_pct": round(100 * (max(mb) - mb[0]) / mb[0], 1), "rss_samples": len(rss)}
 
 
+def setup_check(work: Path, env: dict, version: str, records) -> int:
+    "The set-up alone: the service the benchmark would load finds the champion `setup` registered, and answers."
+    import httpx
+    from mlops_nb.loadtest import ServiceProcess
+    cmd = [str(BIN / "mlops-nb"), "serve", "--model", f"models:/{NAME}@champion", "--host", "127.0.0.1", "--port", "{port}",
+           "--log-dir", "", "--poll-seconds", "0"]
+    ours = ServiceProcess(cmd, "/ready", env=env, cwd=work / "project", log=work / "setup-serve.log", timeout=300)
+    try: r = httpx.post(ours.url + "/predict", content=json.dumps(records.dropna().head(1).to_dict("records")[0], default=str), timeout=30)
+    finally: ours.stop()
+    print(json.dumps({"benchmark": "serving", "setup_only": True, "version": version, "status": r.status_code,
+                      "served_version": r.json().get("model_version"), "tracking_uri": env["MLFLOW_TRACKING_URI"]}))
+    return 0 if r.status_code == 200 and r.json().get("model_version") == version else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="load duration per service")
@@ -116,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="turns the ceiling and the ONNX service take (each seconds/rounds)")
     ap.add_argument("--soak", type=float, default=0.0, help="also soak mlops-nb serve this many seconds (RSS, log completeness)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "serving.json")
+    ap.add_argument("--setup-only", action="store_true", help="register, start mlops-nb serve on it, answer one request, stop (no load, no report)")
     args = ap.parse_args(argv)
     from mlops_nb.core import write_json
     from mlops_nb.loadtest import loadtest
@@ -124,10 +150,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         version, records = setup(work)
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **isolated_env(work)}
         (work / "project").mkdir()
         shutil.copy2(ROOT / "params.yaml", work / "project" / "params.yaml")
+        if args.setup_only: return setup_check(work, env, version, records)
         runs = {}
         # the ceiling: the same web stack (uvicorn, uvloop, httptools, FastAPI) parsing the body and answering a constant
         (work / "ceiling.py").write_text(CEILING_APP)

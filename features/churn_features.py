@@ -12,6 +12,7 @@ from mlops_nb.features import feature_objects
 from mlops_nb.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
 customer, customers_source, customer_features, churn_model = feature_objects(
-    load_schema(ROOT / "schema.yaml"), target=load_params(ROOT / "params.yaml").base.target,
-    source_path="../data/features/customers.parquet")
+    load_schema(ROOT / "schema.yaml"), target=PARAMS.base.target, source_path="../data/features/customers.parquet",
+    key_column=PARAMS.prepare.key_column)   # the declared entity column is the key, not a feature

@@ -15,10 +15,11 @@ from .core import MlopsError
 from .schema import Schema
 
 # %% auto #0
-__all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreError', 'with_entity_time', 'synthetic_history',
-           'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize', 'training_set',
-           'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects', 'publish',
-           'entity_frame', 'store_frame', 'sample_keys', 'skew_gate', 'with_check', 'catalog', 'used_by', 'describe']
+__all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreError', 'entity_keys', 'with_entity_time',
+           'synthetic_history', 'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize',
+           'training_set', 'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects',
+           'source_file', 'snapshot_keys', 'publish', 'entity_frame', 'store_frame', 'sample_keys', 'skew_gate',
+           'with_check', 'catalog', 'used_by', 'describe']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -28,17 +29,44 @@ ANCHOR = pd.Timestamp("2026-01-01", tz="UTC")                   # the event time
 class FeatureStoreError(MlopsError):
     "The feature repository or its data is unusable: the message names the column, key or object."
 
+# %% ../nbs/26_features.ipynb #0c1dac64
+def _canonical(df: pd.DataFrame) -> pd.DataFrame:
+    "`df`'s columns in name order, numbers as float64 and everything else as objects: what a row's content is, whatever the storage types."
+    out = {}
+    for c in sorted(df.columns, key=str):
+        s = df[c]
+        out[str(c)] = s.astype("float64") if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) else s.astype(object).where(s.notna(), None)
+    return pd.DataFrame(out, index=df.index)
+
+def entity_keys(
+    df: pd.DataFrame,    # one row per customer (without the label)
+    id_column: str="",   # the data's entity column (`prepare.key_column`); empty: a hash of each row's values
+) -> pd.Series:
+    "Each row's entity key, from the data: the integers of `id_column`, else a stable 63-bit hash of the row's values."
+    if not id_column:
+        h = pd.util.hash_pandas_object(_canonical(df), index=False, hash_key="mlops-nb-entity1").to_numpy()
+        return pd.Series((h >> np.uint64(1)).astype("int64"), index=df.index, name=KEY)
+    if id_column not in df: raise FeatureStoreError(f"the entity column {id_column!r} (prepare.key_column) is not in the data")
+    ids = df[id_column]
+    whole = pd.api.types.is_integer_dtype(ids) or (pd.api.types.is_float_dtype(ids) and bool((ids.dropna() % 1 == 0).all()))
+    if not whole or ids.isna().any():
+        raise FeatureStoreError(f"the entity column {id_column!r} must hold integers without nulls (the store's key is an int64), "
+                                f"got {ids.dtype} with {int(ids.isna().sum())} nulls, e.g. {ids.iloc[0]!r:.40}")
+    if ids.duplicated().any():
+        raise FeatureStoreError(f"the entity column {id_column!r} must identify each customer once: {int(ids.duplicated().sum())} duplicates, "
+                                f"e.g. {id_column} {ids[ids.duplicated()].iloc[0]}")
+    return ids.astype("int64").rename(KEY)
+
 # %% ../nbs/26_features.ipynb #80c31d2b
 def with_entity_time(
-    df: pd.DataFrame,         # a snapshot of customers, one row each (the default dataset)
-    id_column: str="rownames",  # the column that identifies a customer; absent: the row number from 1
+    df: pd.DataFrame,           # a snapshot of customers, one row each (without the label)
+    id_column: str="",          # the data's entity column (`prepare.key_column`); empty: keys from the rows' content
     as_of: pd.Timestamp=ANCHOR, # when the snapshot's values became valid (UTC)
 ) -> pd.DataFrame:
-    "`df` with an entity key `customer_id` and an event timestamp: a snapshot's features are valid from `as_of`."
-    out = df.drop(columns=[id_column], errors="ignore")
-    ids = df[id_column] if id_column in df else pd.Series(np.arange(1, len(df) + 1), index=df.index)
-    if ids.isna().any() or ids.duplicated().any(): raise FeatureStoreError(f"column {id_column!r} must identify each customer once: it has nulls or duplicates")
-    out.insert(0, KEY, ids.astype("int64").to_numpy())
+    "`df` with an entity key `customer_id` (see `entity_keys`) and an event timestamp: a snapshot's features are valid from `as_of`."
+    ids = entity_keys(df, id_column)
+    out = df.drop(columns=[id_column] if id_column else [])
+    out.insert(0, KEY, ids.to_numpy())
     out.insert(1, TS, pd.Timestamp(as_of))
     return out
 
@@ -54,7 +82,7 @@ def synthetic_history(
     "Customers' features over time (`customer_id`, `event_timestamp`, the `synthetic_churn` features): tenure grows, charges and contracts change."
     from mlops_nb.data import synthetic_churn
     base, rng = synthetic_churn(n_customers, seed).drop(columns=["churn"]), np.random.default_rng(seed + 7)
-    base = with_entity_time(base)
+    base = with_entity_time(base, "rownames")   # synthetic_churn numbers its customers
     stale = rng.random(n_customers) < stale_share
     frames, snap = [], base
     for k in range(n_snapshots):
@@ -77,6 +105,7 @@ def feature_objects(
     source_path: str="../data/features/customers.parquet",  # the Parquet the file offline store reads (relative: to the repository)
     ttl: pd.Timedelta=pd.Timedelta(days=90),  # how long a value stays valid (point-in-time joins and staleness)
     owner: str="churn-team@example.com",      # who answers for the features
+    key_column: str="",          # the data's entity column (`prepare.key_column`): the key, not a feature
 ) -> tuple:
     "The Feast entity, file source, feature view and the default model's feature service, with fields from `schema`."
     import feast.types
@@ -86,7 +115,7 @@ def feature_objects(
     customer = Entity(name=ENTITY, join_keys=[KEY], value_type=ValueType.INT64, description="a customer, by its id")
     source = FileSource(name="customers", path=source_path, timestamp_field=TS,
                         description="customers' feature snapshots (the DVC-tracked Parquet)")
-    fields = [Field(name=c, dtype=getattr(feast.types, _FEAST_TYPES[s.type])) for c, s in schema.columns.items() if c != target]
+    fields = [Field(name=c, dtype=getattr(feast.types, _FEAST_TYPES[s.type])) for c, s in schema.columns.items() if c not in (target, key_column)]
     view = FeatureView(name=VIEW, entities=[customer], ttl=ttl.to_pytimedelta(), schema=fields, source=source, online=True, owner=owner,
                        description=f"a customer's {len(fields)} profile and billing features, from schema.yaml", tags={"schema": "schema.yaml"})
     service = FeatureService(name=SERVICE, features=[view], owner=owner, description="the features the churn model reads")
@@ -190,12 +219,15 @@ def skew_check(
             "n_mismatches": len(bad), "mismatches": bad[:max_listed], "not_online": [_plain(k) for k in keys if not on.at[k, "found"]]}
 
 # %% ../nbs/26_features.ipynb #3e5c0ecb
+_INT64 = (-2**63, 2**63 - 1)   # the range of Feast's INT64 join key
+
 class OnlineLookup:
     "What the service needs to answer `{\"customer_id\": ...}`: the online store's records, with missing and stale keys named."
     def __init__(self,
                  repo: str | Path,        # the feature repository
                  service: str=SERVICE,    # the feature service the model reads
                  registry=None):          # a prometheus CollectorRegistry for the stale-features counter
+        from concurrent.futures import ThreadPoolExecutor
         from feast.infra.provider import get_provider
         from prometheus_client import Counter
         self.store, self.service = open_store(repo), service
@@ -206,6 +238,7 @@ class OnlineLookup:
         self.ttl = min(pd.Timedelta(v.ttl) for v, _ in self.views)
         self.stale = Counter("mlops_stale_features", "Records answered with online features older than the view's TTL", registry=registry)
         self.pending: dict[str, list] = {}   # request id -> its keys, until the prediction log has them
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="features")   # lookups off the event loop, one at a time (one SQLite connection)
     def wants(self, body) -> bool:
         "Whether `body` asks by entity key (an object whose only field is `customer_id`)."
         return isinstance(body, dict) and list(body) == [KEY]
@@ -222,22 +255,35 @@ class OnlineLookup:
                 recs[i].update({n: py(values[n]) if n in values else None for n in names})
                 times[i] = ts if times[i] is None else min(times[i], ts)
         return recs, times
-    def records(self, body, fields: list[str] | None=None) -> tuple[list[dict], list]:
-        "The feature records for the key(s) in `body` (only `fields`, when given) and the keys; 422 for a bad key, 404 naming unknown ones."
+    def keys(self, body, max_records: int | None=None) -> list:
+        "The keys in `body`, checked before any lookup: 413 beyond `max_records`, 422 naming a key that is not a 64-bit integer."
         from mlops_nb.contract import RequestError
         keys = body[KEY] if isinstance(body[KEY], list) else [body[KEY]]
-        bad = [i for i, k in enumerate(keys) if not isinstance(k, int) or isinstance(k, bool)]
+        if max_records is not None and len(keys) > max_records:
+            raise RequestError(413, [{"record": None, "field": KEY, "problem": f"{len(keys)} keys, more than max_records {max_records}"}])
+        bad = [i for i, k in enumerate(keys) if not isinstance(k, int) or isinstance(k, bool) or not _INT64[0] <= k <= _INT64[1]]
         if bad or not keys:
-            raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be an integer, got {keys[i]!r}"} for i in bad]
-                               or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}])
+            raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be a 64-bit integer, got {keys[i]!r:.60}"} for i in bad[:100]]
+                               or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}], len(bad) or 1)
+        return keys
+    def _answer(self, keys: list, fields: list[str] | None) -> list[dict]:
+        from mlops_nb.contract import RequestError
         recs, times = self._read(keys)
         missing = [i for i, r in enumerate(recs) if r is None]
-        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing])
+        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing[:100]], len(missing))
         oldest = pd.Timestamp.now(tz="UTC") - self.ttl
         n_stale = sum(pd.Timestamp(t).tz_localize("UTC") < oldest if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) < oldest for t in times)
         if n_stale: self.stale.inc(n_stale)
-        if fields is not None: recs = [{c: v for c, v in r.items() if c in fields} for r in recs]
-        return recs, keys
+        return recs if fields is None else [{c: v for c, v in r.items() if c in fields} for r in recs]
+    def records(self, body, fields: list[str] | None=None, max_records: int | None=None) -> tuple[list[dict], list]:
+        "The feature records for the key(s) in `body` (only `fields`, when given) and the keys; 413/422 before any lookup, 404 naming unknown keys."
+        keys = self.keys(body, max_records)
+        return self._answer(keys, fields), keys
+    async def arecords(self, body, fields: list[str] | None=None, max_records: int | None=None) -> tuple[list[dict], list]:
+        "`records` for the service: the checks on the event loop, the lookup in the lookup thread, so other requests are answered meanwhile."
+        import asyncio
+        keys = self.keys(body, max_records)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, keys, fields), keys
     def logged_keys(self, batch) -> list[str]:
         "The entity key of each record in a batch of requests, as text ('' for records sent inline); forgets them."
         return [str(k) for it in batch for k in (self.pending.pop(it.request_id, None) or [""] * len(it.records))]
@@ -266,22 +312,37 @@ def repo_objects(repo: str | Path) -> list:
     finally: sys.path.remove(str(repo))
     return [*c.entities, *c.data_sources, *c.feature_views, *c.feature_services]
 
+def source_file(repo: str | Path) -> Path:
+    "The Parquet file the repository's source reads: `data/features/customers.parquet` beside the repository."
+    return Path(repo).resolve().parent / "data" / "features" / "customers.parquet"
+
+def snapshot_keys(repo: str | Path, as_of: pd.Timestamp | str | None=None) -> list[int]:
+    "The keys of the snapshot published at `as_of` (default: the newest one) in the repository's source."
+    df = pd.read_parquet(source_file(repo), columns=[KEY, TS])
+    at = df[TS].max() if as_of is None else pd.Timestamp(as_of)
+    return sorted(int(k) for k in df.loc[df[TS] == at, KEY])
+
 def publish(
     raw: pd.DataFrame,         # the ingested snapshot (data/raw/data.parquet)
     target: str,               # its label column (not a feature)
     repo: str | Path,          # the feature repository
     as_of: pd.Timestamp | None=None,  # when the snapshot's values became valid (default: now)
+    key_column: str="",        # the data's entity column (`prepare.key_column`); empty: keys from the rows' content
 ) -> dict:
-    "Write the snapshot as the repository's source (`data/features/customers.parquet`), apply the definitions, materialise."
+    "Append the snapshot to the repository's source (`source_file`) as of `as_of`, apply the definitions, materialise."
     from mlops_nb.core import write_parquet
     repo = Path(repo).resolve()
     as_of = pd.Timestamp.now(tz="UTC").floor("s") if as_of is None else pd.Timestamp(as_of)
-    df = with_entity_time(raw.drop(columns=[target], errors="ignore"), as_of=as_of)
-    write_parquet(repo.parent / "data" / "features" / "customers.parquet", df)
+    snap = with_entity_time(raw.drop(columns=[target], errors="ignore"), key_column, as_of).drop_duplicates([KEY, TS])
+    path, history = source_file(repo), snap
+    if path.exists():   # earlier snapshots stay: point-in-time joins see each customer's past; a re-run of the same as_of replaces its own
+        old = pd.read_parquet(path)
+        history = pd.concat([old[old[TS] != as_of], snap], ignore_index=True).sort_values([TS, KEY], kind="stable", ignore_index=True)
+    write_parquet(path, history)
     store, objects = open_store(repo), repo_objects(repo)
     definitions = definitions_hash(objects)   # before apply, which stamps the objects
     apply(store, objects)
-    return {"customers": len(df), "as_of": as_of.isoformat(), "definitions": definitions,
+    return {"customers": len(snap), "snapshots": int(history[TS].nunique()), "as_of": as_of.isoformat(), "definitions": definitions,
             "materialized_until": materialize(store).isoformat()}
 
 # %% ../nbs/26_features.ipynb #c2baf403
@@ -289,10 +350,12 @@ def entity_frame(
     raw: pd.DataFrame,         # the ingested snapshot (data/raw/data.parquet), with its label
     target: str,               # the label column
     as_of: pd.Timestamp,       # when the labels were observed (the snapshot's time)
+    key_column: str="",        # the data's entity column (`prepare.key_column`); empty: keys from the rows' content
 ) -> pd.DataFrame:
     "Keys (as `publish` gives them), label times and labels: what `training_set` joins the features onto."
     if target not in raw: raise FeatureStoreError(f"the label column {target!r} is not in the data (base.target)")
-    return with_entity_time(raw, as_of=pd.Timestamp(as_of))[[KEY, TS, target]]
+    ents = with_entity_time(raw.drop(columns=[target]), key_column, pd.Timestamp(as_of))[[KEY, TS]]
+    return ents.assign(**{target: raw[target].to_numpy()})
 
 def store_frame(
     store,                     # the FeatureStore `publish` filled
@@ -300,25 +363,27 @@ def store_frame(
     target: str,               # the label column
     as_of: pd.Timestamp,       # when the labels were observed
     service: str=SERVICE,      # the feature service the model reads
+    key_column: str="",        # the data's entity column (`prepare.key_column`), kept in the frame for the hash split
 ) -> pd.DataFrame:
     "`raw`'s labels with the service's features joined point-in-time from the store, in `raw`'s column order and types."
-    joined = training_set(store, entity_frame(raw, target, as_of), service)
+    joined = training_set(store, entity_frame(raw, target, as_of, key_column), service)
     feats = [c for c in joined.columns if c not in (KEY, TS, target)]
     lost = joined.loc[joined[feats].isna().all(axis=1), KEY]
     if len(lost): raise FeatureStoreError(f"{len(lost)} customers have no feature values at their label time in the store "
                                           f"(first: {KEY} {lost.iloc[0]}): run the materialize stage (mlops-nb run --force materialize)")
-    out = joined[[c for c in raw.columns if c in feats or c == target] + [c for c in feats if c not in raw]]
+    if key_column: joined[key_column] = raw[key_column].to_numpy()
+    out = joined[[c for c in raw.columns if c in feats or c in (target, key_column)] + [c for c in feats if c not in raw]]
     return out.astype({c: raw[c].dtype for c in out.columns if c in raw and not (out[c].isna().any() and not raw[c].isna().any())})
 
 # %% ../nbs/26_features.ipynb #aec9d091
 def sample_keys(
-    n_customers: int,          # customers published (keys 1..n_customers)
+    keys: list,                # the customers published (`snapshot_keys`)
     size: int,                 # how many to draw (all of them when fewer)
     seed: int=0,
 ) -> list[int]:
-    "`size` customer ids drawn without replacement from 1..`n_customers`, sorted."
-    rng = np.random.default_rng(seed)
-    return sorted(int(k) for k in rng.choice(np.arange(1, n_customers + 1), min(size, n_customers), replace=False))
+    "`size` of `keys` drawn without replacement, sorted."
+    keys = np.unique(np.asarray(keys, dtype="int64"))
+    return sorted(int(k) for k in np.random.default_rng(seed).choice(keys, min(size, len(keys)), replace=False))
 
 def skew_gate(
     store,                        # the FeatureStore
@@ -384,7 +449,8 @@ def _cmd_features(args) -> int:
     if args.features_command == "apply":
         raw = paths.raw / "data.parquet"
         if not raw.exists(): raise FeatureStoreError(f"{raw.relative_to(paths.root)} not found: run the ingest stage first (mlops-nb run)")
-        print(json.dumps(publish(pd.read_parquet(raw), load_params(paths.params).base.target, repo, args.as_of)))
+        params = load_params(paths.params)
+        print(json.dumps(publish(pd.read_parquet(raw), params.base.target, repo, args.as_of, params.prepare.key_column)))
         return 0
     store = open_store(repo)
     if args.features_command == "describe":

@@ -37,7 +37,7 @@ STAGES = {s.name: s for s in [
     Stage("ingest", ("base.seed", "data.source", "data.query", "data.n_rows", "data.drop_columns")),
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
                        "validate.linf", "validate.min_drifted", "register.model_name")),
-    Stage("materialize", ("base.target", "features.enabled", "features.repo", "features.feature_service")),
+    Stage("materialize", ("base.target", "features.enabled", "features.repo", "features.feature_service", "prepare.key_column")),
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
                       "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema",
                       "features.enabled", "features.repo", "features.feature_service")),

@@ -29,7 +29,7 @@ from .predlog import PredictionLog, log_meta, read_prediction_log
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'create_app', 'app_from_env', 'serve']
+__all__ = ['ServiceMetrics', 'Variant', 'in_project', 'create_app', 'app_from_env', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -250,7 +250,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
             body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
             keys = None
             if to_body is None and state.features is not None and state.features.wants(body):   # by entity key: the online store's features
-                body, keys = state.features.records(body, [f.name for f in version.fields])   # ~1 ms of SQLite: cheaper than a thread handoff
+                body, keys = await state.features.arecords(body, [f.name for f in version.fields], state.params.max_records)   # counted first, read off the loop
             records = validate_records(body, version.fields, state.params.max_records)
             if keys is not None: state.features.pending[rid] = keys
         except RequestError as e:
@@ -331,6 +331,15 @@ class _ServiceApp(FastAPI):
         scope["app"] = self
         await (await handler(Request(scope, receive)))(scope, receive, send)
 
+# %% ../nbs/20_serve.ipynb #58c970ca
+def in_project(path: str | Path) -> Path:
+    "`path` as the CLI resolves `serve.log_dir`: relative to the project root (the nearest folder above the working directory with params.yaml), else to the working directory."
+    from mlops_nb.core import find_root
+    p = Path(path)
+    if p.is_absolute(): return p
+    try: return find_root() / p
+    except MlopsError: return p.resolve()
+
 # %% ../nbs/20_serve.ipynb #b8213766
 def create_app(
     model_uri: str,                      # models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION or a model folder
@@ -350,7 +359,7 @@ def create_app(
     poll_seconds = params.poll_seconds if poll_seconds is None else poll_seconds
     log_flush_seconds = params.log_flush_seconds if log_flush_seconds is None else log_flush_seconds
     state = _State(params, PredictionLog(log_dir, log_flush_seconds, fsync=params.log_fsync) if log_dir else None, ServiceMetrics())
-    if params.monitor_report: state.metrics.registry.register(MonitorCollector(params.monitor_report))  # the monitor's gauges
+    if params.monitor_report: state.metrics.registry.register(MonitorCollector(in_project(params.monitor_report)))  # the monitor's gauges
     if feature_repo:
         from mlops_nb.features import OnlineLookup
         state.features = OnlineLookup(feature_repo, registry=state.metrics.registry)

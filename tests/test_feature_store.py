@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, run
-from mlops_nb.features import (KEY, TS, materialize, online_features, open_store, skew_check, synthetic_history,
+from mlops_nb.features import (KEY, TS, entity_keys, materialize, online_features, open_store, skew_check, synthetic_history,
                                training_set)
 
 TODAY = pd.Timestamp.now(tz="UTC").floor("D")
@@ -157,7 +157,40 @@ def test_unknown_and_bad_keys_are_4xx_naming_them(served):
     assert r.status_code == 404, r.text
     assert r.json()["errors"] == [{"record": 1, "field": KEY, "problem": f"unknown {KEY} 424242: not in the online store"}]
     r = server.post({KEY: "1"})
-    assert r.status_code == 422 and "must be an integer" in r.json()["errors"][0]["problem"]
+    assert r.status_code == 422 and "must be a 64-bit integer" in r.json()["errors"][0]["problem"]
+    r = server.post(b'{"customer_id": 9223372036854775808}')   # one past Feast's INT64: a 422, not a 500
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["problem"] == f"{KEY} must be a 64-bit integer, got 9223372036854775808"
+
+
+@pytest.mark.slow
+def test_too_many_keys_are_a_413_before_any_lookup(served):
+    "100,000 keys (578 KB, under max_body_bytes) are refused by count before the online store is read; a request within it is read once."
+    from starlette.testclient import TestClient
+    from mlops_nb.core import ServeParams
+    from mlops_nb.serve import create_app
+    from test_serve import NAME
+    root, hist = served[2], served[3]
+    app = create_app(f"models:/{NAME}@champion", ServeParams(), f"sqlite:///{root / 'mlflow.db'}", log_dir="", poll_seconds=0,
+                     feature_repo=root / "features")
+    lookups = []
+    features = app.state.service.features
+    features._read = lambda keys, _read=features._read: lookups.append(len(keys)) or _read(keys)
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200: break
+            time.sleep(0.1)
+        body = ('{"%s": [%s]}' % (KEY, ",".join(str(k) for k in range(1, 100_001)))).encode()
+        assert len(body) > 500_000
+        r = client.post("/predict", content=body)
+        assert r.status_code == 413, r.text
+        assert r.json()["errors"][0]["problem"] == "100000 keys, more than max_records 1000"
+        assert lookups == []   # refused before any lookup
+        r = client.post("/predict", json={KEY: 2**63})
+        assert r.status_code == 422 and lookups == [], r.text
+        r = client.post("/predict", json={KEY: _fresh(hist, 3)})
+        assert r.status_code == 200, r.text
+        assert lookups == [3]
 
 
 @pytest.mark.slow
@@ -207,8 +240,37 @@ def test_features_apply_publishes_the_ingested_snapshot(own_store):
     as_of = (TODAY - pd.Timedelta(hours=6)).isoformat()
     run("mlops-nb", "features", "apply", "--as-of", as_of, cwd=own_store)
     published = pd.read_parquet(own_store / "data" / "features" / "customers.parquet")
-    assert published[KEY].tolist() == list(range(1, 31)) and "churn" not in published
-    on = online_features(open_store(own_store / "features"), [1, 30])
+    published = published[published[TS] == pd.Timestamp(as_of)]   # appended to the module's history
+    ids = entity_keys(raw.drop(columns="churn"))   # the data has no customer id: keys from the rows' content (not the label)
+    assert published[KEY].tolist() == sorted(ids) and "churn" not in published
+    on = online_features(open_store(own_store / "features"), ids.iloc[[0, 29]].tolist())
     assert on.found.tolist() == [True, True]
     assert on.tenure[:2].tolist() == raw.tenure.iloc[[0, 29]].tolist()
     assert on[TS][:2].tolist() == [pd.Timestamp(as_of)] * 2
+
+
+@pytest.mark.slow
+def test_a_reordered_source_keeps_every_key_on_its_customer(own_store):
+    "The same id answers the same customer after the source is reordered and grown, and the earlier snapshot stays for point-in-time joins."
+    from mlops_nb.data import synthetic_churn
+    raw = synthetic_churn(40, seed=5).drop(columns="rownames")
+    shutil.rmtree(own_store / "data")   # a store of its own: no history, nothing materialised
+    (own_store / "data" / "raw").mkdir(parents=True)
+    first = TODAY - pd.Timedelta(days=2)
+    raw.to_parquet(own_store / "data" / "raw" / "data.parquet")
+    run("mlops-nb", "features", "apply", "--as-of", first.isoformat(), cwd=own_store)
+    ids = entity_keys(raw.drop(columns="churn"))
+    # the source changes under the same customers: rows reversed and shuffled, ten new customers in the middle
+    grown = pd.concat([raw.iloc[::-1], synthetic_churn(50, seed=6).drop(columns="rownames").tail(10)]).sample(frac=1, random_state=3)
+    grown.to_parquet(own_store / "data" / "raw" / "data.parquet")
+    run("mlops-nb", "features", "apply", "--as-of", (TODAY - pd.Timedelta(hours=1)).isoformat(), cwd=own_store)
+    store = open_store(own_store / "features")
+    on = online_features(store, ids.tolist())
+    assert on.found.all()
+    for c in ("tenure", "monthly_charges", "contract", "payment_method"): assert on[c].tolist() == raw[c].tolist(), c
+    source = pd.read_parquet(own_store / "data" / "features" / "customers.parquet")
+    assert source.groupby(TS).size().tolist() == [40, 50]   # both snapshots kept
+    past = training_set(store, pd.DataFrame({KEY: ids.tolist(), TS: first + pd.Timedelta(hours=1)}))
+    assert past.tenure.tolist() == raw.tenure.tolist()   # the earlier snapshot, joined at its time
+    # the keys a position would have given (1..40) answer nobody: they are not keys
+    assert not online_features(store, list(range(1, 41))).found.any()

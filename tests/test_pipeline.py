@@ -14,7 +14,8 @@ import yaml
 from conftest import ROOT, TINY, champion_version, copy_project, git_init, registry, run
 from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
-from mlops_nb.features import KEY, TS, definitions_hash, online_features, open_store, repo_objects, sample_keys, skew_gate
+from mlops_nb.features import (KEY, TS, definitions_hash, entity_keys, online_features, open_store, repo_objects, sample_keys,
+                               skew_gate, snapshot_keys)
 from mlops_nb.init import set_params_text
 
 pytestmark = pytest.mark.slow
@@ -206,11 +207,13 @@ def test_the_pipeline_runs_end_to_end_reading_the_store(smoke):
     published = _json(project, "reports/features/materialize.json")
     assert published["enabled"] and published["customers"] == len(raw) == 800
     assert published["as_of"] == pd.Timestamp(_json(project, "reports/ingest/provenance.json")["ingested_at"]).isoformat()
-    # the online store holds the ingested rows: customer k is row k
-    keys = [1, 400, 800]
-    online = online_features(open_store(project / "features"), keys).set_index(KEY)
+    # the online store holds the ingested rows, keyed by their content (the data has no customer id), not by position
+    ids = entity_keys(raw.drop(columns="churn"))
+    rows = [0, 399, 799]
+    online = online_features(open_store(project / "features"), ids.iloc[rows].tolist()).set_index(KEY)
     assert online.found.all()
-    for k in keys: assert online.at[k, "monthly_charges"] == raw.monthly_charges.iloc[k - 1]
+    for i in rows: assert online.at[ids.iloc[i], "monthly_charges"] == raw.monthly_charges.iloc[i]
+    assert snapshot_keys(project / "features", published["as_of"]) == sorted(set(ids))
     # prepare read through the store, and its splits hold exactly the snapshot's labelled rows
     prepare_nb = (project / "reports" / "notebooks" / "prepare.ipynb").read_text()
     assert "from the feature service 'churn_model'" in prepare_nb
@@ -238,8 +241,9 @@ def test_predict_by_key_equals_predict_inline(smoke):
     from test_serve import Server, records_of
     project, _, _ = smoke
     raw = _raw(project)
-    keys = [1, 17, 333, 800]
-    inline_rows = raw.iloc[[k - 1 for k in keys]].drop(columns=["churn"]).reset_index(drop=True)
+    rows = [0, 16, 332, 799]
+    keys = entity_keys(raw.drop(columns="churn")).iloc[rows].tolist()
+    inline_rows = raw.iloc[rows].drop(columns=["churn"]).reset_index(drop=True)
     server = Server(project, "--log-dir", str(project / "log-feature"), "--poll-seconds", "0", "--feature-repo", "features")
     try:
         by_key = server.post({KEY: keys})
@@ -260,7 +264,7 @@ def _reinfra(project) -> dict:
 def test_the_skew_gate_refuses_an_altered_online_store(own_copy):
     project, _ = own_copy
     before = champion_version(project)
-    key = sample_keys(len(_raw(project)), SKEW_SAMPLE)[3]   # a customer the gate samples
+    key = sample_keys(snapshot_keys(project / "features"), SKEW_SAMPLE)[3]   # a customer the gate samples
     store = open_store(project / "features")
     source = pd.read_parquet(project / "data" / "features" / "customers.parquet")
     altered = source[source[KEY] == key].copy()
@@ -276,7 +280,7 @@ def test_the_skew_gate_refuses_an_altered_online_store(own_copy):
 def test_the_skew_gate_fails_on_a_stale_online_store(own_copy):
     "The gate's check on its sampled customers (the stage's refusal path is the altered store's test: CI time)."
     project, _ = own_copy
-    sample = sample_keys(len(_raw(project)), SKEW_SAMPLE)
+    sample = sample_keys(snapshot_keys(project / "features"), SKEW_SAMPLE)
     keys = sample[:2]
     path = project / "data" / "features" / "customers.parquet"
     source = pd.read_parquet(path)

@@ -164,9 +164,43 @@ def test_lineage_from_the_server(team):
     assert content_hash(expected) in text
 
 
+# A racer: promote its copy's registered candidate as infra_validate does, once every racer is at the barrier. Its
+# critical section is traced (when it got the lock, when it let go) and the alias move holds the lock for 3 s, so the
+# two promotions overlap in time: only the lock can keep them apart.
+RACER = """
+import json, os, sys, time
+from contextlib import contextmanager
+from pathlib import Path
+import mlops_nb.registry as reg
+copy, barrier, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+events, real_lock, real_promote = {}, reg.promotion_lock, reg._promote
+@contextmanager
+def traced(name, **kw):
+    with real_lock(name, **kw) as owner:
+        events["locked"] = time.time()
+        try: yield owner
+        finally: events["unlocking"] = time.time()
+def slow_promote(name, version):
+    real_promote(name, version)
+    time.sleep(3)
+reg.promotion_lock, reg._promote = traced, slow_promote
+registration = json.loads((copy / "reports/register/registration.json").read_text())
+gate = json.loads((copy / "reports/evaluate/gate.json").read_text())
+reg.use_project_tracking(copy)
+reg.alias_version("churn-classifier")   # connected to the tracking server before the barrier
+(barrier / str(os.getpid())).touch()
+while len(list(barrier.iterdir())) < n: time.sleep(0.005)
+start = time.time()
+p = reg.promote_candidate("churn-classifier", registration["version"], gate["compared_with"], gate["blessed"], True)
+p |= {"version": registration["version"], "start": start, **events}
+(copy / "reports/infra").mkdir(parents=True, exist_ok=True)
+(copy / "reports/infra/promotion.json").write_text(json.dumps(p))
+"""
+
+
 @pytest.fixture(scope="module")
 def race(team):
-    "Two project copies evaluate and register a candidate against champion 1, then promote at the same moment."
+    "Two project copies evaluate and register a candidate against champion 1, then two processes promote them at once (behind a barrier)."
     copies = []
     for name in ("b", "c"):
         dest = team["tmp"] / name
@@ -176,13 +210,20 @@ def race(team):
         params["evaluate"]["deepchecks"], params["export"]["onnx"] = False, False
         (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         copies.append(dest)
-    for stage in ("evaluate", "register", "infra_validate"):
+    for stage in ("evaluate", "register"):
         procs = [subprocess.Popen([str(BIN / "mlops-nb"), "stage", stage], cwd=c,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **team["env"]})
                  for c in copies]
         outs = [p.communicate(timeout=600)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), f"stage {stage}: " + "\n".join(o[-2000:] for o in outs)
+    barrier = team["tmp"] / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **team["env"]}
+    procs = [subprocess.Popen([str(BIN / "python"), "-c", RACER, str(c), str(barrier), str(len(copies))], cwd=c,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for c in copies]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "racers: " + "\n".join(o[-2000:] for o in outs)
     promotions = [json.loads((c / "reports" / "infra" / "promotion.json").read_text()) for c in copies]
     mc = client(team)
     return {"promotions": promotions,
@@ -198,6 +239,11 @@ def test_two_racing_promotions_one_wins(race):
     assert len(winners) == 1 and len(losers) == 1, promotions
     assert "champion changed from 1" in losers[0]["reason"]
     assert race["champion"] == winners[0]["version"] and race["previous"] == "1"
+    winner, loser = winners[0], losers[0]
+    # the two promotions were forced to overlap: both had started before the winner let go of the lock ...
+    assert max(winner["start"], loser["start"]) < winner["unlocking"], promotions
+    # ... and the lock kept them apart: the loser got it only after the winner had moved the alias and let go
+    assert loser["locked"] >= winner["unlocking"], promotions
 
 
 def test_rollback_reaches_the_service_through_registry_polling(team, race):

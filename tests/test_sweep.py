@@ -47,10 +47,13 @@ def test_six_combinations_finish_and_the_broken_one_is_reported(swept):
     assert any(o.get("output_type") == "error" for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
 
 
-def test_table_is_sorted_by_the_primary_metric_and_every_notebook_is_kept(swept):
+def test_table_is_ranked_by_the_cross_validated_score_and_every_notebook_is_kept(swept):
+    "Model selection never looks at the test split: the order is the CV score's, the test metric is only shown."
     project, r, table, _, _ = swept
     ok = table[table.status == "ok"]
-    assert ok.roc_auc.is_monotonic_decreasing and table.status.iloc[-1] == "failed"
+    assert ok.cv_score.is_monotonic_decreasing and table.status.iloc[-1] == "failed"
+    assert ok.cv_score.notna().all() and ok.cv_score.between(0.5, 1).all()
+    assert "ranked by cv_score (cross-validated on the training split); roc_auc is the test split's" in r.stdout
     assert ok.roc_auc.between(0.7, 1).all()                # churn is learnable by every model
     for nb in table.notebook: assert (project / nb).exists()
     assert table.trial.iloc[0] in r.stdout.splitlines()[1]  # the printed table starts with the best trial
@@ -73,7 +76,8 @@ def test_results_match_mlflow(swept):
         else:
             assert "TrainingError" in child.data.tags["error"] and "test_roc_auc" not in child.data.metrics
     parent = client.get_run(saved["parent_run_id"])
-    assert parent.data.metrics["best_test_roc_auc"] == pytest.approx(table.roc_auc.max())
+    assert parent.data.metrics["best_cv_score"] == pytest.approx(table.cv_score.max())
+    assert parent.data.metrics["best_test_roc_auc"] == pytest.approx(table.roc_auc[table.cv_score.idxmax()])   # the CV-best's test score
 
 
 def test_a_trial_scores_what_training_it_again_scores(swept):
@@ -94,3 +98,12 @@ def test_a_bad_grid_is_named_before_anything_runs(tmp_path):
     r = run("mlops-nb", "sweep", "--grid", "data.n_rows=[10,20]", cwd=project, check=False)
     assert r.returncode == 1 and "does not read data.n_rows" in r.stderr
     assert "Traceback" not in r.stderr and not (project / "reports" / "sweeps").exists()
+
+
+@pytest.mark.parametrize("bad", ["../x", "/tmp/abs", "a/b", ".."])
+def test_an_id_that_is_not_a_plain_name_is_refused(tmp_path, bad):
+    project = copy_project(tmp_path / "project")
+    prepared_default_data(project)
+    r = run("mlops-nb", "sweep", "--grid", "train.model=[logreg]", "--id", bad, "--no-mlflow", cwd=project, check=False)
+    assert r.returncode == 1 and f"sweep: --id {bad!r} is not a plain name" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (project / "reports" / "sweeps").exists() and not (tmp_path / "x").exists()

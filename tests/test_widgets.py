@@ -11,7 +11,7 @@ from mlops_nb.core import load_params, parse_params
 from mlops_nb.core import load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 from mlops_nb.schema import load_schema
-from mlops_nb.widgets import (ControlPanel, column_summary, data_explorer, experiment_command, threshold_metrics,
+from mlops_nb.widgets import (ControlPanel, best_threshold, column_summary, data_explorer, experiment_command, threshold_metrics,
                               threshold_table, write_threshold)
 
 
@@ -36,7 +36,14 @@ def test_threshold_metrics_agree_with_scikit_learn():
         assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (tp, fp, fn, tn)
         assert m["precision"] == pytest.approx(precision_score(y, pred)) and m["recall"] == pytest.approx(recall_score(y, pred))
         assert m["cost"] == 2 * fp + 7 * fn
-    assert threshold_table(y, proba).cost.min() <= threshold_metrics(y, proba, 0.5)["cost"]
+    # the tuner's table and its choice, against costs counted by scikit-learn at every threshold of the grid
+    grid = np.linspace(0, 1, 21)
+    costs = [2 * fp + 7 * fn for _, fp, fn, _ in (confusion_matrix(y, (proba >= t).astype(int), labels=[0, 1]).ravel() for t in grid)]
+    table = threshold_table(y, proba, cost_fp=2, cost_fn=7, steps=21)
+    np.testing.assert_array_equal(table.threshold.to_numpy(), grid)
+    np.testing.assert_array_equal(table.cost.to_numpy(), costs)
+    assert best_threshold(table) == grid[int(np.argmin(costs))]   # the cheapest, the lowest among ties
+    assert min(costs) < costs[10]   # false negatives cost 3.5 times more: 0.5 is not the answer, so the choice is tested
 
 
 def test_data_explorer_on_the_default_data_and_schema():
