@@ -412,12 +412,12 @@ def _clean(nb: dict) -> dict:
     return out
 
 def try_stage(plan: StagePlan, root: str | Path) -> None:
-    "Run the plan's notebook top to bottom in a fresh kernel with its defaults; it must write what it declares (undone on failure)."
+    "Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares. A trial: what it wrote is removed (DVC's run is the stage's first)."
+    import shutil
+    import tempfile
     papermill, root = _papermill(), Path(root).resolve()
     declared = [o for o in plan.stage.outs if not o.startswith("reports/notebooks/")]
     existed = {o for o in declared if (root / o).exists()}
-    import shutil
-    import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="mlops-nb-stage-"))
     try:
         try: execute(plan.source.resolve(), tmp / "out.ipynb", {}, root)
@@ -429,11 +429,10 @@ def try_stage(plan: StagePlan, root: str | Path) -> None:
             try: ok = isinstance(json.loads((root / m).read_text()), dict)
             except (ValueError, UnicodeDecodeError): ok = False
             if not ok: raise MlopsError(f"--metrics {m}: not a JSON object (DVC metrics and the gate's extra rules read one)")
-    except BaseException:
-        for o in declared:
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for o in declared:   # left as they were: a cached output that git picked up now would stop `dvc repro`
             if o not in existed and (root / o).exists(): shutil.rmtree(root / o) if (root / o).is_dir() else (root / o).unlink()
-        raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def add_stage(root: str | Path, notebook: str | Path, name: str, after: str | None=None, deps: list=(), outs: list=(),
               metrics: list=(), gate: bool=False, run: bool=True) -> StagePlan:
