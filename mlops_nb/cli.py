@@ -205,8 +205,8 @@ def _stage_action(action: str, rest: list[str]) -> int:
         stages = check_pipeline(root)
         reads = upstream(stages)
         for s in stages.values():
-            params = ", ".join(s.params) + (", " if s.params and s.sections else "") + ", ".join(s.sections)
-            print(f"{s.name:<16} {'built in' if s.builtin else 'yours':<9} after: {', '.join(reads[s.name]) or '-':<28} params: {params or '-'}")
+            own = f"  params: {', '.join(s.params) or '-'}" if not s.builtin else f"  params: {len(s.dvc_params)} keys"
+            print(f"{s.name:<16} {'built in' if s.builtin else 'yours':<9} reads from: {', '.join(reads[s.name]) or '-'};{own}")
     return 0
 
 # %% ../nbs/09_cli.ipynb #c8456fb3
