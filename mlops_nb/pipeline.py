@@ -338,6 +338,7 @@ def plan_stage(
     outs, metrics = [_rel(root, o, "--outs") for o in outs], [_rel(root, m, "--metrics") for m in metrics]
     deps = [_rel(root, d, "--deps") for d in deps]
     if gate and not metrics: raise MlopsError("--gate makes evaluate depend on the stage's metrics: give them with --metrics")
+    if gate and "evaluate" not in stages: raise MlopsError("--gate: dvc.yaml has no evaluate stage to depend on the metrics")
     written = {o: n for n, s in stages.items() for o in s.outs}
     for o in outs + metrics:
         if o.startswith("reports/notebooks/") or _overlap(o, dest): raise MlopsError(f"{o}: the stage's notebook and executed copy are not outputs to declare")
