@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 from mlops_nb.core import load_params, write_json  # noqa: E402
-from mlops_nb.pipeline import STAGES, stage_parameters  # noqa: E402
+from mlops_nb.pipeline import BUILTIN_STAGES as STAGES, stage_parameters  # noqa: E402
 
 FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "features", ".dvc", ".dvcignore", ".gitignore", "mlops_nb",
          "data/labelled/README.md"]  # the labelled windows ingest appends (none yet): a dependency of ingest
@@ -112,7 +112,7 @@ def as_scripts(dest: Path, params) -> None:
     (dest / "scripts").mkdir()
     spec = yaml.safe_load((dest / "dvc.yaml").read_text())
     for name, stage in spec["stages"].items():
-        assigns = "\n".join(f"{k} = {v!r}" for k, v in stage_parameters(name, params).items())
+        assigns = "\n".join(f"{k} = {v!r}" for k, v in stage_parameters(name, params, dest).items())
         cells = [c.replace("\ndisplay(", "\nprint(") for c in code_cells(name, dest)]
         (dest / "scripts" / f"{name}.py").write_text(assigns + "\n\n" + "\n\n".join(cells) + "\n")
         stage["cmd"] = f"python scripts/{name}.py"

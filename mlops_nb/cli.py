@@ -24,8 +24,10 @@ def _project() -> tuple[ProjectPaths, Params]:
     return paths, load_params(paths.params)
 
 def cmd_stage(args) -> int:
-    "Execute one stage notebook with its params from params.yaml (what dvc.yaml calls)."
-    from mlops_nb.pipeline import run_stage
+    "Execute one stage notebook with its params from params.yaml (what dvc.yaml calls); or add, list, remove your own stages."
+    from mlops_nb.pipeline import ACTIONS, run_stage
+    if args.name in ACTIONS: return _stage_action(args.name, args.rest)
+    if args.rest: raise MlopsError(f"mlops-nb stage {args.name} takes no more arguments, got: {' '.join(args.rest)}")
     root = ProjectPaths.find().root
     out = run_stage(args.name, root)
     print(f"stage {args.name}: done ({out.relative_to(root)})")
@@ -51,8 +53,9 @@ EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate
 
 def cmd_run(args) -> int:
     "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate was not promoted."
-    from mlops_nb.pipeline import dvc
+    from mlops_nb.pipeline import check_pipeline, dvc
     paths, _ = _project()  # a bad key or type stops here, named, before any stage starts
+    check_pipeline(paths.root)  # and so does a value of your own stages, or an extra gate rule on a file evaluate does not depend on
     result = dvc("repro", *(["--force"] if args.force else []), *args.stages, root=paths.root)
     if result.returncode != 0:
         print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
@@ -161,6 +164,49 @@ def cmd_readme(args) -> int:
     root = ProjectPaths.find().root
     write_text(root / "README.md", readme_text(root))
     print("README.md regenerated from nbs/index.ipynb")
+    return 0
+
+# %% ../nbs/09_cli.ipynb #2245a55b
+def _stage_parser() -> argparse.ArgumentParser:
+    "The parser of `mlops-nb stage add|list|remove`."
+    p = argparse.ArgumentParser(prog="mlops-nb stage", description="Your own notebooks as pipeline stages (dvc.yaml is the list of stages).")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = sub.add_parser("add", help="add a parameterized notebook as a stage: pipeline/NAME.ipynb, a NAME: section of params.yaml, a dvc.yaml stage")
+    a.add_argument("notebook", type=Path, help="the notebook (a cell tagged `parameters` with literal values)")
+    a.add_argument("--name", required=True, help="the stage's name (lower case): its params.yaml section and pipeline/NAME.ipynb")
+    a.add_argument("--after", help="a stage whose outputs it reads (they become its deps, so it runs after it)")
+    a.add_argument("--deps", nargs="+", default=[], metavar="PATH", help="more files or folders it reads")
+    a.add_argument("--outs", nargs="+", default=[], metavar="PATH", help="what it writes (cached by DVC)")
+    a.add_argument("--metrics", nargs="+", default=[], metavar="PATH", help="metrics JSON it writes (dvc metrics show)")
+    a.add_argument("--gate", action="store_true", help="evaluate depends on its metrics, so evaluate.extra_rules can gate promotion on them")
+    a.add_argument("--no-run", action="store_true", help="do not run the notebook first (it runs top to bottom in a fresh kernel by default)")
+    sub.add_parser("list", help="the stages of dvc.yaml: built in or yours, their params and the stages they read from")
+    r = sub.add_parser("remove", help="take your stage out: its dvc.yaml entry, params.yaml section and notebook (outputs stay)")
+    r.add_argument("name")
+    return p
+
+def _stage_action(action: str, rest: list[str]) -> int:
+    "Run `mlops-nb stage ACTION ...`."
+    from mlops_nb.pipeline import add_stage, check_pipeline, remove_stage, upstream
+    args = _stage_parser().parse_args([action, *rest])
+    root = ProjectPaths.find().root
+    if args.action == "add":
+        plan = add_stage(root, args.notebook, args.name, args.after, args.deps, args.outs, args.metrics, args.gate, run=not args.no_run)
+        params = ", ".join(k.split(".")[1] for k in plan.stage.params) or "none"
+        print(f"stage {args.name} added: {plan.stage.notebook}; params.yaml {args.name}: ({params}); dvc.yaml stage {args.name}"
+              + (f" after {args.after}" if args.after else "") + (" (evaluate depends on its metrics)" if args.gate else ""))
+        print(f"commit it: git add {plan.stage.notebook} params.yaml dvc.yaml && git commit -m 'stage {args.name}'")
+        print(f"run it: mlops-nb run {args.name}  (or dvc repro)")
+    elif args.action == "remove":
+        stage = remove_stage(root, args.name)
+        print(f"stage {args.name} removed from dvc.yaml and params.yaml; {stage.notebook} deleted (its outputs stay)")
+        print(f"commit it: git add -A {stage.notebook} params.yaml dvc.yaml && git commit -m 'remove stage {args.name}'")
+    else:
+        stages = check_pipeline(root)
+        reads = upstream(stages)
+        for s in stages.values():
+            own = f"  params: {', '.join(s.params) or '-'}" if not s.builtin else f"  params: {len(s.dvc_params)} keys"
+            print(f"{s.name:<16} {'built in' if s.builtin else 'yours':<9} reads from: {', '.join(reads[s.name]) or '-'};{own}")
     return 0
 
 # %% ../nbs/09_cli.ipynb #1dc36f89
@@ -389,8 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
     run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     run.set_defaults(func=cmd_run)
-    st = sub.add_parser("stage", help="execute one stage notebook with its params (what dvc.yaml runs)")
-    st.add_argument("name", help="a stage of dvc.yaml: ingest, validate, materialize, prepare, train, evaluate, register or infra_validate")
+    st = sub.add_parser("stage", help="execute one stage notebook with its params (what dvc.yaml runs); add, list or remove your own",
+                        description="mlops-nb stage NAME runs stage NAME of dvc.yaml; mlops-nb stage add|list|remove manage your own notebook stages "
+                                    "(mlops-nb stage add --help).")
+    st.add_argument("name", help="a stage of dvc.yaml (ingest, validate, ..., or yours), or add, list, remove")
+    st.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     st.set_defaults(func=cmd_stage)
     sub.add_parser("status", help="which stages are out of date, and the current champion").set_defaults(func=cmd_status)
     schema = sub.add_parser("schema", help="data schema tools").add_subparsers(dest="schema_command", required=True, metavar="ACTION")

@@ -28,10 +28,10 @@ if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI sta
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params', 'parse_section', 'parse_params',
-           'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path', 'process_running', 'write_text', 'write_json',
-           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state',
-           'git_branch', 'failpoint', 'skip_iri_checker']
+           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params', 'parse_section',
+           'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections',
+           'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
+           'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
@@ -112,6 +112,7 @@ class TrainParams:
     categorical_columns: list[str] = field(default_factory=list)  # numeric columns that are category codes (one-hot encoded)
     backend: typing.Literal["local", "dask"] = "local"  # where the search's fits run: here, or on a Dask cluster
     dask_scheduler: str = ""     # the Dask scheduler's address (tcp://HOST:8786); empty: a LocalCluster for the search
+    feature_steps: list[str] = field(default_factory=list)  # your feature code, fitted first inside the model: dotted paths of functions or transformers
 
 @dataclass(frozen=True)
 class EvaluateParams:
@@ -129,6 +130,7 @@ class EvaluateParams:
     deepchecks_allowed: list[str] = field(default_factory=lambda: [
         "Regression Error Distribution", "Boosting Overfit", "Date Train Test Leakage", "Index Train Test Leakage",
         "Weak Segments Performance", "Unused Features", "Train Test Performance"])  # checks that may fail or not run
+    extra_rules: list[dict] = field(default_factory=list)  # rules over your stages' metrics JSON: {file, key, min and/or max}
 
 @dataclass(frozen=True)
 class InfraParams:
@@ -143,6 +145,7 @@ class RegisterParams:
     model_name: str = "churn-classifier"  # the MLflow registered model name
     promote_dirty: bool = False  # let a version built from uncommitted changes or a DVC experiment become champion
     production_branches: list[str] = field(default_factory=lambda: ["main", "master"])  # a run here promotes to champion; elsewhere to staging
+    trusted_modules: list[str] = field(default_factory=list)  # your modules whose types a model file may hold (besides train.feature_steps' own)
 
 @dataclass(frozen=True)
 class ExportParams:
@@ -201,11 +204,16 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
     features: FeaturesParams = field(default_factory=FeaturesParams)
+    stages: dict = field(default_factory=dict)  # the sections of your own stages (`mlops-nb stage add`), typed by their notebooks
     def get(self, dotted: str):
         "The value at `section.key`."
         section, key = dotted.split(".")
+        if section in self.stages: return self.stages[section][key]
         return getattr(getattr(self, section), key)
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        "The sections as nested dicts, as `params.yaml` holds them."
+        d = dataclasses.asdict(self)
+        return d | d.pop("stages")
 
 # %% ../nbs/00_core.ipynb #c511f897
 def _type_name(tp) -> str:
@@ -241,14 +249,25 @@ def parse_section(cls, raw: dict | None, section: str):
             raise ParamsError(f"params.yaml: {section}.{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
     return cls(**raw)
 
-def parse_params(raw: dict | None) -> Params:
-    "Typed `Params` from the mapping read out of `params.yaml`."
+def builtin_sections() -> dict:
+    "The built-in sections of `params.yaml` and their dataclasses."
+    return {k: v for k, v in typing.get_type_hints(Params).items() if k != "stages"}
+
+def parse_params(
+    raw: dict | None,           # the mapping read out of params.yaml
+    stages: tuple | None=None,  # the sections your stages read (`stage_sections`); None: any section not close to a built-in one
+) -> Params:
+    "Typed `Params` from the mapping read out of `params.yaml`; your stages' sections are kept as read."
     raw = raw or {}
     if not isinstance(raw, dict): raise ParamsError("params.yaml: the top level must be a mapping of sections")
-    sections = typing.get_type_hints(Params)
+    sections = builtin_sections()
     for name in raw:
-        if name not in sections: raise _unknown("section", name, sections)
-    return Params(**{name: parse_section(cls, raw.get(name), name) for name, cls in sections.items()})
+        if name in sections: continue
+        if stages is not None and name not in stages or stages is None and difflib.get_close_matches(name, list(sections), n=1, cutoff=0.75):
+            raise _unknown("section", name, sections)
+        if not isinstance(raw[name], dict): raise ParamsError(f"params.yaml: section '{name}' must be a mapping, got {type(raw[name]).__name__}")
+    return Params(**{name: parse_section(cls, raw.get(name), name) for name, cls in sections.items()},
+                  stages={k: v for k, v in raw.items() if k not in sections})
 
 # %% ../nbs/00_core.ipynb #efcd5206
 class Yaml12Loader(yaml.SafeLoader):
@@ -270,7 +289,14 @@ def load_params(path: str | Path) -> Params:
     try: raw = load_yaml(path.read_text())
     except FileNotFoundError: raise ParamsError(f"params file not found: {path}") from None
     except yaml.YAMLError as e: raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw)
+    return parse_params(raw, stage_sections(path.parent))
+
+def stage_sections(root: str | Path) -> tuple | None:
+    "The sections beyond the built-in ones that the stages of `root`'s `dvc.yaml` read (None without a readable dvc.yaml)."
+    try: stages = (load_yaml((Path(root) / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError): return None   # no pipeline here, or DVC names its problem
+    keys = [p for s in stages.values() if isinstance(s, dict) for p in s.get("params") or [] if isinstance(p, str)]
+    return tuple(dict.fromkeys(k.split(".")[0] for k in keys if k.split(".")[0] not in builtin_sections()))
 
 # %% ../nbs/00_core.ipynb #b971d378
 @contextmanager

@@ -383,8 +383,8 @@ def _data_md(reports: Path) -> list[str]:
 
 # %% ../nbs/08_docs.ipynb #6d70ce75
 def _stage_order(name: str) -> tuple:
-    from mlops_nb.pipeline import STAGES
-    order = list(STAGES)
+    from mlops_nb.pipeline import BUILTIN_STAGES
+    order = list(BUILTIN_STAGES)   # your own stages follow, by name
     return (order.index(name) if name in order else len(order), name)
 
 def latest_run_pages(root: str | Path, out: Path) -> list:

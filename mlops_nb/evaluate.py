@@ -23,7 +23,7 @@ __all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'classificat
            'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'skipped_suite_report', 'slice_masks',
            'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule',
            'skill', 'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'baseline_model',
-           'evaluate_gate']
+           'evaluate_gate', 'check_extra_rules', 'extra_rule', 'with_extra_rules']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -467,3 +467,41 @@ def evaluate_gate(
     if p.deepchecks: rules.append(deepchecks_rule(suites or {}, p.deepchecks_allowed))
     direction = "higher is better" if greater_is_better(metric) else "lower is better"
     return decide(rules) | {"compared_with": compared_with, "primary_metric": metric, "direction": direction, "task": task}
+
+# %% ../nbs/03_evaluate.ipynb #3b46fd4f
+def check_extra_rules(rules: list) -> list[dict]:
+    "The rules of `evaluate.extra_rules`, each checked: a `file`, a `key`, a numeric `min` and/or `max`, nothing else."
+    for i, r in enumerate(rules):
+        where = f"evaluate.extra_rules[{i}]"
+        if not isinstance(r, dict): raise MlopsError(f"{where} must be a mapping with file, key and min and/or max, got {r!r}")
+        if unknown := sorted(set(r) - {"file", "key", "min", "max"}): raise MlopsError(f"{where}: unknown field '{unknown[0]}' (fields: file, key, min, max)")
+        for f in ("file", "key"):
+            if not isinstance(r.get(f), str) or not r[f]: raise MlopsError(f"{where}: '{f}' must be a non-empty string")
+        if "min" not in r and "max" not in r: raise MlopsError(f"{where} ({r['key']}): give a min, a max or both")
+        for f in ("min", "max"):
+            if f in r and (isinstance(r[f], bool) or not isinstance(r[f], (int, float))): raise MlopsError(f"{where}: '{f}' must be a number, got {r[f]!r}")
+    return rules
+
+def extra_rule(rule: dict, root: str | Path) -> dict:
+    "The gate rule of one `evaluate.extra_rules` entry, read from its metrics file under `root`."
+    import json
+    path = Path(root) / rule["file"]
+    try: value = json.loads(path.read_text())
+    except FileNotFoundError: raise MlopsError(f"evaluate.extra_rules: {rule['file']} does not exist (does the stage that writes it run before evaluate?)") from None
+    except ValueError as e: raise MlopsError(f"evaluate.extra_rules: {rule['file']} is not JSON: {e}") from None
+    for part in rule["key"].split("."):
+        if not isinstance(value, dict) or part not in value:
+            keys = ", ".join(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            raise MlopsError(f"evaluate.extra_rules: {rule['file']} has no key '{rule['key']}' (it has: {keys})")
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)): raise MlopsError(f"evaluate.extra_rules: {rule['file']} {rule['key']} is {value!r}, not a number")
+    lo, hi = rule.get("min"), rule.get("max")
+    passed = (lo is None or value >= lo) and (hi is None or value <= hi)
+    words = " and ".join(w for w in [f"at least {lo}" if lo is not None else "", f"at most {hi}" if hi is not None else ""] if w)
+    return gate_rule(f"extra:{rule['file']}:{rule['key']}", float(value), lo if hi is None else hi if lo is None else [lo, hi], passed,
+                     f"{rule['key']} in {rule['file']} must be {words}")
+
+def with_extra_rules(gate: dict, rules: list, root: str | Path) -> dict:
+    "`gate` (from `evaluate_gate`) decided again with the `evaluate.extra_rules` added to its rules."
+    extra = [extra_rule(r, root) for r in check_extra_rules(rules)]
+    return gate | decide(gate["rules"] + extra)

@@ -288,7 +288,16 @@ def explore_notebook(source: str, target: str, task: str, query: str="") -> dict
              new_code_cell("print(df[target].describe())\nplot_distributions(df, [target], per_row=1);"),
              new_markdown_cell("## The target against each feature (columns the pipeline drops are left out)"),
              new_code_cell("features = [c for c in profile.index if profile.loc[c, 'role'] not in ('target', 'identifier', 'datetime', 'free_text', 'constant')]\n"
-                           "plot_target_relations(df, target, task, features);")]
+                           "plot_target_relations(df, target, task, features);"),
+             new_markdown_cell("## From a finding to the pipeline\n\n"
+                               "**A check to run every time** (a segment, a fairness or a business figure): give it a notebook of its own whose "
+                               "first code cell, tagged `parameters`, holds literal values, and write its figures to a JSON file. Then\n\n"
+                               "```bash\nmlops-nb stage add my_check.ipynb --name my_check --after prepare --metrics reports/my_check/metrics.json --gate\n```\n\n"
+                               "makes it a stage (its parameters land in a `my_check:` section of `params.yaml`), and a rule in `evaluate.extra_rules` "
+                               "(`{file: reports/my_check/metrics.json, key: share, min: 0.05}`) lets it block a promotion.\n\n"
+                               "**A feature the model should compute**: write it as a function from DataFrame to DataFrame in a library notebook of "
+                               "your package (`#| export`, then `nbdev-export`) and name it in `train.feature_steps` (`[mypackage.features.my_feature]`): "
+                               "it becomes the first step of the model's Pipeline, so the service computes it from the raw fields too.")]
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     return nb
 

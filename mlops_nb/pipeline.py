@@ -5,6 +5,7 @@
 # %% ../nbs/05_pipeline.ipynb #2eeb0d79
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -13,52 +14,72 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import MlopsError, Params, atomic_path, load_params, skip_iri_checker
+import yaml
+
+from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml,
+                           skip_iri_checker)
 
 # %% auto #0
-__all__ = ['STAGES', 'FAST_EXIT', 'Stage', 'stage_parameters', 'pipeline_params', 'execute', 'StageFailed', 'run_stage', 'dvc',
-           'dvc_status']
+__all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'Stage', 'read_stages', 'get_stage', 'stage_parameters',
+           'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters', 'check_stage', 'execute',
+           'StageFailed', 'run_stage', 'dvc', 'dvc_status', 'upstream', 'find_cycle', 'imported_modules', 'StagePlan',
+           'plan_stage', 'try_stage', 'add_stage', 'remove_stage', 'check_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
+BUILTIN_STAGES = ("ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate")
+MODEL_SECTIONS = ("base", "data", "validate", "prepare", "train", "evaluate", "export")  # what register records as a model's params
+
 @dataclass(frozen=True)
 class Stage:
-    "A pipeline stage: its name, the `section.key` params injected into it, and whole sections it records."
+    "A stage of `dvc.yaml`: its name, the `section.key` params injected into it, whole sections it records, what it reads and writes."
     name: str
     params: tuple[str, ...]
     sections: tuple[str, ...] = ()  # read whole from params.yaml (register records them as lineage)
+    deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()      # its outs, metrics and plots
+    cmd: str = ""
     @property
     def dvc_params(self) -> list[str]: return [*self.params, *self.sections]
     @property
     def notebook(self) -> str: return f"pipeline/{self.name}.ipynb"
     @property
     def executed(self) -> str: return f"reports/notebooks/{self.name}.ipynb"
+    @property
+    def builtin(self) -> bool: return self.name in BUILTIN_STAGES
 
-STAGES = {s.name: s for s in [
-    Stage("ingest", ("base.seed", "data.source", "data.query", "data.n_rows", "data.drop_columns")),
-    Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
-                       "validate.linf", "validate.min_drifted", "register.model_name")),
-    Stage("materialize", ("base.target", "features.enabled", "features.repo", "features.feature_service", "prepare.key_column")),
-    Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
-                      "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema",
-                      "features.enabled", "features.repo", "features.feature_service")),
-    Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
-                    "train.categorical_columns", "train.backend", "train.dask_scheduler")),
-    Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
-        "primary_metric", "min_primary", "baseline_margin", "champion_tolerance", "slice_columns", "slice_crosses", "slice_bins",
-        "min_slice_size", "slice_tolerance", "bootstrap", "deepchecks", "deepchecks_allowed")), "register.model_name")),
-    Stage("register", ("register.model_name",), sections=("base", "data", "validate", "prepare", "train", "evaluate", "export")),
-    Stage("infra_validate", ("base.target", "register.model_name", "register.promote_dirty", "register.production_branches",
-                             "infra.single_row_ms", "infra.batch_rows", "infra.batch_ms", "infra.repeats", "export.parity_tolerance",
-                             "infra.service", "serve.runtime", "serve.loadtest_concurrency", "serve.loadtest_seconds",
-                             "serve.budget_p99_ms", "serve.budget_min_rps", "features.enabled", "features.repo",
-                             "features.feature_service", "features.skew_sample", "features.skew_tolerance")),
-]}
+def _paths(entries) -> tuple[str, ...]: return tuple(str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or [])
+
+def read_stages(root: str | Path | None=None) -> dict[str, Stage]:
+    "The stages of `dvc.yaml` at `root` (default: the project around the working directory), in its order."
+    root = find_root() if root is None else Path(root)
+    try: spec = load_yaml((root / "dvc.yaml").read_text()) or {}
+    except FileNotFoundError: raise MlopsError(f"no dvc.yaml in {root}: the pipeline's stages are listed there") from None
+    except yaml.YAMLError as e: raise MlopsError(f"dvc.yaml is not valid YAML: {e}") from None
+    stages = {}
+    for name, s in (spec.get("stages") or {}).items():
+        params = s.get("params") or []
+        if bad := [p for p in params if not isinstance(p, str)]:
+            raise MlopsError(f"dvc.yaml: stage {name} reads params of another file ({bad[0]}): stages read params.yaml")
+        outs = _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))
+        stages[name] = Stage(name, tuple(p for p in params if "." in p), tuple(p for p in params if "." not in p),
+                             _paths(s.get("deps")), outs, str(s.get("cmd", "")))
+    return stages
+
+def get_stage(name: str, root: str | Path | None=None) -> Stage:
+    "Stage `name` of `dvc.yaml`, or an error naming the stages there are."
+    stages = read_stages(root)
+    if name not in stages: raise MlopsError(f"unknown stage '{name}' (stages of dvc.yaml: {', '.join(stages)})")
+    return stages[name]
 
 # %% ../nbs/05_pipeline.ipynb #8a9abbb1
-def stage_parameters(stage: str, params: Params) -> dict:
-    "The papermill parameters of `stage`: each declared key's value under its last name."
-    if stage not in STAGES: raise MlopsError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
-    return {key.split(".")[-1]: params.get(key) for key in STAGES[stage].params}
+def stage_parameters(stage: str | Stage, params: Params, root: str | Path | None=None) -> dict:
+    "The papermill parameters of `stage` (a `Stage`, or a name in the `dvc.yaml` at `root`): each key's value under its last name."
+    s = stage if isinstance(stage, Stage) else get_stage(stage, root)
+    values = {}
+    for key in s.params:
+        try: values[key.split(".")[-1]] = params.get(key)
+        except (KeyError, AttributeError): raise ParamsError(f"params.yaml has no {key}, which stage {s.name} reads (dvc.yaml)") from None
+    return values
 
 # %% ../nbs/05_pipeline.ipynb #2305c02b
 def pipeline_params(params: Params) -> dict:
@@ -66,7 +87,78 @@ def pipeline_params(params: Params) -> dict:
     from mlops_nb.data import redact
     d = params.to_dict()
     d["data"]["source"] = redact(d["data"]["source"])   # recorded in MLflow: never a password
-    return {s: d[s] for s in STAGES["register"].sections + ("register",)}
+    return {s: d[s] for s in MODEL_SECTIONS + ("register",)}
+
+# %% ../nbs/05_pipeline.ipynb #0011d885
+def parameters_source(nb: dict, path: str | Path) -> str:
+    "The source of the one cell of notebook `nb` (read from `path`) tagged `parameters`."
+    tagged = [c for c in nb.get("cells", []) if c.get("cell_type") == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not tagged: raise MlopsError(f"{path} has no cell tagged `parameters`: tag the cell that sets your parameters (JupyterLab: "
+                                    "select it, open the property inspector, the gear at the top right, and add the tag parameters)")
+    if len(tagged) > 1: raise MlopsError(f"{path} has {len(tagged)} cells tagged `parameters`: keep the tag on one")
+    src = tagged[0]["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+# %% ../nbs/05_pipeline.ipynb #3417a840
+@dataclass(frozen=True)
+class Parameter:
+    "A parameter of a stage notebook: its literal default and the comment beside it."
+    default: object
+    comment: str = ""
+
+def notebook_parameters(path: str | Path) -> dict[str, Parameter]:
+    "The parameters of notebook `path`: each name's literal default (and comment) in its cell tagged `parameters`."
+    import io
+    import tokenize
+    try: nb = json.loads(Path(path).read_text())
+    except FileNotFoundError: raise MlopsError(f"notebook not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise MlopsError(f"{path} is not a notebook (JSON): {e}") from None
+    src = parameters_source(nb, path)
+    where = lambda n: f"{path}: parameters cell, line {n.lineno}"
+    try: tree = ast.parse(src)
+    except SyntaxError as e: raise MlopsError(f"{path}: parameters cell, line {e.lineno}: not valid Python: {e.msg}") from None
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    out = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)) or not isinstance(target, ast.Name) or node.value is None:
+            raise MlopsError(f"{where(node)}: only `name = value` assignments belong there, found `{ast.get_source_segment(src, node)}`")
+        try: value = ast.literal_eval(node.value)
+        except (ValueError, SyntaxError, TypeError):
+            raise MlopsError(f"{where(node)}: {target.id} = {ast.get_source_segment(src, node.value)} is not a literal value (a number, string, "
+                             "bool, None, or a list or dict of them; compute from it in a later cell)") from None
+        if isinstance(value, (tuple, set, complex, bytes)): raise MlopsError(f"{where(node)}: {target.id} is a {type(value).__name__}: params.yaml holds lists, not {type(value).__name__}s")
+        out[target.id] = Parameter(value, comments.get(node.lineno, ""))
+    return out
+
+# %% ../nbs/05_pipeline.ipynb #20b840a5
+def _conforms_to(value, default) -> bool:
+    if default is None: return True
+    if isinstance(default, bool): return isinstance(value, bool)
+    if isinstance(default, (int, float)) and isinstance(value, bool): return False
+    if isinstance(default, float): return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+def check_stage(stage: Stage, params: Params, root: str | Path) -> dict:
+    "The papermill parameters of `stage`, your own stages' values checked against the defaults of their notebook."
+    values = stage_parameters(stage, params)
+    if stage.builtin: return values
+    import difflib
+    defaults = notebook_parameters(Path(root) / stage.notebook)
+    for key in stage.params:
+        name, value = key.split(".")[-1], params.get(key)
+        if name not in defaults:
+            raise ParamsError(f"dvc.yaml gives stage {stage.name} the parameter '{name}' ({key}), which the parameters cell of {stage.notebook} does not set")
+        if key.split(".")[0] not in builtin_sections() and not _conforms_to(value, defaults[name].default):
+            d = defaults[name].default
+            raise ParamsError(f"params.yaml: {key} must be {type(d).__name__} like its default {d!r} in {stage.notebook}, got {type(value).__name__} {value!r}")
+    own = params.stages.get(stage.name, {})
+    for key in own:
+        if f"{stage.name}.{key}" not in stage.params:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            raise ParamsError(f"params.yaml: unknown key '{stage.name}.{key}' (not a parameter of stage {stage.name}"
+                              + (f"; did you mean '{close[0]}'?)" if close else ")"))
+    return values
 
 # %% ../nbs/05_pipeline.ipynb #6a0e1c02
 def _papermill():
@@ -113,10 +205,11 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
     "Execute stage `name` of the project at `root` with its params; return the executed notebook's path."
     papermill = _papermill()
     root = Path(root).resolve()
-    params = stage_parameters(name, load_params(root / "params.yaml")) | overrides
-    out = root / STAGES[name].executed
+    stage = get_stage(name, root)
+    params = check_stage(stage, load_params(root / "params.yaml"), root) | overrides
+    out = root / stage.executed
     with atomic_path(out) as tmp:
-        try: execute(root / STAGES[name].notebook, tmp, params, root, progress)
+        try: execute(root / stage.notebook, tmp, params, root, progress)
         except papermill.PapermillExecutionError as e:
             tmp.replace(out)  # keep the failed notebook as the report of what went wrong
             raise StageFailed(f"stage {name} failed: {e.ename}: {_strip_ansi(e.evalue)}\n  executed notebook: {out.relative_to(root)}") from None
@@ -141,3 +234,271 @@ def dvc_status(root: str | Path) -> dict:
     r = dvc("status", "--json", root=root, capture=True)
     if r.returncode != 0: raise MlopsError(f"dvc status failed: {r.stderr.strip() or r.stdout.strip()}")
     return json.loads(r.stdout or "{}")
+
+# %% ../nbs/05_pipeline.ipynb #06096622
+def _overlap(a: str, b: str) -> bool:
+    "Whether paths `a` and `b` are the same, or one holds the other."
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+def upstream(stages: dict[str, Stage]) -> dict[str, list[str]]:
+    "For each stage, the stages whose outputs it reads."
+    return {n: [m for m, t in stages.items() if m != n and any(_overlap(d, o) for d in s.deps for o in t.outs)] for n, s in stages.items()}
+
+def find_cycle(stages: dict[str, Stage]) -> list[str] | None:
+    "A cycle of stages that read each other's outputs (`[a, b, a]`: a reads b, b reads a), or None."
+    up, done = upstream(stages), set()
+    def visit(n, path):
+        for m in up[n]:
+            if m in path: return path[path.index(m):] + [m]
+            if m not in done and (c := visit(m, path + [m])): return c
+        done.add(n)
+    for n in stages:
+        if n not in done and (c := visit(n, [n])): return c
+    return None
+
+# %% ../nbs/05_pipeline.ipynb #c634cd1d
+ACTIONS = ("add", "list", "remove")   # `mlops-nb stage ACTION`: no stage may take these names
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+def _rel(root: Path, p: str | Path, what: str) -> str:
+    "`p` as a path relative to `root` (posix), or an error: a stage reads and writes inside its project."
+    path = Path(p)
+    full = (path if path.is_absolute() else root / path).resolve()
+    try: rel = full.relative_to(root.resolve())
+    except ValueError: raise MlopsError(f"{what} {p}: outside the project ({root})") from None
+    if not rel.parts: raise MlopsError(f"{what} {p}: the project folder itself")
+    return rel.as_posix()
+
+def _check_name(name: str, stages: dict, raw_params: dict) -> None:
+    import difflib
+    if not _NAME.fullmatch(name): raise MlopsError(f"--name {name!r}: use lower-case letters, digits and _ , starting with a letter (it names a params.yaml section)")
+    if name in stages: raise MlopsError(f"--name {name}: dvc.yaml has a stage {name} already (choose another name, or `mlops-nb stage remove {name}` first)")
+    if name in ACTIONS or name in builtin_sections() or name == "stages": raise MlopsError(f"--name {name}: reserved (a built-in section of params.yaml, or a `mlops-nb stage` action)")
+    if close := difflib.get_close_matches(name, list(builtin_sections()), n=1, cutoff=0.75):
+        raise MlopsError(f"--name {name}: too close to the built-in section '{close[0]}' (a misspelling of it would pass unnoticed): choose another name")
+    if name in raw_params: raise MlopsError(f"--name {name}: params.yaml has a section {name} already")
+
+def _lib_path(root: Path) -> str:
+    "The project's library folder: nbdev's `lib_path` in pyproject.toml (default mlops_nb)."
+    import tomllib
+    try: return tomllib.loads((root / "pyproject.toml").read_text()).get("tool", {}).get("nbdev", {}).get("lib_path", "mlops_nb")
+    except (OSError, tomllib.TOMLDecodeError): return "mlops_nb"
+
+def imported_modules(nb: dict, root: Path) -> list[str]:
+    "The files of the project's library that the code cells of notebook `nb` import (what its stage depends on)."
+    lib, found = _lib_path(root), []
+    for c in nb.get("cells", []):
+        if c.get("cell_type") != "code": continue
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        try: tree = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        except SyntaxError: continue
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for n in names:
+                parts = n.split(".")
+                if parts[0] == Path(lib).name and len(parts) > 1 and (root / lib / f"{parts[1]}.py").is_file(): found.append(f"{lib}/{parts[1]}.py")
+    return list(dict.fromkeys(found))
+
+# %% ../nbs/05_pipeline.ipynb #0328126f
+@dataclass
+class StagePlan:
+    "A stage about to be added: its `dvc.yaml` entry, its notebook and its parameters."
+    stage: Stage
+    source: Path                     # the notebook given
+    nb: dict                         # its content
+    parameters: dict[str, Parameter]
+    entry: dict                      # what dvc.yaml gets
+    gate: bool = False               # evaluate depends on its metrics
+    metrics: tuple[str, ...] = ()
+
+def plan_stage(
+    root: str | Path,       # the project
+    notebook: str | Path,   # the notebook to add
+    name: str,              # the stage's name: its section in params.yaml, pipeline/NAME.ipynb
+    after: str | None=None, # a stage it runs after: its outputs become deps
+    deps: list=(),          # more files or folders it reads
+    outs: list=(),          # what it writes (cached by DVC)
+    metrics: list=(),       # metrics JSON it writes (`dvc metrics show`; `--gate`: evaluate can gate on them)
+    gate: bool=False,       # evaluate depends on its metrics (for `evaluate.extra_rules`)
+) -> StagePlan:
+    "Check stage `name` of `notebook` against the project at `root` without running or writing anything."
+    root = Path(root).resolve()
+    stages = read_stages(root)
+    _check_name(name, stages, load_yaml((root / "params.yaml").read_text()) or {})
+    source = Path(notebook)
+    if source.suffix != ".ipynb": raise MlopsError(f"{notebook}: not a notebook (.ipynb)")
+    parameters = notebook_parameters(source)
+    nb = json.loads(source.read_text())
+    dest = f"pipeline/{name}.ipynb"
+    if (root / dest).exists() and (root / dest).resolve() != source.resolve():
+        raise MlopsError(f"{dest} exists already: the stage's notebook would replace it (choose another --name)")
+    if after is not None and after not in stages: raise MlopsError(f"--after {after}: no such stage (stages of dvc.yaml: {', '.join(stages)})")
+    upstream_outs = [o for o in stages[after].outs if not o.startswith("reports/notebooks/")] if after else []
+    outs, metrics = [_rel(root, o, "--outs") for o in outs], [_rel(root, m, "--metrics") for m in metrics]
+    deps = [_rel(root, d, "--deps") for d in deps]
+    if gate and not metrics: raise MlopsError("--gate makes evaluate depend on the stage's metrics: give them with --metrics")
+    if gate and "evaluate" not in stages: raise MlopsError("--gate: dvc.yaml has no evaluate stage to depend on the metrics")
+    written = {o: n for n, s in stages.items() for o in s.outs}
+    for o in outs + metrics:
+        if o.startswith("reports/notebooks/") or _overlap(o, dest): raise MlopsError(f"{o}: the stage's notebook and executed copy are not outputs to declare")
+        if clash := next((w for w in written if _overlap(o, w)), None): raise MlopsError(f"{o}: stage {written[clash]} writes {clash} already (a path has one writer)")
+        if clash := next((d for d in deps + upstream_outs if _overlap(o, d)), None): raise MlopsError(f"{o}: the stage would read it too ({clash})")
+    if len(set(outs + metrics)) < len(outs + metrics): raise MlopsError("the same path is declared twice among --outs and --metrics")
+    for d in deps:
+        if not (root / d).exists() and not any(_overlap(d, w) for w in written):
+            raise MlopsError(f"--deps {d}: no such file, and no stage writes it")
+    all_deps = list(dict.fromkeys([dest, *imported_modules(nb, root), *upstream_outs, *deps]))
+    stage = Stage(name, tuple(f"{name}.{k}" for k in parameters), (), tuple(all_deps), tuple(outs + metrics + [f"reports/notebooks/{name}.ipynb"]),
+                  f"mlops-nb stage {name}")
+    after_gate = stages if not gate else stages | {"evaluate": Stage("evaluate", (), deps=stages["evaluate"].deps + tuple(metrics), outs=stages["evaluate"].outs)}
+    if cycle := find_cycle(after_gate | {name: stage}):
+        if name in cycle: cycle = cycle[cycle.index(name):-1] + cycle[:cycle.index(name)] + [name]   # told from the new stage
+        raise MlopsError(f"stage {name} would close a cycle: {' reads '.join(cycle)} (each reads what the next writes)")
+    entry = {"cmd": stage.cmd, "deps": all_deps}
+    if parameters: entry["params"] = list(stage.params)
+    entry["outs"] = [*outs, f"reports/notebooks/{name}.ipynb"]
+    if metrics: entry["metrics"] = [{m: {"cache": False}} for m in metrics]
+    return StagePlan(stage, source, nb, parameters, entry, gate, tuple(metrics))
+
+# %% ../nbs/05_pipeline.ipynb #2e05df67
+def _yaml_rt():
+    "ruamel.yaml in round-trip mode with dvc.yaml's layout: comments and order kept (what DVC itself edits dvc.yaml with)."
+    from ruamel.yaml import YAML
+    y = YAML()
+    y.preserve_quotes, y.width = True, 4096
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+def _dump(y, doc) -> str:
+    import io
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    return buf.getvalue()
+
+def _params_section(name: str, notebook: str, parameters: dict[str, Parameter]) -> str:
+    "The `params.yaml` section of stage `name`: its notebook's defaults, with their comments."
+    from mlops_nb.init import _flow   # the params.yaml editor's value writer
+    lines = [f"{name}:   # stage {name}: the parameters of {notebook} (`mlops-nb stage {name}` injects them)"]
+    for k, p in parameters.items():
+        line = f"  {k}: {_flow(p.default)}"
+        lines.append(f"{line:<25} # {p.comment}" if p.comment else line)
+    text = "\n".join(lines) + "\n"
+    if (load_yaml(text) or {}).get(name) != ({k: p.default for k, p in parameters.items()} or None):
+        raise MlopsError(f"{notebook}: its parameters do not read back the same from YAML: {', '.join(parameters)}")
+    return text
+
+def _write_all(files: dict[Path, str | None]) -> None:
+    "Write (or, for None, delete) every file, or none: on an error the old contents come back."
+    old = {p: p.read_bytes() if p.exists() else None for p in files}
+    try:
+        for p, text in files.items():
+            if text is None: p.unlink(missing_ok=True)
+            else:
+                with atomic_path(p) as tmp: tmp.write_text(text)
+    except BaseException:
+        for p, data in old.items():
+            if data is None: p.unlink(missing_ok=True)
+            else: p.write_bytes(data)
+        raise
+
+# %% ../nbs/05_pipeline.ipynb #3c9f5ebf
+def _clean(nb: dict) -> dict:
+    "Notebook `nb` without outputs, execution counts or cell metadata other than tags (as pipeline notebooks are committed)."
+    out = json.loads(json.dumps(nb))
+    for c in out.get("cells", []):
+        c["metadata"] = {k: v for k, v in c.get("metadata", {}).items() if k == "tags"}
+        if c.get("cell_type") == "code": c["outputs"], c["execution_count"] = [], None
+    out.get("metadata", {}).pop("widgets", None)
+    return out
+
+def try_stage(plan: StagePlan, root: str | Path) -> None:
+    "Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares. A trial: what it wrote is removed (DVC's run is the stage's first)."
+    import shutil
+    import tempfile
+    papermill, root = _papermill(), Path(root).resolve()
+    declared = [o for o in plan.stage.outs if not o.startswith("reports/notebooks/")]
+    existed = {o for o in declared if (root / o).exists()}
+    tmp = Path(tempfile.mkdtemp(prefix="mlops-nb-stage-"))
+    try:
+        try: execute(plan.source.resolve(), tmp / "out.ipynb", {}, root)
+        except papermill.PapermillExecutionError as e:
+            raise MlopsError(f"{plan.source} failed in a fresh kernel (run top to bottom with its defaults): {e.ename}: {_strip_ansi(e.evalue)}") from None
+        if missing := [o for o in declared if not (root / o).exists()]:
+            raise MlopsError(f"{plan.source} ran but did not write {', '.join(missing)}, which it declares")
+        for m in plan.metrics:
+            try: ok = isinstance(json.loads((root / m).read_text()), dict)
+            except (ValueError, UnicodeDecodeError): ok = False
+            if not ok: raise MlopsError(f"--metrics {m}: not a JSON object (DVC metrics and the gate's extra rules read one)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for o in declared:   # left as they were: a cached output that git picked up now would stop `dvc repro`
+            if o not in existed and (root / o).exists(): shutil.rmtree(root / o) if (root / o).is_dir() else (root / o).unlink()
+
+def add_stage(root: str | Path, notebook: str | Path, name: str, after: str | None=None, deps: list=(), outs: list=(),
+              metrics: list=(), gate: bool=False, run: bool=True) -> StagePlan:
+    "Add `notebook` as stage `name` of the project at `root` (`plan_stage`'s checks, then a run in a fresh kernel, then the writes)."
+    root = Path(root).resolve()
+    plan = plan_stage(root, notebook, name, after, deps, outs, metrics, gate)
+    if run: try_stage(plan, root)
+    y = _yaml_rt()
+    doc = y.load((root / "dvc.yaml").read_text())
+    doc["stages"][name] = plan.entry
+    if gate: doc["stages"]["evaluate"]["deps"].extend(m for m in plan.metrics if m not in doc["stages"]["evaluate"]["deps"])
+    params_text = (root / "params.yaml").read_text()
+    params_text = params_text.rstrip("\n") + "\n\n" + _params_section(name, plan.stage.notebook, plan.parameters) if plan.parameters else params_text
+    _write_all({root / plan.stage.notebook: json.dumps(_clean(plan.nb), indent=1, ensure_ascii=False) + "\n",
+                root / "dvc.yaml": _dump(y, doc), root / "params.yaml": params_text})
+    return plan
+
+# %% ../nbs/05_pipeline.ipynb #30c9b02a
+def _drop_section(text: str, name: str) -> str:
+    "`params.yaml` text without section `name` (its header, its lines and the blank lines around it)."
+    out, skipping = [], False
+    for line in text.split("\n"):
+        if re.match(rf"^{re.escape(name)}:(\s|$)", line):
+            skipping = True
+            while out and not out[-1].strip(): out.pop()
+            continue
+        if skipping and (not line.strip() or line[:1] in " \t"): continue
+        if skipping and out: out.append("")
+        skipping = False
+        out.append(line)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+def remove_stage(root: str | Path, name: str) -> Stage:
+    "Take your stage `name` out of the project at `root`: its dvc.yaml entry, params.yaml section and notebook (its outputs stay)."
+    root = Path(root).resolve()
+    stages, stage = read_stages(root), get_stage(name, root)
+    if stage.builtin: raise MlopsError(f"stage {name} is built in: the pipeline needs it")
+    for rule in load_params(root / "params.yaml").evaluate.extra_rules:
+        if isinstance(rule, dict) and any(_overlap(str(rule.get("file", "")), o) for o in stage.outs):
+            raise MlopsError(f"evaluate.extra_rules reads {rule['file']}, which stage {name} writes: take that rule out of params.yaml first")
+    gate_deps = [d for d in stages["evaluate"].deps if any(_overlap(d, o) for o in stage.outs)] if "evaluate" in stages else []
+    for other, s in stages.items():
+        reads = [d for d in s.deps if any(_overlap(d, o) for o in stage.outs) and not (other == "evaluate" and d in gate_deps)]
+        if other != name and reads: raise MlopsError(f"stage {other} reads {reads[0]}, which stage {name} writes: remove {other} (or that dep) first")
+    y = _yaml_rt()
+    doc = y.load((root / "dvc.yaml").read_text())
+    del doc["stages"][name]
+    for d in gate_deps: doc["stages"]["evaluate"]["deps"].remove(d)
+    _write_all({root / "dvc.yaml": _dump(y, doc), root / "params.yaml": _drop_section((root / "params.yaml").read_text(), name),
+                root / stage.notebook: None})
+    return stage
+
+# %% ../nbs/05_pipeline.ipynb #1214fb14
+def check_pipeline(root: str | Path) -> dict[str, Stage]:
+    "Check every stage of `dvc.yaml` at `root` against params.yaml (and the gate's extra rules' files against evaluate's deps)."
+    root = Path(root)
+    stages, params = read_stages(root), load_params(root / "params.yaml")
+    for s in stages.values():
+        if s.cmd == f"mlops-nb stage {s.name}": check_stage(s, params, root)
+    if params.evaluate.extra_rules:
+        from mlops_nb.evaluate import check_extra_rules
+        check_extra_rules(params.evaluate.extra_rules)
+        deps = stages["evaluate"].deps if "evaluate" in stages else ()
+        for r in params.evaluate.extra_rules:
+            if not any(_overlap(r["file"], d) for d in deps):
+                raise ParamsError(f"evaluate.extra_rules reads {r['file']}, which dvc.yaml's evaluate stage does not depend on: add it to its deps "
+                                  "(or add the stage that writes it with --gate), so DVC runs that stage first")
+    return stages

@@ -21,10 +21,10 @@ from .core import MlopsError, failpoint, process_running, tracking_uri
 
 # %% auto #0
 __all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'use_project_tracking', 'pipeline_run', 'flat_params',
-           'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_type', 'model_types',
-           'load_model_dir', 'register_model', 'champion_summary', 'load_champion', 'promotion_lock',
-           'promote_candidate', 'release_alias', 'rollback', 'model_files', 'champion_file', 'lineage',
-           'format_lineage']
+           'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_modules',
+           'trusted_type', 'model_types', 'load_model_dir', 'register_model', 'champion_summary', 'load_champion',
+           'promotion_lock', 'promote_candidate', 'release_alias', 'rollback', 'model_files', 'champion_file',
+           'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -119,9 +119,17 @@ def _version_str(v) -> str | None: return None if v is None else str(v.version)
 # the types a model file may hold, whatever its MLmodel says
 _TRUSTED = re.compile(r"(sklearn|mlops_nb)\.[\w.]+|numpy\.(dtype|dtypes\.\w+|(u?int|float|complex)(8|16|32|64|128)?|bool_|str_|object_|ndarray)")
 
-def trusted_type(name: str) -> bool:
-    "Whether the project lets a model file hold type `name` (scikit-learn, numpy dtypes and scalars, mlops_nb)."
-    return _TRUSTED.fullmatch(name) is not None
+def trusted_modules(root: str | Path | None=None) -> tuple[str, ...]:
+    "Your modules a model file may hold types of, by configuration: `register.trusted_modules` and the modules of `train.feature_steps` (params.yaml of the project at `root`, default: around the working directory)."
+    from mlops_nb.core import find_root, load_params
+    try: params = load_params(find_root(root) / "params.yaml")
+    except MlopsError: return ()   # outside a project: scikit-learn, numpy and mlops_nb only
+    return tuple(m for m in dict.fromkeys([*params.register.trusted_modules, *(s.rpartition(".")[0] for s in params.train.feature_steps)]) if m)
+
+def trusted_type(name: str, modules: tuple[str, ...] | None=None) -> bool:
+    "Whether the project lets a model file hold type `name`: scikit-learn, numpy dtypes and scalars, mlops_nb, and your `modules` (default: `trusted_modules()`)."
+    if _TRUSTED.fullmatch(name) is not None: return True
+    return any(name.startswith(m + ".") for m in (trusted_modules() if modules is None else modules))
 
 def model_types(model) -> list[str]:
     "The type names in `model` that skops does not trust by default; `MlopsError` for one outside the project's allow-list."
@@ -155,6 +163,7 @@ def register_model(
     blessed: bool,               # the gate's decision
     tags: dict | None=None,      # lineage tags for the version (git commit, data hash, ...)
     extra_files: list | None=None,  # files stored with the model (schema, reference profile)
+    code_paths: list | None=None,   # your packages the model's feature steps come from: stored with it, so it loads without them installed
 ) -> dict:
     "Log `model` in the active run and register a version with `tags` and the gate's decision; no alias moves."
     import mlflow
@@ -165,7 +174,7 @@ def register_model(
     info = mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=example,
                                     registered_model_name=name, pyfunc_predict_fn=predict_fn,
                                     serialization_format="skops", skops_trusted_types=model_types(model),
-                                    extra_files=[str(f) for f in extra_files or []])
+                                    extra_files=[str(f) for f in extra_files or []], code_paths=[str(c) for c in code_paths or []] or None)
     version = str(info.registered_model_version)
     client = _client()
     for k, v in {**(tags or {}), "blessed": str(blessed).lower()}.items(): client.set_model_version_tag(name, version, k, str(v))

@@ -71,7 +71,7 @@ def apply_combination(params: Params, combination: dict) -> Params:
 # %% ../nbs/31_sweep.ipynb #330dc4a4
 TRIAL_NOTEBOOK = "pipeline/trial.ipynb"
 TRIAL_KEYS = ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
-              "train.categorical_columns", "evaluate.primary_metric")
+              "train.categorical_columns", "train.feature_steps", "evaluate.primary_metric")
 
 def trial_parameters(params: Params, keys=TRIAL_KEYS) -> dict:
     "The papermill parameters of a trial: each key's value under its last name."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,8 +28,8 @@ from .core import MlopsError
 
 # %% auto #0
 __all__ = ['MAX_CATEGORIES', 'MODEL_ZOO', 'REGRESSOR_ZOO', 'DEFAULT_SCORING', 'TrainingError', 'feature_columns',
-           'make_preprocessor', 'ZooEntry', 'zoo', 'build_model', 'TuneResult', 'tune', 'fit_checked',
-           'check_predictions', 'model_output']
+           'make_preprocessor', 'ZooEntry', 'zoo', 'feature_step', 'make_feature_steps', 'feature_code_paths',
+           'build_model', 'TuneResult', 'tune', 'fit_checked', 'check_predictions', 'model_output']
 
 # %% ../nbs/02_train.ipynb #d24c8361
 class TrainingError(MlopsError):
@@ -84,6 +85,51 @@ def zoo(task: str="binary") -> dict[str, ZooEntry]:
     "The zoo of `task`: regressors for regression, classifiers otherwise."
     return REGRESSOR_ZOO if task == "regression" else MODEL_ZOO
 
+# %% ../nbs/02_train.ipynb #5ad93eaf
+def feature_step(path: str):
+    "The unfitted step of `train.feature_steps` entry `path` (`package.module.name`): a transformer (class or instance), or a function in a FunctionTransformer."
+    import importlib
+    from sklearn.base import TransformerMixin
+    from sklearn.preprocessing import FunctionTransformer
+    module, _, attr = path.rpartition(".")
+    if not module: raise TrainingError(f"train.feature_steps: '{path}' is not a dotted path (package.module.name)")
+    try: obj = getattr(importlib.import_module(module), attr)
+    except ImportError as e: raise TrainingError(f"train.feature_steps: cannot import {module} for {path} ({e}): is your package exported (nbdev-export) and installed (pip install -e .)?") from None
+    except AttributeError: raise TrainingError(f"train.feature_steps: {module} has no '{attr}' (exported? `#| export` on its cell, then nbdev-export)") from None
+    if isinstance(obj, type):
+        if not (hasattr(obj, "fit") and hasattr(obj, "transform")): raise TrainingError(f"train.feature_steps: {path} is a class without fit and transform")
+        return obj()
+    if hasattr(obj, "fit") and hasattr(obj, "transform"): return clone(obj)
+    if callable(obj): return FunctionTransformer(obj)   # the DataFrame goes through as it is
+    raise TrainingError(f"train.feature_steps: {path} is neither a function nor a transformer")
+
+def make_feature_steps(paths: list[str]) -> list[tuple[str, object]]:
+    "The named Pipeline steps of `train.feature_steps`, in order (named by their last part)."
+    steps = [(p.rpartition(".")[2], feature_step(p)) for p in paths]
+    names = [n for n, _ in steps]
+    if clash := next((n for n in names if names.count(n) > 1 or n in ("features", "classifier", "regressor")), None):
+        raise TrainingError(f"train.feature_steps: two steps, or a step and the model's own, are called '{clash}'")
+    return steps
+
+def _step_output(steps: list, X: pd.DataFrame) -> pd.DataFrame:
+    "What `steps` make of `X` (fitted on it): a DataFrame, since the preprocessing picks its columns by name."
+    out = X
+    for name, step in steps:
+        out = clone(step).fit_transform(out)
+        if not isinstance(out, pd.DataFrame):
+            raise TrainingError(f"train.feature_steps: {name} returned {type(out).__name__}, not a DataFrame (the features that follow are picked by column name)")
+    return out
+
+def feature_code_paths(paths: list[str]) -> list[str]:
+    "The folders (or files) of the top-level packages your feature steps come from: stored with a registered model."
+    import importlib
+    out = []
+    for p in paths:
+        top = importlib.import_module(p.rpartition(".")[0].split(".")[0])
+        f = Path(top.__file__)
+        out.append(str(f.parent if f.name == "__init__.py" else f))
+    return list(dict.fromkeys(out))
+
 # %% ../nbs/02_train.ipynb #2027acd2
 def build_model(
     name: str,               # zoo entry
@@ -91,15 +137,18 @@ def build_model(
     seed: int=42,            # the estimator's random_state
     task: str="binary",      # binary | multiclass | regression
     categorical: list[str]=(),  # numeric columns that are category codes
+    feature_steps: list[str]=(),  # your feature code, fitted first (`train.feature_steps`: dotted paths)
 ) -> Pipeline:
-    "An unfitted Pipeline (features + estimator) of zoo entry `name` for the columns of `X`."
+    "An unfitted Pipeline (your feature steps + features + estimator) of zoo entry `name` for the columns of `X`."
     entries = zoo(task)
     if name not in entries: raise TrainingError(f"train.model '{name}' is not in the zoo ({', '.join(entries)})")
-    missing = [c for c in categorical if c not in X.columns]
+    steps = make_feature_steps(feature_steps)
+    Xf = _step_output(steps, X)   # the columns the preprocessing sees are those your steps return
+    missing = [c for c in categorical if c not in Xf.columns]
     if missing: raise TrainingError(f"train.categorical_columns names columns that are not features: {', '.join(map(str, missing))}")
-    num, cat = feature_columns(X, categorical)
+    num, cat = feature_columns(Xf, categorical)
     step = "regressor" if task == "regression" else "classifier"
-    return Pipeline([("features", make_preprocessor(num, cat, entries[name].scale)), (step, entries[name].make(seed))])
+    return Pipeline([*steps, ("features", make_preprocessor(num, cat, entries[name].scale)), (step, entries[name].make(seed))])
 
 # %% ../nbs/02_train.ipynb #b8c0a814
 @dataclass
@@ -124,12 +173,13 @@ def tune(
     task: str="binary",   # binary | multiclass | regression
     categorical: list[str]=(),  # numeric columns that are category codes
     n_jobs: int | None=None,  # folds in parallel: None here, one by one; -1 on the active joblib backend (e.g. Dask)
+    feature_steps: list[str]=(),  # your feature code, fitted first in the Pipeline (`train.feature_steps`)
 ) -> TuneResult:
     "Cross-validated random search over zoo entry `name`, refitted on all of `X`."
     from mlops_nb.data import check_classes
     if n_iter < 1 or cv_folds < 2: raise TrainingError(f"need train.n_iter >= 1 and train.cv_folds >= 2, got {n_iter} and {cv_folds}")
     if scoring == "auto": scoring = DEFAULT_SCORING[task]
-    base = build_model(name, X, seed, task, categorical)
+    base = build_model(name, X, seed, task, categorical, feature_steps)
     if task == "regression": folds = KFold(cv_folds, shuffle=True, random_state=seed)
     else:
         check_classes(y, cv_folds, "train.cv_folds")

@@ -436,14 +436,14 @@ def threshold_tuner(root: str | Path | None=None, cost_fp: float=1.0, cost_fn: f
     return ThresholdTuner(test[params.base.target], proba, cost_fp, cost_fn, params.serve.threshold, paths.params)
 
 # %% ../nbs/30_widgets.ipynb #c874aa3f
-def stage_knobs(stage: str, params: Params) -> dict[str, tuple[object, object]]:
-    "{`section.key`: (type, value)} of the params `stage` reads."
-    from mlops_nb.pipeline import STAGES
-    if stage not in STAGES: raise MlopsError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+def stage_knobs(stage: str, params: Params, root: str | Path | None=None) -> dict[str, tuple[object, object]]:
+    "{`section.key`: (type, value)} of the params `stage` (of the dvc.yaml at `root`) reads; your own stages' typed by their values."
+    from mlops_nb.pipeline import get_stage
     out = {}
-    for key in STAGES[stage].params:
+    for key in get_stage(stage, root).params:
         section, name = key.split(".")
-        out[key] = (typing.get_type_hints(type(getattr(params, section)))[name], params.get(key))
+        tp = type(params.get(key)) if section in params.stages else typing.get_type_hints(type(getattr(params, section)))[name]
+        out[key] = (tp, params.get(key))
     return out
 
 def _flow(value) -> str:
@@ -547,9 +547,9 @@ class ControlPanel(Explorer):
     "A stage's params as typed widgets, buttons that queue and run `dvc exp run`, and the `dvc exp show` table."
     def __init__(self, root: str | Path | None=None, stage: str="train"):
         import ipywidgets as W
-        from mlops_nb.pipeline import STAGES
+        from mlops_nb.pipeline import read_stages
         self.root = ProjectPaths.find(root).root
-        self.stage = W.Dropdown(options=list(STAGES), value=stage, description="stage")
+        self.stage = W.Dropdown(options=list(read_stages(self.root)), value=stage, description="stage")
         self.queue_button, self.run_button, self.refresh_button = (W.Button(description=d) for d in ("queue", "run queued", "refresh"))
         self.knobs = W.VBox()
         self._build([self.stage, self.queue_button, self.run_button, self.refresh_button])
@@ -561,7 +561,7 @@ class ControlPanel(Explorer):
         self._make_knobs()
         self.refresh()
     def _make_knobs(self):
-        self.types = stage_knobs(self.stage.value, load_params(self.root / "params.yaml"))
+        self.types = stage_knobs(self.stage.value, load_params(self.root / "params.yaml"), self.root)
         self.controls = {k: knob_widget(k, tp, v) for k, (tp, v) in self.types.items()}
         self.knobs.children = list(self.controls.values())
     def values(self) -> dict:

@@ -1,5 +1,5 @@
 """The library and the notebooks never drift: mlops_nb/ is what nbdev-export makes of nbs/, notebooks are
-committed clean, and every stage notebook, dvc.yaml and the stage table agree on the params they use."""
+committed clean, and dvc.yaml (the one list of stages), the stage notebooks' parameters cells and params.yaml agree."""
 import ast
 import json
 import shutil
@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT
-from mlops_nb.pipeline import STAGES
+from mlops_nb.core import builtin_sections, load_params, load_yaml
+from mlops_nb.pipeline import BUILTIN_STAGES, MODEL_SECTIONS, check_pipeline, check_stage, notebook_parameters, read_stages
 
 
 def test_library_is_what_nbdev_export_makes(tmp_path):
@@ -25,6 +26,8 @@ def test_library_is_what_nbdev_export_makes(tmp_path):
     assert not differ and not missing, f"mlops_nb/ out of sync with nbs/ (run `make sync`): differ {differ}, only on one side {missing}"
 
 
+STAGES = read_stages(ROOT)
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "pipeline").glob("*.ipynb"))
 
 
@@ -35,32 +38,36 @@ def test_notebook_is_clean(nb):
     assert not dirty, f"{nb.name}: cells {dirty} carry outputs (run `make sync`)"
 
 
-def parameters_cell(nb):
-    cells = json.loads(nb.read_text())["cells"]
-    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, f"{nb.name}: expected one cell tagged `parameters`, found {len(tagged)}"
-    return "".join(tagged[0]["source"])
-
-
 def notebook_code(nb):
     return "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
 
 
+# dvc.yaml is the one list of stages: each stage's notebook sets exactly the params dvc.yaml gives it, and params.yaml
+# holds each of them (typed by the built-in dataclasses, or, for a stage of yours, by its notebook's defaults)
+PARAMS = load_yaml((ROOT / "params.yaml").read_text())
+
+
+def test_dvc_yaml_lists_the_built_in_stages_first():
+    assert list(STAGES)[:len(BUILTIN_STAGES)] == list(BUILTIN_STAGES)
+    assert STAGES["register"].dvc_params == ["register.model_name", *MODEL_SECTIONS]   # a model's lineage: what register records
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_notebook_parameters_match_the_stage_table(stage):
-    tree = ast.parse(parameters_cell(ROOT / STAGES[stage].notebook))
-    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
-    assert names == {k.split(".")[-1] for k in STAGES[stage].params}
-    # literal defaults, so the notebook runs standalone
-    assert all(isinstance(node, ast.Assign) and isinstance(ast.literal_eval(node.value), (str, int, float, bool, list))
-               for node in tree.body)
+def test_stage_notebook_sets_what_dvc_yaml_gives_it(stage):
+    s = STAGES[stage]
+    defaults = notebook_parameters(ROOT / s.notebook)   # one cell tagged `parameters`, literal values only
+    assert set(defaults) == {k.split(".")[-1] for k in s.params}, f"{stage}: {s.notebook} and dvc.yaml disagree on its parameters"
+    assert len(s.params) == len(defaults)   # last names never collide
+    for key in s.params:
+        section, name = key.split(".")
+        assert name in (PARAMS.get(section) or {}), f"params.yaml has no {key}, which {stage} reads"
+    check_stage(s, load_params(ROOT / "params.yaml"), ROOT)   # your stages' values typed by the notebook's defaults
 
 
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def test_dvc_yaml_has_exactly_the_stages():
-    assert list(DVC) == list(STAGES) == ["ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate"]
+def test_every_section_of_params_yaml_is_built_in_or_read_by_a_stage():
+    read = {k.split(".")[0] for s in STAGES.values() for k in s.dvc_params}
+    assert set(PARAMS) <= set(builtin_sections()) | read
+    check_pipeline(ROOT)   # no key of your stages' sections outside their notebooks; extra gate rules on files evaluate depends on
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
