@@ -222,19 +222,19 @@ def _logit(p) -> np.ndarray:
 
 def _sigmoid_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
     "Platt scaling: P(hit) as a sigmoid of the score's logit (Newton's method, a tiny ridge), evaluated on `grid`."
-    X, w = np.column_stack([np.ones(len(score)), _logit(score)]), np.zeros(2)
+    X, w = np.column_stack([np.ones(len(score)), _logit(score)]), np.array([0.0, 1.0])   # from the identity: a calibrated model's map
     for _ in range(25):
         p = 1 / (1 + np.exp(-X @ w))
         step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2), X.T @ (hit - p) - 1e-6 * w)
         w += step
-        if np.abs(step).max() < 1e-8: break
+        if np.abs(step).max() < 1e-7: break
     return 1 / (1 + np.exp(-(w[0] + w[1] * _logit(grid))))
 
 def _isotonic_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
     "Isotonic regression: the best non-decreasing map, interpolated on `grid`, kept off 0 and 1."
-    from sklearn.isotonic import IsotonicRegression
-    edge = 0.5 / (len(hit) + 1)
-    return np.clip(IsotonicRegression(out_of_bounds="clip").fit(score, hit).predict(grid), edge, 1 - edge)
+    from scipy.optimize import isotonic_regression
+    order, edge = np.argsort(score, kind="stable"), 0.5 / (len(hit) + 1)
+    return np.clip(np.interp(grid, score[order], isotonic_regression(hit[order]).x), edge, 1 - edge)
 
 def _binned_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
     "The hit rate of each score bin (equal-count bins, about 60 rows each, at most 30; Jeffreys-smoothed), constant on `grid` within a bin."

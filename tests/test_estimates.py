@@ -67,9 +67,9 @@ def test_precision_recall_f1_confusion_from_the_same_draws():
     for m in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert est[m]["low"] <= real[m] <= est[m]["high"], (m, est[m], real[m])
     cm = pd.DataFrame(est["confusion"]).pivot(index="true", columns="predicted", values="estimate").to_numpy()
-    assert cm.shape == (2, 2) and abs(cm.sum() - 1) < 1e-9
+    assert cm.shape == (2, 2) and abs(cm.sum() - 1) < 1e-5
     said = (live.prediction == "1").mean()
-    assert abs(cm[:, 1].sum() - said) < 1e-9                                      # the decisions are known, only the truth is drawn
+    assert abs(cm[:, 1].sum() - said) < 1e-5                                      # the decisions are known, only the truth is drawn
     assert abs(est["accuracy"]["estimate"] - np.trace(cm)) < 1e-6
     assert abs(est["precision"]["estimate"] - cm[1, 1] / cm[:, 1].sum()) < 0.01
     back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
