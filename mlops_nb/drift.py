@@ -348,7 +348,8 @@ def fit_multivariate(
     seed: int = 0,
 ) -> Multivariate | None:
     "PCA of `train`'s numeric columns and `test`'s reconstruction errors; None with fewer than two numeric columns."
-    cols = [str(c) for c in train.columns if pd.api.types.is_numeric_dtype(train[c]) and not pd.api.types.is_bool_dtype(train[c]) and c in test]
+    cols = [str(c) for c in train.columns if pd.api.types.is_numeric_dtype(train[c]) and not pd.api.types.is_bool_dtype(train[c])
+            and c in test and train[c].notna().any()]   # an empty column carries no correlation
     if len(cols) < 2: return None
     raw = np.column_stack([pd.to_numeric(train[c], errors="coerce").to_numpy(float) for c in cols])
     center = np.nanmean(raw, axis=0)

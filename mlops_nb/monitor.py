@@ -449,7 +449,7 @@ class ErrorModel:
         bins = self.bins(inputs) if bins is None else bins
         folds = range(len(self.intercept)) if i is None else [i % len(self.intercept)]
         out = sum(self.intercept[k] + sum(np.asarray(t["effects"][k])[b] for t, b in bins) for k in folds) / len(folds)
-        return np.maximum(out, np.mean(self.intercept) / 20)
+        return np.maximum(out, max(np.mean(self.intercept) / 20, 1e-12))
     def bins(self, inputs: pd.DataFrame) -> list: return [(t, _term_bins(t, inputs[t["name"]])) for t in self.terms if t["name"] in inputs]
     def to_dict(self) -> dict: return {"kind": self.kind, "intercept": self.intercept, "terms": self.terms, "expected": self.expected, "ratios": self.ratios}
     @classmethod
@@ -508,10 +508,10 @@ def fit_error_model(
     fold, oof, fits = np.random.default_rng(seed).permutation(len(frame)) % folds, np.empty(len(frame)), []
     for k in range(folds):
         fits.append(_fit_terms(terms, X[fold != k], target[fold != k], alpha))
-        oof[fold == k] = np.maximum(X[fold == k] @ np.concatenate(fits[-1][1]) + fits[-1][0], target.mean() / 20)
+        oof[fold == k] = np.maximum(X[fold == k] @ np.concatenate(fits[-1][1]) + fits[-1][0], max(target.mean() / 20, 1e-12))
     order = np.argsort(oof, kind="stable")
-    terms = [t | {"effects": [f[1][j].round(8).tolist() for f in fits]} for j, t in enumerate(terms)]
-    return ErrorModel(terms, [f[0] for f in fits], oof[order].round(6).tolist(), (target / oof)[order].round(6).tolist())
+    terms = [t | {"effects": [f[1][j].tolist() for f in fits]} for j, t in enumerate(terms)]
+    return ErrorModel(terms, [f[0] for f in fits], oof[order].tolist(), (target / oof)[order].round(6).tolist())
 
 def estimate_error(
     inputs: pd.DataFrame,         # the window's model inputs
