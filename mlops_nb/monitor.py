@@ -386,7 +386,7 @@ def estimate_metrics(
 # %% ../nbs/23_monitor.ipynb #d586f756
 RELIABILITY_SHAPES = {  # P(class 1) given the model's score: the true reliability curves the coverage study simulates
     "calibrated": lambda s: s,
-    "sigmoid": lambda s: 1 / (1 + np.exp(-(2.5 * _logit(s) - 0.5))),        # overconfident the other way, shifted
+    "sigmoid": lambda s: 1 / (1 + np.exp(-(2.5 * _logit(s) - 0.5))),        # underconfident and shifted: Platt's own form
     "kinked": lambda s: np.where(s < 0.5, 0.6 * s, 0.3 + 1.4 * (s - 0.5)),
     "step": lambda s: np.minimum(np.floor(s * 4) / 4 + 0.125, 0.95),         # a tree model's few leaves
 }
