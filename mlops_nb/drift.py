@@ -20,7 +20,8 @@ from .schema import Schema
 
 # %% auto #0
 __all__ = ['synthetic_features', 'FeatureProfile', 'Profile', 'profile', 'FeatureDrift', 'DriftReport', 'detect_drift',
-           'plot_drift', 'plot_drifted', 'plot_drift_scores']
+           'Multivariate', 'fit_multivariate', 'reconstruction_errors', 'multivariate_drift', 'plot_drift',
+           'plot_drifted', 'plot_drift_scores']
 
 # %% ../nbs/11_drift.ipynb #dee88ef9
 def _numeric_feature(j: int, n: int, rng, drift: bool) -> np.ndarray:
@@ -317,6 +318,79 @@ def detect_drift(
         if fd.psi is None: fd.reason = "no valid values to compare"
         return _decide(fd, params)
     return DriftReport(_map(score, list(reference.features), parallel=len(batch) >= 100_000), params, len(batch))
+
+# %% ../nbs/11_drift.ipynb #3e9db8a4
+@dataclass
+class Multivariate:
+    "A PCA of the training rows' numeric features and the reconstruction errors of test rows: the reference of multivariate drift."
+    columns: list[str]            # the numeric features, standardized by `center` and `scale`
+    center: list[float]
+    scale: list[float]
+    components: list[list[float]] # the principal axes kept (rows), explaining `variance` of the training rows
+    errors: list[float]           # reconstruction errors of test rows (at most 2,000): the threshold's bootstrap draws from them
+    def to_dict(self) -> dict: return asdict(self)
+    @classmethod
+    def from_dict(cls, d: dict) -> Multivariate: return cls(**d)
+
+
+def _numeric_matrix(df: pd.DataFrame, columns: list[str], center: np.ndarray) -> np.ndarray:
+    "`df`'s `columns` as floats, missing values at the training mean."
+    X = np.column_stack([pd.to_numeric(df[c], errors="coerce").to_numpy(float) for c in columns])
+    return np.where(np.isnan(X), center, X)
+
+
+# %% ../nbs/11_drift.ipynb #2538e67d
+def fit_multivariate(
+    train: pd.DataFrame,          # the training features (no label)
+    test: pd.DataFrame,           # held-out rows of the same columns (the test split): their errors set the threshold
+    variance: float = 0.65,       # share of the standardized features' variance the kept components explain
+    max_errors: int = 2000,
+    seed: int = 0,
+) -> Multivariate | None:
+    "PCA of `train`'s numeric columns and `test`'s reconstruction errors; None with fewer than two numeric columns."
+    cols = [str(c) for c in train.columns if pd.api.types.is_numeric_dtype(train[c]) and not pd.api.types.is_bool_dtype(train[c])
+            and c in test and train[c].notna().any()]   # an empty column carries no correlation
+    if len(cols) < 2: return None
+    raw = np.column_stack([pd.to_numeric(train[c], errors="coerce").to_numpy(float) for c in cols])
+    center = np.nanmean(raw, axis=0)
+    scale = np.nanstd(np.where(np.isnan(raw), center, raw), axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    _, s, vt = np.linalg.svd((np.where(np.isnan(raw), center, raw) - center) / scale, full_matrices=False)
+    keep = int(np.searchsorted(np.cumsum(s ** 2) / (s ** 2).sum(), variance) + 1)
+    mv = Multivariate(cols, center.tolist(), scale.tolist(), vt[:min(keep, len(cols) - 1)].tolist(), [])
+    errors = reconstruction_errors(mv, test)
+    if len(errors) > max_errors: errors = np.random.default_rng(seed).choice(errors, max_errors, replace=False)
+    mv.errors = errors.round(6).tolist()
+    return mv
+
+
+# %% ../nbs/11_drift.ipynb #a6c09f94
+def reconstruction_errors(mv: Multivariate, df: pd.DataFrame) -> np.ndarray:
+    "Each row's distance from its projection on the kept components (standardized units)."
+    Z = (_numeric_matrix(df, mv.columns, np.asarray(mv.center)) - mv.center) / mv.scale
+    V = np.asarray(mv.components)
+    return np.linalg.norm(Z - (Z @ V.T) @ V, axis=1)
+
+
+# %% ../nbs/11_drift.ipynb #b56de12c
+def multivariate_drift(
+    mv: Multivariate,             # the version's reference
+    df: pd.DataFrame,             # the window
+    level: float = 0.995,         # the threshold: this quantile of the bootstrap means of the test rows' errors
+    resamples: int = 1000,
+    seed: int = 0,
+    max_rows: int = 100_000,      # a larger window is scored on a random sample of this many rows
+) -> dict:
+    "The window's mean reconstruction error against the threshold from the test split's bootstrap: score, threshold, verdict."
+    rng, ref = np.random.default_rng(seed), np.asarray(mv.errors)
+    rows = df.iloc[np.sort(rng.choice(len(df), max_rows, replace=False))] if len(df) > max_rows else df
+    score = float(reconstruction_errors(mv, rows).mean())
+    m = min(len(df), len(ref))   # a bigger window is judged as one of the test split's size (a conservative threshold)
+    means = ref[rng.integers(0, len(ref), (resamples, m))].mean(axis=1)
+    threshold = float(np.quantile(means, level))
+    return {"score": score, "threshold": threshold, "reference": float(ref.mean()), "drifted": score > threshold,
+            "columns": mv.columns, "components": len(mv.components), "n": len(df)}
+
 
 # %% ../nbs/11_drift.ipynb #735f5f80
 def _numeric_axes(fig, fp: FeatureProfile, s: pd.Series):

@@ -16,15 +16,16 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, Params, ProjectPaths, read_json, write_json
-from .drift import DriftReport, Profile, _map, detect_drift, profile
+from .drift import DriftReport, Multivariate, Profile, _map, detect_drift, multivariate_drift, profile
 from .predlog import _META, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
-__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'parse_duration', 'parse_since',
-           'select_window', 'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew',
-           'prediction_profile', 'outputs_of', 'join_labels', 'realized_metrics', 'Calibration', 'fit_calibration',
-           'estimate_metrics', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
+__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'RELIABILITY_SHAPES', 'parse_duration',
+           'parse_since', 'select_window', 'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew',
+           'prediction_profile', 'outputs_of', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss',
+           'choose_map', 'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel',
+           'fit_error_model', 'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
            'write_monitor_report', 'drift_from_dict', 'plot_metrics', 'monitor_notebook', 'MonitoredWindow',
            'monitored_version', 'monitor_project']
 
@@ -189,13 +190,26 @@ class Calibration:
     kind: str                     # binary: P(class 1) from the class-1 proba; top-label: P(prediction right) from its proba
     x: list[float]                # the grid of scores, ascending
     maps: list[list[float]]       # the calibrated probability at each grid score, one list per resample
-    def __call__(self, scores, i: int | None = None) -> np.ndarray:
-        "Calibrated probabilities of `scores` by map `i` (None: the maps' mean)."
-        y = np.mean(self.maps, axis=0) if i is None else self.maps[i % len(self.maps)]
-        return np.interp(np.asarray(scores, float), self.x, y)
-    def to_dict(self) -> dict: return {"kind": self.kind, "x": list(self.x), "maps": [list(m) for m in self.maps]}
+    method: str = "platt"         # the maps' form, chosen by cross-fitted log loss: platt, isotonic or binned
+    fit: dict = field(default_factory=dict)  # each form's cross-fitted log loss on the rows (the choice's evidence)
+    by_class: dict = field(default_factory=dict)  # top-label: class -> the maps of the rows predicted as it (empty: `maps` for all)
+    def __call__(self, scores, i: int | None = None, predicted: np.ndarray | None = None) -> np.ndarray:
+        "Calibrated probabilities of `scores` by map `i` (None: the maps' mean); top-label: by the maps of each row's `predicted` class (codes in `by_class` order)."
+        pick = lambda maps: np.mean(maps, axis=0) if i is None else maps[i % len(maps)]
+        scores = np.asarray(scores, float)
+        out = np.interp(scores, self.x, pick(self.maps))
+        if predicted is not None:
+            for j, maps in enumerate(self.by_class.values()):
+                if (at := predicted == j).any(): out[at] = np.interp(scores[at], self.x, pick(maps))
+        return out
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "method": self.method, "fit": self.fit, "x": list(self.x), "maps": [list(m) for m in self.maps]} | (
+            {"by_class": self.by_class} if self.by_class else {})
     @classmethod
-    def from_dict(cls, d: dict) -> Calibration: return cls(d["kind"], [float(v) for v in d["x"]], [[float(v) for v in m] for m in d["maps"]])
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(d["kind"], [float(v) for v in d["x"]], [[float(v) for v in m] for m in d["maps"]], d.get("method", "platt"), d.get("fit", {}),
+                   {str(c): [[float(v) for v in m] for m in maps] for c, maps in d.get("by_class", {}).items()})
+
 
 # %% ../nbs/23_monitor.ipynb #f1476b67
 def _classes(outputs: pd.DataFrame) -> list[str]:
@@ -208,65 +222,330 @@ def _logit(p) -> np.ndarray:
     return np.log(p / (1 - p))
 
 def _sigmoid_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    "Platt scaling: P(hit) as a sigmoid of the score's logit, evaluated on `grid`."
-    from sklearn.linear_model import LogisticRegression
-    return LogisticRegression(C=1e6).fit(_logit(score)[:, None], hit).predict_proba(_logit(grid)[:, None])[:, 1]
+    "Platt scaling: P(hit) as a sigmoid of the score's logit (Newton's method, a tiny ridge), evaluated on `grid`."
+    X, w = np.column_stack([np.ones(len(score)), _logit(score)]), np.array([0.0, 1.0])   # from the identity: a calibrated model's map
+    for _ in range(25):
+        p = 1 / (1 + np.exp(-X @ w))
+        step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2), X.T @ (hit - p) - 1e-6 * w)
+        w += step
+        if np.abs(step).max() < 1e-7: break
+    return 1 / (1 + np.exp(-(w[0] + w[1] * _logit(grid))))
+
+def _isotonic_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    "Isotonic regression: the best non-decreasing map, interpolated on `grid`, kept off 0 and 1."
+    from scipy.optimize import isotonic_regression
+    order, edge = np.argsort(score, kind="stable"), 0.5 / (len(hit) + 1)
+    return np.clip(np.interp(grid, score[order], isotonic_regression(hit[order]).x), edge, 1 - edge)
+
+def _binned_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    "The hit rate of each score bin (equal-count bins, about 60 rows each, at most 30; Jeffreys-smoothed), constant on `grid` within a bin."
+    bins = int(np.clip(len(score) // 60, 2, 30))
+    edges = np.unique(np.quantile(score, np.linspace(0, 1, bins + 1)[1:-1]))
+    at, where = np.searchsorted(edges, score, side="right"), np.searchsorted(edges, grid, side="right")
+    rate = (np.bincount(at, hit, len(edges) + 1) + 0.5) / (np.bincount(at, minlength=len(edges) + 1) + 1)
+    return rate[where]
+
+_MAPS = {"platt": _sigmoid_map, "binned": _binned_map, "isotonic": _isotonic_map}   # simplest first
 
 # %% ../nbs/23_monitor.ipynb #c1b2a3d4
-def _resample_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    "Platt scaling of one resample; with one outcome only (a model right on every test row), Laplace's rule of succession."
-    if 0 < hit.sum() < len(hit): return _sigmoid_map(score, hit, grid)
+def _resample_map(score: np.ndarray, hit: np.ndarray, grid: np.ndarray, method: str = "platt") -> np.ndarray:
+    "The `method` map of one resample; with one outcome only (a model right on every test row), Laplace's rule of succession."
+    if 0 < hit.sum() < len(hit): return _MAPS[method](score, hit, grid)
     return np.full(len(grid), (hit.sum() + 1) / (len(hit) + 2))   # near, never at, certainty
+
+def map_log_loss(score: np.ndarray, hit: np.ndarray, folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    "Each map form's log loss on every row, from a map fitted on the other folds (`folds`-fold cross-fitting): one column per form."
+    grid, fold = np.linspace(0, 1, 201), np.random.default_rng(seed).permutation(len(score)) % folds
+    out = {}
+    for method in _MAPS:
+        p = np.empty(len(score))
+        for k in range(folds):
+            fitted = fold != k
+            p[~fitted] = np.interp(score[~fitted], grid, _resample_map(score[fitted], hit[fitted], grid, method))
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        out[method] = -(hit * np.log(p) + (1 - hit) * np.log(1 - p))
+    return pd.DataFrame(out)
+
+def choose_map(losses: pd.DataFrame) -> str:
+    "The form of least mean loss; binned instead of isotonic unless isotonic is better by two standard errors (isotonic turns noise on a flat stretch into a rise)."
+    best = losses.mean().idxmin()
+    if best != "isotonic": return best
+    diff = losses["binned"] - losses["isotonic"]
+    return "binned" if diff.mean() <= 2 * diff.std() / np.sqrt(len(diff)) else "isotonic"
+
+def _fit_maps(score: np.ndarray, hit: np.ndarray, resamples: int, seed: int, method: str | None) -> tuple[list, str, dict]:
+    "Bootstrap maps of the form `method` (None: chosen by cross-fitted log loss), the form, and each form's loss."
+    losses = map_log_loss(score, hit, seed=seed) if 0 < hit.sum() < len(hit) and len(hit) >= 20 else None
+    if method is None: method = choose_map(losses) if losses is not None else "platt"
+    if method in ("binned", "isotonic"): method = "binned+isotonic"   # the two step-like forms err in opposite ways: half the maps each
+    grid, rng, forms = np.linspace(0, 1, 201), np.random.default_rng(seed), method.split("+")
+    picks = [rng.integers(0, len(score), len(score)) for _ in range(resamples)]
+    maps = [_resample_map(score[i], hit[i], grid, forms[j % len(forms)]).tolist() for j, i in enumerate(picks)]
+    return maps, method, {m: round(float(v), 6) for m, v in losses.mean().items()} if losses is not None else {}
 
 def fit_calibration(
     outputs: pd.DataFrame,        # `outputs_of(model, X)` on labelled rows the model never trained on (the test split)
     y,                            # those rows' true classes, as the model names them
-    resamples: int = 50,          # bootstrap resamples, one map each
+    resamples: int = 50,          # bootstrap resamples, one map each: the calibration's own error
     seed: int = 0,
+    method: str | None = None,    # platt, binned, isotonic or binned+isotonic; None: chosen by cross-fitted log loss
+    min_class_rows: int = 100,    # top-label: a class predicted on fewer rows uses the maps of all rows
 ) -> Calibration:
-    "Fit the score -> probability maps that `estimate_metrics` draws labels from."
+    "Fit the score -> probability maps that `estimate_metrics` draws labels from, of the form that fits the rows best."
     classes = _classes(outputs)
     proba, truth = outputs[[f"proba_{c}" for c in classes]].to_numpy(float), np.asarray(y).astype(str)
     binary = len(classes) == 2
     score = proba[:, 1] if binary else proba.max(axis=1)
-    hit = truth == classes[1] if binary else np.asarray(classes)[proba.argmax(axis=1)] == truth
-    grid, rng = np.linspace(0, 1, 201), np.random.default_rng(seed)
-    picks = [rng.integers(0, len(score), len(score)) for _ in range(resamples)]
-    maps = [_resample_map(score[i], hit[i], grid).tolist() for i in picks]
-    return Calibration("binary" if binary else "top-label", grid.tolist(), maps)
+    hit = (truth == classes[1] if binary else np.asarray(classes)[proba.argmax(axis=1)] == truth).astype(float)
+    maps, chosen, fit = _fit_maps(score, hit, resamples, seed, method)
+    by_class = {}
+    if not binary:   # top-label calibration given the predicted class: a class the model is worse at gets its own maps
+        said = proba.argmax(axis=1)
+        by_class = {c: _fit_maps(score[said == j], hit[said == j], resamples, seed, method)[0] if (said == j).sum() >= min_class_rows else maps
+                    for j, c in enumerate(classes)}
+    return Calibration("binary" if binary else "top-label", np.linspace(0, 1, 201).tolist(), maps, chosen, fit, by_class)
+
 
 # %% ../nbs/23_monitor.ipynb #ca2dd6d1
-def _auc(ranks: np.ndarray, labels: np.ndarray) -> float:
-    "ROC AUC from the scores' ranks (ties share a rank) and 0/1 labels; nan with one class only."
-    pos = labels.sum()
-    return float((labels @ ranks - pos * (pos + 1) / 2) / (pos * (len(ranks) - pos))) if 0 < pos < len(ranks) else float("nan")
+def _auc(ranks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    "ROC AUC of each row of 0/1 `labels` (or of one vector) from the scores' ranks (ties share a rank); nan with one class only."
+    pos = labels.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (labels @ ranks - pos * (pos + 1) / 2) / (pos * (len(ranks) - pos))
+    return np.where((pos > 0) & (pos < len(ranks)), auc, np.nan)
+
+def _true_classes(right: np.ndarray, pred: np.ndarray, proba: np.ndarray, rng) -> np.ndarray:
+    "Class codes drawn for each draw (row of `right`): the prediction where right, else another class in proportion to its probability."
+    k = proba.shape[1]
+    others = proba.copy()
+    others[np.arange(len(pred)), pred] = 0
+    total = others.sum(axis=1, keepdims=True)
+    others = np.where(total > 0, others / np.where(total > 0, total, 1), (np.arange(k) != pred[:, None]) / (k - 1))
+    wrong = (rng.random(right.shape)[..., None] > np.cumsum(others, axis=1)).sum(axis=-1).clip(0, k - 1)
+    return np.where(right, pred, wrong)
+
+def _counts(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    "The confusion matrix (true x predicted counts) of each draw: shape (draws, k, k)."
+    d = np.arange(len(true))[:, None] * k * k
+    return np.bincount((d + true * k + pred).ravel(), minlength=len(true) * k * k).reshape(len(true), k, k)
+
+def _scores(cm: np.ndarray, classes: list[str], binary: bool) -> dict[str, np.ndarray]:
+    "Accuracy, precision, recall and F1 (of class 1 when binary; per class, macro and weighted F1 otherwise) of each draw's confusion matrix."
+    n, tp = cm.sum(axis=(1, 2)), np.diagonal(cm, axis1=1, axis2=2).astype(float)
+    said, real = cm.sum(axis=1), cm.sum(axis=2)          # predicted (columns' sums) and true (rows' sums) per class
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision, recall = np.where(said > 0, tp / said, 0.0), np.where(real > 0, tp / real, 0.0)
+        f1 = np.where(said + real > 0, 2 * tp / (said + real), 0.0)
+    out = {"accuracy": tp.sum(axis=1) / n}
+    if binary: return out | {"precision": precision[:, 1], "recall": recall[:, 1], "f1": f1[:, 1]}
+    out |= {"f1_macro": f1.mean(axis=1), "f1_weighted": (f1 * real).sum(axis=1) / n}
+    for j, c in enumerate(classes): out |= {f"precision_{c}": precision[:, j], f"recall_{c}": recall[:, j], f"f1_{c}": f1[:, j]}
+    return out
 
 # %% ../nbs/23_monitor.ipynb #21263431
+def _summary(d: np.ndarray, level: float) -> dict:
+    "The mean of the draws and the central `level` interval (elementwise for a matrix of draws)."
+    tail = (1 - level) / 2 * 100
+    mean, low, high = np.nanmean(d, axis=0), np.nanpercentile(d, tail, axis=0), np.nanpercentile(d, 100 - tail, axis=0)
+    if np.ndim(mean): return {"estimate": mean.round(6).tolist(), "low": low.round(6).tolist(), "high": high.round(6).tolist()}
+    return {"estimate": float(mean), "low": float(low), "high": float(high)}
+
 def estimate_metrics(
     outputs: pd.DataFrame,        # the window's `model_outputs`: prediction and proba_* per class
     calibration: Calibration,     # the version's maps (fitted on its test split)
     samples: int = 400,           # label sets drawn, each from one of the maps in turn
-    level: float = 0.95,          # the interval's coverage
+    level: float = 0.95,          # the intervals' coverage
     seed: int = 0,
     max_rows: int = 10_000,       # a larger window is estimated on a random sample of this many records
 ) -> dict:
-    "Metrics expected before labels arrive: `{metric: {estimate, low, high}}`, `n` and `level`, from labels drawn as calibrated."
+    "Metrics expected before labels arrive, `{metric: {estimate, low, high}}`, and the confusion matrix, from labels drawn as calibrated."
     from scipy.stats import rankdata
-    classes, rng = _classes(outputs), np.random.default_rng(seed)
-    if len(outputs) > max_rows: outputs = outputs.iloc[np.sort(rng.choice(len(outputs), max_rows, replace=False))]
+    classes, rng, n = _classes(outputs), np.random.default_rng(seed), len(outputs)
+    if n > max_rows: outputs = outputs.iloc[np.sort(rng.choice(n, max_rows, replace=False))]
     proba = outputs[[f"proba_{c}" for c in classes]].to_numpy(float)
     decided = outputs["prediction"].astype(str).to_numpy() if "prediction" in outputs else np.asarray(classes)[proba.argmax(axis=1)]
-    binary = calibration.kind == "binary"
+    pred = pd.Categorical(decided, categories=classes).codes.astype(int)
+    pred = np.where(pred < 0, proba.argmax(axis=1), pred)   # a prediction outside the classes: the top class
+    binary, k = calibration.kind == "binary", len(classes)
     score = proba[:, 1] if binary else proba.max(axis=1)
-    said, ranks, draws = (decided == classes[1]).astype(float), rankdata(score), {"accuracy": [], "roc_auc": []}
-    calibrated = [calibration(score, i) for i in range(min(samples, len(calibration.maps)))]   # each map once
-    for i in range(samples):
-        labels = (rng.random(len(score)) < calibrated[i % len(calibrated)]).astype(float)  # binary: class 1; top-label: right
-        draws["accuracy"].append(1 - np.abs(labels - said).mean() if binary else labels.mean())
-        if binary: draws["roc_auc"].append(_auc(ranks, labels))
-    tail = (1 - level) / 2 * 100
-    summary = lambda d: {"estimate": float(np.nanmean(d)), "low": float(np.nanpercentile(d, tail)), "high": float(np.nanpercentile(d, 100 - tail))}
-    return {m: summary(d) for m, d in draws.items() if d} | {"n": len(outputs), "level": level}
+    calibrated = np.array([calibration(score, i, None if binary else pred) for i in range(min(samples, len(calibration.maps)))])   # each map once
+    ranks, cms, aucs = rankdata(score), [], []
+    for start in range(0, samples, 50):                   # 50 label sets at a time: memory stays ~50 x max_rows
+        drawn = rng.random((min(50, samples - start), len(score))) < calibrated[np.arange(start, start + 50)[:samples - start] % len(calibrated)]
+        true = drawn.astype(int) if binary else _true_classes(drawn, pred, proba, rng)
+        cms.append(_counts(true, np.broadcast_to(pred, true.shape), k))
+        if binary: aucs.append(_auc(ranks, drawn.astype(float)))
+    cm = np.concatenate(cms)
+    draws = _scores(cm, classes, binary) | ({"roc_auc": np.concatenate(aucs)} if binary else {})
+    shares = _summary(cm / len(score), level)   # a list of cells, not a metric: readers of {metric: {estimate, low, high}} skip it
+    confusion = [{"true": t, "predicted": p, **{k: shares[k][i][j] for k in ("estimate", "low", "high")}}
+                 for i, t in enumerate(classes) for j, p in enumerate(classes)]
+    return ({m: _summary(d, level) for m, d in draws.items()}
+            | {"confusion": confusion, "n": n, "sampled": len(score), "level": level, "calibration": calibration.method})
+
+
+# %% ../nbs/23_monitor.ipynb #d586f756
+RELIABILITY_SHAPES = {  # P(class 1) given the model's score: the true reliability curves the coverage study simulates
+    "calibrated": lambda s: s,
+    "sigmoid": lambda s: 1 / (1 + np.exp(-(2.5 * _logit(s) - 0.5))),        # underconfident and shifted: Platt's own form
+    "kinked": lambda s: np.where(s < 0.5, 0.6 * s, 0.3 + 1.4 * (s - 0.5)),
+    "step": lambda s: np.minimum(np.floor(s * 4) / 4 + 0.125, 0.95),         # a tree model's few leaves
+}
+
+def _binary_outputs(score: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"prediction": np.where(score >= 0.5, "1", "0"), "proba_0": 1 - score, "proba_1": score})
+
+def coverage_study(
+    shapes: dict | None = None,   # name -> reliability curve (default `RELIABILITY_SHAPES`)
+    windows: int = 100,           # simulated windows per shape, each with a fresh test split to calibrate on
+    test_rows: int = 2000,        # labelled rows the calibration is fitted on
+    window_rows: int = 1000,      # records per window
+    samples: int = 200,           # label draws per estimate
+    seed: int = 0,
+) -> pd.DataFrame:
+    "Per shape and window: the estimate and interval of accuracy and ROC AUC before labels, the realized value, and whether it is covered."
+    from mlops_nb.evaluate import classification_metrics
+    rng, rows = np.random.default_rng(seed), []
+    for name, curve in (shapes or RELIABILITY_SHAPES).items():
+        for w in range(windows):
+            test, live = rng.beta(1.2, 1.8, test_rows), rng.beta(1.2, 1.8, window_rows)
+            cal = fit_calibration(_binary_outputs(test), (rng.random(test_rows) < curve(test)).astype(int), seed=w)
+            est = estimate_metrics(_binary_outputs(live), cal, samples=samples, seed=w)
+            real = classification_metrics((rng.random(window_rows) < curve(live)).astype(int), live)
+            rows += [{"shape": name, "window": w, "metric": m, "method": cal.method, **est[m], "realized": real[m]} for m in ("accuracy", "roc_auc")]
+    out = pd.DataFrame(rows)
+    return out.assign(covered=(out.low <= out.realized) & (out.realized <= out.high))
+
+
+# %% ../nbs/23_monitor.ipynb #c5599048
+def plot_windows(
+    table: pd.DataFrame,          # one row per window: window, estimate, low, high, realized (and a metric column, one panel each)
+    title: str = "estimated before labels vs realized",
+):
+    "A Figure of each window's estimate and interval against its realized value, window by window."
+    from matplotlib.figure import Figure
+    metrics = list(dict.fromkeys(table["metric"])) if "metric" in table else [None]
+    fig = Figure(figsize=(8, 2.4 * len(metrics)), layout="constrained")
+    for ax, m in zip(np.atleast_1d(fig.subplots(len(metrics), 1, sharex=True)), metrics):
+        t = table if m is None else table[table.metric == m]
+        ax.fill_between(t.window, t.low, t.high, alpha=0.25, step="mid", label="interval")
+        ax.plot(t.window, t.estimate, "s", ms=3, label="estimate")
+        ax.plot(t.window, t.realized, "x", color="tab:red", label="realized")
+        ax.set_ylabel(m or "")
+    ax.set_xlabel("window"); fig.axes[0].legend(ncols=3); fig.suptitle(title)
+    return fig
+
+
+# %% ../nbs/23_monitor.ipynb #6da94634
+@dataclass
+class ErrorModel:
+    "A regressor's absolute error as an additive model of its inputs and prediction (binned, DLE-style), fitted on its test split."
+    terms: list[dict]             # per input: name, kind (numeric: bin edges; categorical: categories), its bins' effects per fold model
+    intercept: list[float]        # each fold model's intercept (each fitted without one fold of the rows)
+    expected: list[float]         # each fit row's cross-fitted predicted error, ascending ...
+    ratios: list[float]           # ... and its |residual| / predicted error: the interval's draws
+    kind: str = "regression"
+    def __call__(self, inputs: pd.DataFrame, i: int | None = None, bins: list | None = None) -> np.ndarray:
+        "The expected absolute error of each row of `inputs` (with a `prediction` column) by fold model `i` (None: their mean)."
+        bins = self.bins(inputs) if bins is None else bins
+        folds = range(len(self.intercept)) if i is None else [i % len(self.intercept)]
+        out = sum(self.intercept[k] + sum(np.asarray(t["effects"][k])[b] for t, b in bins) for k in folds) / len(folds)
+        return np.maximum(out, max(np.mean(self.intercept) / 20, 1e-12))
+    def bins(self, inputs: pd.DataFrame) -> list: return [(t, _term_bins(t, inputs[t["name"]])) for t in self.terms if t["name"] in inputs]
+    def to_dict(self) -> dict: return {"kind": self.kind, "intercept": self.intercept, "terms": self.terms, "expected": self.expected, "ratios": self.ratios}
+    @classmethod
+    def from_dict(cls, d: dict) -> ErrorModel: return cls(d["terms"], [float(b) for b in d["intercept"]], [float(e) for e in d["expected"]], [float(r) for r in d["ratios"]])
+
+def _term_bins(term: dict, values: pd.Series) -> np.ndarray:
+    "The bin of each value: by edges for a numeric term (last bin: missing), by category otherwise (last: other or missing)."
+    if term["kind"] == "numeric":
+        x = pd.to_numeric(values, errors="coerce").to_numpy(float)
+        return np.where(np.isnan(x), len(term["edges"]) + 1, np.searchsorted(term["edges"], x, side="right"))
+    index = {c: i for i, c in enumerate(term["categories"])}
+    return values.astype("string").map(index).fillna(len(index)).to_numpy(int)
+
+def _terms(inputs: pd.DataFrame, bins: int, max_categories: int) -> list[dict]:
+    "The binning of each column of `inputs` (numeric: equal-count edges; otherwise: its most frequent categories)."
+    terms = []
+    for c in inputs.columns:
+        s = inputs[c]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            x = s.to_numpy(float)
+            edges = np.unique(np.nanquantile(x, np.linspace(0, 1, bins + 1)[1:-1])) if np.isfinite(x).any() else np.array([])
+            terms.append({"name": str(c), "kind": "numeric", "edges": edges.tolist()})
+        else: terms.append({"name": str(c), "kind": "categorical", "categories": s.dropna().astype(str).value_counts().index[:max_categories].tolist()})
+    return terms
+
+def _design(terms: list[dict], frame: pd.DataFrame) -> np.ndarray:
+    "One-hot columns of every term's bins."
+    cols = []
+    for t in terms:
+        width = len(t["edges"]) + 2 if t["kind"] == "numeric" else len(t["categories"]) + 1
+        cols.append(np.eye(width)[_term_bins(t, frame[t["name"]])])
+    return np.hstack(cols)
+
+def _fit_terms(terms: list[dict], X: np.ndarray, target: np.ndarray, alpha: float) -> tuple[float, list[np.ndarray]]:
+    "Ridge regression of `target` on the one-hot design: the intercept and each term's bin effects."
+    from sklearn.linear_model import Ridge
+    fit = Ridge(alpha=alpha).fit(X, target)
+    sizes = np.cumsum([0] + [len(t["edges"]) + 2 if t["kind"] == "numeric" else len(t["categories"]) + 1 for t in terms])
+    return float(fit.intercept_), [fit.coef_[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+
+def fit_error_model(
+    inputs: pd.DataFrame,         # the test split's model inputs (no label)
+    prediction,                   # the model's predictions on them
+    y,                            # the true values
+    bins: int = 8,                # equal-count bins per numeric input
+    max_categories: int = 20,     # categories kept per categorical input (the rest: other)
+    alpha: float = 10.0,          # ridge penalty of the bin effects
+    folds: int = 5,
+    seed: int = 0,
+) -> ErrorModel:
+    "Fit the model of the absolute error that `estimate_error` reads, and its cross-fitted error ratios."
+    frame = inputs.reset_index(drop=True).assign(prediction=np.asarray(prediction, float))
+    target = np.abs(np.asarray(y, float) - frame.prediction.to_numpy())
+    terms = _terms(frame, bins, max_categories)
+    X = _design(terms, frame)
+    fold, oof, fits = np.random.default_rng(seed).permutation(len(frame)) % folds, np.empty(len(frame)), []
+    for k in range(folds):
+        fits.append(_fit_terms(terms, X[fold != k], target[fold != k], alpha))
+        oof[fold == k] = np.maximum(X[fold == k] @ np.concatenate(fits[-1][1]) + fits[-1][0], max(target.mean() / 20, 1e-12))
+    order = np.argsort(oof, kind="stable")
+    terms = [t | {"effects": [f[1][j].tolist() for f in fits]} for j, t in enumerate(terms)]
+    return ErrorModel(terms, [f[0] for f in fits], oof[order].tolist(), (target / oof)[order].round(6).tolist())
+
+def estimate_error(
+    inputs: pd.DataFrame,         # the window's model inputs
+    prediction,                   # the window's predictions
+    model: ErrorModel,            # the version's error model (fitted on its test split)
+    samples: int = 400,           # error sets drawn
+    level: float = 0.95,
+    seed: int = 0,
+    max_rows: int = 10_000,       # a larger window is estimated on a random sample of this many records
+) -> dict:
+    "The window's MAE and RMSE expected before labels: `{metric: {estimate, low, high}}`, drawn as the fit rows' errors were off their expectation."
+    rng, n = np.random.default_rng(seed), len(inputs)
+    frame = inputs.reset_index(drop=True).assign(prediction=np.asarray(prediction, float))
+    if n > max_rows: frame = frame.iloc[np.sort(rng.choice(n, max_rows, replace=False))]
+    ratios, mae, rmse = np.asarray(model.ratios), [], []
+    # the fit rows (ordered by predicted error) form equal-count groups; a record draws the ratio of a fit row of its group
+    fitted = np.asarray(model.expected)
+    edges = fitted[(np.arange(1, groups := max(1, min(20, len(fitted) // 50))) * len(fitted)) // groups]
+    start = np.r_[0, np.searchsorted(fitted, edges, side="right")]
+    size = np.diff(np.r_[start, len(fitted)])
+    fit_group = np.repeat(np.arange(len(size)), size)
+    ratios = ratios * fitted / (np.bincount(fit_group, fitted) / size)[fit_group]   # |error| / its group's mean predicted error
+    bins = model.bins(frame)
+    for k in range(folds := len(model.intercept)):           # the draws of fold model k: rows predicted as its left-out rows were
+        expected = model(frame, k, bins)
+        group, d = np.searchsorted(edges, expected, side="right"), len(range(k, samples, folds))
+        resampled = start[fit_group] + (rng.random((d, len(ratios))) * size[fit_group]).astype(int)   # the fit rows resampled within groups ...
+        pick = start[group] + (rng.random((d, len(frame))) * size[group]).astype(int)               # ... then each record's draw
+        err = expected * ratios[np.take_along_axis(resampled, pick, 1)]
+        mae.append(err.mean(axis=1)); rmse.append(np.sqrt((err ** 2).mean(axis=1)))
+    return {"mae": _summary(np.concatenate(mae), level), "rmse": _summary(np.concatenate(rmse), level),
+            "n": n, "sampled": len(frame), "level": level, "calibration": "error model"}
+
 
 # %% ../nbs/23_monitor.ipynb #d9a52c64
 @dataclass
@@ -284,14 +563,15 @@ class MonitorReport:
     offline: dict | None = None    # the version's test metrics
     notes: list[str] = field(default_factory=list)  # what could not be checked, and why
     window: dict = field(default_factory=dict)  # source, first and last record time
-    estimated: dict | None = None  # metrics estimated from calibrated probabilities, before labels (`estimate_metrics`)
+    estimated: dict | None = None  # metrics estimated before labels (`estimate_metrics`, `estimate_error`)
+    multivariate: dict | None = None  # multivariate drift (`drift.multivariate_drift`; None: the version stores no PCA)
     @property
     def exit_code(self) -> int: return EXIT_CODES[self.decision]
     def to_dict(self) -> dict:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
         return {"decision": self.decision, "exit_code": self.exit_code, "reasons": self.reasons, "n_records": self.n_records,
                 "window": self.window, "notes": self.notes, "drift": self.drift.to_dict(),
-                "predictions": self.predictions.to_dict() if self.predictions else None,
+                "predictions": self.predictions.to_dict() if self.predictions else None, "multivariate": self.multivariate,
                 "schema": {"alerts": [a.to_dict() for a in self.alerts], **(self.schema.to_dict() if self.schema else {})},
                 "version_mix": self.mix.to_dict("records"),
                 "metrics": {"realized": {k: clean(v) for k, v in (self.realized or {}).items()} or None,
@@ -317,18 +597,23 @@ def _metric_reason(realized: dict | None, params: Params) -> tuple[bool, str | N
     bad, beyond = _beyond_floor(value, params)
     return bad, f"realized {m} {value:.4g} on {n} labelled records is {beyond}" if bad else None
 
-def _estimate_reason(estimated: dict | None, realized_decisive: bool, params: Params) -> tuple[bool, str | None]:
-    "Whether the estimated primary metric calls for retraining (only while no decisive realized metric exists)."
+def _estimate_reason(estimated: dict | None, realized_decisive: bool, params: Params, notes: list | None = None) -> tuple[bool, str | None]:
+    "Whether the estimated primary metric calls for retraining: its whole interval beyond the floor (only while no decisive realized metric exists)."
     m = params.evaluate.primary_metric
     if estimated is None or realized_decisive or m not in estimated: return False, None
     e = estimated[m]
-    bad, beyond = _beyond_floor(e["estimate"], params)
-    shown = f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, from calibrated probabilities, before labels)"
-    return bad, f"{shown} is {beyond}" if bad else None
+    low, high = (_beyond_floor(e[k], params) for k in ("low", "high"))
+    shown = f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, {estimated.get('calibration', 'calibrated')}, before labels, on {estimated['n']} records)"
+    if low[0] and high[0]: return True, f"{shown} is {low[1]} over its whole interval"
+    if (low[0] or high[0]) and notes is not None: notes.append(f"{shown}: only part of the interval is {low[1] if low[0] else high[1]}, not decisive")
+    return False, None
 
-def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple) -> tuple[str, list[str]]:
+def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple, multivariate: dict | None = None) -> tuple[str, list[str]]:
     alert = [f"schema skew in traffic: {a.explanation}" for a in alerts]
     retrain = [f"value skew: {f.name}: {f.reason}" for f in drift.features if f.drifted] if drift.retrain else []
+    if multivariate and multivariate["drifted"]:
+        retrain.append(f"multivariate drift: mean PCA reconstruction error {multivariate['score']:.4g} above the threshold {multivariate['threshold']:.4g} "
+                       f"(test split {multivariate['reference']:.4g}; {multivariate['components']} components of {', '.join(multivariate['columns'])}): the features no longer move together as in training")
     retrain += [f"prediction drift: {f.name}: {f.reason}" for f in (predictions.features if predictions else []) if f.drifted]
     retrain += [metric[1]] if metric[0] else []
     if alert: return "alert", alert + retrain
@@ -336,9 +621,12 @@ def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[An
     return "none", [f"no value skew ({len(drift.drifted)} of {len(drift.features)} features drifted, validate.min_drifted={drift.params.min_drifted})"]
 
 # %% ../nbs/23_monitor.ipynb #5456e166
-def _estimate(outputs: pd.DataFrame, calibration: Calibration | None, params: Params, notes: list) -> dict | None:
-    "`estimate_metrics` of the window's outputs, or None (and a note why) when there is nothing to estimate from."
-    if calibration is None: notes.append("metrics not estimated: the version stores no calibration.json (a regression model, or registered before it)")
+def _estimate(outputs: pd.DataFrame, inputs: pd.DataFrame, calibration: Calibration | ErrorModel | None, params: Params, notes: list) -> dict | None:
+    "`estimate_metrics` (or `estimate_error` for a regressor) of the window, or None (and a note why) when there is nothing to estimate from."
+    if calibration is None: notes.append("metrics not estimated: the version stores no calibration.json (registered before it)")
+    elif isinstance(calibration, ErrorModel):
+        if "prediction" in outputs: return estimate_error(inputs, outputs.prediction.to_numpy(float), calibration, seed=params.base.seed)
+        notes.append("error not estimated: the window holds no predictions")
     elif not any(str(c).startswith("proba_") for c in outputs.columns): notes.append("metrics not estimated: the window holds no class probabilities")
     else: return estimate_metrics(outputs, calibration, seed=params.base.seed)
     return None
@@ -372,7 +660,8 @@ def monitor(
     labels: pd.DataFrame | None = None,  # request_id, label (and record)
     offline: dict | None = None,  # the version's test metrics
     model=None,                   # the version's model: scores a batch file that holds no predictions
-    calibration: Calibration | None = None,  # the version's calibration map: metrics estimated before labels
+    calibration: Calibration | ErrorModel | None = None,  # the version's calibration maps (or error model): metrics estimated before labels
+    multivariate: Multivariate | None = None,  # the version's PCA of its training features: multivariate drift
 ) -> MonitorReport:
     "Compare `window` with the version's references and decide: none, retrain or alert."
     if window.empty: raise MlopsError("the window is empty: nothing to monitor")
@@ -401,14 +690,18 @@ def monitor(
             realized = realized_metrics(joined, params.base.positive_label, spec.domain if spec is not None else None)
     metric = _metric_reason(realized, params)
     if metric[1] and not metric[0]: notes.append(metric[1])
-    estimated = _estimate(outputs, calibration, params, notes)
+    estimated = _estimate(outputs, inputs, calibration, params, notes)
     decisive = realized is not None and realized.get("n", 0) >= params.monitor.min_labels
-    guess = _estimate_reason(estimated, decisive, params)
-    decision, reasons = _decide(drift, predictions, alerts, metric if metric[0] or not guess[0] else guess)
+    guess = _estimate_reason(estimated, decisive, params, notes)
+    joint = None
+    if multivariate is None: notes.append("multivariate drift not checked: the version stores no PCA of its training features")
+    elif missing := [c for c in multivariate.columns if c not in inputs]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
+    else: joint = multivariate_drift(multivariate, inputs, seed=params.base.seed)
+    decision, reasons = _decide(drift, predictions, alerts, metric if metric[0] or not guess[0] else guess, joint)
     ts = pd.to_datetime(window["ts"]) if "ts" in window else None
     span = {"first": str(ts.min()), "last": str(ts.max())} if ts is not None else {}
     return MonitorReport(decision, reasons, len(window), drift, result, alerts, mix, predictions, realized, offline, notes, span,
-                         estimated=estimated)
+                         estimated=estimated, multivariate=joint)
 
 # %% ../nbs/23_monitor.ipynb #b7985e6e
 def version_references(
@@ -424,7 +717,12 @@ def version_references(
     return {"reference": Profile.from_dict(read_json(ref)), "schema": opt("schema.yaml", load_schema),
             "prediction_reference": opt("prediction_profile.json", lambda p: Profile.from_dict(read_json(p))),
             "offline": opt("evaluate.json", read_json),
-            "calibration": opt("calibration.json", lambda p: Calibration.from_dict(d) if (d := read_json(p)).get("kind") in ("binary", "top-label") else None)}
+            "calibration": opt("calibration.json", _calibration_of), "multivariate": opt("calibration.json", lambda p: Multivariate.from_dict(m) if (m := read_json(p).get("multivariate")) else None)}
+
+def _calibration_of(path: Path) -> Calibration | ErrorModel | None:
+    "The calibration maps or error model in a version's calibration.json (None for one written without either)."
+    d = read_json(path)
+    return Calibration.from_dict(d) if d.get("kind") in ("binary", "top-label") else ErrorModel.from_dict(d) if d.get("kind") == "regression" else None
 
 # %% ../nbs/23_monitor.ipynb #d9fc686c
 def plot_version_mix(mix: pd.DataFrame):
@@ -461,7 +759,7 @@ def plot_metrics(report: dict):
     "A Figure with each metric's estimate and interval (before labels), its realized value and its offline test value; None without metrics."
     from matplotlib.figure import Figure
     m = report["metrics"]
-    est = {k: v for k, v in (m.get("estimated") or {}).items() if isinstance(v, dict)}
+    est = {k: v for k, v in (m.get("estimated") or {}).items() if isinstance(v, dict) and isinstance(v.get("estimate"), float)}
     names = [*est, *(k for k in (m.get("realized") or {}) if k not in est and k != "n" and k in (m.get("offline") or {}))]
     if not names: return None
     fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), layout="constrained")

@@ -207,3 +207,24 @@ def test_agrees_with_deepchecks_feature_drift():
     by = {f.name: f for f in ours.features}
     for c in ref.columns:
         if c not in cats: assert by[c].ks == pytest.approx(scores[c], abs=0.01)
+
+
+def _joint(n: int, seed: int, decoupled: bool = False) -> pd.DataFrame:
+    "The synthetic features with num_01 tied to num_00 (r about 0.8); decoupled: num_01 shuffled, its marginal kept."
+    df = synthetic_features(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    df["num_01"] = 0.8 * (df.num_00 - df.num_00.mean()) / df.num_00.std() + 0.6 * rng.normal(size=n)
+    if decoupled: df["num_01"] = rng.permutation(df.num_01.to_numpy())
+    return df
+
+
+def test_multivariate_drift_sees_a_decoupled_pair_no_marginal_shows():
+    from mlops_nb.drift import fit_multivariate, multivariate_drift
+    ref = fit_multivariate(_joint(20_000, 1), _joint(2_000, 2))
+    assert all(c.startswith("num_") for c in ref.columns) and len(ref.errors) == 2_000
+    for n, seed in ((500, 3), (200_000, 4)):                                  # plain traffic, small and large: quiet
+        assert not multivariate_drift(ref, _joint(n, seed))["drifted"]
+    moved = _joint(5_000, 5, decoupled=True)
+    assert detect_drift(profile(_joint(20_000, 1)), moved).drifted == []     # every feature's own scores: quiet
+    verdict = multivariate_drift(ref, moved)
+    assert verdict["drifted"] and verdict["score"] > verdict["threshold"] > verdict["reference"], verdict
