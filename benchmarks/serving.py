@@ -8,6 +8,10 @@ generator (8 concurrent clients, 10 s by default). The ceiling parses the same J
 The ceiling and `mlops-nb serve` (ONNX) run side by side and take turns (`--rounds`, 3 by default, of `seconds / rounds`
 each), so a slow spell of the machine falls on both: their req/s is the mean over rounds, their latency percentiles
 the worst round's, and the ratio of each round is printed.
+Beside them: the ONNX service with its prediction log off (what logging every answered record costs the tail), the
+ONNX service at 50% and 80% of its own maximum req/s driven open-loop (requests sent on schedule, latency counted
+from when each was due, as wrk2 does: the p99 a closed loop hides), and the scikit-learn service with `--workers 2`
+(its time is the model's, so two processes on two cores should approach 2x).
 Optionally (`--soak 60`) keeps `mlops-nb serve` (ONNX) under load for that long, sampling its RSS every second, and
 checks that the prediction log holds every answered record. The generator runs on the same machine and competes
 with the services for its cores: absolute figures understate every service, the ratios are what holds.
@@ -174,8 +178,19 @@ def main(argv=None) -> int:
                     else: runs[f"mlops-nb serve ({runtime})"] = loadtest(ours.url + "/predict", records, args.concurrency, args.seconds)
                     if runtime == "onnx":  # the drop-in: the same server driven exactly as mlflow models serve is driven below
                         runs["mlops-nb /invocations (onnx)"] = loadtest(ours.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
+                    if runtime == "onnx":  # the tail at fixed rates below the maximum, sent on schedule (open loop, as wrk2)
+                        top = runs["mlops-nb serve (onnx)"]["rps"]
+                        for share_of_max in (0.5, 0.8):
+                            runs[f"onnx at {share_of_max:.0%} of max (open loop)"] = loadtest(ours.url + "/predict", records, max(args.concurrency, 16),
+                                                                                              args.seconds, rate=max(1.0, share_of_max * top))
                     if runtime == "onnx" and args.soak > 0: soaked = soak(ours.url, ours.proc.pid, records, args.soak, args.concurrency)
                 finally: ours.stop()
+                # the same service with the prediction log off (ONNX: what the log costs), and with two workers (scikit-learn: scaling)
+                extra, cmd = ("log off", ours_cmd[:-4] + ["--log-dir", "", "--poll-seconds", "0"]) if runtime == "onnx" else \
+                             ("2 workers", [*ours_cmd[:-4], "--log-dir", str(work / "log-sklearn-2"), "--poll-seconds", "0", "--workers", "2"])
+                other = ServiceProcess(cmd, "/ready", env=env, cwd=work / "project", log=work / f"mlops-serve-{runtime}-{extra}.log", timeout=600)
+                try: runs[f"mlops-nb serve ({runtime}, {extra})"] = loadtest(other.url + "/predict", records, args.concurrency, args.seconds)
+                finally: other.stop()
         finally: ceiling.stop()
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
         base = ServiceProcess([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager", "local",
@@ -183,16 +198,18 @@ def main(argv=None) -> int:
         try: runs["mlflow models serve"] = loadtest(base.url + "/invocations", records, args.concurrency, args.seconds, wrap="mlflow")
         finally: base.stop()
         logged = {rt: len(read_prediction_log(work / f"log-{rt}")) for rt in ("onnx", "sklearn")}
-        answered = {"onnx": runs["mlops-nb serve (onnx)"]["ok"] + runs["mlops-nb /invocations (onnx)"]["ok"] + (soaked["ok"] if soaked else 0), "sklearn": runs["mlops-nb serve (sklearn)"]["ok"]}
+        answered = {"onnx": sum(runs[n]["ok"] for n in ("mlops-nb serve (onnx)", "mlops-nb /invocations (onnx)", "onnx at 50% of max (open loop)",
+                                                        "onnx at 80% of max (open loop)")) + (soaked["ok"] if soaked else 0),
+                    "sklearn": runs["mlops-nb serve (sklearn)"]["ok"]}
 
         c, o, k, b = (runs[n] for n in ("FastAPI ceiling", "mlops-nb serve (onnx)", "mlops-nb serve (sklearn)", "mlflow models serve"))
         inv = runs["mlops-nb /invocations (onnx)"]
         print(f"\nsingle-record requests, {args.concurrency} concurrent clients, {args.seconds:g} s each, loopback;"
               f" the load generator shares the machine's {os.cpu_count()} cores with the services\n")
-        print(f"{'service':<30}{'req/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+        print(f"{'service':<36}{'req/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
         share = lambda r: r["rps"] / c["rps"] if c["rps"] else float("nan")
         for name, r in runs.items():
-            print(f"{name:<30}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
+            print(f"{name:<36}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
         ratio = round(o["rps"] / b["rps"], 1) if b["rps"] else None
         print(f"\nratios: ONNX/ceiling {share(o):.2f}, scikit-learn/ceiling {share(k):.2f}, ONNX/scikit-learn {o['rps'] / k['rps']:.1f}x, "
               f"ONNX/mlflow {ratio}x, scikit-learn/mlflow {k['rps'] / b['rps']:.1f}x")
@@ -208,6 +225,12 @@ def main(argv=None) -> int:
         if soaked:
             print(f"soak {args.soak:g} s: {soaked['rps']} req/s, p99 {soaked['p99_ms']} ms, errors {soaked['errors']}; RSS after warm-up "
                   f"{soaked['rss_start_mb']} -> {soaked['rss_end_mb']} MB (max {soaked['rss_max_mb']}, growth {soaked['rss_growth_pct']}%)")
+        off, two = runs["mlops-nb serve (onnx, log off)"], runs["mlops-nb serve (sklearn, 2 workers)"]
+        print(f"the prediction log's cost: ONNX p99 {o['p99_ms']:.2f} ms with it, {off['p99_ms']:.2f} ms without; req/s {o['rps'] / off['rps']:.2f} of log-off")
+        print(f"--workers: scikit-learn 2 workers / 1 worker {two['rps'] / k['rps']:.2f}x req/s")
+        for q in ("50%", "80%"):
+            r = runs[f"onnx at {q} of max (open loop)"]
+            print(f"ONNX at {q} of its maximum ({r['rate']:.0f} req/s on schedule): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}")
         r2 = lambda x: round(x, 2)
         result = {"benchmark": "serving", "ours_rps": o["rps"], "baseline": "mlflow models serve", "baseline_rps": b["rps"], "ratio": ratio,
                   "ceiling_rps": c["rps"], "onnx_rps": o["rps"], "sklearn_rps": k["rps"], "mlflow_rps": b["rps"],
@@ -218,7 +241,10 @@ def main(argv=None) -> int:
                   "onnx_of_ceiling_per_round": [r2(a / b) for a, b in zip(o["round_rps"], c["round_rps"])], "cpus": os.cpu_count(),
                   "errors": sum(r["errors"] for r in runs.values()),
                   "invocations_rps": inv["rps"], "invocations_p99_ms": inv["p99_ms"], "invocations_over_mlflow": inv_ratio,
-                  "invocations_of_predict": r2(inv["rps"] / o["rps"]) if o["rps"] else None, "log_complete": all(logged[rt] == answered[rt] for rt in logged)}
+                  "invocations_of_predict": r2(inv["rps"] / o["rps"]) if o["rps"] else None, "log_complete": all(logged[rt] == answered[rt] for rt in logged),
+                  "onnx_log_off_rps": off["rps"], "onnx_log_off_p99_ms": off["p99_ms"], "sklearn_2_workers_rps": two["rps"],
+                  "sklearn_2_over_1_workers": r2(two["rps"] / k["rps"]),
+                  **{f"onnx_rate_{q}_p99_ms": runs[f"onnx at {q}% of max (open loop)"]["p99_ms"] for q in (50, 80)}}
         if soaked:
             result.update(soak_seconds=args.soak, soak_rps=soaked["rps"], soak_p99_ms=soaked["p99_ms"], soak_errors=soaked["errors"],
                           rss_start_mb=soaked["rss_start_mb"], rss_end_mb=soaked["rss_end_mb"], rss_growth_pct=soaked["rss_growth_pct"])
