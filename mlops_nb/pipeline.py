@@ -36,11 +36,11 @@ class Stage:
 STAGES = {s.name: s for s in [
     Stage("ingest", ("base.seed", "data.source", "data.query", "data.n_rows", "data.drop_columns")),
     Stage("validate", ("base.target", "validate.schema", "validate.psi", "validate.ks", "validate.chi2_pvalue",
-                       "validate.linf", "validate.min_drifted", "register.model_name")),
+                       "validate.linf", "validate.min_drifted", "register.model_name", "compute.engine", "compute.scheduler")),
     Stage("materialize", ("base.target", "features.enabled", "features.repo", "features.feature_service")),
     Stage("prepare", ("base.seed", "base.target", "base.positive_label", "base.task", "prepare.split", "prepare.test_size",
                       "prepare.time_column", "prepare.key_column", "prepare.max_train_rows", "validate.schema",
-                      "features.enabled", "features.repo", "features.feature_service")),
+                      "features.enabled", "features.repo", "features.feature_service", "compute.engine", "compute.scheduler")),
     Stage("train", ("base.seed", "base.target", "base.task", "train.model", "train.cv_folds", "train.n_iter", "train.scoring",
                     "train.categorical_columns", "train.backend", "train.dask_scheduler")),
     Stage("evaluate", ("base.seed", "base.target", "base.task", *(f"evaluate.{k}" for k in (
