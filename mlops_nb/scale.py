@@ -16,9 +16,9 @@ import pandas as pd
 from .core import ComputeParams, MlopsError, ValidateParams, atomic_path
 
 # %% auto #0
-__all__ = ['ScaleError', 'dask_client', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column', 'parquet_rows',
-           'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches', 'ingest_to_parquet',
-           'validate_parquet', 'profile_parquet', 'drift_parquet', 'split_parquet']
+__all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column',
+           'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
+           'ingest_to_parquet', 'validate_parquet', 'profile_parquet', 'drift_parquet', 'split_parquet']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -147,15 +147,17 @@ def synthetic_chunks(n_rows: int, seed: int=42, chunk_rows: int=1_000_000) -> It
         df["rownames"] += start
         yield df
 
+ROW_GROUP_ROWS = 250_000   # rows per Parquet row group written here: a row group is what a Dask task reads (`compute`)
+
 def _append(writers: dict, key, path, df: pd.DataFrame):
     import pyarrow as pa, pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
     if key not in writers: writers[key] = pq.ParquetWriter(path, table.schema)
     elif table.schema != writers[key].schema: table = table.cast(writers[key].schema)
-    writers[key].write_table(table)
+    writers[key].write_table(table, row_group_size=ROW_GROUP_ROWS)
 
 def write_batches(path: str | Path, frames) -> int:
-    "Write the frames to one Parquet file atomically (a row group per frame); return the rows written."
+    "Write the frames to one Parquet file atomically (row groups of at most `ROW_GROUP_ROWS` rows); return the rows written."
     rows, writers = 0, {}
     with atomic_path(path) as tmp:
         try:
