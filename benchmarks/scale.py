@@ -211,8 +211,14 @@ def main(argv=None):
            "growth_exponent": {k: (round(v, 3) if v is not None else None) for k, v in growth.items()},
            "within_8gb": peak[largest] < 8192}
     if "dask" in results:   # per stage: seconds, the driver's peak RSS and each worker's
-        out["dask"] = {str(n): {s: {k: v for k, v in r.items() if k in ("seconds", "peak_rss_mb", "worker_peak_rss_mb")}
+        out["dask"] = {str(n): {s: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                                    if k in ("seconds", "peak_rss_mb", "worker_peak_rss_mb")}
                                 for s, r in results["dask"][n].items()} for n in sorted(results["dask"])}
+        for n, stages in results["dask"].items():
+            print(f"{n:>11,} rows on Dask: validate {stages['validate']['seconds']:.1f} s, prepare {stages['prepare']['seconds']:.1f} s "
+                  f"(streamed: {ours[n]['validate']['seconds']:.1f} s, {ours[n]['prepare']['seconds']:.1f} s); driver peak "
+                  f"{max(stages[s]['peak_rss_mb'] for s in ('validate', 'prepare')):,.0f} MB, workers "
+                  f"{max(max(stages[s]['worker_peak_rss_mb']) for s in ('validate', 'prepare')):,} MB")
     (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
     (ROOT / "reports" / "benchmarks" / "scale.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
