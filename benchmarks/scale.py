@@ -1,6 +1,6 @@
 """Scale: the pipeline's data path at 100k, 1M and 10M synthetic rows, streamed (mlops-nb) vs in memory.
 
-    python benchmarks/scale.py [--sizes 100000 1000000 10000000] [--max-train-rows 200000] [--baseline-max 1000000]
+    python benchmarks/scale.py [--sizes 100000 1000000 10000000] [--max-train-rows 200000] [--baseline-max 1000000] [--dask]
 
 For each size the synthetic churn generator feeds ingest -> validate (schema + drift) -> prepare (split,
 reference profile) -> train (hgb, cross-validated search on at most `--max-train-rows` sampled rows) ->
@@ -8,6 +8,9 @@ evaluate (every test row). Each stage runs in a fresh Python process, so its pea
 process's high-water mark, imports included); wall time is the stage's work, imports excluded.
 
 - ours: the streamed functions of `mlops_nb.scale` (what the stages call), Parquet in, Parquet out.
+- dask (with `--dask`): `compute.engine: dask` for validate and prepare, on a `dask scheduler` and two `dask worker`
+  processes (one thread each) started on loopback for each of those stages; the row also gives each worker's peak
+  RSS during the stage (the driver's is the stage process's). The other stages are the streamed ones.
 - baseline (sizes up to `--baseline-max`): the same work in memory with pandas, the way the stages worked
   before streaming (whole frame read, validated, profiled, split): its peak RSS is what grows with rows.
 
@@ -38,7 +41,7 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     import numpy as np
     import pandas as pd
     from mlops_nb import scale
-    from mlops_nb.core import ValidateParams, content_hash, write_json, write_parquet
+    from mlops_nb.core import ComputeParams, ValidateParams, content_hash, write_json, write_parquet
     from mlops_nb.data import drop_identifiers, encode_target, split_stratified, synthetic_churn
     from mlops_nb.drift import Profile, detect_drift, profile
     from mlops_nb.evaluate import classification_metrics
@@ -46,6 +49,8 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     from mlops_nb.train import tune
     import joblib
     schema = load_schema(ROOT / "schema.yaml")
+    compute = ComputeParams("dask", os.environ["DASK_SCHEDULER_ADDRESS"]) if mode == "dask" else None
+    if mode == "dask": mode = "ours"   # the same streamed functions, dispatched to the cluster for validate and prepare
     raw, train_p, test_p = folder / "raw.parquet", folder / "train.parquet", folder / "test.parquet"
     start = time.perf_counter()
     extra = {}
@@ -61,15 +66,15 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
         reference = Profile.from_dict(json.loads((folder / "reference_in.json").read_text()))
         start = time.perf_counter()
         if mode == "ours":
-            result, drift = scale.validate_parquet(raw, schema), scale.drift_parquet(reference, raw, ValidateParams())
+            result, drift = scale.validate_parquet(raw, schema, compute), scale.drift_parquet(reference, raw, ValidateParams(), compute)
         else:
             df = pd.read_parquet(raw)
             result, drift = validate(df, schema), detect_drift(reference, df.drop(columns=[TARGET]), ValidateParams())
         extra = {"errors": len(result.errors), "drifted": drift.drifted}
     elif name == "prepare":
         if mode == "ours":
-            summary, _ = scale.split_parquet(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows)
-            ref = scale.profile_parquet(train_p, schema, exclude=[TARGET])
+            summary, _ = scale.split_parquet(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows, compute=compute)
+            ref = scale.profile_parquet(train_p, schema, exclude=[TARGET], compute=compute)
         else:
             train, test = split_stratified(encode_target(pd.read_parquet(raw), TARGET, POSITIVE), TARGET, 0.25, 42)
             if max_train_rows and len(train) > max_train_rows: train = train.sample(max_train_rows, random_state=42)
@@ -94,12 +99,49 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
 
 
+class Cluster:
+    "A `dask scheduler` and two `dask worker` processes (one thread each) on loopback; `peaks()` gives each worker's peak RSS."
+    def __init__(self, folder: Path, workers: int=2):
+        from mlops_nb.loadtest import free_port
+        bin_ = Path(sys.executable).parent
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        port = self.address.rsplit(":", 1)[1]
+        log = open(folder / "dask.log", "a")
+        self.procs = [subprocess.Popen([str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
+                                       stdout=log, stderr=subprocess.STDOUT)]
+        self.procs += [subprocess.Popen([str(bin_ / "dask"), "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
+                                         "--no-dashboard", "--local-directory", str(folder / f"w{i}")], stdout=log, stderr=subprocess.STDOUT)
+                       for i in range(workers)]
+        from dask.distributed import Client
+        self.client = Client(self.address, timeout="60s")
+        self.client.wait_for_workers(workers, timeout=120)
+    def peaks(self) -> list[float]:
+        "Each worker's peak RSS in MB since it started."
+        return sorted(v / 1024 for v in self.client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss).values())
+    def close(self):
+        self.client.close()
+        for p in reversed(self.procs):
+            p.terminate()
+            try: p.wait(30)
+            except subprocess.TimeoutExpired: p.kill(); p.wait(10)
+
+
 def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
+    if mode == "dask" and name in ("validate", "prepare"):   # a fresh cluster per stage: the workers' peaks are the stage's
+        cluster = Cluster(folder)
+        try:
+            r = _run_stage(name, folder, rows, max_train_rows, mode, {"DASK_SCHEDULER_ADDRESS": cluster.address})
+            return {**r, "worker_peak_rss_mb": [round(p) for p in cluster.peaks()]}
+        finally: cluster.close()
+    return _run_stage(name, folder, rows, max_train_rows, "ours" if mode == "dask" else mode)
+
+
+def _run_stage(name, folder, rows, max_train_rows, mode, env=None) -> dict:
     cmd = [sys.executable, __file__, "--stage", name, "--dir", str(folder), "--rows", str(rows),
            "--max-train-rows", str(max_train_rows), "--mode", mode]
     # one OpenMP thread per process unless told otherwise: on a shared, oversubscribed machine HGB's spinning OpenMP
     # threads made a 75k-row search take minutes instead of seconds, which says nothing about the data path
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0: raise SystemExit(f"{mode} {name} at {rows} rows failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -118,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--max-train-rows", type=int, default=200_000, help="prepare.max_train_rows")
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size run in memory too (0: none)")
+    ap.add_argument("--dask", action="store_true", help="also run validate and prepare on a local Dask scheduler with two workers")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -132,7 +175,7 @@ def main(argv=None):
     results = {}
     print(f"{'rows':>11} {'mode':>9} {'stage':>9} {'seconds':>9} {'peak RSS MB':>12}  notes")
     for rows in args.sizes:
-        for mode in ["ours"] + (["in-memory"] if rows <= args.baseline_max else []):
+        for mode in ["ours"] + (["dask"] if args.dask else []) + (["in-memory"] if rows <= args.baseline_max else []):
             with tempfile.TemporaryDirectory(prefix="mlops-nb-scale-") as tmp:
                 folder = Path(tmp)
                 # a champion's reference profile from other data of the same kind (what validate compares with)
@@ -167,6 +210,15 @@ def main(argv=None):
            "baseline_seconds": {str(n): round(sum(v[s]["seconds"] for s in STAGES), 1) for n, v in results.get("in-memory", {}).items()},
            "growth_exponent": {k: (round(v, 3) if v is not None else None) for k, v in growth.items()},
            "within_8gb": peak[largest] < 8192}
+    if "dask" in results:   # per stage: seconds, the driver's peak RSS and each worker's
+        out["dask"] = {str(n): {s: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                                    if k in ("seconds", "peak_rss_mb", "worker_peak_rss_mb")}
+                                for s, r in results["dask"][n].items()} for n in sorted(results["dask"])}
+        for n, stages in results["dask"].items():
+            print(f"{n:>11,} rows on Dask: validate {stages['validate']['seconds']:.1f} s, prepare {stages['prepare']['seconds']:.1f} s "
+                  f"(streamed: {ours[n]['validate']['seconds']:.1f} s, {ours[n]['prepare']['seconds']:.1f} s); driver peak "
+                  f"{max(stages[s]['peak_rss_mb'] for s in ('validate', 'prepare')):,.0f} MB, workers "
+                  f"{max(max(stages[s]['worker_peak_rss_mb']) for s in ('validate', 'prepare')):,} MB")
     (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
     (ROOT / "reports" / "benchmarks" / "scale.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))

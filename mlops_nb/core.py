@@ -28,7 +28,7 @@ if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI sta
 # %% auto #0
 __all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
            'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params', 'parse_section',
+           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams', 'Params', 'parse_section',
            'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections',
            'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
            'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
@@ -190,6 +190,11 @@ class FeaturesParams:
     skew_tolerance: float = 1e-9 # largest absolute difference of numeric features taken as equal
 
 @dataclass(frozen=True)
+class ComputeParams:
+    engine: typing.Literal["local", "dask"] = "local"  # where validate and prepare run: streamed on this machine, or as tasks on a Dask cluster
+    scheduler: str = ""          # the Dask scheduler's address (tcp://HOST:8786); empty: $DASK_SCHEDULER_ADDRESS, else a LocalCluster
+
+@dataclass(frozen=True)
 class Params:
     "All knobs of the pipeline, one attribute per `params.yaml` section."
     base: BaseParams = field(default_factory=BaseParams)
@@ -204,6 +209,7 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     monitor: MonitorParams = field(default_factory=MonitorParams)
     features: FeaturesParams = field(default_factory=FeaturesParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
     stages: dict = field(default_factory=dict)  # the sections of your own stages (`mlops-nb stage add`), typed by their notebooks
     def get(self, dotted: str):
         "The value at `section.key`."

@@ -13,12 +13,12 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, ValidateParams, atomic_path
+from .core import ComputeParams, MlopsError, ValidateParams, atomic_path
 
 # %% auto #0
-__all__ = ['ScaleError', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column', 'parquet_rows', 'sample_parquet',
-           'parquet_content_hash', 'synthetic_chunks', 'write_batches', 'ingest_to_parquet', 'validate_parquet',
-           'profile_parquet', 'drift_parquet', 'split_parquet']
+__all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column',
+           'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
+           'ingest_to_parquet', 'validate_parquet', 'profile_parquet', 'drift_parquet', 'split_parquet']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -33,17 +33,11 @@ def _knock(address: str, timeout: float=5.0):
     if scheme in ("tcp", "tls"): socket.create_connection(parse_host_port(location), timeout).close()
 
 @contextmanager
-def search_backend(
-    backend: str="local",   # `local` (in this process) or `dask`
-    scheduler: str="",      # a Dask scheduler address (tcp://HOST:8786); empty: a LocalCluster for the search
-    n_workers: int=2,       # workers of that LocalCluster
-) -> Iterator[int | None]:
-    "Yield the `n_jobs` that `tune` should use: None locally, -1 under joblib's Dask backend."
-    if backend == "local":
-        yield None
-        return
-    if backend != "dask": raise ScaleError(f"train.backend must be 'local' or 'dask', got {backend!r}")
-    import joblib
+def dask_client(
+    scheduler: str="",   # a Dask scheduler address (tcp://HOST:8786); empty: a LocalCluster for the block
+    n_workers: int=2,    # workers of that LocalCluster (one thread each)
+) -> Iterator["Client"]:
+    "A client of the scheduler at `scheduler`, or of a LocalCluster started for the block; a clear `ScaleError` when it cannot be reached."
     from dask.distributed import Client, LocalCluster
     cluster = None
     try:
@@ -55,15 +49,34 @@ def search_backend(
             client = Client(cluster)
     except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address (no port, unknown protocol)
         raise ScaleError(f"cannot reach the Dask scheduler at {scheduler or 'a LocalCluster'}: {e}") from None
-    try:
-        with joblib.parallel_config(backend="dask"): yield -1
+    try: yield client
     finally:
         client.close()
         if cluster is not None: cluster.close()
 
+@contextmanager
+def search_backend(
+    backend: str="local",   # `local` (in this process) or `dask`
+    scheduler: str="",      # a Dask scheduler address (tcp://HOST:8786); empty: a LocalCluster for the search
+    n_workers: int=2,       # workers of that LocalCluster
+) -> Iterator[int | None]:
+    "Yield the `n_jobs` that `tune` should use: None locally, -1 under joblib's Dask backend."
+    if backend == "local":
+        yield None
+        return
+    if backend != "dask": raise ScaleError(f"train.backend must be 'local' or 'dask', got {backend!r}")
+    import joblib
+    with dask_client(scheduler, n_workers), joblib.parallel_config(backend="dask"): yield -1
+
+
 # %% ../nbs/12_scale.ipynb #9758afd6
 def _parquet(path) -> "pq.ParquetFile":
     import pyarrow.parquet as pq
+    if "://" in str(path):  # an fsspec URL (s3://...): a Dask worker reads its partition where it lies
+        import fsspec
+        try: return pq.ParquetFile(fsspec.open(str(path), "rb").open())
+        except FileNotFoundError: raise ScaleError(f"data file not found: {path}") from None
+        except Exception as e: raise ScaleError(f"{path} is not a readable Parquet file: {e}") from None
     path = Path(path)
     if not path.is_file(): raise ScaleError(f"data file not found: {path}")
     try: return pq.ParquetFile(path)
@@ -134,15 +147,17 @@ def synthetic_chunks(n_rows: int, seed: int=42, chunk_rows: int=1_000_000) -> It
         df["rownames"] += start
         yield df
 
+ROW_GROUP_ROWS = 250_000   # rows per Parquet row group written here: a row group is what a Dask task reads (`compute`)
+
 def _append(writers: dict, key, path, df: pd.DataFrame):
     import pyarrow as pa, pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
     if key not in writers: writers[key] = pq.ParquetWriter(path, table.schema)
     elif table.schema != writers[key].schema: table = table.cast(writers[key].schema)
-    writers[key].write_table(table)
+    writers[key].write_table(table, row_group_size=ROW_GROUP_ROWS)
 
 def write_batches(path: str | Path, frames) -> int:
-    "Write the frames to one Parquet file atomically (a row group per frame); return the rows written."
+    "Write the frames to one Parquet file atomically (row groups of at most `ROW_GROUP_ROWS` rows); return the rows written."
     rows, writers = 0, {}
     with atomic_path(path) as tmp:
         try:
@@ -190,51 +205,107 @@ def ingest_to_parquet(
 # %% ../nbs/12_scale.ipynb #0fd6bb54
 class _Columns(dict):
     "Columns of a Parquet file by name, each read when asked for (never kept)."
-    def __init__(self, path, names):
+    def __init__(self, read, names):
         super().__init__({n: None for n in names})
-        self.path = path
-    def __getitem__(self, name): return read_column(self.path, name)
+        self.read = read
+    def __getitem__(self, name): return self.read(name)
     def values(self): return (self[n] for n in self)
 
-def validate_parquet(path: str | Path, schema) -> "ValidationResult":
-    "`schema.validate` of the Parquet file at `path`, reading one column at a time."
-    from mlops_nb.schema import Anomaly, ValidationResult, _check_column, _column_anomalies, _key, _renames, _rows
+def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
+
+def _check_columns(read, jobs: list) -> list:
+    "`schema._check_column` of each (name, spec) in `jobs`, the column read by `read(name)`: a list of anomaly lists."
+    from mlops_nb.schema import _check_column
+    return [_check_column(name, read(name), spec) for name, spec in jobs]
+
+def validate_parquet(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
+    "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.engine: dask`: the data at `path`, a column per task)."
+    if _dask(compute):
+        from mlops_nb.compute import validate_dask
+        return validate_dask(path, schema, compute)
     names = [str(n) for n in _parquet(path).schema_arrow.names]
+    return _validate(names, parquet_rows(path), schema, lambda name: read_column(path, name), lambda jobs: _check_columns(lambda n: read_column(path, n), jobs))
+
+def _validate(names: list[str], n: int, schema, read, check) -> "ValidationResult":
+    "`schema.validate`'s algorithm on columns `names` of `n` rows: `read(name)` gives a column, `check(jobs)` runs the per-column checks."
+    from mlops_nb.schema import Anomaly, ValidationResult, _column_anomalies, _key, _renames, _rows
     out = [Anomaly("duplicate_column", n, "error", names.count(n), 1, f"column '{n}' appears {names.count(n)} times; only the first is checked")
            for n in dict.fromkeys(names) if names.count(n) > 1]
-    cols = _Columns(path, dict.fromkeys(names))
-    n = parquet_rows(path)
+    cols = _Columns(read, dict.fromkeys(names))
     out += _rows(n, schema)
     missing = [c for c, spec in schema.columns.items() if c not in cols and spec.required]
     unexpected = [c for c in cols if c not in schema.columns]
     renames = _renames(missing, unexpected, cols, schema) if n else {}
     out += _column_anomalies(missing, unexpected, renames)
     if schema.key in cols: out += _key({schema.key: cols[schema.key]}, schema.key)
-    for name, spec in schema.columns.items():
-        if name in cols: out += _check_column(name, cols[name], spec)
+    for found in check([(name, spec) for name, spec in schema.columns.items() if name in cols]): out += found
     return ValidationResult(sorted(out, key=lambda a: a.severity != "error"), n)
 
 # %% ../nbs/12_scale.ipynb #1026a830
-def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, **kwargs) -> "Profile":
-    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time."
-    from mlops_nb.drift import Profile, profile
-    features, skipped, n = {}, {}, parquet_rows(path)
-    for name in _parquet(path).schema_arrow.names:
-        if name in (exclude or []) or name in features or name in skipped: continue
-        p = profile(read_column(path, name).to_frame(), schema, **kwargs)
-        features |= p.features; skipped |= p.skipped
-    return Profile(features, n, kwargs.get("bins", 10), skipped)
+def _profile_column(read, name: str, schema, kwargs: dict) -> "Profile":
+    from mlops_nb.drift import profile
+    return profile(read(name).to_frame(), schema, **kwargs)
 
-def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None) -> "DriftReport":
-    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time."
-    from mlops_nb.drift import DriftReport, Profile, detect_drift
-    names, params = set(_parquet(path).schema_arrow.names), params or ValidateParams()
-    scores = []
-    for name, fp in reference.features.items():
-        one = Profile({name: fp}, reference.n_rows, reference.bins)
-        batch = read_column(path, name).to_frame() if name in names else pd.DataFrame(index=range(parquet_rows(path)))
-        scores += detect_drift(one, batch, params).features
-    return DriftReport(scores, params, parquet_rows(path))
+def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, compute: ComputeParams | None=None, **kwargs) -> "Profile":
+    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time (`compute.engine: dask`: a column per task)."
+    from mlops_nb.drift import Profile
+    if _dask(compute):
+        from mlops_nb.compute import profile_dask
+        return profile_dask(path, schema, exclude, compute, **kwargs)
+    names = [n for n in dict.fromkeys(_parquet(path).schema_arrow.names) if n not in (exclude or [])]
+    return _merge_profiles([_profile_column(lambda n: read_column(path, n), name, schema, kwargs) for name in names], parquet_rows(path), kwargs.get("bins", 10))
+
+def _merge_profiles(parts: list, n: int, bins: int) -> "Profile":
+    from mlops_nb.drift import Profile
+    features, skipped = {}, {}
+    for p in parts: features |= p.features; skipped |= p.skipped
+    return Profile(features, n, bins, skipped)
+
+def _drift_column(read, names: set, rows: int, reference: "Profile", name: str, params: ValidateParams) -> list:
+    "The drift score of reference feature `name`, its column read by `read(name)` (absent from `names`: missing)."
+    from mlops_nb.drift import Profile, detect_drift
+    one = Profile({name: reference.features[name]}, reference.n_rows, reference.bins)
+    batch = read(name).to_frame() if name in names else pd.DataFrame(index=range(rows))
+    return detect_drift(one, batch, params).features
+
+def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None, compute: ComputeParams | None=None) -> "DriftReport":
+    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time (`compute.engine: dask`: a column per task)."
+    from mlops_nb.drift import DriftReport
+    params = params or ValidateParams()
+    if _dask(compute):
+        from mlops_nb.compute import drift_dask
+        return drift_dask(reference, path, params, compute)
+    names, rows = set(_parquet(path).schema_arrow.names), parquet_rows(path)
+    scores = [f for name in reference.features for f in _drift_column(lambda n: read_column(path, n), names, rows, reference, name, params)]
+    return DriftReport(scores, params, rows)
+
+
+# %% ../nbs/12_scale.ipynb #10e58e83
+def _hash_train_rows(batch: pd.DataFrame, target: str, positive_label: str, test_size: float, seed: int, task: str, key_column: str) -> int:
+    "Labelled rows of `batch` the hash split keeps for training."
+    from mlops_nb.data import encode_target, in_hash_test
+    return int((~in_hash_test(encode_target(batch, target, positive_label, task), target, test_size, seed, key_column)).sum())
+
+def _keep(max_train_rows: int, expected_train: float) -> float:
+    return 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, expected_train))
+
+def _split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, test_size: float, seed: int, split: str, task: str,
+                 key_column: str, keep: float) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    "Batch (or partition) number `i` of the raw data, label encoded and split, its training rows sampled to a `keep` share: (train, test, labelled rows)."
+    from mlops_nb.data import encode_target, in_hash_test, split_stratified
+    s = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    batch = encode_target(batch, target, positive_label, task)
+    if split == "hash":   # row by row: the same sides as in memory, whatever the batches
+        held = in_hash_test(batch, target, test_size, seed, key_column)
+        train, test = batch[~held].reset_index(drop=True), batch[held].reset_index(drop=True)
+    else: train, test = split_stratified(batch, target, test_size, s, stratify=task != "regression")
+    if keep < 1:  # per class, so the sample keeps the class balance
+        rng = np.random.default_rng([seed, i])
+        groups = train.groupby(target).indices.values() if task != "regression" else [np.arange(len(train))]
+        chosen = [rng.choice(ix, int(len(ix) * keep), replace=False) for ix in groups]
+        train = train.iloc[np.sort(np.concatenate(chosen))].reset_index(drop=True)
+    return train, test, len(batch)
+
 
 # %% ../nbs/12_scale.ipynb #a21bbcc8
 def split_parquet(
@@ -245,40 +316,35 @@ def split_parquet(
     split: str="stratified",      # `prepare.split`: stratified or hash (a time split orders the whole table)
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
     key_column: str="",           # `prepare.key_column`, for the hash split
+    compute: ComputeParams | None=None,  # `compute.engine: dask`: each partition of `raw` split by a task
 ) -> tuple[dict, int]:
     "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped."
-    from mlops_nb.data import encode_target, in_hash_test, split_stratified, target_summary
     if split not in ("stratified", "hash"):
         raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
     if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
-    n, classes = parquet_rows(raw), task != "regression"
+    if _dask(compute):
+        from mlops_nb.compute import split_dask
+        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
+    n = parquet_rows(raw)
     expected_train = n * (1 - test_size)   # a stratified split holds out its share of every batch, exactly
     if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds
-        labelled_batches = (encode_target(b, target, positive_label, task) for b in iter_batches(raw, batch_rows))
-        expected_train = sum(int((~in_hash_test(b, target, test_size, seed, key_column)).sum()) for b in labelled_batches)
-    keep = 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, expected_train))
+        expected_train = sum(_hash_train_rows(b, target, positive_label, test_size, seed, task, key_column) for b in iter_batches(raw, batch_rows))
+    keep = _keep(max_train_rows, expected_train)
     rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
     with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
         try:
             for i, batch in enumerate(iter_batches(raw, batch_rows)):
-                s = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-                batch = encode_target(batch, target, positive_label, task)
-                labelled += len(batch)
-                if split == "hash":   # row by row: the same sides as in memory, whatever the batches
-                    held = in_hash_test(batch, target, test_size, seed, key_column)
-                    train, test = batch[~held].reset_index(drop=True), batch[held].reset_index(drop=True)
-                else: train, test = split_stratified(batch, target, test_size, s, stratify=classes)
-                if keep < 1:  # per class, so the sample keeps the class balance
-                    rng = np.random.default_rng([seed, i])
-                    groups = train.groupby(target).indices.values() if classes else [np.arange(len(train))]
-                    chosen = [rng.choice(ix, int(len(ix) * keep), replace=False) for ix in groups]
-                    train = train.iloc[np.sort(np.concatenate(chosen))].reset_index(drop=True)
+                train, test, k = _split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep)
+                labelled += k
                 for name, tmp, df in (("train", train_tmp, train), ("test", test_tmp, test)):
                     _append(writers, name, tmp, df)
                     rows[name] += len(df)
         finally:
             for w in writers.values(): w.close()
-    summary = {name: {"rows": rows[name], **target_summary(read_column(p, target), task), "content_hash": parquet_content_hash(p)}
+    return _summary(train_path, test_path, target, task, rows), n - labelled
+
+def _summary(train_path, test_path, target: str, task: str, rows: dict) -> dict:
+    from mlops_nb.data import target_summary
+    return {name: {"rows": rows[name], **target_summary(read_column(p, target), task), "content_hash": parquet_content_hash(p)}
                for name, p in (("train", train_path), ("test", test_path))}
-    return summary, n - labelled
 

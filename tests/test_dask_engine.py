@@ -1,0 +1,225 @@
+"""`compute.engine: dask` on a real cluster: a `dask scheduler` and two `dask worker` processes on loopback (one
+thread each, a memory limit well below the data's in-memory size, each in its own folder), the data served as many
+Parquet files by an S3 API (moto in server mode). Validation, drift, the reference profile and the split give the
+local streamed path's answers on the same data, on both workers, within the workers' memory; a worker SIGKILLed
+mid-split changes nothing; an unreachable scheduler and a partition with a schema error stop the stage with one
+clear message and nothing written.
+
+Size: ROWS synthetic rows (1.2M by default, about 940 MB in pandas; `MLOPS_NB_DASK_ROWS` sets it) as 12 files of
+two row groups each, so the module stays within a few minutes on 2 cores; the issue asks for about 2M."""
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import BIN, TINY, copy_project, run
+from mlops_nb.core import ComputeParams
+from mlops_nb.data import synthetic_churn
+from mlops_nb.loadtest import free_port
+from mlops_nb.scale import ScaleError, drift_parquet, profile_parquet, split_parquet, validate_parquet
+from mlops_nb.schema import load_schema
+from test_scale_services import start, stop, wait_http
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = int(os.environ.get("MLOPS_NB_DASK_ROWS", 1_200_000))
+FILES = 12
+MEMORY_LIMIT = 512 * 2**20   # each worker's (about 200 MB of it is the imported libraries); the data is about 940 MB in pandas
+KEY = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def frames():
+    "The data set, file by file: `synthetic_churn` chunks with their own seeds and continuing ids."
+    per = ROWS // FILES
+    for i in range(FILES):
+        df = synthetic_churn(per, seed=100 + i).drop(columns="rownames")
+        yield df
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    "Moto S3 with the data under s3://data/churn/, the same rows as one local file, a scheduler and two workers."
+    tmp = tmp_path_factory.mktemp("dask-engine")
+    procs = []
+    try:
+        s3_port, port = free_port(), free_port()
+        s3 = f"http://127.0.0.1:{s3_port}"
+        env = {**os.environ, **KEY, "AWS_ENDPOINT_URL": s3}
+        procs.append(start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], tmp / "moto.log", env))
+        wait_http(s3, procs[-1], tmp / "moto.log")
+        import boto3
+        store = boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in KEY.items() if k != "AWS_DEFAULT_REGION"},
+                             region_name="us-east-1")
+        store.create_bucket(Bucket="data")
+        import pyarrow as pa, pyarrow.parquet as pq
+        local = None
+        for i, df in enumerate(frames()):
+            buf = io.BytesIO()
+            df.to_parquet(buf, index=False, row_group_size=-(-len(df) // 2))
+            store.put_object(Bucket="data", Key=f"churn/part-{i:03d}.parquet", Body=buf.getvalue())
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if local is None: local = pq.ParquetWriter(tmp / "local.parquet", table.schema)
+            local.write_table(table)
+        local.close()
+        address = f"tcp://127.0.0.1:{port}"
+        procs.append(start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                           tmp / "scheduler.log", env))
+        workers = {}
+        for name in ("w0", "w1"):
+            (tmp / name).mkdir()
+            workers[name] = tmp / f"{name}.log"
+            procs.append(start([str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                                "--memory-limit", str(MEMORY_LIMIT), "--local-directory", str(tmp / name), "--name", name],
+                               workers[name], env))
+        from dask.distributed import Client
+        watcher = Client(address, timeout="60s")
+        watcher.wait_for_workers(2, timeout=120)
+        os.environ.update({**KEY, "AWS_ENDPOINT_URL": s3})   # this process (the driver) reads the footers from S3 too
+        yield {"address": address, "s3": "s3://data/churn/", "local": tmp / "local.parquet", "tmp": tmp, "watcher": watcher,
+               "store": store, "logs": workers, "compute": ComputeParams("dask", address)}
+        watcher.close()
+    finally:
+        for k in ("AWS_ENDPOINT_URL",): os.environ.pop(k, None)
+        for p in reversed(procs): stop(p)
+
+
+def worker_names(stream) -> set:
+    return {t["worker"] for t in stream}
+
+
+def test_validation_drift_and_profile_on_s3_equal_the_streamed_path(cluster):
+    from dask.distributed import get_task_stream
+    schema = load_schema(ROOT / "schema.yaml")
+    reference = profile_parquet(cluster["local"], schema, exclude=["churn"])
+    first = cluster["tmp"] / "first.parquet"   # a reference from one file: the others differ by their seeds, not by much
+    pd.read_parquet(cluster["local"]).head(ROWS // FILES).to_parquet(first, index=False)
+    small_ref = profile_parquet(first, schema, exclude=["churn"])
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        validated = validate_parquet(cluster["s3"], schema, cluster["compute"])
+        profiled = profile_parquet(cluster["s3"], schema, exclude=["churn"], compute=cluster["compute"])
+        drifted = drift_parquet(small_ref, cluster["s3"], compute=cluster["compute"])
+    assert validated.to_dict() == validate_parquet(cluster["local"], schema).to_dict()
+    assert validated.n_rows == ROWS // FILES * FILES
+    assert profiled.to_dict() == reference.to_dict()
+    assert drifted.to_dict() == drift_parquet(small_ref, cluster["local"]).to_dict()
+    assert [f.psi for f in drifted.features] == [f.psi for f in drift_parquet(small_ref, cluster["local"]).features]
+    assert len(worker_names(stream.data)) == 2, worker_names(stream.data)
+
+
+@pytest.fixture(scope="module")
+def local_split(cluster):
+    out = cluster["tmp"] / "local-split"
+    out.mkdir()
+    summary = split_parquet(cluster["local"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42, split="hash",
+                            batch_rows=ROWS // FILES)
+    return summary, out
+
+
+def test_split_on_s3_equals_the_streamed_split_and_workers_stay_within_memory(cluster, local_split):
+    from dask.distributed import get_task_stream
+    out = cluster["tmp"] / "dask-split"
+    out.mkdir()
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        summary = split_parquet(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42, split="hash",
+                                compute=cluster["compute"])
+    assert summary == local_split[0]
+    for side in ("train", "test"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{side}.parquet"), pd.read_parquet(local_split[1] / f"{side}.parquet"))
+    split_tasks = [t for t in stream.data if "_split_part" in t["key"]]
+    assert len(split_tasks) == 2 * FILES and len(worker_names(split_tasks)) == 2
+    # peak resident memory of each worker process since it started, against its limit; and no worker was restarted
+    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+    for log in cluster["logs"].values():
+        text = log.read_text()
+        assert "Restarting" not in text and "exceeded" not in text and "Pausing worker" not in text, text[-2000:]
+
+
+def test_a_worker_killed_mid_split_changes_nothing(cluster, local_split):
+    watcher = cluster["watcher"]
+    pids = watcher.run(os.getpid)
+    victim = sorted(pids)[1]
+    out = cluster["tmp"] / "killed-split"
+    out.mkdir()
+    result = {}
+    def split():
+        try: result["summary"] = split_parquet(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42,
+                                               split="hash", compute=cluster["compute"])
+        except Exception as e: result["error"] = e
+    t0 = time.time()
+    thread = threading.Thread(target=split)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any("_split_part" in t["key"] and t["worker"] == victim for t in watcher.get_task_stream(start=t0)):
+        assert time.monotonic() < deadline and thread.is_alive(), "the victim ran no split task"
+        time.sleep(0.05)
+    os.kill(pids[victim], signal.SIGKILL)   # mid-split: it has split a partition, more are queued
+    thread.join(300)
+    assert "_split_part" in str([t["key"] for t in watcher.get_task_stream(start=t0) if t["worker"] != victim])
+    assert not thread.is_alive() and "error" not in result, result
+    assert result["summary"] == local_split[0]
+    for side in ("train", "test"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{side}.parquet"), pd.read_parquet(local_split[1] / f"{side}.parquet"))
+    watcher.wait_for_workers(2, timeout=120)   # the nanny starts a fresh worker for the next tests
+
+
+def test_a_file_with_other_columns_is_named(cluster, tmp_path):
+    broken = next(frames()).drop(columns="tenure")
+    buf = io.BytesIO()
+    broken.to_parquet(buf, index=False)
+    cluster["store"].put_object(Bucket="data", Key="broken/part-000.parquet", Body=cluster["store"].get_object(
+        Bucket="data", Key="churn/part-000.parquet")["Body"].read())
+    cluster["store"].put_object(Bucket="data", Key="broken/part-001.parquet", Body=buf.getvalue())
+    with pytest.raises(ScaleError, match=r"s3://data/broken/part-001.parquet: its columns .* are not those of"):
+        validate_parquet("s3://data/broken/", load_schema(ROOT / "schema.yaml"), cluster["compute"])
+
+
+def stage_project(tmp_path, scheduler):
+    project = copy_project(tmp_path / "project", {**TINY, "compute": {"engine": "dask", "scheduler": scheduler}})
+    return project
+
+
+def test_stages_on_the_cluster_fail_clearly_and_split_as_locally(cluster, tmp_path):
+    "Unreachable scheduler and a partition with a schema error: one message, non-zero exit, nothing written; then validate and prepare."
+    project = stage_project(tmp_path, f"tcp://127.0.0.1:{free_port()}")
+    raw = project / "data" / "raw" / "data.parquet"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    good = synthetic_churn(2000, seed=7).drop(columns="rownames")
+    good.to_parquet(raw, index=False, row_group_size=500)   # four partitions
+    anomalies = project / "reports" / "validate" / "anomalies.json"
+    r = run("mlops-nb", "stage", "validate", cwd=project, check=False)
+    assert r.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:" in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and not anomalies.exists()
+
+    import yaml
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["compute"]["scheduler"] = cluster["address"]
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    bad = good.copy()
+    bad.loc[1500:, "payment_method"] = "Bitcoin"   # the last partition only
+    bad.to_parquet(raw, index=False, row_group_size=500)
+    r = run("mlops-nb", "stage", "validate", cwd=project, check=False)
+    assert r.returncode != 0 and "schema skew in 1 place(s): payment_method: out_of_domain" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "payment_method" in anomalies.read_text()   # the record of what failed is written whole, before the stage stops
+    assert not (project / "data" / "processed" / "train.parquet").exists()
+
+    good.to_parquet(raw, index=False, row_group_size=500)
+    run("mlops-nb", "stage", "validate", cwd=project)
+    run("mlops-nb", "stage", "prepare", cwd=project)
+    there = {s: pd.read_parquet(project / "data" / "processed" / f"{s}.parquet") for s in ("train", "test")}
+    splits = json.loads((project / "reports" / "prepare" / "splits.json").read_text())
+    reference = json.loads((project / "models" / "reference_profile.json").read_text())
+    p["compute"]["engine"] = "local"
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    run("mlops-nb", "stage", "prepare", cwd=project)
+    for s in ("train", "test"): pd.testing.assert_frame_equal(there[s], pd.read_parquet(project / "data" / "processed" / f"{s}.parquet"))
+    assert splits == json.loads((project / "reports" / "prepare" / "splits.json").read_text())
+    assert reference == json.loads((project / "models" / "reference_profile.json").read_text())
