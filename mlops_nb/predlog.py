@@ -54,14 +54,18 @@ def _seal(path: Path) -> Path | None:
     path.unlink(missing_ok=True)
     return part
 
-def read_prediction_log(folder: str | Path) -> pd.DataFrame:
+def read_prediction_log(
+    folder: str | Path,           # the log's folder
+    columns: list | None = None,  # only these columns, in file order (default: all, sorted by time)
+) -> pd.DataFrame:
     "Every logged record in `folder`: sealed Parquet parts and the open segments' complete batches, by time."
     import pyarrow.parquet as pq
     folder = Path(folder)
-    tables = [pq.read_table(p).to_pandas() for p in sorted(folder.glob("part-*.parquet"))]
-    tables += [t.to_pandas() for p in sorted(folder.glob("segment-*.arrows")) if (t := _read_segment(p)) is not None]
-    if not tables: return pd.DataFrame(columns=_META)
-    return pd.concat(tables, ignore_index=True).sort_values("ts", kind="stable", ignore_index=True)
+    tables = [pq.read_table(p, columns=columns).to_pandas() for p in sorted(folder.glob("part-*.parquet"))]
+    tables += [(t if columns is None else t.select(columns)).to_pandas() for p in sorted(folder.glob("segment-*.arrows")) if (t := _read_segment(p)) is not None]
+    if not tables: return pd.DataFrame(columns=_META if columns is None else columns)
+    out = pd.concat(tables, ignore_index=True)
+    return out if columns is not None else out.sort_values("ts", kind="stable", ignore_index=True)
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
 def _table(columns: dict, meta: dict):
