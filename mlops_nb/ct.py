@@ -219,8 +219,9 @@ def check_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     from mlops_nb.pipeline import dvc
     rel = f"{snapshot_path(paths, cycle.id)}.dvc"
     r = dvc("status", "--json", rel, root=paths.root, capture=True)
-    if r.returncode != 0 or (r.stdout.strip() not in ("", "{}")):
-        raise MlopsError(f"{rel[:-len('.dvc')]} is not the snapshot cycle {cycle.id} committed (dvc status {rel}): put it back with `dvc checkout {rel}`")
+    if r.returncode != 0: raise MlopsError(f"dvc status {rel} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    if r.stdout.strip() not in ("", "{}"):
+        raise MlopsError(f"{rel[:-len('.dvc')]} is not the snapshot cycle {cycle.id} committed (dvc status {rel}): put it back with `dvc checkout --force {rel}`")
 
 # %% ../nbs/27_ct.ipynb #d529bef1
 def push_commits(root: str | Path) -> str:

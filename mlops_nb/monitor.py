@@ -155,10 +155,11 @@ class LabelMatch:
     outside: int = 0              # labels of logged records outside the window (not used)
     unmatched: int = 0            # labels that name no logged record (tolerated up to MAX_UNMATCHED_LABELS)
     reused: list = field(default_factory=list)   # request ids that several requests used: their records cannot be labelled
+    tolerance: float = MAX_UNMATCHED_LABELS   # the share of unmatched labels that was tolerated
     def notes(self) -> list[str]:
         "What the report says about the labels beyond the ones used."
         out = [f"{self.outside} of {self.given} labels name logged records outside the window: not used"] if self.outside else []
-        if self.unmatched: out.append(f"{self.unmatched} of {self.given} labels name no logged record (tolerated up to {MAX_UNMATCHED_LABELS:.0%})")
+        if self.unmatched: out.append(f"{self.unmatched} of {self.given} labels name no logged record (tolerated up to {self.tolerance:.0%})")
         if self.reused: out.append(f"{len(self.reused)} request ids were used by several requests (a client reusing its x-request-id; first: {self.reused[0]!r}): their records cannot be labelled")
         return out
 
@@ -220,7 +221,7 @@ def match_labels(
         first = lab[dup].iloc[0]
         raise MlopsError(f"labels: {int(dup.sum())} rows label a record that another row labels too (first: request {first.request_id!r}, record {first.record})")
     inside = lab.merge(win.drop_duplicates(), on=["request_id", "record"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
-    return LabelMatch(lab[inside].reset_index(drop=True), len(labels), int((~inside).sum()), unmatched, sorted(reuses.index[reuses > 1]))
+    return LabelMatch(lab[inside].reset_index(drop=True), len(labels), int((~inside).sum()), unmatched, sorted(reuses.index[reuses > 1]), max_unmatched)
 
 def join_labels(
     window: pd.DataFrame,         # the records of the window
