@@ -350,7 +350,8 @@ def format_cycle(cycle: Cycle) -> str:
     "A few lines on what `cycle` saw and did."
     w = cycle.window
     lines = [f"ct cycle {cycle.id}: {cycle.outcome} ({cycle.detail})",
-             f"  monitor: {cycle.decision} on {w.get('records', '?')} records ({w.get('first', '?')} .. {w.get('last', '?')}), {w.get('labelled', 0)} labelled"]
+             f"  monitor: {cycle.decision} on {w.get('records', '?')} records ({w.get('first', '?')} .. {w.get('last', '?')}), {w.get('labelled', 0)} labelled"
+             + (f", {w['new']} of them new to the training data" if 'new' in w else "")]
     lines += [f"    - {r}" for r in cycle.reasons]
     if cycle.snapshot: lines.append(f"  data: {cycle.data_before.get('rows')} rows ({str(cycle.data_before.get('content_hash'))[:12]}) -> "
                                     f"{cycle.data_after.get('rows')} rows ({str(cycle.data_after.get('content_hash'))[:12]}), snapshot {cycle.snapshot}")
