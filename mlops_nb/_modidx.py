@@ -545,6 +545,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.predlog.PredictionLog.start': ('predlog.html#predictionlog.start', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._alive': ('predlog.html#_alive', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._concat': ('predlog.html#_concat', 'mlops_nb/predlog.py'),
+                                  'mlops_nb.predlog._part_name': ('predlog.html#_part_name', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._read_segment': ('predlog.html#_read_segment', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._seal': ('predlog.html#_seal', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._table': ('predlog.html#_table', 'mlops_nb/predlog.py'),

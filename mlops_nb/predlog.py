@@ -31,6 +31,10 @@ def _read_segment(path: Path):
     except (pa.ArrowInvalid, OSError, StopIteration): pass
     return pa.Table.from_batches(batches) if batches else None
 
+def _part_name(segment: Path) -> str:
+    "The name of the Parquet part segment `segment` is sealed into."
+    return Path(segment.name.replace("segment-", "part-", 1)).with_suffix(".parquet").name
+
 def _seal(path: Path) -> Path | None:
     "Rewrite segment `path` as a Parquet part (atomically), then delete it; an unreadable one is moved aside."
     import pyarrow.parquet as pq
@@ -43,7 +47,7 @@ def _seal(path: Path) -> Path | None:
             return aside
         path.unlink(missing_ok=True)
         return None
-    part = path.with_name(path.name.replace("segment-", "part-")).with_suffix(".parquet")
+    part = path.with_name(_part_name(path))
     tmp = part.with_name("." + part.name + ".tmp")
     try:
         pq.write_table(table, tmp)
@@ -61,8 +65,12 @@ def read_prediction_log(
     "Every logged record in `folder`: sealed Parquet parts and the open segments' complete batches, by time."
     import pyarrow.parquet as pq
     folder = Path(folder)
-    tables = [pq.read_table(p, columns=columns).to_pandas() for p in sorted(folder.glob("part-*.parquet"))]
-    tables += [(t if columns is None else t.select(columns)).to_pandas() for p in sorted(folder.glob("segment-*.arrows")) if (t := _read_segment(p)) is not None]
+    segments = sorted(folder.glob("segment-*.arrows"))   # listed before the parts: a segment sealed meanwhile is read once, as its part
+    parts = sorted(folder.glob("part-*.parquet"))
+    sealed = {p.name for p in parts}
+    tables = [pq.read_table(p, columns=columns).to_pandas() for p in parts]
+    tables += [(t if columns is None else t.select(columns)).to_pandas() for p in segments
+               if _part_name(p) not in sealed and (t := _read_segment(p)) is not None]
     if not tables: return pd.DataFrame(columns=_META if columns is None else columns)
     out = pd.concat(tables, ignore_index=True)
     return out if columns is not None else out.sort_values("ts", kind="stable", ignore_index=True)
