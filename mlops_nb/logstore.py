@@ -125,7 +125,7 @@ def _in_window(df: pd.DataFrame, since: pd.Timestamp | None, columns: list[str] 
     return df if columns is None else df[[c for c in df.columns if c in columns]]
 
 # %% ../nbs/15_logstore.ipynb #7466c4b3
-ORDER = ["ts", "request_id", "record"]   # the log's row order; the last two break ties of one answered batch
+ORDER = ["ts"]   # the log's row order: by time, and in written order within one time (the records of one answered batch)
 
 # %% ../nbs/15_logstore.ipynb #d58b66f9
 def _newest_enough(found: list[Path], live: set[str], last: int) -> tuple[list[Path], bool]:

@@ -21,11 +21,12 @@ from .predlog import _META, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
-__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'RELIABILITY_SHAPES', 'parse_duration',
-           'parse_since', 'select_window', 'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew',
-           'prediction_profile', 'outputs_of', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss',
-           'choose_map', 'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel',
-           'fit_error_model', 'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
+__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES',
+           'parse_duration', 'parse_since', 'select_window', 'read_window', 'version_mix', 'model_inputs',
+           'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of', 'LabelMatch', 'record_ids',
+           'match_labels', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map',
+           'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model',
+           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
            'write_monitor_report', 'drift_from_dict', 'plot_metrics', 'monitor_notebook', 'MonitoredWindow',
            'monitored_version', 'monitor_project']
 
@@ -146,21 +147,98 @@ def outputs_of(
     if not classes: return pd.DataFrame({"prediction": out[:, 0]})
     return model_outputs(pd.DataFrame({"prediction": np.asarray(classes)[out.argmax(axis=1)], **{f"proba_{c}": out[:, j] for j, c in enumerate(classes)}}))
 
-# %% ../nbs/23_monitor.ipynb #3829b590
+# %% ../nbs/23_monitor.ipynb #76dbd275
+MAX_UNMATCHED_LABELS = 0.05   # share of a labels file's rows that may name no logged record (reported); beyond it, the file is refused
+
+@dataclass
+class LabelMatch:
+    "The rows of a labels file matched one to one with logged records: those of the window, and the counts of the rest."
+    labels: pd.DataFrame          # request_id, record, label: one row per labelled record of the window
+    given: int                    # rows of the labels file
+    outside: int = 0              # labels of logged records outside the window (not used)
+    unmatched: int = 0            # labels that name no logged record (tolerated up to MAX_UNMATCHED_LABELS)
+    reused: list = field(default_factory=list)   # request ids that several requests used: their records cannot be labelled
+    tolerance: float = MAX_UNMATCHED_LABELS   # the share of unmatched labels that was tolerated
+    def notes(self) -> list[str]:
+        "What the report says about the labels beyond the ones used."
+        out = [f"{self.outside} of {self.given} labels name logged records outside the window: not used"] if self.outside else []
+        if self.unmatched: out.append(f"{self.unmatched} of {self.given} labels name no logged record (tolerated up to {self.tolerance:.0%})")
+        if self.reused: out.append(f"{len(self.reused)} request ids were used by several requests (a client reusing its x-request-id; first: {self.reused[0]!r}): their records cannot be labelled")
+        return out
+
+def record_ids(records: pd.DataFrame) -> pd.DataFrame:
+    "Each record's id: `request_id` as text and `record`, its position in the request (counted when a batch file has no `record`)."
+    if "request_id" not in records: raise MlopsError("labels need the window's request_id column (a prediction log, or a batch file with request_id)")
+    rid = records["request_id"].astype(str).reset_index(drop=True)
+    rec = records["record"].reset_index(drop=True) if "record" in records else rid.groupby(rid).cumcount()
+    return pd.DataFrame({"request_id": rid, "record": rec.astype("int64")})
+
+# %% ../nbs/23_monitor.ipynb #e266a8f1
+def _label_ids(labels: pd.DataFrame) -> pd.DataFrame:
+    "A labels file's request_id (text), record (Int64, NA where a label names a whole request) and label, checked."
+    for c in ("request_id", "label"):
+        if c not in labels: raise MlopsError(f"labels: no '{c}' column (expected request_id, record, label)")
+    if labels.label.isna().any(): raise MlopsError(f"labels: {int(labels.label.isna().sum())} rows have no label")
+    rec = pd.Series(pd.NA, index=labels.index, dtype="Int64")
+    if "record" in labels:
+        num = pd.to_numeric(labels["record"], errors="coerce")
+        if (bad := (labels["record"].notna() & (num.isna() | (num % 1 != 0) | (num < 0)))).any():
+            raise MlopsError(f"labels: record must be a record's position in its request (0, 1, ...), got {labels['record'][bad].iloc[0]!r} in {int(bad.sum())} rows")
+        rec = num.astype("Int64")
+    return pd.DataFrame({"request_id": labels["request_id"].astype(str).to_numpy(), "record": rec.to_numpy(), "label": labels["label"].to_numpy()})
+
+def _refuse_ambiguous(lab: pd.DataFrame, n: pd.Series, reuses: pd.Series) -> None:
+    "An error counting the labels that match several logged records (`n` each), naming the first."
+    bad = lab[(n > 1) | (reuses > 1)]
+    if bad.empty: return
+    first, k, r = bad.iloc[0], n[bad.index[0]], reuses[bad.index[0]]
+    why = (f"request id {first.request_id!r} was used by {r} requests (a client reused it): drop its labels" if r > 1 else
+           f"request {first.request_id!r} has {k} records and the label names none of them: give each label its 'record' (its position in the request)")
+    raise MlopsError(f"labels: {len(bad)} of {len(lab)} labels match several logged records, and a label must name one: {why}")
+
+def match_labels(
+    window: pd.DataFrame,         # the records of the window
+    labels: pd.DataFrame,         # request_id, record (optional for requests of one record), label
+    logged: pd.DataFrame | None = None,  # request_id and record of every logged record (default: the window's)
+    max_unmatched: float = MAX_UNMATCHED_LABELS,  # share of labels that may name no logged record
+) -> LabelMatch:
+    "Match each label with the one logged record it names; refuse ambiguous labels, and unmatched ones beyond `max_unmatched`."
+    lab, win = _label_ids(labels), record_ids(window)
+    known = win if logged is None else record_ids(logged)
+    pairs = known.value_counts().rename("n").reset_index()
+    reuses = pairs.groupby("request_id").n.max().rename("reuses")      # > 1: the same request id and record logged twice
+    requests = known.groupby("request_id").record.agg(["size", "first"])
+    lab = lab.join(reuses, on="request_id").join(requests, on="request_id")
+    whole = lab.record.isna()
+    lab["record"] = lab.record.where(~whole, lab["first"].where(lab["size"] == 1)).astype("Int64")
+    n = lab.merge(pairs.astype({"record": "Int64"}), on=["request_id", "record"], how="left").n.set_axis(lab.index)
+    n = n.where(~whole, lab["size"]).fillna(0).astype(int)
+    _refuse_ambiguous(lab, n, lab.reuses.fillna(0).astype(int))
+    unmatched = int((n == 0).sum())
+    if unmatched > max_unmatched * len(lab):
+        first = lab[n == 0].iloc[0]
+        raise MlopsError(f"labels: {unmatched} of {len(lab)} labels ({unmatched / len(lab):.0%}) name no logged record, more than the {max_unmatched:.0%} "
+                         f"tolerated (first: request {first.request_id!r}, record {first.record}): are they labels of this log's records?")
+    lab = lab[n == 1][["request_id", "record", "label"]].astype({"record": "int64"})
+    if (dup := lab.duplicated(["request_id", "record"])).any():
+        first = lab[dup].iloc[0]
+        raise MlopsError(f"labels: {int(dup.sum())} rows label a record that another row labels too (first: request {first.request_id!r}, record {first.record})")
+    inside = lab.merge(win.drop_duplicates(), on=["request_id", "record"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
+    return LabelMatch(lab[inside].reset_index(drop=True), len(labels), int((~inside).sum()), unmatched, sorted(reuses.index[reuses > 1]), max_unmatched)
+
 def join_labels(
     window: pd.DataFrame,         # the records of the window
-    labels: pd.DataFrame,         # request_id, label and optionally record
+    labels: pd.DataFrame,         # request_id, record (optional for requests of one record), label
+    logged: pd.DataFrame | None = None,  # request_id and record of every logged record (default: the window's)
 ) -> pd.DataFrame:
-    "The labelled records of `window`, with their `label`."
-    for c in ("request_id", "label"):
-        if c not in labels: raise MlopsError(f"labels: no '{c}' column (expected request_id, label and optionally record)")
-    keys = ["request_id", "record"] if "record" in labels and "record" in window else ["request_id"]
-    lab = labels[[*keys, "label"]].astype({"request_id": str})
-    if (dup := lab.duplicated(keys)).any():
-        raise MlopsError(f"labels: {int(dup.sum())} rows repeat a {' + '.join(keys)} (first: {lab[keys][dup].iloc[0].tolist()})")
-    if lab.label.isna().any(): raise MlopsError(f"labels: {int(lab.label.isna().sum())} rows have no label")
-    return window.astype({"request_id": str}).merge(lab, on=keys, how="inner")
+    "The labelled records of `window`, one to one with their `label` (`match_labels` refuses what is ambiguous); `request_id` and `record` are the ids."
+    m = match_labels(window, labels, logged)
+    ids = record_ids(window)
+    keep = ids.reset_index().merge(m.labels, on=["request_id", "record"], how="inner")
+    return window.iloc[keep["index"].to_numpy()].assign(request_id=keep.request_id.to_numpy(), record=keep.record.to_numpy(),
+                                                       label=keep.label.to_numpy()).reset_index(drop=True)
 
+# %% ../nbs/23_monitor.ipynb #3829b590
 def _label_codes(labels: pd.Series, classes: list[str], positive_label: str, domain: list | None) -> np.ndarray:
     s = labels.astype(str)
     if s.isin(classes).all(): return s.map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -793,7 +871,7 @@ class MonitoredWindow:
     "What `monitor_project` read, decided and wrote."
     report: MonitorReport         # the decision and its evidence
     window: pd.DataFrame          # the records monitored
-    labels: pd.DataFrame | None   # the labels file's rows (None: none given)
+    labels: pd.DataFrame | None   # the window's labels, one per record: request_id, record, label (None: no labels file)
     uri: str                      # the version compared with
     path: Path                    # the JSON report
 
@@ -817,7 +895,7 @@ def monitor_project(
     data: str | Path | None = None,     # or a batch file instead of the log
     since: str | None = None,     # a duration (1h) or an ISO time
     last: int | None = None,      # the last N records
-    labels: str | Path | None = None,   # a labels file: request_id, label (and record)
+    labels: str | Path | None = None,   # a labels file: request_id, record, label (`match_labels`)
     model: str | None = None,     # the version to compare with (default: the champion)
     out: str | Path | None = None,  # the report's folder (default: reports/monitor)
 ) -> MonitoredWindow:
@@ -825,12 +903,15 @@ def monitor_project(
     from mlops_nb.registry import load_model_dir, use_project_tracking
     if data is None: log_dir = paths.root / (log_dir if log_dir is not None else params.serve.log_dir)
     window = read_window(None if data else log_dir, data, since, last)
-    table = read_table(labels) if labels else None
-    if table is not None: join_labels(window, table)   # a bad labels file fails before the registry is asked
+    match = None
+    if labels:   # each label matched with one logged record of the whole log (not only the window), before the registry is asked
+        match = match_labels(window, read_table(labels), read_prediction_log(log_dir, columns=["request_id", "record"]) if data is None else None)
     use_project_tracking(paths.root)
     uri, folder = monitored_version(model or f"models:/{params.register.model_name}@champion")
     scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it
-    report = monitor(window, **version_references(folder, uri), params=params, labels=table, model=scorer)
+    report = monitor(window, **version_references(folder, uri), params=params, labels=match.labels if match is not None and len(match.labels) else None, model=scorer)
+    if match is not None:
+        report.notes += match.notes() + ([] if len(match.labels) else [f"none of the {match.given} labels names a record of the window"])
     source = {"data": str(data)} if data else {"log_dir": str(log_dir), "since": since, "last": last}
     path = write_monitor_report(report, out if out is not None else paths.reports / "monitor", {"model": uri, "source": source, "labels": str(labels) if labels else None})
-    return MonitoredWindow(report, window, table, uri, path)
+    return MonitoredWindow(report, window, match.labels if match is not None else None, uri, path)

@@ -38,10 +38,10 @@ def _seal(path: Path) -> Path | None:
     path.unlink(missing_ok=True)                         # from now on its parts are read (logstore's rule)
     return parts[0] if parts else None
 
-def read_prediction_log(folder: str | Path, since=None, last: int | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-    "The logged records in `folder` (all, or a window: at or after `since`, the last `last`), oldest first."
+def read_prediction_log(folder: str | Path, columns: list[str] | None = None, since=None, last: int | None = None) -> pd.DataFrame:
+    "The logged records in `folder` (all, or a window: at or after `since`, the last `last`; only `columns`), oldest first."
     out = read_log(folder, since, last, columns)
-    return pd.DataFrame(columns=_META) if out is None else out
+    return pd.DataFrame(columns=_META if columns is None else columns) if out is None else out
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
 def _table(columns: dict, meta: dict):

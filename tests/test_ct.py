@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import BIN, TINY, champion_version, copy_project, git_init, registry, run
 
@@ -167,16 +168,42 @@ def scenario_of(tmp_path_factory):
     out["raw_v2"] = pd.read_parquet(project / "data/raw/data.parquet")
 
     # cycle 2: concept drift (half the labels contradict the model); killed inside the promotion, after the alias
-    # moved, holding the promotion lock
-    labels = traffic(project, "concept", 12, "w2", strength=0.5)
+    # moved, holding the promotion lock. Its labels file holds every label so far (window 1's too: outside this window)
+    w2 = traffic(project, "concept", 12, "w2", strength=0.5)
+    labels = project.parent / "all-labels.csv"
+    pd.concat([pd.read_csv(project.parent / "w1-labels.csv"), pd.read_csv(w2)]).to_csv(labels, index=False)
     reached = project.parent / "failpoint"
     proc = start_ct(project, labels, {"MLOPS_NB_FAILPOINT": "promote.after_alias", "MLOPS_NB_FAILPOINT_FILE": str(reached)})
     wait_for(reached.exists, "the promotion's failpoint", proc)
     kill(proc)
     out["killed_in_promotion"] = state(project)
+    # the rerun completes the promotion, commits dvc.lock and is killed before it records the end of the cycle
+    reached = project.parent / "failpoint-ct"
+    proc = start_ct(project, labels, {"MLOPS_NB_FAILPOINT": "ct.after_promote", "MLOPS_NB_FAILPOINT_FILE": str(reached)})
+    wait_for(reached.exists, "the failpoint after the promotion", proc)
+    kill(proc)
+    out["killed_after_promote"] = state(project)
+    # an edit made after the kill: the cycle does not resume (it would train on it and commit beside it) until it is undone
+    params_file = project / "params.yaml"
+    kept = params_file.read_text()
+    params_file.write_text(kept + "# edited after the kill\n")
+    out["edited_resume"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
+    out["after_edited"] = state(project)
+    params_file.write_text(kept)
     out["resume2"] = run("mlops-nb", "ct", "--last", str(N), "--labels", str(labels), cwd=project, check=False)
     out["after2"] = state(project)
     out["cycle2"] = json.loads((project / "reports/ct/latest.json").read_text())
+
+    # an overlapping window: both windows' records, all labelled. The monitor's floor is raised (a committed params change
+    # no stage depends on) so the cycle is due to retrain; every labelled record is training data already
+    params = yaml.safe_load(kept)
+    params["monitor"]["min_primary"] = 0.99
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git", "commit", "-qm", "monitor: a higher floor", "--", "params.yaml", cwd=project)
+    out["overlap_head"] = run("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+    out["overlap"] = run("mlops-nb", "ct", "--last", str(2 * N), "--labels", str(labels), cwd=project, check=False)
+    out["overlap_cycle"] = json.loads((project / "reports/ct/latest.json").read_text())
+    out["after_overlap"] = state(project)
     return out
 
 
@@ -271,3 +298,43 @@ def test_every_cycle_is_recorded_in_mlflow(scenario):
     for c in (scenario["cycle1"], scenario["cycle2"]):
         tags = recorded[f"ct-{c['id']}"]
         assert (tags["ct.outcome"], tags["ct.version"], tags["ct.commit.snapshot"]) == (c["outcome"], c["version"], c["commits"]["snapshot"])
+
+
+def test_a_cycle_killed_after_its_promotion_resumes_with_the_commits_it_recorded(scenario):
+    s, c2, project = scenario["killed_after_promote"], scenario["cycle2"], scenario["project"]
+    recorded = s["pending"]["commits"]
+    assert s["pending"]["id"] == c2["id"] and set(recorded) == {"snapshot", "registered", "promoted"}
+    assert s["head"] == recorded["promoted"] != recorded["registered"] and s["aliases"]["champion"] == s["latest"] and s["locks"] == []
+    assert recorded["registered"] == scenario["killed_in_promotion"]["pending"]["commits"]["registered"]
+    # an edit after the kill: refused, naming it; the cycle stays as it was
+    e = scenario["edited_resume"]
+    assert e.returncode == 1 and "commit or stash" in e.stderr and f"ct cycle {c2['id']} stays pending" in e.stderr, e.stdout + e.stderr
+    assert scenario["after_edited"]["pending"] == s["pending"] and scenario["after_edited"]["head"] == s["head"]
+    # the resume kept the commits the cycle recorded, and made none
+    assert scenario["resume2"].returncode == 0 and c2["commits"] == recorded and c2["outcome"] == "promoted"
+    assert scenario["after2"]["head"] == recorded["promoted"] and scenario["after2"]["pending"] is None
+    log = run("git", "log", "--format=%H %s", cwd=project).stdout
+    assert f"{recorded['registered']} ct {c2['id']}: dvc.lock after register" in log
+    assert f"{recorded['promoted']} ct {c2['id']}: dvc.lock after infra_validate" in log and log.count(f"ct {c2['id']}: dvc.lock after") == 2
+    assert registry(project).get_model_version(NAME, c2["version"]).tags["git_commit"] == recorded["snapshot"]
+
+
+def test_labels_outside_the_window_are_counted_not_used(scenario):
+    c2 = scenario["cycle2"]
+    assert c2["window"]["labelled"] == c2["window"]["new"] == N   # window 1's labels in the same file: outside this window
+    assert len(pd.read_parquet(scenario["project"] / c2["snapshot"])) == N
+
+
+def test_an_overlapping_window_adds_no_duplicate_rows(scenario):
+    from mlops_nb.core import ProjectPaths
+    from mlops_nb.ct import labelled_ids
+    r, c, project = scenario["overlap"], scenario["overlap_cycle"], scenario["project"]
+    assert r.returncode == 4 and c["decision"] == "retrain" and c["outcome"] == "no-labels", r.stdout + r.stderr
+    assert c["window"]["records"] == c["window"]["labelled"] == 2 * N and c["window"]["new"] == 0 and c["snapshot"] is None
+    assert "all training data already" in c["detail"]
+    s = scenario["after_overlap"]
+    assert s["head"] == scenario["overlap_head"] and s["git"] == "" and s["pending"] is None   # nothing written, nothing committed
+    ids = labelled_ids(ProjectPaths(project))
+    assert len(ids) == 2 * N and not ids.duplicated().any()   # each logged record once in the snapshots
+    snapshots = sorted((project / "data" / "labelled").glob("*.parquet"))
+    assert [p.name for p in snapshots] == sorted(Path(c["snapshot"]).name for c in (scenario["cycle1"], scenario["cycle2"]))

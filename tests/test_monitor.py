@@ -129,9 +129,11 @@ def test_monitor_decides_on_a_real_services_log(project):
         assert "Decision: `retrain`" in json.dumps(outputs) and "monthly_charges" in json.dumps(outputs)
         assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2   # feature drift and prediction drift
 
+        # a client sends request id calm-0 again, for other records: the log holds calm-0's records 0..2 twice
+        assert server.post(records_of(live.tail(3)), headers={"x-request-id": "calm-0"}).status_code == 200
         # a broken upstream: total_charges arrives null in every record (one null is valid, so the service answers)
         send(server, live.assign(total_charges=np.nan), "broken")
-        assert logged(root / "log", 3 * PHASE) == 3 * PHASE
+        assert logged(root / "log", 3 * PHASE + 3) == 3 * PHASE + 3
     finally:
         server.stop()
     r, broken = monitor(root, "--last", str(PHASE))     # the stopped service's sealed log
@@ -155,6 +157,43 @@ def test_monitor_decides_on_a_real_services_log(project):
         assert r.returncode in (1, 2) and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = run("mlops-nb", "monitor", "--log-dir", str(root / "empty"), cwd=root, check=False)
     assert r.returncode == 1 and r.stderr.strip() == f"error: prediction log folder not found: {root / 'empty'}", r.stderr
+
+    # the reused request id: calm-0's labels match two records each, and are refused, naming it (the file as a whole)
+    r, _ = monitor(root, "--labels", str(root / "labels.csv"))
+    assert r.returncode == 1 and "labels: 50 of 400 labels match several logged records" in r.stderr, r.stderr
+    assert "request id 'calm-0' was used by 2 requests" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # without them, the labels match one to one against the whole log: outside the window (the broken traffic), counted
+    labels[labels.request_id != "calm-0"].to_csv(root / "labels-ok.csv", index=False)
+    r, report = monitor(root, "--last", str(PHASE), "--labels", str(root / "labels-ok.csv"))
+    assert r.returncode == 5 and report["metrics"]["realized"] is None, r.stdout + r.stderr
+    assert "350 of 350 labels name logged records outside the window: not used" in report["notes"], report["notes"]
+    assert any(n.startswith("1 request ids were used by several requests") and "'calm-0'" in n for n in report["notes"]), report["notes"]
+
+
+@pytest.mark.slow
+def test_a_request_level_label_for_a_batch_is_refused(project):
+    "`mlops-nb predict` logs a 600-record batch under one request id: one label for the request is refused, one per record joins."
+    root, _ = project
+    X, y = churn(600, seed=3)
+    X["total_charges"] = X.total_charges.fillna(X.monthly_charges)   # new customers billed once: within the schema's null tolerance
+    X.to_parquet(root / "batch600.parquet")
+    run("mlops-nb", "predict", "--data", str(root / "batch600.parquet"), "--out", str(root / "scores600.parquet"), "--log-dir", str(root / "batch-log"), cwd=root)
+    batch = json.loads((root / "scores600.parquet.report.json").read_text())["request_id"]
+    pd.DataFrame({"request_id": [batch], "label": ["Yes"]}).to_csv(root / "one-label.csv", index=False)
+    code, report, out = monitor_on(root, root / "batch-log", "--labels", str(root / "one-label.csv"))
+    assert code == 1 and report is None, out
+    assert f"labels: 1 of 1 labels match several logged records, and a label must name one: request {batch!r} has 600 records" in out, out
+    per_record = pd.DataFrame({"request_id": batch, "record": range(600), "label": y.map({1: "Yes", 0: "No"}).to_numpy()})
+    per_record.to_csv(root / "per-record.csv", index=False)
+    code, report, out = monitor_on(root, root / "batch-log", "--labels", str(root / "per-record.csv"))
+    assert code in (0, 4) and report["metrics"]["realized"]["n"] == 600, out
+    # a few labels of records the log never saw are tolerated and counted; a file of them is refused
+    pd.concat([per_record, per_record.head(20).assign(request_id="batch-unknown")]).to_csv(root / "some-stray.csv", index=False)
+    code, report, out = monitor_on(root, root / "batch-log", "--labels", str(root / "some-stray.csv"))
+    assert code in (0, 4) and "20 of 620 labels name no logged record (tolerated up to 5%)" in report["notes"], out
+    per_record.assign(request_id="batch-unknown").to_csv(root / "stray.csv", index=False)
+    code, report, out = monitor_on(root, root / "batch-log", "--labels", str(root / "stray.csv"))
+    assert code == 1 and "600 of 600 labels (100%) name no logged record, more than the 5% tolerated" in out, out
 
 
 def monitor_on(root: Path, log: Path, *args):
