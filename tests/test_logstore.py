@@ -55,7 +55,7 @@ def test_compact_and_prune_commands_keep_every_row_in_retention_once(tmp_path):
     folder = project / "log"
     write_days(folder)
     flat = read_prediction_log(folder).head(5).assign(request_id=lambda d: "flat-" + d.request_id,    # records of their own, answered
-                                                      ts=lambda d: d.ts + pd.Timedelta(milliseconds=1))  # a moment apart
+                                                      ts=lambda d: (d.ts + pd.Timedelta(milliseconds=1)).astype("datetime64[us]"))  # a moment apart
     pq.write_table(__import__("pyarrow").Table.from_pandas(flat, preserve_index=False), folder / "part-123-old.parquet")  # the old layout
     before = read_prediction_log(folder)
     assert len(before) == 4 * 5 * 3 + 5
