@@ -27,7 +27,7 @@ class Evil:
 def project(tmp_path_factory):
     "Version 1 (skops) is champion; version 2 is a blessed pickle whose load would write `marker`."
     import mlflow
-    from mlops_nb.data import synthetic_churn
+    from mlops_nb.data import encode_target, synthetic_churn
     from mlops_nb.registry import _client, use_project_tracking
     tmp = tmp_path_factory.mktemp("trust")
     root = new_project(tmp)
@@ -43,7 +43,7 @@ def project(tmp_path_factory):
     mv = _client().create_model_version(NAME, f"{run.info.artifact_uri}/model", run.info.run_id, tags={"blessed": "true", "compared_with": "1"})
     assert str(mv.version) == "2"
     (root / "data" / "processed").mkdir(parents=True)
-    test = synthetic_churn(200, seed=9).drop(columns="rownames")
+    test = encode_target(synthetic_churn(200, seed=9).drop(columns="rownames"), "churn", "Yes")   # as prepare writes it
     test.to_parquet(root / "data" / "processed" / "test.parquet")
     test.drop(columns="churn").to_csv(tmp / "in.csv", index=False)
     return root, marker, tmp
