@@ -111,6 +111,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.core.load_params': ('core.html#load_params', 'mlops_nb/core.py'),
                                'mlops_nb.core.load_yaml': ('core.html#load_yaml', 'mlops_nb/core.py'),
                                'mlops_nb.core.mask': ('core.html#mask', 'mlops_nb/core.py'),
+                               'mlops_nb.core.mask_file': ('core.html#mask_file', 'mlops_nb/core.py'),
                                'mlops_nb.core.params_hash': ('core.html#params_hash', 'mlops_nb/core.py'),
                                'mlops_nb.core.parse_params': ('core.html#parse_params', 'mlops_nb/core.py'),
                                'mlops_nb.core.parse_section': ('core.html#parse_section', 'mlops_nb/core.py'),

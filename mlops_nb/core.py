@@ -26,9 +26,9 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams',
-           'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams',
-           'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params',
+__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths',
+           'BaseParams', 'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams',
+           'InfraParams', 'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'Params',
            'parse_section', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'atomic_path',
            'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash',
            'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
@@ -51,6 +51,13 @@ def mask(text) -> str:
     text = _SETTING.sub(lambda m: keep(m, f"{m.group('head')}***"), text)
     for s in sorted(_SECRETS, key=len, reverse=True): text = text.replace(s, "***")
     return text
+
+def mask_file(path: str | Path) -> None:
+    "Rewrite text file `path` (an executed notebook, a report) with `mask` applied, if it holds anything to mask."
+    path = Path(path)
+    if not path.is_file(): return
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    if (masked := mask(text)) != text: path.write_text(masked, encoding="utf-8", errors="surrogateescape")
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):

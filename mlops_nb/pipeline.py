@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import MlopsError, Params, atomic_path, load_params, skip_iri_checker
+from .core import MlopsError, Params, atomic_path, load_params, mask_file, skip_iri_checker
 
 # %% auto #0
 __all__ = ['STAGES', 'FAST_EXIT', 'Stage', 'stage_parameters', 'pipeline_params', 'execute', 'StageFailed', 'run_stage', 'dvc',
@@ -101,9 +101,10 @@ FAST_EXIT = ["--IPKernelApp.exec_lines=import atexit as _a, gc as _g; _a.registe
 
 def execute(notebook: str | Path, out: str | Path, parameters: dict, cwd: str | Path, progress: bool=False, kernel: str="python3"):
     "Execute `notebook` into `out` with `parameters` injected, in `cwd`, with papermill and a local IPC kernel."
-    _papermill().execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
-                                  progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(),
-                                  extra_arguments=FAST_EXIT)
+    try: _papermill().execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                                       progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(),
+                                       extra_arguments=FAST_EXIT)
+    finally: mask_file(out)   # a password written literally in params.yaml is not copied into the executed notebook
 
 # %% ../nbs/05_pipeline.ipynb #747001d9
 class StageFailed(MlopsError):
