@@ -122,18 +122,18 @@ def test_mlflow_params_show_the_password_masked():
     assert recorded["data"]["source"] == "postgresql://etl:***@db/crm" and PW not in str(recorded)
 
 
-def test_monitor_with_a_postgresql_registry_never_shows_the_password(db, project, tmp_path):
+def test_monitor_with_a_postgresql_registry_never_shows_the_password(db, tmp_path):
+    from test_monitor import champion_project
     root = tmp_path / "project"
-    shutil.copytree(project, root)
-    batch(200, seed=6).to_csv(tmp_path / "in.csv", index=False)
+    root.mkdir()
+    batch(200, seed=6).drop(columns="rownames").to_csv(tmp_path / "in.csv", index=False)
     tracking = url(db, PW, "tracking").replace("postgresql://", "postgresql+psycopg2://")   # MLflow's own URL names its driver (README)
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     failed = cli(root, "monitor", "--data", str(tmp_path / "in.csv"), "--no-notebook", env={"MLFLOW_TRACKING_URI": tracking.replace(PW, WRONG)})
     assert failed.returncode == 1 and not leaks(failed), failed.stderr
     old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
-    try:
-        model, X = fit(1, 1.0)
-        register(root, model, X)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking   # the champion is registered in PostgreSQL, as a team's tracking server stores it
+    try: champion_project(root)
     finally:
         if old is None: del os.environ["MLFLOW_TRACKING_URI"]
         else: os.environ["MLFLOW_TRACKING_URI"] = old
