@@ -576,5 +576,5 @@ def main(argv: list[str] | None=None) -> int:
         return 130
     except Exception as e:  # MLflow, a lock, a dead kernel, the disk: the user gets the problem, not our stack
         if os.environ.get("MLOPS_NB_DEBUG") == "1": raise
-        print(f"error: {_one_line(e)} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {MlopsError(_one_line(e))} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)   # MlopsError masks credentials
         return 1

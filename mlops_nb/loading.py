@@ -19,7 +19,8 @@ from .edge import input_array
 from .export import serve_runtime
 from .train import model_output
 from .core import MlopsError
-from .registry import load_model_dir, parse_model_uri, resolve_version
+from .registry import parse_model_uri, resolve_version
+from .trust import load_model
 from .schema import parse_schema
 
 # %% auto #0
@@ -64,7 +65,7 @@ def _plain(v):
 def _read_model_dir(path: Path):
     "The Pipeline, schema, signature types and example record stored in an MLflow model folder."
     from mlflow.models import Model
-    model = load_model_dir(path)        # skops, with the project's allow-list: the MLmodel file is not trusted
+    model = load_model(path)            # the one loader: skops, with the project's allow-list (the MLmodel file is not trusted)
     meta = Model.load(str(path))
     schema_file = path / "extra_files" / "schema.yaml"
     schema = parse_schema(schema_file.read_text(), "schema.yaml") if schema_file.is_file() else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml,
+from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml, mask_file,
                            skip_iri_checker)
 
 # %% auto #0
@@ -193,9 +193,10 @@ FAST_EXIT = ["--IPKernelApp.exec_lines=import atexit as _a, gc as _g; _a.registe
 
 def execute(notebook: str | Path, out: str | Path, parameters: dict, cwd: str | Path, progress: bool=False, kernel: str="python3"):
     "Execute `notebook` into `out` with `parameters` injected, in `cwd`, with papermill and a local IPC kernel."
-    _papermill().execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
-                                  progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(),
-                                  extra_arguments=FAST_EXIT)
+    try: _papermill().execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name=kernel,
+                                       progress_bar=progress, log_output=False, kernel_manager_class=_kernel_manager_class(),
+                                       extra_arguments=FAST_EXIT)
+    finally: mask_file(out)   # a password written literally in params.yaml is not copied into the executed notebook
 
 # %% ../nbs/05_pipeline.ipynb #747001d9
 class StageFailed(MlopsError):

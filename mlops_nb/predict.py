@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .contract import decide_classes
-from .core import MlopsError, atomic_path, write_json
+from .core import MlopsError, atomic_path, mask, write_json
 from .predlog import log_meta
 from .schema import Schema, load_schema, validate
 
@@ -29,11 +29,11 @@ class BatchRefused(MlopsError):
 
 def _sql_chunks(url: str, query: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
     import sqlalchemy
-    from mlops_nb.data import expand_secrets, sql_failure
+    from mlops_nb.data import sql_engine, sql_failure
     if not query.strip(): raise BatchRefused(f"a SQL source ({url.split('://')[0]}://...) needs a query")
     try:
-        with sqlalchemy.create_engine(expand_secrets(url)).connect() as conn:
-            yield from pd.read_sql(sqlalchemy.text(query), conn, chunksize=chunk_rows)
+        with sql_engine(url).connect() as conn:   # a query with no rows yields one empty chunk: skipped
+            yield from (c for c in pd.read_sql(sqlalchemy.text(query), conn, chunksize=chunk_rows) if len(c))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e: raise BatchRefused(sql_failure(e, url)) from None
 
 # %% ../nbs/24_predict.ipynb #108efea1
@@ -67,7 +67,8 @@ class Checked:
 
 # %% ../nbs/24_predict.ipynb #5296bb7c
 def _refuse(source, first: int, n: int, problems: list[str]):
-    raise BatchRefused(f"{source}: rows {first}-{first + n - 1} do not fit the model's input schema, nothing was scored: "
+    rows = f"rows {first}-{first + n - 1}" if n > 1 else f"row {first}" if n == 1 else "the input"
+    raise BatchRefused(f"{mask(source)}: {rows} do not fit the model's input schema, nothing was scored: "
                        + "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
 
 _SHARES = ("type_mismatch", "out_of_domain", "out_of_range")   # judged on the share of non-null values, over the whole input
@@ -85,11 +86,13 @@ def _verdicts(rows: int, nulls: Counter, notna: Counter, bad: Counter, examples:
     return problems, warnings
 
 def check_source(source, schema: Schema, features: list[str], chunk_rows: int=100_000, query: str="",
-                 sample_rows: int=50_000, seed: int=0) -> Checked:
-    "Validate every chunk of `source` against the model's input schema; `BatchRefused` names the columns of any schema skew."
+                 sample_rows: int=50_000, seed: int=0, key: str | None=None) -> Checked:
+    "Validate every chunk of `source` against the model's input schema (and that column `key` exists); `BatchRefused` names the columns of any schema skew."
     want, rng = input_schema(schema, features), np.random.default_rng(seed)
     rows, nulls, notna, bad, examples, sample = 0, Counter(), Counter(), Counter(), {}, None
     for chunk in read_chunks(source, chunk_rows, query):
+        if key and key not in chunk.columns:
+            raise BatchRefused(f"--key '{key}' is not a column of {mask(source)} (columns: {', '.join(map(str, chunk.columns[:20]))}), nothing was scored")
         if missing := [f for f in features if f not in chunk.columns]: _refuse(source, rows, len(chunk), [f"missing column(s) {missing}"])
         part = chunk[[c for c in want.columns]]
         for a in validate(part, want).anomalies:   # rates are judged below, over every chunk: a chunk is a small sample
@@ -102,7 +105,7 @@ def check_source(source, schema: Schema, features: list[str], chunk_rows: int=10
         sample = keyed if sample is None else pd.concat([sample, keyed], ignore_index=True)
         sample = sample.nsmallest(sample_rows, "_u") if len(sample) > sample_rows else sample
         rows += len(chunk)
-    if not rows: raise BatchRefused(f"{source} holds no rows")
+    if not rows: raise BatchRefused(f"{mask(source)} holds no rows" + (" (the query returned none)" if "://" in str(source) else "") + ", nothing was scored")
     problems, warnings = _verdicts(rows, nulls, notna, bad, examples, want)
     if problems: _refuse(source, 0, rows, problems)
     return Checked(rows, warnings, sample.drop(columns="_u").reset_index(drop=True))
@@ -135,17 +138,67 @@ class _Writer:
         import pyarrow as pa, pyarrow.parquet as pq
         table = pa.Table.from_pandas(frame, preserve_index=False)
         if self._pq is None: self._pq = pq.ParquetWriter(self.path, table.schema)
-        self._pq.write_table(table.cast(self._pq.schema))
+        self._pq.write_table(_cast(table, self._pq.schema))
     def close(self):
         if self._pq is not None: self._pq.close()
 
+def _cast(table, schema):
+    "`table` cast to `schema` (the first chunk's types); `MlopsError` naming the column whose values do not fit."
+    import pyarrow as pa
+    try: return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError): pass
+    for f in schema:
+        try: table.column(f.name).cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise MlopsError(f"column '{f.name}' holds {f.type} in earlier chunks but {table.schema.field(f.name).type} here ({str(e).splitlines()[0]})") from None
+    raise MlopsError(f"the output columns differ from earlier chunks': {table.schema.names} vs {schema.names}")
+
 # %% ../nbs/24_predict.ipynb #989a9608
-def _log_chunk(log, chunk: pd.DataFrame, features: list[str], out: pd.DataFrame, proba, classes, batch_id: str, first: int):
-    "Append one scored chunk to the prediction log, as the service logs a batch (variant `batch`)."
-    n, version = len(chunk), out.model_version.iloc[0]
+class _StagedLog:
+    "Log rows staged in hidden Parquet files in the log's folder (no reader sees them); `commit` renames them into the log's parts."
+    def __init__(self, folder: str | Path, batch_id: str):
+        self.folder, self.batch_id, self.files, self._pq, self._schema = Path(folder), batch_id, [], None, None
+    def write(self, table):
+        import pyarrow.parquet as pq
+        if self._pq is not None and not self._schema.equals(table.schema): self.close()   # a part per input schema, as the log rotates
+        if self._pq is None:
+            self.files.append(self.folder / f".{self.batch_id}-{len(self.files):04d}.staged")
+            self._pq, self._schema = pq.ParquetWriter(self.files[-1], table.schema), table.schema
+        self._pq.write_table(table)
+    def close(self):
+        if self._pq is not None: self._pq.close(); self._pq = None
+    def commit(self):
+        "Move the staged rows into the log (after the output was committed)."
+        import datetime, os
+        self.close()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        for f in self.files: os.replace(f, self.folder / f"part-{os.getpid()}-{stamp}-{f.name[1:-len('.staged')]}.parquet")
+    def discard(self):
+        self.close()
+        for f in self.files: f.unlink(missing_ok=True)
+
+def _log_chunk(staged: _StagedLog, X: pd.DataFrame, out: pd.DataFrame, proba, classes, batch_id: str, first: int):
+    "Stage one scored chunk's log rows, as the service logs a batch (variant `batch`)."
+    from mlops_nb.predlog import _table
+    n, version = len(X), out.model_version.iloc[0]
     meta = log_meta([batch_id] * n, np.arange(first, first + n), "batch", out.model_name.iloc[0], version, out.prediction.to_numpy(), proba, classes)
-    log.append({c: chunk[c].to_numpy() for c in features}, meta)
-    log.flush()   # the job waits for its log: nothing queued beyond one chunk
+    staged.write(_table({c: X[c].to_numpy() for c in X.columns}, meta))
+
+# %% ../nbs/24_predict.ipynb #5bdc24d2
+def _score_chunk(chunk, i: int, first: int, model, features, schema, classes, name, version, threshold, key, writer, staged, batch_id):
+    "Score chunk `i` (rows from `first`) into `writer` and stage its log rows; `BatchRefused` names the chunk, its rows and the cause."
+    from mlops_nb.train import model_output
+    try:
+        X = _model_input(chunk, features, schema)
+        proba = model_output(model, X)
+        keys = chunk[key] if key and key in chunk.columns else pd.Series(np.arange(first, first + len(chunk)), name="row")
+        frame = output_frame(keys, proba, classes, name, version, threshold)
+        writer.write(frame)
+        if staged is not None: _log_chunk(staged, X, frame, proba, classes, batch_id, first)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BatchRefused(f"chunk {i} (rows {first}-{first + len(chunk) - 1}) failed, nothing was written or logged: "
+                           + (why if isinstance(e, MlopsError) else f"{type(e).__name__}: {why}")) from None
 
 # %% ../nbs/24_predict.ipynb #a6855bf5
 def predict_source(
@@ -153,33 +206,33 @@ def predict_source(
     model, schema: Schema, features: list[str], classes: list, name: str, version: str,  # the version that scores
     reference=None,            # the version's reference `Profile`: drift of the input, reported
     chunk_rows: int=100_000, query: str="", key: str | None=None,  # key: the column that identifies a row (default: schema key, else row number)
-    log=None,                  # a `PredictionLog` started with background=False, or None
+    log=None,                  # a `PredictionLog` (its folder receives the rows once `out` is committed), or None
     progress: bool=True,
     threshold: float=0.5,      # a binary model's decision threshold on the positive class (`serve.threshold`)
 ) -> dict:
-    "Check, then score `source` chunk by chunk into `out` (atomically); log each chunk; return the run's report."
+    "Check, then score `source` chunk by chunk into `out` (atomically); log the rows once `out` is committed; return the run's report."
     from tqdm.auto import tqdm
-    from mlops_nb.train import model_output
     out = Path(out)
-    checked = check_source(source, schema, features, chunk_rows, query)
+    checked = check_source(source, schema, features, chunk_rows, query, key=key)   # an unknown --key is refused here
     key = key or schema.key
     batch_id, done = f"batch-{uuid.uuid4().hex}", 0
-    with atomic_path(out) as tmp, tqdm(total=checked.rows, unit="rows", disable=not progress, desc="predict") as bar:
-        writer = _Writer(tmp)
-        try:
-            for chunk in read_chunks(source, chunk_rows, query):
-                proba = model_output(model, _model_input(chunk, features, schema))
-                keys = chunk[key] if key and key in chunk.columns else pd.Series(np.arange(done, done + len(chunk)), name="row")
-                frame = output_frame(keys, proba, classes, name, version, threshold)
-                writer.write(frame)
-                if log is not None: _log_chunk(log, chunk, features, frame, proba, classes, batch_id, done)
-                done += len(chunk); bar.update(len(chunk))
-        finally: writer.close()
+    staged = _StagedLog(log.folder, batch_id) if log is not None else None
+    try:
+        with atomic_path(out) as tmp, tqdm(total=checked.rows, unit="rows", disable=not progress, desc="predict") as bar:
+            writer = _Writer(tmp)
+            try:
+                for i, chunk in enumerate(read_chunks(source, chunk_rows, query), 1):
+                    _score_chunk(chunk, i, done, model, features, schema, classes, name, version, threshold, key, writer, staged, batch_id)
+                    done += len(chunk); bar.update(len(chunk))
+            finally: writer.close()
+        if staged is not None: staged.commit()   # the output is in place: now its rows join the log
+    finally:
+        if staged is not None: staged.discard()  # what was not committed
     drift = None
     if reference is not None:
         from mlops_nb.drift import detect_drift
         drift = detect_drift(reference, checked.sample).to_dict()
-    report = {"source": str(source) if "://" not in str(source) else str(source).split("://")[0] + "://...", "out": str(out),
+    report = {"source": mask(str(source)), "out": str(out),
               "rows": done, "model_name": name, "model_version": str(version), "request_id": batch_id,
               "schema_warnings": checked.warnings, "drift": drift}
     write_json(out.with_name(out.name + ".report.json"), report)

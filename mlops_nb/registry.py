@@ -20,11 +20,10 @@ import pandas as pd
 from .core import MlopsError, failpoint, process_running, tracking_uri
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'use_project_tracking', 'pipeline_run', 'flat_params',
-           'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'trusted_modules',
-           'trusted_type', 'model_types', 'load_model_dir', 'register_model', 'champion_summary', 'load_champion',
-           'promotion_lock', 'promote_candidate', 'release_alias', 'rollback', 'model_files', 'champion_file',
-           'lineage', 'format_lineage']
+__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'load_model_dir', 'use_project_tracking', 'pipeline_run',
+           'flat_params', 'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'model_types',
+           'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate',
+           'release_alias', 'rollback', 'model_files', 'champion_file', 'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -116,20 +115,9 @@ def _promote(name: str, version: str | int) -> None:
 def _version_str(v) -> str | None: return None if v is None else str(v.version)
 
 # %% ../nbs/04_registry.ipynb #3f1fe58f
-# the types a model file may hold, whatever its MLmodel says
-_TRUSTED = re.compile(r"(sklearn|mlops_nb)\.[\w.]+|numpy\.(dtype|dtypes\.\w+|(u?int|float|complex)(8|16|32|64|128)?|bool_|str_|object_|ndarray)")
+from .trust import load_model, trusted_modules, trusted_type   # the one loader of registered models, the one allow-list check
 
-def trusted_modules(root: str | Path | None=None) -> tuple[str, ...]:
-    "Your modules a model file may hold types of, by configuration: `register.trusted_modules` and the modules of `train.feature_steps` (params.yaml of the project at `root`, default: around the working directory)."
-    from mlops_nb.core import find_root, load_params
-    try: params = load_params(find_root(root) / "params.yaml")
-    except MlopsError: return ()   # outside a project: scikit-learn, numpy and mlops_nb only
-    return tuple(m for m in dict.fromkeys([*params.register.trusted_modules, *(s.rpartition(".")[0] for s in params.train.feature_steps)]) if m)
-
-def trusted_type(name: str, modules: tuple[str, ...] | None=None) -> bool:
-    "Whether the project lets a model file hold type `name`: scikit-learn, numpy dtypes and scalars, mlops_nb, and your `modules` (default: `trusted_modules()`)."
-    if _TRUSTED.fullmatch(name) is not None: return True
-    return any(name.startswith(m + ".") for m in (trusted_modules() if modules is None else modules))
+load_model_dir = load_model   # a folder is one of the sources `load_model` takes
 
 def model_types(model) -> list[str]:
     "The type names in `model` that skops does not trust by default; `MlopsError` for one outside the project's allow-list."
@@ -139,21 +127,7 @@ def model_types(model) -> list[str]:
         raise MlopsError(f"the model holds types outside the project's allow-list ({', '.join(bad)}): it could not be loaded back")
     return found
 
-def load_model_dir(path: str | Path):
-    "The scikit-learn model of the MLflow model folder `path`, loaded with skops and the project's allow-list."
-    import skops.io
-    from mlflow.models import Model
-    conf = Model.load(str(path)).flavors.get("sklearn")
-    if conf is None: raise MlopsError(f"{path}: not a scikit-learn MLflow model (its MLmodel has no sklearn flavor)")
-    if (fmt := conf.get("serialization_format", "pickle")) != "skops":
-        raise MlopsError(f"{path}: the model is stored as {fmt}; only skops files are loaded (unpickling runs any code in the file)")
-    if extra := sorted(t for t in conf.get("skops_trusted_types") or [] if not trusted_type(t)):
-        raise MlopsError(f"{path}: its MLmodel asks to trust {', '.join(extra)}, outside the project's allow-list: refused to load")
-    file = Path(path) / conf["pickled_model"]
-    found = skops.io.get_untrusted_types(file=str(file))
-    if bad := sorted(t for t in found if not trusted_type(t)):
-        raise MlopsError(f"{file}: holds types outside the project's allow-list ({', '.join(bad)}): refused to load")
-    return skops.io.load(str(file), trusted=found)
+
 
 # %% ../nbs/04_registry.ipynb #64813ec6
 def register_model(
@@ -192,10 +166,9 @@ def champion_summary(name: str) -> dict | None:
 # %% ../nbs/04_registry.ipynb #8232a586
 def load_champion(name: str) -> tuple[str, object] | None:
     "(version, fitted model) of the champion of `name`, or None."
-    import mlflow
     v = alias_version(name)
     if v is None: return None
-    return str(v.version), load_model_dir(mlflow.artifacts.download_artifacts(f"models:/{name}/{v.version}"))
+    return str(v.version), load_model(f"models:/{name}/{v.version}")
 
 # %% ../nbs/04_registry.ipynb #29940d48
 def _lock_name(name: str) -> str: return f"{name}--promotion-lock"

@@ -275,8 +275,8 @@ def registered_versions(name: str) -> list[str]:
 
 def slice_explorer(root: str | Path | None=None, name: str | None=None) -> SliceExplorer:
     "A `SliceExplorer` of the registered versions of `name` (default `register.model_name`) on the project's test split."
-    import mlflow
     from mlops_nb.registry import alias_version, use_project_tracking
+    from mlops_nb.trust import load_model
     paths = ProjectPaths.find(root)
     params = load_params(paths.params)
     name = name or params.register.model_name
@@ -286,7 +286,7 @@ def slice_explorer(root: str | Path | None=None, name: str | None=None) -> Slice
     champ = alias_version(name)
     default = (str(champ.version) if champ else versions[0], versions[-1])
     test = pd.read_parquet(paths.processed / "test.parquet")
-    load = lambda v: mlflow.sklearn.load_model(f"models:/{name}/{v}")
+    load = lambda v: load_model(f"models:/{name}/{v}")   # the one loader: a pickle is refused, never run
     return SliceExplorer(load, test, params.base.target, params.evaluate, versions, default)
 
 # %% ../nbs/30_widgets.ipynb #50d6642f

@@ -90,6 +90,28 @@ def test_schema_skew_is_refused_naming_the_column_and_nothing_is_written(project
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "log") == ["bad.csv", "out.parquet"]   # no temporary file left
 
 
+def test_a_failing_chunk_logs_nothing_and_its_retry_logs_each_row_once(project, tmp_path):
+    root, _ = project
+    df = batch(300, seed=8)
+    df.insert(0, "customer", [str(i) if i < 150 else f"C{i}" for i in range(300)])   # numeric in chunk 1, alphanumeric from row 150
+    df.to_csv(tmp_path / "in.csv", index=False)
+    (tmp_path / "out.parquet").write_bytes(b"the previous output")
+    args = ("--out", str(tmp_path / "out.parquet"), "--key", "customer", "--chunk-rows", "100", "--log-dir", str(tmp_path / "log"))
+    r = predict(root, "--data", str(tmp_path / "in.csv"), *args)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]   # the rest is the progress bar
+    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: chunk 2 (rows 100-199) failed"), r.stderr
+    assert "column 'customer'" in errors[0] and "ArrowInvalid" not in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert read_prediction_log(tmp_path / "log").empty and (tmp_path / "out.parquet").read_bytes() == b"the previous output"
+    df.assign(customer="C" + df.customer.str.lstrip("C")).to_csv(tmp_path / "fixed.csv", index=False)
+    r = predict(root, "--data", str(tmp_path / "fixed.csv"), *args)
+    assert r.returncode == 0, r.stderr
+    log = read_prediction_log(tmp_path / "log")
+    assert len(log) == 300 and log.record.tolist() == list(range(300)) and log.request_id.nunique() == 1
+    assert pd.read_parquet(tmp_path / "out.parquet").customer.tolist() == [f"C{i}" for i in range(300)]
+    r = predict(root, "--data", str(tmp_path / "fixed.csv"), "--out", str(tmp_path / "other.csv"), "--key", "customer_id", "--no-log")
+    assert r.returncode == 1 and "--key 'customer_id' is not a column of" in r.stderr and not (tmp_path / "other.csv").exists(), r.stderr
+
+
 def test_batch_answers_equal_the_services(project, tmp_path):
     "Both decide with `serve.threshold` (here a tuned 0.3, not the default 0.5)."
     root, models = project
