@@ -414,6 +414,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlops_nb.init.plot_missing': ('init.html#plot_missing', 'mlops_nb/init.py'),
                                'mlops_nb.init.plot_target_relations': ('init.html#plot_target_relations', 'mlops_nb/init.py'),
                                'mlops_nb.init.profile_columns': ('init.html#profile_columns', 'mlops_nb/init.py'),
+                               'mlops_nb.init.relaxed_conditions': ('init.html#relaxed_conditions', 'mlops_nb/init.py'),
                                'mlops_nb.init.run_explore': ('init.html#run_explore', 'mlops_nb/init.py'),
                                'mlops_nb.init.set_params_text': ('init.html#set_params_text', 'mlops_nb/init.py')},
             'mlops_nb.loading': { 'mlops_nb.loading.ModelVersion': ('loading.html#modelversion', 'mlops_nb/loading.py'),
