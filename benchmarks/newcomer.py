@@ -144,6 +144,7 @@ def main():
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (default: all)")
     ap.add_argument("--busy-only", action="store_true", help="only beside two CPU-bound processes")
     ap.add_argument("--keep", action="store_true", help="keep the project copies (their path is printed)")
+    ap.add_argument("--out", default="newcomer.json", help="the JSON report's name in reports/benchmarks/")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlops-nb-newcomer-"))
     rows = []
@@ -152,7 +153,7 @@ def main():
             for busy in ([True] if args.busy_only else [False, True]):
                 rows.append(run_case(case, busy, work, args.quick))
                 r = rows[-1]
-                write_json(ROOT / "reports" / "benchmarks" / "newcomer.json", {"benchmark": "newcomer", "partial": True, "cases": rows})
+                write_json(ROOT / "reports" / "benchmarks" / args.out, {"benchmark": "newcomer", "partial": True, "cases": rows})
                 print(f"  {case:<10} {'busy' if busy else 'quiet':<6} champion: {'yes' if r['champion'] else 'NO'} in {r['wall_s']} s"
                       + (f" ({r['why']})" if r["why"] else ""), file=sys.stderr, flush=True)
     finally:
@@ -168,7 +169,7 @@ def main():
     print(f"champions: {champions} of {len(rows)} runs")
     result = {"benchmark": "newcomer", "runs": len(rows), "champions": champions, "all_champions": champions == len(rows),
               "quick": args.quick, "cases": rows}
-    write_json(ROOT / "reports" / "benchmarks" / "newcomer.json", result)
+    write_json(ROOT / "reports" / "benchmarks" / args.out, result)
     print(json.dumps(result))
 
 
