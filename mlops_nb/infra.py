@@ -259,7 +259,7 @@ def service_check(
             _client_checks(server.url, examples, expected, tolerance, check)
             result = loadtest(server.url + "/predict", examples, serve.loadtest_concurrency, serve.loadtest_seconds)
             missed = check_budget(result, serve.budget_p99_ms, serve.budget_min_rps)
-            check("load test within the serve budget", not missed, "; ".join(missed) or
+            check("load test within the serve budget", not missed, "; ".join(missed) + f"; {_load_words({'loadavg': list(os.getloadavg())})}" if missed else
                   f"{result['rps']} req/s, p99 {result['p99_ms']} ms ({serve.loadtest_concurrency} clients, {serve.loadtest_seconds:g} s)")
         finally: server.stop()
     return checks
