@@ -43,16 +43,28 @@ def _summary(paths: ProjectPaths) -> list[str]:
     if (r := paths.reports / "register" / "registration.json").exists():
         reg = read_json(r)
         lines.append(f"registered: {reg['name']} version {reg['version']}")
-    if (p := paths.reports / "infra" / "promotion.json").exists():
-        promo = read_json(p)
-        lines.append(f"promotion: version {promo['version']} -> {promo.get('alias', 'champion')} ({promo['reason']})" if promo["promoted"]
-                     else f"promotion: version {promo['version']} not promoted ({promo['reason']})")
+    if (p := paths.reports / "infra" / "promotion.json").exists(): lines.append(_promotion_now(paths, read_json(p))[1])
     return lines
+
+def _promotion_now(paths: ProjectPaths, promo: dict) -> tuple[bool, str]:
+    "Whether the last run's candidate holds the alias it was meant to take now (the registry's word, not the report's), and the summary line."
+    from mlops_nb.registry import alias_version, use_project_tracking
+    version, alias, reason = str(promo["version"]), promo.get("alias", "champion"), promo["reason"]
+    try:
+        use_project_tracking(paths.root)
+        holder = alias_version(promo["name"], alias) if promo.get("name") else None
+    except Exception as e:   # the registry unreachable: the run's own report is all there is
+        return promo["promoted"], f"promotion: version {version} {'-> ' + alias if promo['promoted'] else 'not promoted'} ({reason}; the registry did not answer: {type(e).__name__})"
+    now = None if holder is None else str(holder.version)
+    if now == version and promo["promoted"]: return True, f"promotion: version {version} -> {alias} ({reason})"
+    if now == version: return True, f"promotion: version {version} holds {alias} now (this run left it not promoted: {reason}; promoted since)"
+    if promo["promoted"]: return False, f"promotion: version {version} took {alias} in this run, but {alias} is version {now or '(none)'} now (moved since)"
+    return False, f"promotion: version {version} not promoted ({reason})"
 
 EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate did not take its alias
 
 def cmd_run(args) -> int:
-    "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate was not promoted."
+    "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate does not hold its alias now."
     from mlops_nb.pipeline import check_pipeline, dvc
     paths, _ = _project()  # a bad key or type stops here, named, before any stage starts
     check_pipeline(paths.root)  # and so does a value of your own stages, or an extra gate rule on a file evaluate does not depend on
@@ -61,8 +73,8 @@ def cmd_run(args) -> int:
         print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
         return result.returncode
     print("\n".join(["", "pipeline finished", *_summary(paths)]))
-    promotion = paths.reports / "infra" / "promotion.json"
-    if promotion.exists() and not read_json(promotion)["promoted"]: return EXIT_NOT_PROMOTED
+    promotion = paths.reports / "infra" / "promotion.json"   # the registry decides: `mlops-nb promote` may have fixed a failed promotion
+    if promotion.exists() and not _promotion_now(paths, read_json(promotion))[0]: return EXIT_NOT_PROMOTED
     return 0
 
 def cmd_status(args) -> int:
@@ -280,7 +292,8 @@ def cmd_promote(args) -> int:
         return EXIT_NOT_PROMOTED
     ip = params.infra
     report = infra_validate(uri, _examples(paths, params, uri), tracking_uri(paths.root), ip.single_row_ms, ip.batch_ms, ip.batch_rows, ip.repeats,
-                            params.export.parity_tolerance, service=params.serve if ip.service else None, root=paths.root)
+                            params.export.parity_tolerance, service=params.serve if ip.service else None, root=paths.root,
+                            runtime=params.serve.runtime)
     for c in report["checks"]:
         if not c["passed"]: print(f"infrastructure check failed: {c['check']}: {c.get('detail', '')}", file=sys.stderr)
     if why := _unreproducible(name, version): print(f"note: {why}; promoted only because you asked")

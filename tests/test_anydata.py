@@ -140,3 +140,68 @@ def test_the_champion_answers_the_metadata_example_and_logs_it(pipeline):
     reference = Profile.from_dict(json.loads((model_files(f"models:/{champion.name}/{champion.version}") / "extra_files" / "reference_profile.json").read_text()))
     report = detect_drift(reference, log[[c for c in test.columns if c != target]], ValidateParams())
     assert len(report.to_dict()["features"]) == test.shape[1] - 1   # every feature of the log is scored
+
+
+def test_infra_validation_timed_the_model_as_the_service_runs_it(pipeline):
+    task, project, _, _ = pipeline
+    report = read(project, "infra", "infra.json")
+    assert report["threads"] == 1 and {p["num_threads"] for p in report["threadpools"]} == {1}, report["threadpools"]
+    assert report["runtime"] in ("sklearn", "onnx") and len(report["loadavg"]) == 3
+    assert "thread(s) as the service, after warm-up" in next(c for c in report["checks"] if c["check"] == "one-row latency")["detail"]
+
+
+def unseen_categories_table(n=1200, unique=200, seed=0) -> pd.DataFrame:
+    "A binary table whose `plan` column has 3 common values and `unique` values of one row each: the test split holds values training lacks."
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    plan = np.where(np.arange(n) < n - unique, rng.choice(["basic", "plus", "pro"], n), [f"u{i}" for i in range(n)])
+    label = np.where(x1 + 0.5 * x2 + rng.normal(0, 0.7, n) > 0, "yes", "no")
+    return pd.DataFrame({"usage": x1.round(3), "tenure": x2.round(3), "plan": plan, "label": label})
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    "init -> run on a table whose test split holds categories the training split lacks (deepchecks on)."
+    project = small_project(tmp_path_factory.mktemp("unseen") / "project", deepchecks=True)
+    unseen_categories_table().to_csv(project / "table.csv", index=False)
+    git_init(project)
+    init = run("mlops-nb", "init", "--data", "table.csv", "--target", "label", cwd=project)
+    result = run("mlops-nb", "run", cwd=project, check=False)
+    return project, init.stdout, result
+
+
+def test_unseen_categories_are_judged_by_their_effect_and_the_run_ends_with_a_champion(unseen):
+    project, init, result = unseen
+    assert "'New Category Train Test' and 'String Mismatch Comparison' are judged by their effect" in init
+    assert "categories with fewer than 10 rows (plan: 200 (" in init and "'Prediction Drift' is judged by its effect" in init
+    assert result.returncode == 0 and "-> champion" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+    gate = read(project, "evaluate", "gate.json")
+    rule = next(r for r in gate["rules"] if r["rule"] == "deepchecks_conditions")
+    assert gate["blessed"] and rule["passed"], rule
+    judged = {e["check"]: e for e in rule["judged_by_effect"]}
+    effect = judged["New Category Train Test"]   # the condition failed, and is reported with its effect
+    assert effect["kind"] == "new_category" and not effect["harmful"] and effect["affected"] >= 30, effect
+    assert effect["ci_low"] <= effect["difference"] <= effect["ci_high"] and effect["new_values"]["plan"]
+    assert "judged by its effect" in rule["explanation"]
+
+
+def test_a_model_really_worse_on_the_unseen_rows_is_rejected(unseen):
+    "The same rows made harmful: their labels flipped in the test split, the model answers them worse than chance."
+    project, _, _ = unseen
+    split = project / "data" / "processed" / "test.parquet"
+    kept = split.read_bytes()
+    try:
+        train, test = pd.read_parquet(project / "data" / "processed" / "train.parquet"), pd.read_parquet(split)
+        new = ~test.plan.isin(set(train.plan))
+        assert new.sum() >= 30
+        test.loc[new, "label"] = 1 - test.loc[new, "label"]
+        test.to_parquet(split, index=False)
+        run("mlops-nb", "stage", "evaluate", cwd=project)
+        gate = read(project, "evaluate", "gate.json")
+        rule = next(r for r in gate["rules"] if r["rule"] == "deepchecks_conditions")
+        effect = next(e for e in rule["judged_by_effect"] if e["check"] == "New Category Train Test")
+        assert effect["harmful"] and effect["ci_high"] < -effect["tolerance"], effect
+        assert not gate["blessed"] and "deepchecks_conditions" in gate["failed_rules"]
+        assert "New Category Train Test (failed: " in rule["explanation"]
+    finally:
+        split.write_bytes(kept)

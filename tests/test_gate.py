@@ -214,3 +214,28 @@ def test_a_development_branch_moves_staging_and_only_promote_moves_champion(proj
     r = run("mlops-nb", "promote", "--from", "staging", cwd=p, check=False)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert champion_version(p) == staged and str(registry(p).get_model_version_by_alias(NAME, "previous").version) == "1"
+
+
+def test_a_no_op_run_after_promote_fixed_a_failed_promotion_exits_0(project):
+    "The run's summary and exit code follow the registry: `mlops-nb promote` fixed the promotion the last run's report says failed."
+    import yaml
+    p, _ = project
+    use_project_tracking(p)
+    _promote(NAME, "1")
+    params = (p / "params.yaml").read_text()
+    try:
+        d = yaml.safe_load(params)
+        d["evaluate"]["bootstrap"] = 40   # an uncommitted change: evaluate, register and infra_validate re-run; not promoted (dirty tree)
+        (p / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        r = run("mlops-nb", "run", cwd=p, check=False)
+        assert r.returncode == 3 and "uncommitted changes" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        version = str(json.loads((p / "reports" / "infra" / "promotion.json").read_text())["version"])
+        assert champion_version(p) == "1" and version != "1"
+        run("mlops-nb", "promote", version, cwd=p)                  # the user fixes it
+        r = run("mlops-nb", "run", cwd=p, check=False)              # nothing to re-run: the same reports
+        assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        assert f"promotion: version {version} holds champion now (this run left it not promoted:" in r.stdout
+        assert not json.loads((p / "reports" / "infra" / "promotion.json").read_text())["promoted"]   # the report is as the run left it
+        assert champion_version(p) == version
+    finally:
+        (p / "params.yaml").write_text(params)
