@@ -41,7 +41,7 @@ FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "features", ".dvc
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "true", "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "bench",
        "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
+for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"): ENV.pop(var, None)   # each project copy's own mlflow.db, never the user's registry
 
 MESSY = {"Age": "Age (years)", "MonthlyIncome": "Monthly.Income", "JobRole": "Job Role", "Department": "Département",
          "OverTime": "OVER TIME", "DistanceFromHome": "distance from home"}  # spaces, dots, capitals, an accent

@@ -1,12 +1,13 @@
 """The Open Inference Protocol's two encodings side by side: a 1,000-row batch sent by `tritonclient.http` as JSON
 tensors (`binary_data=False`) and as binary tensor data (its default), to the same `mlops-nb serve`.
 
-Registers a small classifier in a throw-away tracking store (whatever `MLFLOW_TRACKING_URI` says: the store is set
-for this process and for the service), serves it on a loopback port, and alternates the two encodings request by
+Registers a small classifier in a throw-away tracking store and registry (whatever `MLFLOW_TRACKING_URI` and
+`MLFLOW_REGISTRY_URI` say: the store is set for this process and for the service), serves it on a loopback port, and alternates the two encodings request by
 request (`--requests` each, 30 by default), so a slow spell of the machine falls on both. Reports the bytes on the
 wire each way and the client-side latency (median and p95), and the ratios JSON / binary.
 
     python benchmarks/protocols.py [--rows 1000] [--requests 30]
+    python benchmarks/protocols.py --setup-only   # register, serve, answer one request, stop: what the isolation test runs
 
 Prints a table, then as its last line one JSON object, also written to reports/benchmarks/protocols.json.
 """
@@ -23,7 +24,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 from mlops_nb.loadtest import ServiceProcess  # noqa: E402
+from serving import isolated_env  # noqa: E402  (the same throw-away tracking store and registry)
 BIN = Path(sys.executable).parent
 NAME = "churn-classifier"   # the model name params.yaml gives the service
 
@@ -60,17 +63,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--setup-only", action="store_true", help="register, serve, answer one request, stop (no timing, no report)")
     args = ap.parse_args()
     import tritonclient.http as tc
     from tritonclient.http._utils import _get_inference_request
     store = Path(tempfile.mkdtemp(prefix="bench-protocols-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"   # never the user's registry
+    os.environ.update(isolated_env(store))   # never the user's tracking server or registry
     try:
         X = setup(store, args.rows)
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         with ServiceProcess([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", "--poll-seconds", "0",
                              "--log-dir", ""], "/ready", env=env, cwd=store, log=store / "serve.log") as svc:
             client = tc.InferenceServerClient(url=svc.url.removeprefix("http://"), connection_timeout=120, network_timeout=120)
+            if args.setup_only:
+                answered = client.infer(NAME, inputs(tc, client, X.head(1), False)).as_numpy("predict_proba").shape == (1, 2)
+                print(json.dumps({"benchmark": "protocols", "setup_only": True, "answered": answered, "tracking_uri": env["MLFLOW_TRACKING_URI"]}))
+                return 0 if answered else 1
             ways = {"json": (inputs(tc, client, X, False), [tc.InferRequestedOutput(o, binary_data=False) for o in ("predict", "predict_proba")]),
                     "binary": (inputs(tc, client, X, True), None)}
             size = {}
@@ -99,7 +107,8 @@ def main():
     (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
     (ROOT / "reports" / "benchmarks" / "protocols.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

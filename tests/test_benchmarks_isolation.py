@@ -13,7 +13,7 @@ from conftest import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 NAME = "churn-classifier"
-BENCHMARKS = ["serving", "features", "pipeline_overhead"]   # every file in benchmarks/ that registers or promotes
+BENCHMARKS = ["serving", "features", "pipeline_overhead", "protocols"]   # every file in benchmarks/ that registers or promotes itself
 
 
 def snapshot(uri: str) -> dict:
@@ -52,3 +52,14 @@ def test_a_benchmark_leaves_the_users_registry_untouched(team_registry, bench):
     after = snapshot(uri)
     assert after == before, f"{bench} changed the user's registry"
     assert str(MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+def test_the_benchmarks_that_run_whole_pipelines_drop_the_users_registry():
+    "newcomer.py runs `init -> run` in project copies: their environment names neither the user's tracking store nor registry."
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////team/mlflow.db", "MLFLOW_REGISTRY_URI": "sqlite:////team/mlflow.db"}
+    code = "import sys; sys.argv = ['newcomer']; import runpy; g = runpy.run_path('benchmarks/newcomer.py', run_name='imported'); " \
+           "print(sorted(k for k in g['ENV'] if k.startswith('MLFLOW_')))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "MLFLOW_TRACKING_URI" not in r.stdout and "MLFLOW_REGISTRY_URI" not in r.stdout, r.stdout
+
