@@ -769,6 +769,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.registry.model_types': ('registry.html#model_types', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.parse_model_uri': ('registry.html#parse_model_uri', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.pipeline_run': ('registry.html#pipeline_run', 'mlops_nb/registry.py'),
+                                   'mlops_nb.registry.point_mlflow': ('registry.html#point_mlflow', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.promote_candidate': ('registry.html#promote_candidate', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.promotion_lock': ('registry.html#promotion_lock', 'mlops_nb/registry.py'),
                                    'mlops_nb.registry.register_model': ('registry.html#register_model', 'mlops_nb/registry.py'),

@@ -20,26 +20,31 @@ import pandas as pd
 from .core import MlopsError, failpoint, process_running, tracking_uri
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'load_model_dir', 'use_project_tracking', 'pipeline_run',
-           'flat_params', 'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version', 'model_types',
-           'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate',
+__all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'load_model_dir', 'point_mlflow', 'use_project_tracking',
+           'pipeline_run', 'flat_params', 'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version',
+           'model_types', 'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate',
            'release_alias', 'rollback', 'model_files', 'champion_file', 'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
 
-def use_project_tracking(root: str | Path, experiment: str=EXPERIMENT) -> str:
-    "Point MLflow at the project's tracking store and experiment; return the tracking URI."
+def point_mlflow(uri: str) -> str:
+    "Point this process's MLflow client (tracking and registry) at `uri`, leaving the environment as the user set it."
     import mlflow
-    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    uri = tracking_uri(root)
     user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     for k, v in user_env.items():  # MLflow exports the URI to the environment; only the user's own setting may stay there
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
+    return uri
+
+def use_project_tracking(root: str | Path, experiment: str=EXPERIMENT) -> str:
+    "Point MLflow at the project's tracking store and experiment; return the tracking URI."
+    import mlflow
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    uri = point_mlflow(tracking_uri(root))
     if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
         # artifacts beside the SQLite file, whatever the working directory
         mlflow.create_experiment(experiment, artifact_location=(Path(root).resolve() / "mlruns").as_uri())

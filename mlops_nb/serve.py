@@ -26,6 +26,7 @@ from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
 from .predlog import PredictionLog, log_meta, read_prediction_log
+from .registry import point_mlflow
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
@@ -367,10 +368,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        if tracking_uri:
-            import mlflow
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
+        if tracking_uri: point_mlflow(tracking_uri)   # not exported to the environment: a test's or a notebook's process keeps its own
         state.executor = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=_single_threaded_model)
         if state.log is not None: state.log.start()
         task = asyncio.get_running_loop().create_task(_startup(state, model_uri, poll_seconds))

@@ -19,7 +19,7 @@ PROJECT_FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "features
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.pop("MLFLOW_TRACKING_URI", None)
+for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"): os.environ.pop(var, None)   # tests use their own stores, whatever the user set
 for var, value in [("GIT_AUTHOR_NAME", "mlops-nb tests"), ("GIT_COMMITTER_NAME", "mlops-nb tests"),
                    ("GIT_AUTHOR_EMAIL", "tests@example.com"), ("GIT_COMMITTER_EMAIL", "tests@example.com")]:
     os.environ.setdefault(var, value)  # git and `dvc exp` commit in the project copies

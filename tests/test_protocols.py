@@ -53,7 +53,8 @@ def project(tmp_path_factory):
 
 
 def _env(root: Path) -> dict:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    uri = f"sqlite:///{root / 'mlflow.db'}"   # the registry too: a URI another test left in this process's environment is not ours
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 

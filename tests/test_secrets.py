@@ -95,6 +95,7 @@ def test_ingest_from_postgresql_never_shows_the_password(db, project, tmp_path):
     root = tmp_path / "project"
     shutil.copytree(project, root)
     shutil.copytree(ROOT / "pipeline", root / "pipeline")
+    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")   # the stage list (a stage is one of dvc.yaml's)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source=url(db), query="select * from customers")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
