@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 
 from .core import ComputeParams, MlopsError, ValidateParams, atomic_path
+from .schema import Columns, check_column, validate_columns
 
 # %% auto #0
 __all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column',
            'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
-           'ingest_to_parquet', 'validate_parquet', 'profile_parquet', 'drift_parquet', 'split_parquet']
+           'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_parquet', 'drift_parquet',
+           'write_splits', 'split_parquet']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -203,43 +205,37 @@ def ingest_to_parquet(
             "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/12_scale.ipynb #0fd6bb54
-class _Columns(dict):
-    "Columns of a Parquet file by name, each read when asked for (never kept)."
-    def __init__(self, read, names):
-        super().__init__({n: None for n in names})
-        self.read = read
-    def __getitem__(self, name): return self.read(name)
-    def values(self): return (self[n] for n in self)
+class ParquetColumns(Columns):
+    "The columns of a Parquet file for `schema.validate_columns`, each read when asked for (never kept, checked one at a time)."
+    def __init__(self, path: str | Path):
+        super().__init__(_parquet(path).schema_arrow.names, parquet_rows(path))
+        self.path = path
+    def column(self, name: str) -> pd.Series: return read_column(self.path, name)
 
 def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
-
-def _check_columns(read, jobs: list) -> list:
-    "`schema._check_column` of each (name, spec) in `jobs`, the column read by `read(name)`: a list of anomaly lists."
-    from mlops_nb.schema import _check_column
-    return [_check_column(name, read(name), spec) for name, spec in jobs]
 
 def validate_parquet(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
     "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.engine: dask`: the data at `path`, a column per task)."
     if _dask(compute):
         from mlops_nb.compute import validate_dask
         return validate_dask(path, schema, compute)
-    names = [str(n) for n in _parquet(path).schema_arrow.names]
-    return _validate(names, parquet_rows(path), schema, lambda name: read_column(path, name), lambda jobs: _check_columns(lambda n: read_column(path, n), jobs))
+    return validate_columns(ParquetColumns(path), schema)
+
+# %% ../nbs/12_scale.ipynb #0848e8fc
+class _Read(Columns):   # the former seam, kept until `compute` uses `Columns` itself
+    def __init__(self, names, n_rows, read, check):
+        super().__init__(names, n_rows)
+        self.read, self.run = read, check
+    def column(self, name: str) -> pd.Series: return self.read(name)
+    def check(self, jobs: list) -> list: return self.run(jobs)
 
 def _validate(names: list[str], n: int, schema, read, check) -> "ValidationResult":
-    "`schema.validate`'s algorithm on columns `names` of `n` rows: `read(name)` gives a column, `check(jobs)` runs the per-column checks."
-    from mlops_nb.schema import Anomaly, ValidationResult, _column_anomalies, _key, _renames, _rows
-    out = [Anomaly("duplicate_column", n, "error", names.count(n), 1, f"column '{n}' appears {names.count(n)} times; only the first is checked")
-           for n in dict.fromkeys(names) if names.count(n) > 1]
-    cols = _Columns(read, dict.fromkeys(names))
-    out += _rows(n, schema)
-    missing = [c for c, spec in schema.columns.items() if c not in cols and spec.required]
-    unexpected = [c for c in cols if c not in schema.columns]
-    renames = _renames(missing, unexpected, cols, schema) if n else {}
-    out += _column_anomalies(missing, unexpected, renames)
-    if schema.key in cols: out += _key({schema.key: cols[schema.key]}, schema.key)
-    for found in check([(name, spec) for name, spec in schema.columns.items() if name in cols]): out += found
-    return ValidationResult(sorted(out, key=lambda a: a.severity != "error"), n)
+    "`schema.validate_columns` of columns `names` of `n` rows: `read(name)` gives a column, `check(jobs)` runs the per-column checks."
+    return validate_columns(_Read(names, n, read, check), schema)
+
+def _check_columns(read, jobs: list) -> list:
+    "`schema.check_column` of each (name, spec) in `jobs`, the column read by `read(name)`: a list of anomaly lists."
+    return [check_column(name, read(name), spec) for name, spec in jobs]
 
 # %% ../nbs/12_scale.ipynb #1026a830
 def _profile_column(read, name: str, schema, kwargs: dict) -> "Profile":
@@ -308,6 +304,23 @@ def _split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, 
 
 
 # %% ../nbs/12_scale.ipynb #a21bbcc8
+def write_splits(
+    train_path: str | Path, test_path: str | Path,
+    splits,   # (train frame, test frame, labelled rows) of each batch or partition, in order
+) -> tuple[dict, int]:
+    "Append each split's train and test rows to the two Parquet files, written atomically (both or neither); return the rows per side and the labelled rows."
+    rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
+    with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
+        try:
+            for train, test, k in splits:
+                labelled += k
+                for name, tmp, df in (("train", train_tmp, train), ("test", test_tmp, test)):
+                    _append(writers, name, tmp, df)
+                    rows[name] += len(df)
+        finally:
+            for w in writers.values(): w.close()
+    return rows, labelled
+
 def split_parquet(
     raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str="Yes",
     test_size: float=0.25, seed: int=42,
@@ -330,21 +343,11 @@ def split_parquet(
     if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds
         expected_train = sum(_hash_train_rows(b, target, positive_label, test_size, seed, task, key_column) for b in iter_batches(raw, batch_rows))
     keep = _keep(max_train_rows, expected_train)
-    rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
-    with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
-        try:
-            for i, batch in enumerate(iter_batches(raw, batch_rows)):
-                train, test, k = _split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep)
-                labelled += k
-                for name, tmp, df in (("train", train_tmp, train), ("test", test_tmp, test)):
-                    _append(writers, name, tmp, df)
-                    rows[name] += len(df)
-        finally:
-            for w in writers.values(): w.close()
+    splits = (_split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep) for i, batch in enumerate(iter_batches(raw, batch_rows)))
+    rows, labelled = write_splits(train_path, test_path, splits)
     return _summary(train_path, test_path, target, task, rows), n - labelled
 
 def _summary(train_path, test_path, target: str, task: str, rows: dict) -> dict:
     from mlops_nb.data import target_summary
     return {name: {"rows": rows[name], **target_summary(read_column(p, target), task), "content_hash": parquet_content_hash(p)}
                for name, p in (("train", train_path), ("test", test_path))}
-

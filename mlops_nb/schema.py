@@ -5,10 +5,13 @@
 # %% ../nbs/10_schema.ipynb #72d539fa
 from __future__ import annotations
 
+import collections
 import datetime
 import difflib
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from .core import MlopsError
 
 # %% auto #0
 __all__ = ['TYPES', 'SCHEMA_HEADER', 'SEVERITY', 'SchemaError', 'ColumnSchema', 'Schema', 'infer_schema', 'schema_to_yaml',
-           'parse_schema', 'load_schema', 'Anomaly', 'ValidationResult', 'validate', 'read_table', 'infer_schema_file']
+           'parse_schema', 'load_schema', 'Anomaly', 'ValidationResult', 'check_column', 'Columns', 'FrameColumns',
+           'validate_columns', 'validate', 'read_table', 'infer_schema_file']
 
 # %% ../nbs/10_schema.ipynb #2ac71850
 TYPES = ("int", "float", "str", "bool", "datetime")
@@ -539,7 +543,12 @@ def _string_counts(s: pd.Series) -> tuple[pd.Series, int] | None:
     if pd.api.types.infer_dtype(uniques, skipna=False) not in ("string", "empty"): return None
     return pd.Series(counts, index=pd.Index(uniques, dtype=object)).sort_values(ascending=False), int((codes < 0).sum())
 
-def _check_column(name: str, s: pd.Series, spec: ColumnSchema) -> list[Anomaly]:
+# %% ../nbs/10_schema.ipynb #9e5c9616
+def check_column(
+    name: str,          # the column's name, as anomalies report it
+    s: pd.Series,       # its values
+    spec: ColumnSchema, # what they must be
+) -> list[Anomaly]:
     "The anomalies of column `s` against `spec`; a text column with a domain is checked on its distinct values, weighted by their counts."
     n = len(s)
     if n == 0: return []
@@ -548,18 +557,32 @@ def _check_column(name: str, s: pd.Series, spec: ColumnSchema) -> list[Anomaly]:
     counts, nulls = fast      # every value is a string: no type mismatch, and a text column has no range
     return _null_check(name, nulls, n, spec) + _domain_check(name, np.array([], dtype=object), n - nulls, spec, counts)
 
-
 # %% ../nbs/10_schema.ipynb #6f541101
-def _structure(df: pd.DataFrame) -> tuple[dict[str, pd.Series], list[Anomaly]]:
-    "The batch's columns by (string) name, and an anomaly per duplicated name."
-    names = [str(c) for c in df.columns]
-    cols, out = {}, []
-    for i, name in enumerate(names):
-        if name in cols: continue
-        cols[name] = df.iloc[:, i]
-        if (k := names.count(name)) > 1:
-            out.append(Anomaly("duplicate_column", name, "error", k, 1, f"column '{name}' appears {k} times; only the first is checked"))
-    return cols, out
+class Columns:
+    "A batch as `validate_columns` reads it: column names in order, rows, and `column(name)`, the first column of that name."
+    parallel = False    # run the per-column checks on threads (a source whose columns are all in memory)
+    def __init__(self, names: list, n_rows: int): self.names, self.n_rows = [str(c) for c in names], n_rows
+    def column(self, name: str) -> pd.Series: raise NotImplementedError("a source of columns provides `column`")
+    def check(self, jobs: list[tuple[str, ColumnSchema]]) -> list[list[Anomaly]]:
+        "`check_column` of each (name, spec) of `jobs`, in order."
+        one = lambda job: check_column(job[0], self.column(job[0]), job[1])
+        if not self.parallel or len(jobs) < 2: return [one(j) for j in jobs]
+        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, 8)) as pool: return list(pool.map(one, jobs))
+
+class FrameColumns(Columns):
+    "The columns of a pandas frame (checked on threads from 100,000 rows)."
+    def __init__(self, df: pd.DataFrame):
+        super().__init__(df.columns, len(df))
+        self.df, self.parallel, self.at = df, len(df) >= 100_000, {}
+        for i, name in enumerate(self.names): self.at.setdefault(name, i)
+    def column(self, name: str) -> pd.Series: return self.df.iloc[:, self.at[name]]
+
+# %% ../nbs/10_schema.ipynb #36c5732f
+def _duplicates(names: list[str]) -> list[Anomaly]:
+    "An anomaly per duplicated column name, in order of first appearance."
+    counts = collections.Counter(names)
+    return [Anomaly("duplicate_column", name, "error", k, 1, f"column '{name}' appears {k} times; only the first is checked")
+            for name, k in counts.items() if k > 1]
 
 def _rows(n: int, schema: Schema) -> list[Anomaly]:
     if n == 0: return [Anomaly("empty_batch", None, "error", 0, 1, "the batch has no rows")]
@@ -577,22 +600,22 @@ def _column_anomalies(missing: list[str], unexpected: list[str], renames: dict[s
     return out + [Anomaly("unexpected_column", c, "error", None, None, f"column '{c}' is not in the schema")
                   for c in unexpected if c not in renames.values()]
 
-def _renames(missing: list[str], unexpected: list[str], cols: dict, schema: Schema) -> dict[str, str]:
+def _renames(missing: list[str], unexpected: list[str], cols: Columns, schema: Schema) -> dict[str, str]:
     "{missing name: unexpected name} for unexpected columns whose values fit a missing column's spec."
-    if not missing or not unexpected or not len(next(iter(cols.values()))): return {}
+    if not missing or not unexpected or not cols.n_rows: return {}
     pairs = []
     for old in missing:
         for new in unexpected:
-            if not any(a.severity == "error" for a in _check_column(old, cols[new], schema.columns[old])):
+            if not any(a.severity == "error" for a in check_column(old, cols.column(new), schema.columns[old])):
                 pairs.append((difflib.SequenceMatcher(None, old, new).ratio(), old, new))
     found = {}
     for _, old, new in sorted(pairs, reverse=True):
         if old not in found and new not in found.values(): found[old] = new
     return found
 
-def _key(cols: dict, key: str | None) -> list[Anomaly]:
-    if key is None or key not in cols: return []
-    s = cols[key]
+def _key(cols: Columns, key: str | None) -> list[Anomaly]:
+    if key is None or key not in cols.names: return []
+    s = cols.column(key)
     try: dup = s.duplicated()
     except TypeError: dup = s.map(repr).duplicated()
     k = int(dup.sum())
@@ -600,6 +623,21 @@ def _key(cols: dict, key: str | None) -> list[Anomaly]:
     return [Anomaly("duplicate_key", key, "error", k, 0, f"{k} rows repeat a value of key '{key}'", _examples(s[dup].to_numpy(object)))]
 
 # %% ../nbs/10_schema.ipynb #e66ecebe
+def validate_columns(
+    cols: Columns,      # the batch, as a source of columns
+    schema: Schema,     # what it must look like
+) -> ValidationResult:
+    "Check the batch `cols` against `schema` and return every anomaly at once (errors first): `validate`'s algorithm for any source."
+    names, out = list(dict.fromkeys(cols.names)), _duplicates(cols.names)
+    out += _rows(cols.n_rows, schema)
+    missing = [c for c, spec in schema.columns.items() if c not in names and spec.required]
+    unexpected = [c for c in names if c not in schema.columns]
+    renames = _renames(missing, unexpected, cols, schema)
+    out += _column_anomalies(missing, unexpected, renames)
+    out += _key(cols, schema.key)
+    for found in cols.check([(name, spec) for name, spec in schema.columns.items() if name in names]): out += found
+    return ValidationResult(sorted(out, key=lambda a: a.severity != "error"), cols.n_rows)
+
 def validate(
     df: pd.DataFrame,   # the batch to check
     schema: Schema,     # what it must look like
@@ -607,16 +645,7 @@ def validate(
     "Check `df` against `schema` and return every anomaly at once (errors first)."
     if not isinstance(df, pd.DataFrame): raise MlopsError(f"validate expects a DataFrame, got {type(df).__name__}")
     if not isinstance(schema, Schema): raise MlopsError(f"validate expects a Schema, got {type(schema).__name__}")
-    cols, out = _structure(df)
-    out += _rows(len(df), schema)
-    missing = [c for c, spec in schema.columns.items() if c not in cols and spec.required]
-    unexpected = [c for c in cols if c not in schema.columns]
-    renames = _renames(missing, unexpected, cols, schema)
-    out += _column_anomalies(missing, unexpected, renames)
-    out += _key(cols, schema.key)
-    for name, spec in schema.columns.items():
-        if name in cols: out += _check_column(name, cols[name], spec)
-    return ValidationResult(sorted(out, key=lambda a: a.severity != "error"), len(df))
+    return validate_columns(FrameColumns(df), schema)
 
 # %% ../nbs/10_schema.ipynb #4975175f
 def read_table(path: str | Path) -> pd.DataFrame:
