@@ -64,10 +64,16 @@ def write_log(folder: Path, rows: int, days: int = 10) -> pd.Timestamp:
     return pd.Timestamp(ts[-1])
 
 
+def fresh(script: str, *args) -> list[str]:
+    "The words `script` prints when run with `args` in a fresh interpreter (its error output on failure)."
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode: raise RuntimeError(f"a fresh process failed:\n{out.stderr[-2000:]}")
+    return out.stdout.split()
+
+
 def read(mode: str, folder: Path, window: int, since: str = "") -> tuple[int, float, float, float]:
     "Rows read, seconds, peak RSS and the RSS before reading (MiB), of one read in a fresh process."
-    out = subprocess.run([sys.executable, "-c", READ, mode, str(folder), str(window), since], capture_output=True, text=True, check=True)
-    n, seconds, mib, base = out.stdout.split()
+    n, seconds, mib, base = fresh(READ, mode, folder, window, since)
     return int(n), float(seconds), float(mib), float(base)
 
 
