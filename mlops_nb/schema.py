@@ -532,10 +532,13 @@ def _string_counts(s: pd.Series) -> tuple[pd.Series, int] | None:
     "When every non-null value of `s` is a string: their counts (most frequent first, ties in order of first appearance) and the nulls; else None."
     if isinstance(s.dtype, pd.CategoricalDtype):
         codes = s.cat.codes.to_numpy()
-        seen = pd.unique(codes)
-        seen = seen[seen >= 0]
-        counts = np.bincount(codes[codes >= 0], minlength=len(s.cat.categories))[seen]
-        uniques = s.cat.categories.to_numpy(dtype=object)[seen]
+        nulls = int((codes < 0).sum())
+        every = np.bincount(codes[codes >= 0] if nulls else codes, minlength=len(s.cat.categories))
+        seen = np.flatnonzero(every)   # distinct counts order the values alone; ties need the order of first appearance
+        if len(np.unique(every[seen])) < len(seen):
+            first = pd.unique(codes)
+            seen = first[first >= 0]
+        counts, uniques = every[seen], s.cat.categories.to_numpy(dtype=object)[seen]
     elif s.dtype == object or isinstance(s.dtype, pd.StringDtype):
         codes, uniques = pd.factorize(s)
         counts, uniques = np.bincount(codes[codes >= 0], minlength=len(uniques)), np.asarray(uniques, dtype=object)
