@@ -128,10 +128,11 @@ def monitor_logs(sizes: list[int], last: int, repeat: int, refs: dict) -> list[d
 def interleaved(fns: dict, repeat: int) -> dict:
     "{name: (best seconds, last result)} of each function, run `repeat` times in turn (a, b, c, a, b, c, ...)."
     best = {k: (float("inf"), None) for k in fns}
-    for _ in range(repeat):
+    for i in range(repeat):
         for k, f in fns.items():
             t, out = timed(f)
             best[k] = (min(best[k][0], t), out)
+            print(f"run {i + 1}/{repeat} {k}: {t:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     return best
 
 
