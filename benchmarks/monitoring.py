@@ -49,7 +49,7 @@ import pandas as pd
 os.environ.setdefault("DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from log_window import fresh, write_log  # noqa: E402  (the logs of the log-reading benchmark, in its layout)
+from log_window import PEAK, fresh, write_log  # noqa: E402  (the logs of the log-reading benchmark, in its layout)
 from validation import run_deepchecks, timed  # noqa: E402  (the same timing and the same deepchecks check)
 DRIFT_IN = ["num_00", "num_04", "cat_03"]
 CATS = [f"cat_{j:02d}" for j in range(10)] + ["prediction"]   # what deepchecks treats as categorical
@@ -91,17 +91,17 @@ def run_evidently(ref: pd.DataFrame, new: pd.DataFrame, cats: list[str]):
                                                 Dataset.from_pandas(ref, data_definition=definition))
 
 
-MONITOR_LOG = """
-import pickle, resource, sys, time
+MONITOR_LOG = PEAK + """
+import pickle, sys, time
 from mlops_nb.core import Params
 from mlops_nb.monitor import monitor, read_window
 folder, last, refs = sys.argv[1], int(sys.argv[2]), pickle.load(open(sys.argv[3], "rb"))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # the interpreter, the library and the references
+base = peak_mib()   # the interpreter, the library and the references
 t = time.perf_counter()
 window = read_window(folder, last=last)
 read_s = time.perf_counter() - t
 report = monitor(window, params=Params(), **refs)
-print(len(window), read_s, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base, report.decision)
+print(len(window), read_s, time.perf_counter() - t, peak_mib(), base, report.decision)
 """
 
 
