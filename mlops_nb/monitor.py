@@ -817,13 +817,16 @@ def write_monitor_report(
     out: str | Path,              # the folder (reports/monitor)
     extra: dict | None = None,    # what else to record (model URI, source, labels file)
 ) -> Path:
-    "Write `monitor.json` and the plots into `out`; the JSON's path."
-    from mlops_nb.drift import plot_drift_scores
+    "Write `monitor.json` and the plots (drift scores, version mix, multivariate score, metrics) into `out`; the JSON's path."
+    from mlops_nb.drift import plot_drift_scores, plot_multivariate
     from mlops_nb.evaluate import save_figure
     out = Path(out)
     save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
     if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")
-    return write_json(out / "monitor.json", {**(extra or {}), **report.to_dict()})
+    if report.multivariate: save_figure(plot_multivariate(pd.DataFrame([{"window": 0, **report.multivariate}])), out / "multivariate.png")
+    saved = report.to_dict()
+    if (fig := plot_metrics(saved)) is not None: save_figure(fig, out / "metrics.png")
+    return write_json(out / "monitor.json", {**(extra or {}), **saved})
 
 # %% ../nbs/23_monitor.ipynb #c0fdb59b
 def drift_from_dict(d: dict) -> DriftReport:
