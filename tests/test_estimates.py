@@ -23,13 +23,14 @@ from mlops_nb.monitor import (Calibration, ErrorModel, RELIABILITY_SHAPES, _bina
 
 @pytest.fixture(scope="module")
 def study() -> pd.DataFrame:
-    return coverage_study(windows=100, seed=11)
+    return coverage_study(windows=200, seed=11)   # 200 windows: a shape's coverage known to about +-0.015
 
 
 def test_coverage_every_reliability_shape(study):
     covered = study.groupby(["shape", "metric"]).covered.mean()
     assert set(study["shape"]) == {"calibrated", "sigmoid", "kinked", "step"}
     assert (covered >= 0.9).all(), covered.to_dict()
+    assert covered.mean() >= 0.93, covered.to_dict()   # near the nominal 95% overall, not only above the bar
 
 
 def test_the_map_form_follows_the_curve(study):
@@ -199,7 +200,8 @@ def diamond_champion(tmp_path_factory):
 
 @pytest.mark.slow
 def test_an_initialised_regressor_s_interval_holds_its_realized_error(diamond_champion):
-    "Windows drawn from the champion's test split: the interval of the estimate before labels holds the realized MAE and RMSE."
+    """Windows drawn from the champion's test split: the interval of the estimate before labels holds the realized MAE and RMSE.
+    (The error model learned from these rows, cross-fitted; the unit test above checks rows it never saw.)"""
     params, refs, scored, price = diamond_champion
     assert isinstance(refs["calibration"], ErrorModel) and refs["multivariate"] is not None
     hits, decisions = {"mae": [], "rmse": []}, []
@@ -217,13 +219,13 @@ def test_an_initialised_regressor_s_interval_holds_its_realized_error(diamond_ch
 
 @pytest.mark.slow
 def test_an_initialised_regressor_s_shifted_window_is_flagged_before_labels(diamond_champion):
-    "The largest stones only: before any label, the estimated error is past a monitoring ceiling set at 1.5x the offline error."
+    "The largest stones only: before any label, the whole interval of the estimated error is past a monitoring ceiling of 1.25x the offline error."
     params, refs, scored, price = diamond_champion
     metric = params.evaluate.primary_metric
     assert metric in ("rmse", "mae"), metric
     offline = refs["offline"][metric]
-    params = dataclasses.replace(params, monitor=dataclasses.replace(params.monitor, min_primary=1.5 * offline))
-    heavy = scored[scored.carat > scored.carat.quantile(0.8)].head(WINDOW_ROWS)
+    params = dataclasses.replace(params, monitor=dataclasses.replace(params.monitor, min_primary=1.25 * offline))   # a team's own ceiling
+    heavy = scored[scored.carat > scored.carat.quantile(0.9)].head(WINDOW_ROWS)
     plain = monitor(scored.sample(WINDOW_ROWS, random_state=99), **refs, params=params)
     report = monitor(heavy, **refs, params=params)
     estimate_flag = lambda rep: [r for r in rep.reasons if r.startswith(f"estimated {metric}") and "above the ceiling" in r]
@@ -231,4 +233,4 @@ def test_an_initialised_regressor_s_shifted_window_is_flagged_before_labels(diam
     assert report.decision == "retrain" and estimate_flag(report), report.reasons
     r = np.abs(price[heavy.index].to_numpy() - heavy.prediction.to_numpy())
     realized = {"mae": r.mean(), "rmse": np.sqrt((r ** 2).mean())}[metric]
-    assert realized > 1.5 * offline   # the labels, once they arrive, agree
+    assert realized > 1.25 * offline, (realized, offline)   # the labels, once they arrive, agree
