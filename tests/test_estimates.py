@@ -1,9 +1,10 @@
-"""Estimates before labels and multivariate drift, on numpy-level simulations (seconds, no pipeline run).
+"""Estimates before labels and multivariate drift, on numpy-level simulations, and one regression project end to end.
 
 - the 95% interval of accuracy and ROC AUC holds the realized value in >= 90% of windows for four reliability curves;
 - precision, recall, F1 and the confusion matrix come from the same draws; `retrain` needs the whole interval beyond the floor;
 - a regressor's error is estimated before labels (a packaged table), its interval holds the realized MAE/RMSE and a shifted
-  window is flagged;
+  window is flagged; the same through `mlops-nb init` and a small `mlops-nb run` on ggplot2's diamonds (slow: one pipeline
+  run for the module), from the champion's stored error model;
 - two correlated features decoupled: every univariate score quiet, the multivariate score flags it, the decision is retrain.
 """
 from __future__ import annotations
