@@ -26,9 +26,9 @@ __all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES'
            'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of', 'LabelMatch', 'record_ids',
            'match_labels', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map',
            'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model',
-           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
-           'write_monitor_report', 'drift_from_dict', 'plot_metrics', 'monitor_notebook', 'MonitoredWindow',
-           'monitored_version', 'monitor_project']
+           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_metrics', 'plot_version_mix',
+           'write_monitor_report', 'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version',
+           'monitor_project']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
@@ -801,6 +801,24 @@ def _calibration_of(path: Path) -> Calibration | ErrorModel | None:
     d = read_json(path)
     return Calibration.from_dict(d) if d.get("kind") in ("binary", "top-label") else ErrorModel.from_dict(d) if d.get("kind") == "regression" else None
 
+# %% ../nbs/23_monitor.ipynb #cb53d994
+def plot_metrics(report: dict):
+    "A Figure with each metric's estimate and interval (before labels), its realized value and its offline test value; None without metrics."
+    from matplotlib.figure import Figure
+    m = report["metrics"]
+    est = {k: v for k, v in (m.get("estimated") or {}).items() if isinstance(v, dict) and isinstance(v.get("estimate"), float)}
+    names = [*est, *(k for k in (m.get("realized") or {}) if k not in est and k != "n" and k in (m.get("offline") or {}))]
+    if not names: return None
+    fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    for i, k in enumerate(names):
+        if k in est: ax.errorbar(est[k]["estimate"], i, xerr=[[est[k]["estimate"] - est[k]["low"]], [est[k]["high"] - est[k]["estimate"]]], fmt="s", capsize=4, color="tab:blue", label="estimated")
+        for source, marker, color in (("realized", "x", "tab:red"), ("offline", "o", "tab:grey")):
+            if (v := (m.get(source) or {}).get(k)) is not None: ax.plot(v, i, marker, color=color, label=source)
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    ax.legend(handles.values(), handles.keys()); ax.set_yticks(range(len(names)), names); ax.set_title("metrics of the window")
+    return fig
+
 # %% ../nbs/23_monitor.ipynb #d9fc686c
 def plot_version_mix(mix: pd.DataFrame):
     "A Figure with the records per served version and variant."
@@ -833,24 +851,6 @@ def drift_from_dict(d: dict) -> DriftReport:
     from mlops_nb.core import ValidateParams
     from mlops_nb.drift import FeatureDrift
     return DriftReport([FeatureDrift(**f) for f in d["features"]], ValidateParams(**d["thresholds"]), d["n_rows"])
-
-# %% ../nbs/23_monitor.ipynb #cb53d994
-def plot_metrics(report: dict):
-    "A Figure with each metric's estimate and interval (before labels), its realized value and its offline test value; None without metrics."
-    from matplotlib.figure import Figure
-    m = report["metrics"]
-    est = {k: v for k, v in (m.get("estimated") or {}).items() if isinstance(v, dict) and isinstance(v.get("estimate"), float)}
-    names = [*est, *(k for k in (m.get("realized") or {}) if k not in est and k != "n" and k in (m.get("offline") or {}))]
-    if not names: return None
-    fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    for i, k in enumerate(names):
-        if k in est: ax.errorbar(est[k]["estimate"], i, xerr=[[est[k]["estimate"] - est[k]["low"]], [est[k]["high"] - est[k]["estimate"]]], fmt="s", capsize=4, color="tab:blue", label="estimated")
-        for source, marker, color in (("realized", "x", "tab:red"), ("offline", "o", "tab:grey")):
-            if (v := (m.get(source) or {}).get(k)) is not None: ax.plot(v, i, marker, color=color, label=source)
-    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
-    ax.legend(handles.values(), handles.keys()); ax.set_yticks(range(len(names)), names); ax.set_title("metrics of the window")
-    return fig
 
 # %% ../nbs/23_monitor.ipynb #9ddc7385
 def monitor_notebook(
