@@ -301,6 +301,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.drift.plot_drift': ('drift.html#plot_drift', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.plot_drift_scores': ('drift.html#plot_drift_scores', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.plot_drifted': ('drift.html#plot_drifted', 'mlops_nb/drift.py'),
+                                'mlops_nb.drift.plot_multivariate': ('drift.html#plot_multivariate', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.profile': ('drift.html#profile', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.reconstruction_errors': ('drift.html#reconstruction_errors', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.synthetic_features': ('drift.html#synthetic_features', 'mlops_nb/drift.py')},

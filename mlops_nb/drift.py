@@ -20,8 +20,8 @@ from .schema import Schema
 
 # %% auto #0
 __all__ = ['synthetic_features', 'FeatureProfile', 'Profile', 'profile', 'FeatureDrift', 'DriftReport', 'detect_drift',
-           'Multivariate', 'fit_multivariate', 'reconstruction_errors', 'multivariate_drift', 'plot_drift',
-           'plot_drifted', 'plot_drift_scores']
+           'Multivariate', 'fit_multivariate', 'reconstruction_errors', 'multivariate_drift', 'plot_multivariate',
+           'plot_drift', 'plot_drifted', 'plot_drift_scores']
 
 # %% ../nbs/11_drift.ipynb #dee88ef9
 def _numeric_feature(j: int, n: int, rng, drift: bool) -> np.ndarray:
@@ -391,6 +391,22 @@ def multivariate_drift(
     return {"score": score, "threshold": threshold, "reference": float(ref.mean()), "drifted": score > threshold,
             "columns": mv.columns, "components": len(mv.components), "n": len(df)}
 
+
+# %% ../nbs/11_drift.ipynb #b82143c8
+def plot_multivariate(
+    table: pd.DataFrame,          # one row per window: window, score, threshold, and traffic (the kind of window, one marker each)
+    title: str = "multivariate drift: PCA reconstruction error per window",
+):
+    "A Figure of each window's multivariate score against its threshold (a dash per window); a drifted window sits above its dash."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 2.6), layout="constrained")
+    ax = fig.subplots()
+    ax.hlines(table.threshold, table.window - 0.4, table.window + 0.4, color="tab:grey", ls="--", label="threshold")
+    kinds = table.traffic if "traffic" in table else pd.Series("this", index=table.index)
+    for (kind, t), marker in zip(table.groupby(kinds, sort=False), "oxs^v"):
+        ax.plot(t.window, t.score, marker, ls="none", label=f"{kind} traffic")
+    ax.set(xlabel="window", ylabel="mean reconstruction error", title=title); ax.legend(ncols=3)
+    return fig
 
 # %% ../nbs/11_drift.ipynb #735f5f80
 def _numeric_axes(fig, fp: FeatureProfile, s: pd.Series):

@@ -26,9 +26,9 @@ __all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES'
            'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of', 'LabelMatch', 'record_ids',
            'match_labels', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map',
            'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model',
-           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_version_mix',
-           'write_monitor_report', 'drift_from_dict', 'plot_metrics', 'monitor_notebook', 'MonitoredWindow',
-           'monitored_version', 'monitor_project']
+           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_metrics', 'plot_version_mix',
+           'write_monitor_report', 'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version',
+           'monitor_project']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
@@ -478,7 +478,7 @@ def coverage_study(
     windows: int = 100,           # simulated windows per shape, each with a fresh test split to calibrate on
     test_rows: int = 2000,        # labelled rows the calibration is fitted on
     window_rows: int = 1000,      # records per window
-    samples: int = 200,           # label draws per estimate
+    samples: int = 400,           # label draws per estimate (as `monitor` draws: fewer make the 2.5% and 97.5% points noisy, the interval too narrow)
     seed: int = 0,
 ) -> pd.DataFrame:
     "Per shape and window: the estimate and interval of accuracy and ROC AUC before labels, the realized value, and whether it is covered."
@@ -493,7 +493,6 @@ def coverage_study(
             rows += [{"shape": name, "window": w, "metric": m, "method": cal.method, **est[m], "realized": real[m]} for m in ("accuracy", "roc_auc")]
     out = pd.DataFrame(rows)
     return out.assign(covered=(out.low <= out.realized) & (out.realized <= out.high))
-
 
 # %% ../nbs/23_monitor.ipynb #c5599048
 def plot_windows(
@@ -802,36 +801,6 @@ def _calibration_of(path: Path) -> Calibration | ErrorModel | None:
     d = read_json(path)
     return Calibration.from_dict(d) if d.get("kind") in ("binary", "top-label") else ErrorModel.from_dict(d) if d.get("kind") == "regression" else None
 
-# %% ../nbs/23_monitor.ipynb #d9fc686c
-def plot_version_mix(mix: pd.DataFrame):
-    "A Figure with the records per served version and variant."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 0.35 * len(mix) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    labels = [" / ".join(str(r[c]) for c in ("model_version", "variant") if c in mix) or "batch" for _, r in mix.iterrows()]
-    ax.barh(labels, mix.records); ax.invert_yaxis(); ax.set_xlabel("records"); ax.set_title("served versions in the window")
-    return fig
-
-def write_monitor_report(
-    report: MonitorReport,        # what `monitor` returned
-    out: str | Path,              # the folder (reports/monitor)
-    extra: dict | None = None,    # what else to record (model URI, source, labels file)
-) -> Path:
-    "Write `monitor.json` and the plots into `out`; the JSON's path."
-    from mlops_nb.drift import plot_drift_scores
-    from mlops_nb.evaluate import save_figure
-    out = Path(out)
-    save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
-    if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")
-    return write_json(out / "monitor.json", {**(extra or {}), **report.to_dict()})
-
-# %% ../nbs/23_monitor.ipynb #c0fdb59b
-def drift_from_dict(d: dict) -> DriftReport:
-    "The `DriftReport` a report's drift section was written from."
-    from mlops_nb.core import ValidateParams
-    from mlops_nb.drift import FeatureDrift
-    return DriftReport([FeatureDrift(**f) for f in d["features"]], ValidateParams(**d["thresholds"]), d["n_rows"])
-
 # %% ../nbs/23_monitor.ipynb #cb53d994
 def plot_metrics(report: dict):
     "A Figure with each metric's estimate and interval (before labels), its realized value and its offline test value; None without metrics."
@@ -849,6 +818,39 @@ def plot_metrics(report: dict):
     handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
     ax.legend(handles.values(), handles.keys()); ax.set_yticks(range(len(names)), names); ax.set_title("metrics of the window")
     return fig
+
+# %% ../nbs/23_monitor.ipynb #d9fc686c
+def plot_version_mix(mix: pd.DataFrame):
+    "A Figure with the records per served version and variant."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 0.35 * len(mix) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    labels = [" / ".join(str(r[c]) for c in ("model_version", "variant") if c in mix) or "batch" for _, r in mix.iterrows()]
+    ax.barh(labels, mix.records); ax.invert_yaxis(); ax.set_xlabel("records"); ax.set_title("served versions in the window")
+    return fig
+
+def write_monitor_report(
+    report: MonitorReport,        # what `monitor` returned
+    out: str | Path,              # the folder (reports/monitor)
+    extra: dict | None = None,    # what else to record (model URI, source, labels file)
+) -> Path:
+    "Write `monitor.json` and the plots (drift scores, version mix, multivariate score, metrics) into `out`; the JSON's path."
+    from mlops_nb.drift import plot_drift_scores, plot_multivariate
+    from mlops_nb.evaluate import save_figure
+    out = Path(out)
+    save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
+    if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")
+    if report.multivariate: save_figure(plot_multivariate(pd.DataFrame([{"window": 0, **report.multivariate}])), out / "multivariate.png")
+    saved = report.to_dict()
+    if (fig := plot_metrics(saved)) is not None: save_figure(fig, out / "metrics.png")
+    return write_json(out / "monitor.json", {**(extra or {}), **saved})
+
+# %% ../nbs/23_monitor.ipynb #c0fdb59b
+def drift_from_dict(d: dict) -> DriftReport:
+    "The `DriftReport` a report's drift section was written from."
+    from mlops_nb.core import ValidateParams
+    from mlops_nb.drift import FeatureDrift
+    return DriftReport([FeatureDrift(**f) for f in d["features"]], ValidateParams(**d["thresholds"]), d["n_rows"])
 
 # %% ../nbs/23_monitor.ipynb #9ddc7385
 def monitor_notebook(

@@ -34,7 +34,7 @@ STRICT = os.environ.get("MLOPS_NB_NO_SKIP") == "1"
 # one worker, so its module-scoped pipeline run is built once. The longest modules start first, so no worker is left
 # alone with a long one at the end (their order comes from CI's --durations; a module missing from the list just
 # starts later).
-LONGEST_FIRST = ["test_orchestrate", "test_gate", "test_ct", "test_scale_services", "test_notebooks", "test_anydata", "test_workflows", "test_pipeline", "test_widgets",
+LONGEST_FIRST = ["test_orchestrate", "test_gate", "test_ct", "test_scale_services", "test_notebooks", "test_anydata", "test_estimates", "test_workflows", "test_pipeline", "test_widgets",
                  "test_serve_faults", "test_container", "test_promotion", "test_monitor", "test_feature_store", "test_sweep", "test_scale_dask",
                  "test_protocols", "test_serve", "test_export"]
 
