@@ -911,6 +911,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve._alias_uri': ('serve.html#_alias_uri', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._answer': ('serve.html#_answer', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._field_json': ('serve.html#_field_json', 'mlops_nb/serve.py'),
+                                'mlops_nb.serve._freeze_heap': ('serve.html#_freeze_heap', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._healthy': ('serve.html#_healthy', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._json': ('serve.html#_json', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._load_variant': ('serve.html#_load_variant', 'mlops_nb/serve.py'),
