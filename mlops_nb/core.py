@@ -26,13 +26,13 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths',
-           'BaseParams', 'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams',
-           'InfraParams', 'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams',
-           'ComputeParams', 'Params', 'parse_section', 'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml',
-           'load_params', 'stage_sections', 'atomic_path', 'process_running', 'write_text', 'write_json',
-           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state',
-           'git_branch', 'failpoint', 'skip_iri_checker']
+__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'ExitCode', 'exit_epilog',
+           'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams',
+           'EvaluateParams', 'InfraParams', 'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams',
+           'FeaturesParams', 'ComputeParams', 'Params', 'parse_section', 'builtin_sections', 'parse_params',
+           'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections', 'atomic_path', 'process_running', 'write_text',
+           'write_json', 'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri',
+           'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #7b54dc27
 _URL_PASSWORD = re.compile(r"(?P<head>://[^/:@?#\s]*:)(?P<pw>[^/?#\s]*)@")   # greedy: a password may hold a raw @
@@ -67,6 +67,23 @@ class MlopsError(Exception):
 
 class ParamsError(MlopsError, ValueError):
     "`params.yaml` has an unknown key, a missing section or a value of the wrong type."
+
+# %% ../nbs/00_core.ipynb #fdd35703
+from enum import IntEnum
+
+class ExitCode(IntEnum):
+    "What an `mlops-nb` command's exit status means (cron, CI and orchestrators branch on these)."
+    OK = 0             # done: promoted, nothing to do, no drift
+    ERROR = 1          # an error, one line on stderr
+    NOT_PROMOTED = 3   # `run`, `promote`, `ct`: finished, but the candidate did not take its alias
+    RETRAIN = 4        # `monitor`: retraining due; `ct`: retraining due but no labelled records
+    ALERT = 5          # `monitor`, `ct`: schema skew in traffic (a broken upstream)
+    BUSY = 75          # `ct`: another cycle holds the lock (EX_TEMPFAIL: try again later)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+def exit_epilog(meanings: dict, otherwise: str = "") -> str:
+    "A command's `--help` epilog: each `ExitCode` of `meanings` with what it means there, then `otherwise`."
+    return "exit codes: " + "; ".join([f"{int(c)} {m}" for c, m in meanings.items()] + ([otherwise] if otherwise else []))
 
 # %% ../nbs/00_core.ipynb #332b8ad6
 def find_root(start: str | Path | None = None) -> Path:

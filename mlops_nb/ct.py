@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import MlopsError, Params, ProjectPaths, atomic_path, failpoint, git_state, load_params, read_json, write_json
+from .core import ExitCode, MlopsError, Params, ProjectPaths, atomic_path, failpoint, git_state, load_params, read_json, write_json
 
 # %% auto #0
 __all__ = ['OUTCOME_EXIT', 'RECORDS_KEY', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'uncached_outputs', 'pipeline_record',
@@ -92,7 +92,8 @@ def cycle_lock(root: str | Path):
     finally: lock.release()
 
 # %% ../nbs/27_ct.ipynb #261fbbc7
-OUTCOME_EXIT = {"no-retrain": 0, "promoted": 0, "not-promoted": 3, "no-labels": 4, "alert": 5, "failed": 1, "abandoned": 1}
+OUTCOME_EXIT = {"no-retrain": ExitCode.OK, "promoted": ExitCode.OK, "not-promoted": ExitCode.NOT_PROMOTED, "no-labels": ExitCode.RETRAIN,
+                "alert": ExitCode.ALERT, "failed": ExitCode.ERROR, "abandoned": ExitCode.ERROR}
 
 @dataclass
 class Cycle:
@@ -115,7 +116,7 @@ class Cycle:
     data_after: dict = field(default_factory=dict)
     finished: str | None = None
     @property
-    def exit_code(self) -> int: return OUTCOME_EXIT.get(self.outcome, 1)
+    def exit_code(self) -> int: return int(OUTCOME_EXIT.get(self.outcome, ExitCode.ERROR))
     @classmethod
     def from_dict(cls, d: dict) -> Cycle: return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
