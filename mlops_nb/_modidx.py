@@ -80,6 +80,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.contract._json_type': ('contract.html#_json_type', 'mlops_nb/contract.py'),
                                    'mlops_nb.contract._number_problem': ('contract.html#_number_problem', 'mlops_nb/contract.py'),
                                    'mlops_nb.contract.decide_classes': ('contract.html#decide_classes', 'mlops_nb/contract.py'),
+                                   'mlops_nb.contract.error_entry': ('contract.html#error_entry', 'mlops_nb/contract.py'),
                                    'mlops_nb.contract.field_problem': ('contract.html#field_problem', 'mlops_nb/contract.py'),
                                    'mlops_nb.contract.input_fields': ('contract.html#input_fields', 'mlops_nb/contract.py'),
                                    'mlops_nb.contract.parse_body': ('contract.html#parse_body', 'mlops_nb/contract.py'),

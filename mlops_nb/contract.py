@@ -18,8 +18,8 @@ from .core import MlopsError
 from .schema import Schema
 
 # %% auto #0
-__all__ = ['Field', 'input_fields', 'RequestError', 'parse_datetime', 'field_problem', 'validate_records', 'parse_body',
-           'records_frame', 'decide_classes']
+__all__ = ['Field', 'input_fields', 'RequestError', 'error_entry', 'parse_datetime', 'field_problem', 'validate_records',
+           'parse_body', 'records_frame', 'decide_classes']
 
 # %% ../nbs/16_contract.ipynb #f56dbbc1
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class RequestError(MlopsError):
     def __init__(self, status: int, errors: list[dict], n_errors: int | None = None):
         super().__init__(f"{status}: {errors[:1]}")
         self.status, self.errors, self.n_errors = status, errors, n_errors or len(errors)
+
+def error_entry(problem: str, record: int | None = None, field: str | None = None, **more) -> dict:
+    "One entry of a refused request's `errors`: what is wrong, in which record and field (None: the request as a whole)."
+    return {"record": record, "field": field, "problem": problem, **more}
 
 def _json_type(v) -> str:
     if v is None: return "null"
@@ -124,14 +128,14 @@ def validate_records(
     records = [body] if isinstance(body, dict) else body
     if not isinstance(records, list) or not records:
         what = "an empty list" if isinstance(records, list) else _json_type(body)
-        raise RequestError(422, [{"record": None, "field": None, "problem": f"expected a JSON object (one record) or a non-empty list of objects, got {what}"}])
+        raise RequestError(422, [error_entry(f"expected a JSON object (one record) or a non-empty list of objects, got {what}")])
     if len(records) > max_records:
-        raise RequestError(413, [{"record": None, "field": None, "problem": f"{len(records)} records, more than max_records {max_records}"}])
+        raise RequestError(413, [error_entry(f"{len(records)} records, more than max_records {max_records}")])
     errors, n = [], 0
     def add(i, name, problem, value=None):
         nonlocal n
         n += 1
-        if len(errors) < _MAX_ERRORS: errors.append({"record": i, "field": name, "problem": problem, "value": _echo(value)})
+        if len(errors) < _MAX_ERRORS: errors.append(error_entry(problem, i, name, value=_echo(value)))
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             add(i, None, f"expected an object, got {_json_type(r)}", r)
@@ -156,7 +160,7 @@ def parse_body(body: bytes):
     except orjson.JSONDecodeError as e:
         try: return json.loads(body)  # NaN / Infinity / huge numbers: parsed, then refused per field
         except (ValueError, RecursionError): pass
-        raise RequestError(400, [{"record": None, "field": None, "problem": f"body is not JSON: {str(e)[:120]}"}]) from None
+        raise RequestError(400, [error_entry(f"body is not JSON: {str(e)[:120]}")]) from None
 
 # %% ../nbs/16_contract.ipynb #dc3a0a97
 def _column(values: list, type_: str) -> np.ndarray:

@@ -15,7 +15,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from .contract import Field, RequestError, parse_body
+from .contract import Field, RequestError, error_entry, parse_body
 from .serve import _answer, _json
 
 # %% auto #0
@@ -26,7 +26,7 @@ __all__ = ['MLFLOW_FORMATS', 'V2_DATATYPES', 'csv_records', 'mlflow_records', 'm
 MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 def _bad(problem: str, status: int = 400, record: int | None = None, field: str | None = None) -> RequestError:
-    return RequestError(status, [{"record": record, "field": field, "problem": problem}])
+    return RequestError(status, [error_entry(problem, record, field)])
 
 def _split_records(d) -> list[dict]:
     "The records of a pandas split-oriented frame: {'columns': [...], 'data': [[...], ...]} (an 'index' is ignored)."

@@ -21,7 +21,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import Batcher, RecordsFailed
-from .contract import Field, RequestError, _decision, decide_classes, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, _decision, decide_classes, error_entry, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
@@ -103,7 +103,7 @@ def _json(obj, status: int = 200, headers: dict | None = None):
 
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
-    too_large = lambda: RequestError(413, [{"record": None, "field": None, "problem": f"body larger than max_body_bytes {limit}"}])
+    too_large = lambda: RequestError(413, [error_entry(f"body larger than max_body_bytes {limit}")])
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit: raise too_large()
     chunks, size = [], 0
@@ -242,10 +242,10 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
     state.arriving += 1
     queued = False
     try:
-        if not state.ready: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": "model not loaded yet"}]}, "", ""
+        if not state.ready: return 503, {"request_id": rid, "errors": [error_entry("model not loaded yet")]}, "", ""
         variant = _pick(state) if pin is None else state.variants.get(pin)
         version = variant.current if variant is not None else None
-        if version is None: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": f"{pin} not loaded"}]}, "", ""
+        if version is None: return 503, {"request_id": rid, "errors": [error_entry(f"{pin} not loaded")]}, "", ""
         try:
             raw = await _read_body(request, state.params.max_body_bytes)
             body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
@@ -264,7 +264,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
         except RecordsFailed as e:   # the model raised on these records only: the client's input, named
             if state.features is not None: state.features.pending.pop(rid, None)
             problem = f"the model could not score this record ({type(e.cause).__name__}: {str(e.cause)[:120]})"
-            errors = [{"record": i, "field": None, "problem": problem} for i in e.records]
+            errors = [error_entry(problem, i) for i in e.records]
             return 422, {"request_id": rid, "n_errors": len(errors), "errors": errors[:100]}, version.version, variant.name
     finally:
         if not queued: state.arriving -= 1
@@ -285,7 +285,7 @@ async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str 
         except Exception as e:  # the model failed: not the client's fault, and said so
             print(f"serve: {endpoint} failed: {e!r}", flush=True)
             status, version, variant = 500, "", ""
-            answer = {"errors": [{"record": None, "field": None, "problem": f"internal error: {type(e).__name__}"}]}
+            answer = {"errors": [error_entry(f"internal error: {type(e).__name__}")]}
         m.observe(endpoint, status, t0, version, variant)
         return status, answer
     finally: m.in_flight.dec()
