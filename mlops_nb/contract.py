@@ -18,8 +18,8 @@ from .core import MlopsError
 from .schema import Schema
 
 # %% auto #0
-__all__ = ['Field', 'input_fields', 'RequestError', 'error_entry', 'parse_datetime', 'field_problem', 'validate_records',
-           'parse_body', 'records_frame', 'decide_classes']
+__all__ = ['Field', 'input_fields', 'RequestError', 'error_entry', 'json_response', 'parse_datetime', 'field_problem',
+           'validate_records', 'parse_body', 'records_frame', 'decide_classes']
 
 # %% ../nbs/16_contract.ipynb #f56dbbc1
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class RequestError(MlopsError):
 def error_entry(problem: str, record: int | None = None, field: str | None = None, **more) -> dict:
     "One entry of a refused request's `errors`: what is wrong, in which record and field (None: the request as a whole)."
     return {"record": record, "field": field, "problem": problem, **more}
+
+def json_response(obj, status: int = 200, headers: dict | None = None):
+    "`obj` (numpy arrays too) as the service's JSON response: what `serve` and `protocols` answer with."
+    from starlette.responses import Response
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 def _json_type(v) -> str:
     if v is None: return "null"

@@ -21,11 +21,12 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import Batcher, RecordsFailed
-from .contract import Field, RequestError, _decision, decide_classes, error_entry, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, _decision, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
 from .predlog import PredictionLog, log_meta, read_prediction_log
+from .protocols import add_protocol_routes
 from .registry import point_mlflow
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
@@ -96,10 +97,6 @@ class _State:
         "A champion is loaded (once loaded, one always is)."
         champ = self.variants.get("champion")
         return champ is not None and champ.current is not None
-
-def _json(obj, status: int = 200, headers: dict | None = None):
-    from starlette.responses import Response
-    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
@@ -388,27 +385,27 @@ def create_app(
         "Predict one record (a JSON object) or several (a list of objects)."
         status, answer = await _answer(state, request, "/predict")
         headers = {"retry-after": "1"} if status == 503 else {"x-request-id": answer["request_id"]} if "request_id" in answer else {}
-        return _json(answer, status, headers)
+        return json_response(answer, status, headers)
     app.hot["/predict"] = predict
 
     @app.get("/health")
     async def health():
         "The process is alive."
-        return _json({"status": "alive"})
+        return json_response({"status": "alive"})
 
     @app.get("/ready")
     async def ready():
         "The champion is loaded and warmed up (503 until then)."
         champ = state.variants.get("champion")
-        if not state.ready: return _json({"ready": False, "error": champ.error if champ else None}, 503)
-        return _json({"ready": True, "model_name": champ.current.name, "model_version": champ.current.version,
+        if not state.ready: return json_response({"ready": False, "error": champ.error if champ else None}, 503)
+        return json_response({"ready": True, "model_name": champ.current.name, "model_version": champ.current.version,
                       "variants": {k: v.current.version for k, v in state.variants.items() if v.current}})
 
     @app.get("/metadata")
     async def metadata():
         "Model name, version, alias, input schema, an example record, training data hash."
-        if not state.ready: return _json({"error": "model not loaded yet"}, 503)
-        return _json(_metadata(state))
+        if not state.ready: return json_response({"error": "model not loaded yet"}, 503)
+        return json_response(_metadata(state))
 
     @app.get("/metrics")
     async def metrics():
@@ -418,8 +415,7 @@ def create_app(
             m.log_errors.set(state.log.errors)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-    from mlops_nb.protocols import add_protocol_routes
-    add_protocol_routes(app, state)   # MLflow's scoring protocol and the Open Inference Protocol, over `_answer`
+    app.hot.update(add_protocol_routes(app, state, _answer))   # MLflow's scoring protocol and the Open Inference Protocol, over `_answer`
     return app
 
 # %% ../nbs/20_serve.ipynb #85e81ce8
