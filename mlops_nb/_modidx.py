@@ -923,6 +923,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve.app_from_env': ('serve.html#app_from_env', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.create_app': ('serve.html#create_app', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.in_project': ('serve.html#in_project', 'mlops_nb/serve.py'),
+                                'mlops_nb.serve.log_config': ('serve.html#log_config', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.serve': ('serve.html#serve', 'mlops_nb/serve.py')},
             'mlops_nb.sweep': { 'mlops_nb.sweep._assignment': ('sweep.html#_assignment', 'mlops_nb/sweep.py'),
                                 'mlops_nb.sweep._log_trial': ('sweep.html#_log_trial', 'mlops_nb/sweep.py'),

@@ -31,7 +31,7 @@ from .registry import point_mlflow
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'in_project', 'create_app', 'app_from_env', 'serve']
+__all__ = ['logger', 'ServiceMetrics', 'Variant', 'in_project', 'create_app', 'app_from_env', 'log_config', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -147,6 +147,10 @@ def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.nda
     state.log.append({c: np.asarray(frame[c]) for c in frame}, meta)  # a DataFrame (scikit-learn) or columns (ONNX)
 
 # %% ../nbs/20_serve.ipynb #35b784c3
+import logging
+
+logger = logging.getLogger("mlops_nb.serve")   # under `mlops-nb serve`, uvicorn's handler, format and level apply (see `serve`)
+
 def _registry_status(state: _State, error: Exception | None):
     "Record whether the last registry lookup worked: metrics, and one line when an outage starts or ends."
     m = state.metrics
@@ -155,11 +159,11 @@ def _registry_status(state: _State, error: Exception | None):
         m.registry_up.set(0)
         if state.registry_down is None:
             state.registry_down = time.monotonic()
-            print(f"serve: registry unavailable, serving the loaded versions: {error}", flush=True)
+            logger.warning(f"serve: registry unavailable, serving the loaded versions: {error}")
     else:
         m.registry_up.set(1)
         if state.registry_down is not None:
-            print(f"serve: registry available again after {time.monotonic() - state.registry_down:.1f} s", flush=True)
+            logger.info(f"serve: registry available again after {time.monotonic() - state.registry_down:.1f} s")
             state.registry_down = None
 
 async def _load_variant(state: _State, variant: Variant) -> bool:
@@ -178,7 +182,7 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
             _registry_status(state, None)
             if resolved is None:  # the registry says the alias is gone
                 if variant.name != "champion" and variant.current is not None:  # a challenger removed: stop routing to it
-                    print(f"serve: {variant.uri} no longer exists; {variant.name} disabled", flush=True)
+                    logger.warning(f"serve: {variant.uri} no longer exists; {variant.name} disabled")
                     variant.current = None
                 variant.error = f"{variant.uri} does not exist"
                 return False
@@ -186,15 +190,15 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
         new = await loop.run_in_executor(None, load_version, variant.uri, resolved, state.params.runtime)
     except Exception as e:
         variant.error = f"{type(e).__name__}: {e}"
-        print(f"serve: loading {variant.uri} failed, keeping version "
-              f"{variant.current.version if variant.current else None}: {variant.error}", flush=True)
+        logger.error(f"serve: loading {variant.uri} failed, keeping version "
+                     f"{variant.current.version if variant.current else None}: {variant.error}")
         return False
     old, variant.current, variant.error = variant.current, new, None   # the switch: one assignment
     m = state.metrics
     if old is not None: m.model_info.remove(variant.name, old.name, old.version)
     m.model_info.labels(variant.name, new.name, new.version).set(1)
     m.swaps.labels(variant.name).inc()
-    print(f"serve: {variant.name} answers with {new.name} version {new.version} on {new.runtime}" + (f" (was {old.version})" if old else ""), flush=True)
+    logger.info(f"serve: {variant.name} answers with {new.name} version {new.version} on {new.runtime}" + (f" (was {old.version})" if old else ""))
     return True
 
 async def _poll(state: _State, every: float):
@@ -220,7 +224,7 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
                             inline=lambda version: version.runtime == "onnx").start()   # ONNX: cheaper than a thread handoff
         await _load_variant(state, v)
     if state.variants["champion"].current is None:
-        print(f"serve: no model to serve yet ({state.variants['champion'].error or 'alias not set'}); retrying", flush=True)
+        logger.warning(f"serve: no model to serve yet ({state.variants['champion'].error or 'alias not set'}); retrying")
     pollable = any(parse_model_uri(v.uri)[2] for v in state.variants.values())
     if pollable and poll_seconds > 0:
         while not state.ready:   # keep trying until a champion exists
@@ -230,7 +234,7 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
 
 def _safe_on_batch(state, variant, batch, proba, frame):
     try: _on_batch(state, variant, batch, proba, frame)
-    except Exception as e: print(f"serve: metrics or log of a batch failed: {e!r}", flush=True)
+    except Exception as e: logger.error(f"serve: metrics or log of a batch failed: {e!r}")
 
 # %% ../nbs/20_serve.ipynb #a5dcee69
 async def _predict(state: _State, request, to_body=None, pin: str | None = None) -> tuple[int, dict, str, str]:
@@ -280,7 +284,7 @@ async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str 
     try:
         try: status, answer, version, variant = await _predict(state, request, to_body, pin)
         except Exception as e:  # the model failed: not the client's fault, and said so
-            print(f"serve: {endpoint} failed: {e!r}", flush=True)
+            logger.error(f"serve: {endpoint} failed: {e!r}")
             status, version, variant = 500, "", ""
             answer = {"errors": [error_entry(f"internal error: {type(e).__name__}")]}
         m.observe(endpoint, status, t0, version, variant)
@@ -427,6 +431,14 @@ def app_from_env():
     return create_app(cfg["model_uri"], ServeParams(**cfg["params"]), cfg.get("tracking_uri"), cfg.get("log_dir"),
                       cfg.get("poll_seconds"), feature_repo=cfg.get("feature_repo"))
 
+def log_config() -> dict:
+    "uvicorn's logging configuration with `mlops_nb`'s loggers on its default handler: one format, stream and level."
+    import copy
+    from uvicorn.config import LOGGING_CONFIG
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["mlops_nb"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return cfg
+
 def serve(
     model_uri: str,                     # what to serve (see `create_app`)
     params: ServeParams | None = None,  # host, port, limits, batching, canary
@@ -443,4 +455,4 @@ def serve(
                                           "log_dir": None if log_dir is None else str(log_dir), "poll_seconds": poll_seconds,
                                           "feature_repo": None if feature_repo is None else str(Path(feature_repo).resolve())})
     uvicorn.run("mlops_nb.serve:app_from_env", factory=True, host=params.host, port=params.port, workers=workers,
-                access_log=False, log_level="info", timeout_graceful_shutdown=10)
+                access_log=False, log_level="info", log_config=log_config(), timeout_graceful_shutdown=10)
