@@ -274,7 +274,7 @@ def cmd_promote(args) -> int:
     "Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate too, with infra.service), the champion still the one it was compared with."
     from mlops_nb.core import tracking_uri
     from mlops_nb.infra import infra_validate
-    from mlops_nb.registry import _unreproducible, promote_candidate, resolve_version
+    from mlops_nb.registry import unreproducible, promote_candidate, resolve_version
     paths, params = _project()
     name = args.name or params.register.model_name
     _use_tracking()
@@ -294,7 +294,7 @@ def cmd_promote(args) -> int:
                             runtime=params.serve.runtime)
     for c in report["checks"]:
         if not c["passed"]: print(f"infrastructure check failed: {c['check']}: {c.get('detail', '')}", file=sys.stderr)
-    if why := _unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
+    if why := unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
     compared = tags.get("compared_with")
     r = promote_candidate(name, version, None if compared in (None, "", "none") else compared, True, report["ok"], allow_dirty=True)
     if not r["promoted"]:
@@ -414,8 +414,8 @@ def cmd_summary(args) -> int:
 # %% ../nbs/09_cli.ipynb #7bef592a
 def cmd_features(args) -> int:
     "The Feast feature store: list and describe feature views, publish the data (`mlops_nb.features`)."
-    from mlops_nb.features import _cmd_features
-    return _cmd_features(args)
+    from mlops_nb.features import features_command
+    return features_command(args)
 
 def _add_features_commands(sub) -> None:
     "Add `mlops-nb features list|describe|apply` to the subparsers `sub`."

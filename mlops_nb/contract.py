@@ -19,7 +19,7 @@ from .schema import Schema
 
 # %% auto #0
 __all__ = ['Field', 'input_fields', 'RequestError', 'error_entry', 'json_response', 'parse_datetime', 'field_problem',
-           'validate_records', 'parse_body', 'records_frame', 'decide_classes']
+           'validate_records', 'parse_body', 'typed_column', 'records_frame', 'decided_index', 'decide_classes']
 
 # %% ../nbs/16_contract.ipynb #f56dbbc1
 @dataclass(frozen=True)
@@ -168,7 +168,8 @@ def parse_body(body: bytes):
         raise RequestError(400, [error_entry(f"body is not JSON: {str(e)[:120]}")]) from None
 
 # %% ../nbs/16_contract.ipynb #dc3a0a97
-def _column(values: list, type_: str) -> np.ndarray:
+def typed_column(values: list, type_: str) -> np.ndarray:
+    "A field's `values` (of type `type_`) as one numpy column of the model's input frame: None is NaN/NaT, ints with None are floats."
     if type_ == "float": return np.array(values, dtype="float64")
     if type_ == "int": return np.array(values, dtype="float64" if None in values else "int64")
     if type_ == "bool" and None not in values: return np.array(values, dtype=bool)
@@ -179,13 +180,13 @@ def _column(values: list, type_: str) -> np.ndarray:
 
 def records_frame(records: list[dict], fields: list[Field]) -> pd.DataFrame:
     "The model's input frame for validated `records` (absent optional fields are null)."
-    return pd.DataFrame({f.name: _column([r.get(f.name) for r in records], f.type) for f in fields}, copy=False)
+    return pd.DataFrame({f.name: typed_column([r.get(f.name) for r in records], f.type) for f in fields}, copy=False)
 
 # %% ../nbs/16_contract.ipynb #7d1e5c02
-def _decision(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
+def decided_index(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
     "The index of the class decided for each row of `proba`: binary by `threshold` on the second class, others the most probable."
     return (proba[:, 1] >= threshold).astype(np.intp) if proba.shape[1] == 2 else proba.argmax(axis=1)
 
 def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
     "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
-    return np.asarray(classes)[_decision(proba, threshold)]
+    return np.asarray(classes)[decided_index(proba, threshold)]

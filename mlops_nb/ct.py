@@ -227,9 +227,9 @@ def push_commits(root: str | Path) -> str:
 
 # %% ../nbs/27_ct.ipynb #62645211
 def _champion(paths: ProjectPaths, params: Params) -> str | None:
-    from mlops_nb.registry import _version_str, alias_version, use_project_tracking
+    from mlops_nb.registry import version_str, alias_version, use_project_tracking
     use_project_tracking(paths.root)
-    return _version_str(alias_version(params.register.model_name))
+    return version_str(alias_version(params.register.model_name))
 
 def close_cycle(paths: ProjectPaths, params: Params, cycle: Cycle, outcome: str, detail: str) -> Cycle:
     "Record the end of `cycle` in reports/ct and MLflow."

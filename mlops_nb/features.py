@@ -19,7 +19,7 @@ __all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreErro
            'synthetic_history', 'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize',
            'training_set', 'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects',
            'source_file', 'snapshot_keys', 'publish', 'entity_frame', 'store_frame', 'sample_keys', 'skew_gate',
-           'with_check', 'catalog', 'used_by', 'describe']
+           'with_check', 'catalog', 'used_by', 'describe', 'features_command']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -440,7 +440,8 @@ def describe(store, name: str, tracking_uri: str | None=None) -> dict:
             "description": s.description, "used_by": used_by(name, tracking_uri) if tracking_uri else []}
 
 # %% ../nbs/26_features.ipynb #e075fd1e
-def _cmd_features(args) -> int:
+def features_command(args) -> int:
+    "`mlops-nb features list | describe | apply` (its parser: `cli`)."
     import json, os
     from mlops_nb.core import ProjectPaths, load_params, tracking_uri
     warnings.simplefilter("ignore")   # Feast's deprecation notices are not the user's business

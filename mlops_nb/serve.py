@@ -21,7 +21,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import Batcher, RecordsFailed
-from .contract import Field, RequestError, _decision, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, decided_index, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
@@ -131,7 +131,7 @@ def _out_of_range(fields: list[Field], frame) -> dict[str, int]:
 def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
-    best = _decision(proba, state.params.threshold) if version.classes else None
+    best = decided_index(proba, state.params.threshold) if version.classes else None
     pred = np.asarray(version.classes)[best] if version.classes else proba[:, 0]  # a class, or a value
     if version.classes:
         for cls, k in zip(version.classes, np.bincount(best, minlength=len(version.classes)).tolist()):
