@@ -9,13 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .core import MlopsError, Params, ProjectPaths, load_params, read_json
+from .core import ExitCode, MlopsError, Params, ProjectPaths, exit_epilog, load_params, read_json
 
 # %% auto #0
-__all__ = ['EXIT_NOT_PROMOTED', 'EXIT_BUSY', 'cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback',
-           'cmd_lineage', 'cmd_serve', 'cmd_loadtest', 'cmd_export', 'cmd_readme', 'cmd_log', 'cmd_init', 'cmd_sweep',
-           'cmd_promote', 'print_monitored', 'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary',
-           'cmd_features', 'build_parser', 'main']
+__all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
+           'cmd_export', 'cmd_readme', 'cmd_log', 'cmd_init', 'cmd_sweep', 'cmd_promote', 'print_monitored',
+           'cmd_monitor', 'cmd_ct', 'cmd_predict', 'summary_markdown', 'cmd_summary', 'cmd_features', 'build_parser',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #ecef0843
 def _project() -> tuple[ProjectPaths, Params]:
@@ -31,7 +31,7 @@ def cmd_stage(args) -> int:
     root = ProjectPaths.find().root
     out = run_stage(args.name, root)
     print(f"stage {args.name}: done ({out.relative_to(root)})")
-    return 0
+    return ExitCode.OK
 
 def _summary(paths: ProjectPaths) -> list[str]:
     lines = []
@@ -61,8 +61,6 @@ def _promotion_now(paths: ProjectPaths, promo: dict) -> tuple[bool, str]:
     if promo["promoted"]: return False, f"promotion: version {version} took {alias} in this run, but {alias} is version {now or '(none)'} now (moved since)"
     return False, f"promotion: version {version} not promoted ({reason})"
 
-EXIT_NOT_PROMOTED = 3  # `mlops-nb run` / `promote`: finished, but the candidate did not take its alias
-
 def cmd_run(args) -> int:
     "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate does not hold its alias now."
     from mlops_nb.pipeline import check_pipeline, dvc
@@ -74,8 +72,8 @@ def cmd_run(args) -> int:
         return result.returncode
     print("\n".join(["", "pipeline finished", *_summary(paths)]))
     promotion = paths.reports / "infra" / "promotion.json"   # the registry decides: `mlops-nb promote` may have fixed a failed promotion
-    if promotion.exists() and not _promotion_now(paths, read_json(promotion))[0]: return EXIT_NOT_PROMOTED
-    return 0
+    if promotion.exists() and not _promotion_now(paths, read_json(promotion))[0]: return ExitCode.NOT_PROMOTED
+    return ExitCode.OK
 
 def cmd_status(args) -> int:
     "Which stages are out of date, and the current champion."
@@ -88,7 +86,7 @@ def cmd_status(args) -> int:
     champ = champion_summary(params.register.model_name)
     if champ is None: print("champion: none yet (run `mlops-nb run`)")
     else: print(f"champion: {champ['name']} version {champ['version']} ({champ['uri']}), data {champ['tags'].get('data_hash', '?')[:12]}, commit {champ['tags'].get('git_commit', '?')[:10]}")
-    return 0
+    return ExitCode.OK
 
 def cmd_schema_infer(args) -> int:
     "Print a schema learned from a CSV or Parquet file (redirect it to schema.yaml and curate it)."
@@ -98,7 +96,7 @@ def cmd_schema_infer(args) -> int:
         try: drop = _project()[1].data.drop_columns
         except MlopsError: drop = []
     sys.stdout.write(infer_schema_file(args.data, drop=drop))
-    return 0
+    return ExitCode.OK
 
 def _model_name(args) -> str:
     return args.name or _project()[1].register.model_name
@@ -116,7 +114,7 @@ def cmd_rollback(args) -> int:
     _use_tracking()
     r = rollback(name)
     print(f"rolled back {name}: champion: {r['champion']} (previous: {r['previous']})")
-    return 0
+    return ExitCode.OK
 
 def cmd_lineage(args) -> int:
     "Print what produced a registered model version, as a tree or JSON."
@@ -125,7 +123,7 @@ def cmd_lineage(args) -> int:
     _use_tracking()
     record = lineage(args.model_uri)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
-    return 0
+    return ExitCode.OK
 def cmd_serve(args) -> int:
     "Serve the champion (or --model) with the `serve:` params of params.yaml."
     import dataclasses
@@ -142,7 +140,7 @@ def cmd_serve(args) -> int:
     feature_repo = None if args.feature_repo is None else paths.root / args.feature_repo
     serve(model, sp, tracking_uri(paths.root), workers=args.workers, log_dir=log_dir, poll_seconds=args.poll_seconds,
           feature_repo=feature_repo)
-    return 0
+    return ExitCode.OK
 
 def cmd_loadtest(args) -> int:
     "Drive a running service with test-split records; exit 1 when the serve: budget (p99, req/s) is missed."
@@ -158,7 +156,7 @@ def cmd_loadtest(args) -> int:
     missed = check_budget(result, sp.budget_p99_ms, sp.budget_min_rps)
     print(json.dumps({**result, "budget": {"p99_ms": sp.budget_p99_ms, "min_rps": sp.budget_min_rps}, "passed": not missed}))
     for m in missed: print(f"budget missed: {m}", file=sys.stderr)
-    return 1 if missed else 0
+    return ExitCode.ERROR if missed else ExitCode.OK
 
 def cmd_export(args) -> int:
     "Write a registered version's ONNX model, parity report, edge runner and example record into a folder."
@@ -167,7 +165,7 @@ def cmd_export(args) -> int:
     out = export_version(args.model_uri, args.out, args.format)
     print(f"exported {args.model_uri} to {out}/ (model.onnx, onnx.json, edge_runner.py, example.json); "
           f"on a device: python edge_runner.py model.onnx example.json")
-    return 0
+    return ExitCode.OK
 
 def cmd_readme(args) -> int:
     "Regenerate README.md from nbs/index.ipynb."
@@ -176,7 +174,7 @@ def cmd_readme(args) -> int:
     root = ProjectPaths.find().root
     write_text(root / "README.md", readme_text(root))
     print("README.md regenerated from nbs/index.ipynb")
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #2245a55b
 def _stage_parser() -> argparse.ArgumentParser:
@@ -219,7 +217,7 @@ def _stage_action(action: str, rest: list[str]) -> int:
         for s in stages.values():
             own = f"  params: {', '.join(s.params) or '-'}" if not s.builtin else f"  params: {len(s.dvc_params)} keys"
             print(f"{s.name:<16} {'built in' if s.builtin else 'yours':<9} reads from: {', '.join(reads[s.name]) or '-'};{own}")
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #1dc36f89
 def cmd_log(args) -> int:
@@ -231,7 +229,7 @@ def cmd_log(args) -> int:
     if not folder.is_dir(): raise MlopsError(f"prediction log folder not found: {folder}")
     if args.action == "prune" and args.keep_days is None: raise MlopsError("mlops-nb log prune needs --keep-days N (days of log to keep)")
     print(json.dumps(compact(folder) if args.action == "compact" else prune(folder, args.keep_days)))
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #c8456fb3
 def cmd_init(args) -> int:
@@ -243,7 +241,7 @@ def cmd_init(args) -> int:
     print(f"mlops-nb init: {args.data} -> target '{plan.target}'")
     for choice in plan.choices: print(f"  - {choice}")
     print("next: mlops-nb run")
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #5a1e7c0d
 def cmd_sweep(args) -> int:
@@ -259,7 +257,7 @@ def cmd_sweep(args) -> int:
     sweep_id, table = sweep(paths.root, grid, points, jobs=args.jobs, notebook=args.notebook, sweep_id=args.id, log_mlflow=not args.no_mlflow)
     print(format_results(table, list(grid) + [k for p in points for k in p if k not in grid], params.evaluate.primary_metric))
     print(f"results: reports/sweeps/{sweep_id}/results.csv")
-    return 0 if (table.status == "ok").all() else 1
+    return ExitCode.OK if (table.status == "ok").all() else ExitCode.ERROR
 
 # %% ../nbs/09_cli.ipynb #27d243ab
 def _examples(paths: ProjectPaths, params: Params, model_uri: str):
@@ -276,7 +274,7 @@ def cmd_promote(args) -> int:
     "Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate too, with infra.service), the champion still the one it was compared with."
     from mlops_nb.core import tracking_uri
     from mlops_nb.infra import infra_validate
-    from mlops_nb.registry import _unreproducible, promote_candidate, resolve_version
+    from mlops_nb.registry import unreproducible, promote_candidate, resolve_version
     paths, params = _project()
     name = args.name or params.register.model_name
     _use_tracking()
@@ -289,21 +287,21 @@ def cmd_promote(args) -> int:
     tags = mv.tags
     if tags.get("blessed") != "true":
         print(f"not promoted: the gate rejected version {version} (failed rules: {tags.get('failed_rules', '?')})", file=sys.stderr)
-        return EXIT_NOT_PROMOTED
+        return ExitCode.NOT_PROMOTED
     ip = params.infra
     report = infra_validate(uri, _examples(paths, params, uri), tracking_uri(paths.root), ip.single_row_ms, ip.batch_ms, ip.batch_rows, ip.repeats,
                             params.export.parity_tolerance, service=params.serve if ip.service else None, root=paths.root,
                             runtime=params.serve.runtime)
     for c in report["checks"]:
         if not c["passed"]: print(f"infrastructure check failed: {c['check']}: {c.get('detail', '')}", file=sys.stderr)
-    if why := _unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
+    if why := unreproducible(name, version): print(f"note: {why}; promoted only because you asked")
     compared = tags.get("compared_with")
     r = promote_candidate(name, version, None if compared in (None, "", "none") else compared, True, report["ok"], allow_dirty=True)
     if not r["promoted"]:
         print(f"not promoted: {r['reason']}", file=sys.stderr)
-        return EXIT_NOT_PROMOTED
+        return ExitCode.NOT_PROMOTED
     print(f"promoted {name}: {r['reason']}")
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #99744c51
 def print_monitored(m) -> None:
@@ -329,15 +327,13 @@ def cmd_monitor(args) -> int:
         except Exception as e: print(f"warning: the monitoring notebook failed, the report stands: {_one_line(e)}", file=sys.stderr)
     return m.report.exit_code
 
-EXIT_BUSY = 75  # `mlops-nb ct`: another cycle holds the lock (EX_TEMPFAIL: try again later)
-
 def _ct_once(args) -> int:
     "One cycle: its report, and its exit code (75 when another cycle runs)."
     from mlops_nb.ct import CycleBusy, format_cycle, run_cycle
     try: cycle = run_cycle(_project()[0].root, args.log_dir, args.since, args.last, args.labels, args.push)
     except CycleBusy as e:
         print(f"ct: {e}", file=sys.stderr)
-        return EXIT_BUSY
+        return ExitCode.BUSY
     print(format_cycle(cycle))
     return cycle.exit_code
 
@@ -349,7 +345,7 @@ def cmd_ct(args) -> int:
     if (period := parse_duration(args.every)) is None: raise MlopsError(f"--every {args.every!r}: expected a duration (30m, 1h, 1d)")
     while True:
         try: code = _ct_once(args)
-        except MlopsError as e: code = print(f"error: {e}", file=sys.stderr) or 1   # a bad cycle does not end the loop
+        except MlopsError as e: code = print(f"error: {e}", file=sys.stderr) or ExitCode.ERROR   # a bad cycle does not end the loop
         print(f"ct: exit {code}; next cycle in {args.every} (Ctrl-C stops)", flush=True)
         time.sleep(period.total_seconds())
 
@@ -370,7 +366,7 @@ def cmd_predict(args) -> int:
     drifted = (r["drift"] or {}).get("drifted", [])
     print(f"scored {r['rows']} rows with {r['model_name']} version {r['model_version']} into {args.out}; "
           f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")
-    return 0
+    return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #4456ec98
 def _cell(v) -> str:
@@ -412,14 +408,14 @@ def cmd_summary(args) -> int:
     "Print the last run's reports as Markdown: `mlops-nb summary >> \"$GITHUB_STEP_SUMMARY\"` in a CI job."
     paths, _ = _project()
     sys.stdout.write(summary_markdown(paths.reports))
-    return 0
+    return ExitCode.OK
 
 
 # %% ../nbs/09_cli.ipynb #7bef592a
 def cmd_features(args) -> int:
     "The Feast feature store: list and describe feature views, publish the data (`mlops_nb.features`)."
-    from mlops_nb.features import _cmd_features
-    return _cmd_features(args)
+    from mlops_nb.features import features_command
+    return features_command(args)
 
 def _add_features_commands(sub) -> None:
     "Add `mlops-nb features list|describe|apply` to the subparsers `sub`."
@@ -441,10 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result",
                          description="Run the pipeline (dvc repro) and summarise the result.",
-                         epilog=f"exit codes: 0 the candidate became champion, or staging on a development branch (or nothing to do); "
-                                f"{EXIT_NOT_PROMOTED} the pipeline "
-                                "finished but the candidate was not promoted (the gate rejected it, infrastructure validation "
-                                "failed, or it comes from an uncommitted tree or a DVC experiment); any other non-zero: an error")
+                         epilog=exit_epilog({ExitCode.OK: "the candidate became champion, or staging on a development branch (or nothing to do)",
+                                             ExitCode.NOT_PROMOTED: "the pipeline finished but the candidate was not promoted (the gate rejected it, "
+                                             "infrastructure validation failed, or it comes from an uncommitted tree or a DVC experiment)"},
+                                            "any other non-zero: an error"))
     run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
     run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     run.set_defaults(func=cmd_run)
@@ -470,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
     sub.add_parser("summary", help="the last run's metrics, gate, release gate, promotion and drift as Markdown (a CI job summary)").set_defaults(func=cmd_summary)
     pr = sub.add_parser("promote", help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
-                        epilog=f"exit codes: 0 promoted; {EXIT_NOT_PROMOTED} not promoted (the reason is printed); 1 an error")
+                        epilog=exit_epilog({ExitCode.OK: "promoted", ExitCode.NOT_PROMOTED: "not promoted (the reason is printed)", ExitCode.ERROR: "an error"}))
     pr.add_argument("version", nargs="?", help="the registered version, e.g. 7")
     pr.add_argument("--from", dest="source", metavar="ALIAS", help="the version holding this alias, e.g. staging (the test environment)")
     pr.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
@@ -514,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--dir", help="the log folder (default: serve.log_dir)")
     lg.set_defaults(func=cmd_log)
     mo = sub.add_parser("monitor", help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
-                        epilog="exit codes: 0 none; 4 retrain (value skew, prediction drift, or the realized primary metric beyond "
-                               "monitor.min_primary); 5 alert (schema skew in traffic: a broken upstream); 1 an error")
+                        epilog=exit_epilog({ExitCode.OK: "none", ExitCode.RETRAIN: "retrain (value skew, prediction drift, or the realized primary "
+                                            "metric beyond monitor.min_primary)", ExitCode.ALERT: "alert (schema skew in traffic: a broken upstream)",
+                                            ExitCode.ERROR: "an error"}))
     src = mo.add_mutually_exclusive_group()
     src.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
     src.add_argument("--data", type=Path, help="a CSV/Parquet batch file instead of the log")
@@ -528,9 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--no-notebook", action="store_true", help="skip the executed monitoring notebook (pipeline/monitor.ipynb) beside the report")
     mo.set_defaults(func=cmd_monitor)
     ct = sub.add_parser("ct", help="one continuous-training cycle: monitor, and on retrain snapshot the labelled window, run the pipeline, promote",
-                        epilog="exit codes: 0 no retraining needed, or the new version promoted; 3 retrained, not promoted (the gate or "
-                               "infrastructure validation said no); 4 retraining due but no labelled records; 5 alert (schema skew in "
-                               "traffic); 75 another cycle is running; 1 an error (a pipeline that stopped: its snapshot is withdrawn)")
+                        epilog=exit_epilog({ExitCode.OK: "no retraining needed, or the new version promoted", ExitCode.NOT_PROMOTED: "retrained, "
+                                            "not promoted (the gate or infrastructure validation said no)", ExitCode.RETRAIN: "retraining due but no "
+                                            "labelled records", ExitCode.ALERT: "alert (schema skew in traffic)", ExitCode.BUSY: "another cycle is running",
+                                            ExitCode.ERROR: "an error (a pipeline that stopped: its snapshot is withdrawn)"}))
     ct.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
     cwin = ct.add_mutually_exclusive_group()
     cwin.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time")
@@ -583,11 +581,11 @@ def main(argv: list[str] | None=None) -> int:
     try: return args.func(args)
     except MlopsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as e:  # MLflow, a lock, a dead kernel, the disk: the user gets the problem, not our stack
         if os.environ.get("MLOPS_NB_DEBUG") == "1": raise
         print(f"error: {MlopsError(_one_line(e))} (MLOPS_NB_DEBUG=1 shows the traceback)", file=sys.stderr)   # MlopsError masks credentials
-        return 1
+        return ExitCode.ERROR

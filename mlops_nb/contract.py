@@ -18,8 +18,8 @@ from .core import MlopsError
 from .schema import Schema
 
 # %% auto #0
-__all__ = ['Field', 'input_fields', 'RequestError', 'parse_datetime', 'field_problem', 'validate_records', 'parse_body',
-           'records_frame', 'decide_classes']
+__all__ = ['Field', 'input_fields', 'RequestError', 'error_entry', 'json_response', 'parse_datetime', 'field_problem',
+           'validate_records', 'parse_body', 'typed_column', 'records_frame', 'decided_index', 'decide_classes']
 
 # %% ../nbs/16_contract.ipynb #f56dbbc1
 @dataclass(frozen=True)
@@ -62,6 +62,15 @@ class RequestError(MlopsError):
     def __init__(self, status: int, errors: list[dict], n_errors: int | None = None):
         super().__init__(f"{status}: {errors[:1]}")
         self.status, self.errors, self.n_errors = status, errors, n_errors or len(errors)
+
+def error_entry(problem: str, record: int | None = None, field: str | None = None, **more) -> dict:
+    "One entry of a refused request's `errors`: what is wrong, in which record and field (None: the request as a whole)."
+    return {"record": record, "field": field, "problem": problem, **more}
+
+def json_response(obj, status: int = 200, headers: dict | None = None):
+    "`obj` (numpy arrays too) as the service's JSON response: what `serve` and `protocols` answer with."
+    from starlette.responses import Response
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 def _json_type(v) -> str:
     if v is None: return "null"
@@ -124,14 +133,14 @@ def validate_records(
     records = [body] if isinstance(body, dict) else body
     if not isinstance(records, list) or not records:
         what = "an empty list" if isinstance(records, list) else _json_type(body)
-        raise RequestError(422, [{"record": None, "field": None, "problem": f"expected a JSON object (one record) or a non-empty list of objects, got {what}"}])
+        raise RequestError(422, [error_entry(f"expected a JSON object (one record) or a non-empty list of objects, got {what}")])
     if len(records) > max_records:
-        raise RequestError(413, [{"record": None, "field": None, "problem": f"{len(records)} records, more than max_records {max_records}"}])
+        raise RequestError(413, [error_entry(f"{len(records)} records, more than max_records {max_records}")])
     errors, n = [], 0
     def add(i, name, problem, value=None):
         nonlocal n
         n += 1
-        if len(errors) < _MAX_ERRORS: errors.append({"record": i, "field": name, "problem": problem, "value": _echo(value)})
+        if len(errors) < _MAX_ERRORS: errors.append(error_entry(problem, i, name, value=_echo(value)))
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             add(i, None, f"expected an object, got {_json_type(r)}", r)
@@ -156,10 +165,11 @@ def parse_body(body: bytes):
     except orjson.JSONDecodeError as e:
         try: return json.loads(body)  # NaN / Infinity / huge numbers: parsed, then refused per field
         except (ValueError, RecursionError): pass
-        raise RequestError(400, [{"record": None, "field": None, "problem": f"body is not JSON: {str(e)[:120]}"}]) from None
+        raise RequestError(400, [error_entry(f"body is not JSON: {str(e)[:120]}")]) from None
 
 # %% ../nbs/16_contract.ipynb #dc3a0a97
-def _column(values: list, type_: str) -> np.ndarray:
+def typed_column(values: list, type_: str) -> np.ndarray:
+    "A field's `values` (of type `type_`) as one numpy column of the model's input frame: None is NaN/NaT, ints with None are floats."
     if type_ == "float": return np.array(values, dtype="float64")
     if type_ == "int": return np.array(values, dtype="float64" if None in values else "int64")
     if type_ == "bool" and None not in values: return np.array(values, dtype=bool)
@@ -170,13 +180,13 @@ def _column(values: list, type_: str) -> np.ndarray:
 
 def records_frame(records: list[dict], fields: list[Field]) -> pd.DataFrame:
     "The model's input frame for validated `records` (absent optional fields are null)."
-    return pd.DataFrame({f.name: _column([r.get(f.name) for r in records], f.type) for f in fields}, copy=False)
+    return pd.DataFrame({f.name: typed_column([r.get(f.name) for r in records], f.type) for f in fields}, copy=False)
 
 # %% ../nbs/16_contract.ipynb #7d1e5c02
-def _decision(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
+def decided_index(proba: np.ndarray, threshold: float=0.5) -> np.ndarray:
     "The index of the class decided for each row of `proba`: binary by `threshold` on the second class, others the most probable."
     return (proba[:, 1] >= threshold).astype(np.intp) if proba.shape[1] == 2 else proba.argmax(axis=1)
 
 def decide_classes(proba: np.ndarray, classes: list, threshold: float=0.5) -> np.ndarray:
     "The class of each row of `proba`: binary models by `threshold` on the second class, others by the most probable."
-    return np.asarray(classes)[_decision(proba, threshold)]
+    return np.asarray(classes)[decided_index(proba, threshold)]

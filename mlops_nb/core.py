@@ -26,13 +26,13 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'find_root', 'ProjectPaths',
-           'BaseParams', 'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams',
-           'InfraParams', 'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams',
-           'ComputeParams', 'Params', 'parse_section', 'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml',
-           'load_params', 'stage_sections', 'atomic_path', 'process_running', 'write_text', 'write_json',
-           'write_parquet', 'write_csv', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state',
-           'git_branch', 'failpoint', 'skip_iri_checker']
+__all__ = ['RUN_TAIL', 'MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'ExitCode',
+           'exit_epilog', 'run', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
+           'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ExportParams',
+           'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams', 'Params', 'parse_section',
+           'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections',
+           'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
+           'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #7b54dc27
 _URL_PASSWORD = re.compile(r"(?P<head>://[^/:@?#\s]*:)(?P<pw>[^/?#\s]*)@")   # greedy: a password may hold a raw @
@@ -67,6 +67,40 @@ class MlopsError(Exception):
 
 class ParamsError(MlopsError, ValueError):
     "`params.yaml` has an unknown key, a missing section or a value of the wrong type."
+
+# %% ../nbs/00_core.ipynb #fdd35703
+from enum import IntEnum
+
+class ExitCode(IntEnum):
+    "What an `mlops-nb` command's exit status means (cron, CI and orchestrators branch on these)."
+    OK = 0             # done: promoted, nothing to do, no drift
+    ERROR = 1          # an error, one line on stderr
+    NOT_PROMOTED = 3   # `run`, `promote`, `ct`: finished, but the candidate did not take its alias
+    RETRAIN = 4        # `monitor`: retraining due; `ct`: retraining due but no labelled records
+    ALERT = 5          # `monitor`, `ct`: schema skew in traffic (a broken upstream)
+    BUSY = 75          # `ct`: another cycle holds the lock (EX_TEMPFAIL: try again later)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+def exit_epilog(meanings: dict, otherwise: str = "") -> str:
+    "A command's `--help` epilog: each `ExitCode` of `meanings` with what it means there, then `otherwise`."
+    return "exit codes: " + "; ".join([f"{int(c)} {m}" for c, m in meanings.items()] + ([otherwise] if otherwise else []))
+
+# %% ../nbs/00_core.ipynb #25760454
+RUN_TAIL = 500  # characters of a failed command's message kept in its error
+
+def run(
+    *cmd: str,                 # the program and its arguments
+    cwd: str | Path | None = None,
+    env: dict | None = None,   # the environment (default: this process's)
+    check: bool = True,        # False: None when it fails, instead of an error
+) -> str | None:
+    "`cmd`'s stripped stdout; when it fails, an `MlopsError` naming it with the tail of its message on one line."
+    cmd = [str(c) for c in cmd]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode == 0: return r.stdout.strip()
+    if not check: return None
+    said = " | ".join(l.strip() for l in (r.stderr.strip() or r.stdout.strip()).splitlines() if l.strip())
+    raise MlopsError(f"{' '.join([Path(cmd[0]).name, *cmd[1:]])} failed (exit {r.returncode}): {said[-RUN_TAIL:]}")
 
 # %% ../nbs/00_core.ipynb #332b8ad6
 def find_root(start: str | Path | None = None) -> Path:
@@ -426,9 +460,7 @@ def git_state(
     sources: tuple = MODEL_SOURCES,      # git pathspecs of the files that define a model
 ) -> dict:
     "The commit checked out at `root`, whether the files that define a model differ from it, and the DVC experiment running."
-    def git(*args):
-        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
+    def git(*args): return run("git", *args, cwd=root, check=False)
     commit = git("rev-parse", "HEAD")
     changed = git("status", "--porcelain", "--untracked-files=all", "--", *sources) if commit else None
     state = {"git_commit": commit or "none", "git_dirty": None if changed is None else bool(changed)}
@@ -439,8 +471,7 @@ def git_state(
 # %% ../nbs/00_core.ipynb #e5ac46ec
 def git_branch(root: str | Path) -> str | None:
     "The branch checked out at `root`: its name, `HEAD` when detached, None outside a git repository."
-    r = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else None
+    return run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=root, check=False)
 
 # %% ../nbs/00_core.ipynb #9e9a2e67
 def failpoint(name: str, wait: float = 3600) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import MlopsError, Params, ProjectPaths, atomic_path, failpoint, git_state, load_params, read_json, write_json
+from .core import ExitCode, MlopsError, Params, ProjectPaths, atomic_path, failpoint, git_state, load_params, read_json, run, write_json
 
 # %% auto #0
 __all__ = ['OUTCOME_EXIT', 'RECORDS_KEY', 'CT_EXPERIMENT', 'labelled_rows', 'commit_files', 'uncached_outputs', 'pipeline_record',
@@ -43,16 +43,14 @@ def labelled_rows(
 # %% ../nbs/27_ct.ipynb #6a03e2cc
 def _git(root: str | Path, *args: str) -> str:
     "git's output in `root`, or an error naming the command and git's message."
-    r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if r.returncode != 0: raise MlopsError(f"git {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-300:]}")
-    return r.stdout.strip()
+    return run("git", *args, cwd=root)
 
 def commit_files(root: str | Path, files: list, message: str) -> str:
     "Commit exactly `files` (added, changed or removed); the commit, HEAD when none of them changed."
     files = [str(f) for f in files]
     _git(root, "add", "-A", "--", *files)
     if _git(root, "status", "--porcelain", "--", *files):
-        named = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+        named = run("git", "config", "user.email", cwd=root, check=False) is not None
         _git(root, *([] if named else ["-c", "user.name=mlops-nb ct", "-c", "user.email=mlops-nb-ct@localhost"]), "commit", "-q", "-m", message, "--", *files)
     return _git(root, "rev-parse", "HEAD")
 
@@ -92,7 +90,8 @@ def cycle_lock(root: str | Path):
     finally: lock.release()
 
 # %% ../nbs/27_ct.ipynb #261fbbc7
-OUTCOME_EXIT = {"no-retrain": 0, "promoted": 0, "not-promoted": 3, "no-labels": 4, "alert": 5, "failed": 1, "abandoned": 1}
+OUTCOME_EXIT = {"no-retrain": ExitCode.OK, "promoted": ExitCode.OK, "not-promoted": ExitCode.NOT_PROMOTED, "no-labels": ExitCode.RETRAIN,
+                "alert": ExitCode.ALERT, "failed": ExitCode.ERROR, "abandoned": ExitCode.ERROR}
 
 @dataclass
 class Cycle:
@@ -115,7 +114,7 @@ class Cycle:
     data_after: dict = field(default_factory=dict)
     finished: str | None = None
     @property
-    def exit_code(self) -> int: return OUTCOME_EXIT.get(self.outcome, 1)
+    def exit_code(self) -> int: return int(OUTCOME_EXIT.get(self.outcome, ExitCode.ERROR))
     @classmethod
     def from_dict(cls, d: dict) -> Cycle: return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -151,9 +150,8 @@ def data_state(paths: ProjectPaths) -> dict:
 
 # %% ../nbs/27_ct.ipynb #3729caab
 def _dvc(root: Path, *args: str):
-    from mlops_nb.pipeline import dvc
-    r = dvc(*args, root=root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    from mlops_nb.pipeline import dvc_output
+    return dvc_output(*args, root=root)
 
 def snapshot_path(paths: ProjectPaths, cycle_id: str) -> Path:
     "Where cycle `cycle_id` keeps its labelled window, relative to the project: data/labelled/<cycle>.parquet."
@@ -191,7 +189,7 @@ def take_snapshot(paths: ProjectPaths, cycle: Cycle, rows: pd.DataFrame) -> str:
     return commit_files(paths.root, [f"{rel}.dvc", rel.parent / ".gitignore"], f"ct {cycle.id}: append {len(rows)} labelled production records ({rel})")
 
 def _committed(paths: ProjectPaths, rel: str) -> bool:
-    return subprocess.run(["git", "cat-file", "-e", f"HEAD:{rel}"], cwd=paths.root, capture_output=True).returncode == 0
+    return run("git", "cat-file", "-e", f"HEAD:{rel}", cwd=paths.root, check=False) is not None
 
 def discard_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     "Remove the uncommitted snapshot of `cycle`: its file, its .dvc pointer, its .gitignore line."
@@ -216,11 +214,8 @@ def withdraw_snapshot(paths: ProjectPaths, cycle: Cycle, why: str) -> str:
 
 def check_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     "An error when the snapshot of `cycle` is not the one it committed (edited after a kill, say)."
-    from mlops_nb.pipeline import dvc
     rel = f"{snapshot_path(paths, cycle.id)}.dvc"
-    r = dvc("status", "--json", rel, root=paths.root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc status {rel} failed: {(r.stderr or r.stdout).strip()[-300:]}")
-    if r.stdout.strip() not in ("", "{}"):
+    if _dvc(paths.root, "status", "--json", rel) not in ("", "{}"):
         raise MlopsError(f"{rel[:-len('.dvc')]} is not the snapshot cycle {cycle.id} committed (dvc status {rel}): put it back with `dvc checkout --force {rel}`")
 
 # %% ../nbs/27_ct.ipynb #d529bef1
@@ -232,9 +227,9 @@ def push_commits(root: str | Path) -> str:
 
 # %% ../nbs/27_ct.ipynb #62645211
 def _champion(paths: ProjectPaths, params: Params) -> str | None:
-    from mlops_nb.registry import _version_str, alias_version, use_project_tracking
+    from mlops_nb.registry import version_str, alias_version, use_project_tracking
     use_project_tracking(paths.root)
-    return _version_str(alias_version(params.register.model_name))
+    return version_str(alias_version(params.register.model_name))
 
 def close_cycle(paths: ProjectPaths, params: Params, cycle: Cycle, outcome: str, detail: str) -> Cycle:
     "Record the end of `cycle` in reports/ct and MLflow."

@@ -19,7 +19,7 @@ __all__ = ['ENTITY', 'KEY', 'TS', 'VIEW', 'SERVICE', 'ANCHOR', 'FeatureStoreErro
            'synthetic_history', 'feature_objects', 'write_store_yaml', 'open_store', 'apply', 'materialize',
            'training_set', 'online_features', 'skew_check', 'OnlineLookup', 'definitions_hash', 'repo_objects',
            'source_file', 'snapshot_keys', 'publish', 'entity_frame', 'store_frame', 'sample_keys', 'skew_gate',
-           'with_check', 'catalog', 'used_by', 'describe']
+           'with_check', 'catalog', 'used_by', 'describe', 'features_command']
 
 # %% ../nbs/26_features.ipynb #20aecb67
 ENTITY, KEY, TS = "customer", "customer_id", "event_timestamp"   # the entity, its join key, the event time column
@@ -257,20 +257,20 @@ class OnlineLookup:
         return recs, times
     def keys(self, body, max_records: int | None=None) -> list:
         "The keys in `body`, checked before any lookup: 413 beyond `max_records`, 422 naming a key that is not a 64-bit integer."
-        from mlops_nb.contract import RequestError
+        from mlops_nb.contract import RequestError, error_entry
         keys = body[KEY] if isinstance(body[KEY], list) else [body[KEY]]
         if max_records is not None and len(keys) > max_records:
-            raise RequestError(413, [{"record": None, "field": KEY, "problem": f"{len(keys)} keys, more than max_records {max_records}"}])
+            raise RequestError(413, [error_entry(f"{len(keys)} keys, more than max_records {max_records}", field=KEY)])
         bad = [i for i, k in enumerate(keys) if not isinstance(k, int) or isinstance(k, bool) or not _INT64[0] <= k <= _INT64[1]]
         if bad or not keys:
-            raise RequestError(422, [{"record": i, "field": KEY, "problem": f"{KEY} must be a 64-bit integer, got {keys[i]!r:.60}"} for i in bad[:100]]
-                               or [{"record": None, "field": KEY, "problem": f"{KEY} is an empty list"}], len(bad) or 1)
+            raise RequestError(422, [error_entry(f"{KEY} must be a 64-bit integer, got {keys[i]!r:.60}", i, KEY) for i in bad[:100]]
+                               or [error_entry(f"{KEY} is an empty list", field=KEY)], len(bad) or 1)
         return keys
     def _answer(self, keys: list, fields: list[str] | None) -> list[dict]:
-        from mlops_nb.contract import RequestError
+        from mlops_nb.contract import RequestError, error_entry
         recs, times = self._read(keys)
         missing = [i for i, r in enumerate(recs) if r is None]
-        if missing: raise RequestError(404, [{"record": i, "field": KEY, "problem": f"unknown {KEY} {keys[i]}: not in the online store"} for i in missing[:100]], len(missing))
+        if missing: raise RequestError(404, [error_entry(f"unknown {KEY} {keys[i]}: not in the online store", i, KEY) for i in missing[:100]], len(missing))
         oldest = pd.Timestamp.now(tz="UTC") - self.ttl
         n_stale = sum(pd.Timestamp(t).tz_localize("UTC") < oldest if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) < oldest for t in times)
         if n_stale: self.stale.inc(n_stale)
@@ -440,7 +440,8 @@ def describe(store, name: str, tracking_uri: str | None=None) -> dict:
             "description": s.description, "used_by": used_by(name, tracking_uri) if tracking_uri else []}
 
 # %% ../nbs/26_features.ipynb #e075fd1e
-def _cmd_features(args) -> int:
+def features_command(args) -> int:
+    "`mlops-nb features list | describe | apply` (its parser: `cli`)."
     import json, os
     from mlops_nb.core import ProjectPaths, load_params, tracking_uri
     warnings.simplefilter("ignore")   # Feast's deprecation notices are not the user's business

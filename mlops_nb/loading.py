@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contract import Field, _column, input_fields, records_frame, validate_records
+from .contract import Field, typed_column, input_fields, records_frame, validate_records
 from .edge import input_array
 from .export import serve_runtime
 from .train import model_output
@@ -50,7 +50,7 @@ class ModelVersion:
         "Class probabilities of validated `records` on this version's runtime, and their input columns (for the log)."
         import sklearn
         if self.onnx is not None:  # arrays per column, per batch: no DataFrame, no per-record work beyond reading values
-            cols = {f.name: _column([r.get(f.name) for r in records], f.type) for f in self.fields}
+            cols = {f.name: typed_column([r.get(f.name) for r in records], f.type) for f in self.fields}
             return self.onnx.predict_proba_inputs({f["name"]: input_array(cols[f["name"]], f) for f in self.onnx.fields}), cols
         frame = records_frame(records, self.fields)
         # inputs were validated (finite, typed): scikit-learn's own checks would only repeat that, per call

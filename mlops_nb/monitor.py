@@ -21,18 +21,18 @@ from .predlog import _META, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
-__all__ = ['EXIT_NONE', 'EXIT_ERROR', 'EXIT_RETRAIN', 'EXIT_ALERT', 'EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES',
-           'parse_duration', 'parse_since', 'select_window', 'read_window', 'version_mix', 'model_inputs',
-           'model_outputs', 'schema_skew', 'prediction_profile', 'outputs_of', 'LabelMatch', 'record_ids',
-           'match_labels', 'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map',
-           'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model',
-           'estimate_error', 'MonitorReport', 'monitor', 'version_references', 'plot_metrics', 'plot_version_mix',
-           'write_monitor_report', 'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version',
-           'monitor_project']
+__all__ = ['EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES', 'parse_duration', 'parse_since', 'select_window',
+           'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile',
+           'outputs_of', 'LabelMatch', 'record_ids', 'match_labels', 'join_labels', 'realized_metrics', 'Calibration',
+           'map_log_loss', 'choose_map', 'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows',
+           'ErrorModel', 'fit_error_model', 'estimate_error', 'MonitorReport', 'monitor', 'version_references',
+           'plot_metrics', 'plot_version_mix', 'write_monitor_report', 'drift_from_dict', 'monitor_notebook',
+           'MonitoredWindow', 'monitored_version', 'monitor_project']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
-EXIT_NONE, EXIT_ERROR, EXIT_RETRAIN, EXIT_ALERT = 0, 1, 4, 5
-EXIT_CODES = {"none": EXIT_NONE, "retrain": EXIT_RETRAIN, "alert": EXIT_ALERT}  # decision -> exit code
+from .core import ExitCode
+
+EXIT_CODES = {"none": ExitCode.OK, "retrain": ExitCode.RETRAIN, "alert": ExitCode.ALERT}  # decision -> exit code
 
 # %% ../nbs/23_monitor.ipynb #7053673f
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -643,7 +643,7 @@ class MonitorReport:
     estimated: dict | None = None  # metrics estimated before labels (`estimate_metrics`, `estimate_error`)
     multivariate: dict | None = None  # multivariate drift (`drift.multivariate_drift`; None: the version stores no PCA)
     @property
-    def exit_code(self) -> int: return EXIT_CODES[self.decision]
+    def exit_code(self) -> int: return int(EXIT_CODES[self.decision])
     def to_dict(self) -> dict:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
         return {"decision": self.decision, "exit_code": self.exit_code, "reasons": self.reasons, "n_records": self.n_records,

@@ -15,13 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .core import MlopsError, load_yaml, write_text
+from .core import ExitCode, MlopsError, load_yaml, write_text
 
 # %% auto #0
-__all__ = ['STEP_SCRIPT', 'KFP_COMMON', 'DEFAULT_IMAGE', 'KFP_RETRIES', 'KFP_COMPILER', 'EXIT_CT_BUSY', 'dvc_stages',
-           'stage_params', 'stage_inputs', 'stage_graph', 'toposort', 'kfp_name', 'kubeflow_spec', 'tool_python',
-           'write_kubeflow', 'set_stage_params', 'inputs_digest', 'airflow_pipeline_dag', 'airflow_ct_dag',
-           'write_airflow', 'cmd_orchestrate', 'add_orchestrate_command']
+__all__ = ['STEP_SCRIPT', 'KFP_COMMON', 'DEFAULT_IMAGE', 'KFP_RETRIES', 'KFP_COMPILER', 'dvc_stages', 'stage_params',
+           'stage_inputs', 'stage_graph', 'toposort', 'kfp_name', 'kubeflow_spec', 'tool_python', 'write_kubeflow',
+           'set_stage_params', 'inputs_digest', 'airflow_pipeline_dag', 'airflow_ct_dag', 'write_airflow',
+           'cmd_orchestrate', 'add_orchestrate_command']
 
 # %% ../nbs/32_orchestrate.ipynb #4d9067ed
 def dvc_stages(
@@ -289,8 +289,6 @@ def airflow_pipeline_dag(
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/32_orchestrate.ipynb #605111b9
-EXIT_CT_BUSY = 75   # `mlops-nb ct`: another cycle holds the lock (EXIT_BUSY of the CLI)
-
 def airflow_ct_dag(
     root: str | Path,            # the project
     schedule: str = "@daily",    # how often a continuous-training cycle runs
@@ -299,7 +297,7 @@ def airflow_ct_dag(
     return "\n".join([_AIRFLOW_HEAD.format(doc="Continuous training: `mlops-nb ct` on a schedule.", digest=inputs_digest(root)),
         f"with DAG(dag_id='mlops_nb_ct', schedule={schedule!r}, start_date=pendulum.datetime(2024, 1, 1, tz='UTC'),",
         "         catchup=False, max_active_runs=1, tags=['mlops-nb']) as dag:",
-        f"    BashOperator(task_id='ct', bash_command=IN_PROJECT + 'mlops-nb ct', skip_on_exit_code=[{EXIT_CT_BUSY}])"]) + "\n"
+        f"    BashOperator(task_id='ct', bash_command=IN_PROJECT + 'mlops-nb ct', skip_on_exit_code=[{int(ExitCode.BUSY)}])"]) + "\n"
 
 # %% ../nbs/32_orchestrate.ipynb #9276e896
 def write_airflow(

@@ -17,13 +17,13 @@ from pathlib import Path
 import yaml
 
 from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml, mask_file,
-                           skip_iri_checker)
+                           run, skip_iri_checker)
 
 # %% auto #0
 __all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'Stage', 'read_stages', 'get_stage', 'stage_parameters',
            'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters', 'check_stage', 'execute',
-           'StageFailed', 'run_stage', 'dvc', 'dvc_status', 'upstream', 'find_cycle', 'imported_modules', 'StagePlan',
-           'plan_stage', 'try_stage', 'add_stage', 'remove_stage', 'check_pipeline']
+           'StageFailed', 'run_stage', 'dvc', 'dvc_output', 'dvc_status', 'upstream', 'find_cycle', 'imported_modules',
+           'StagePlan', 'plan_stage', 'try_stage', 'add_stage', 'remove_stage', 'check_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 BUILTIN_STAGES = ("ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate")
@@ -223,18 +223,26 @@ def run_stage(name: str, root: str | Path, progress: bool=True, **overrides) -> 
 def _strip_ansi(text: str) -> str: return re.sub(r"\x1b\[[0-9;]*m", "", str(text))
 
 # %% ../nbs/05_pipeline.ipynb #a94dac2c
-def dvc(*args: str, root: str | Path, capture: bool=False) -> subprocess.CompletedProcess:
-    "Run `dvc ARGS` in `root` with this environment's commands first on PATH (so stages find `mlops-nb`)."
+def _dvc_command(args) -> tuple[list[str], dict]:
+    "`dvc ARGS` and its environment: this environment's commands first on PATH (so stages find `mlops-nb`)."
     bin_dir = Path(sys.executable).parent
     exe = bin_dir / "dvc"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(exe) if exe.exists() else "dvc", *args], cwd=root, env=env, text=True, capture_output=capture)
+    return [str(exe) if exe.exists() else "dvc", *args], env
+
+def dvc(*args: str, root: str | Path, capture: bool=False) -> subprocess.CompletedProcess:
+    "Run `dvc ARGS` in `root` (its output shown unless `capture`), with this environment's commands first on PATH."
+    cmd, env = _dvc_command(args)
+    return subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=capture)
+
+def dvc_output(*args: str, root: str | Path) -> str:
+    "`dvc ARGS`'s stdout in `root`; when it fails, `core.run`'s one-line error naming the command."
+    cmd, env = _dvc_command(args)
+    return run(*cmd, cwd=root, env=env)
 
 def dvc_status(root: str | Path) -> dict:
     "Out-of-date stages and why, as `dvc status --json` reports them ({} when up to date)."
-    r = dvc("status", "--json", root=root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc status failed: {r.stderr.strip() or r.stdout.strip()}")
-    return json.loads(r.stdout or "{}")
+    return json.loads(dvc_output("status", "--json", root=root) or "{}")
 
 # %% ../nbs/05_pipeline.ipynb #06096622
 def _overlap(a: str, b: str) -> bool:

@@ -15,8 +15,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from .contract import Field, RequestError, parse_body
-from .serve import _answer, _json
+from .contract import Field, RequestError, error_entry, json_response, parse_body
 
 # %% auto #0
 __all__ = ['MLFLOW_FORMATS', 'V2_DATATYPES', 'csv_records', 'mlflow_records', 'mlflow_answer', 'v2_model_metadata',
@@ -26,7 +25,7 @@ __all__ = ['MLFLOW_FORMATS', 'V2_DATATYPES', 'csv_records', 'mlflow_records', 'm
 MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 def _bad(problem: str, status: int = 400, record: int | None = None, field: str | None = None) -> RequestError:
-    return RequestError(status, [{"record": record, "field": field, "problem": problem}])
+    return RequestError(status, [error_entry(problem, record, field)])
 
 def _split_records(d) -> list[dict]:
     "The records of a pandas split-oriented frame: {'columns': [...], 'data': [[...], ...]} (an 'index' is ignored)."
@@ -285,14 +284,13 @@ def _versions(state) -> list[str]:
     return sorted({v.current.version for v in state.variants.values() if v.current is not None}, key=lambda s: (len(s), s))  # 2 before 10
 
 # %% ../nbs/22_protocols.ipynb #ebff7c72
-def _add_mlflow_routes(app, state):
+def _add_mlflow_routes(app, state, answer) -> dict:
     @app.post("/invocations")
     async def invocations(request: Request):
         "MLflow's scoring protocol (dataframe_split, dataframe_records, instances, inputs; or text/csv)."
-        status, answer = await _answer(state, request, "/invocations", mlflow_records)
-        status, body = mlflow_answer(status, answer)
-        return _json(body, status)
-    if hasattr(app, "hot"): app.hot["/invocations"] = invocations   # the service's app: straight to the handler
+        status, answered = await answer(state, request, "/invocations", mlflow_records)
+        status, body = mlflow_answer(status, answered)
+        return json_response(body, status)
 
     @app.get("/ping")
     async def ping():
@@ -303,46 +301,52 @@ def _add_mlflow_routes(app, state):
     async def mlflow_version():
         "The MLflow version whose scoring protocol this speaks."
         return _text(_package_version("mlflow"))
+    return {"/invocations": invocations}   # a POST the service's app may hand straight to its handler
 
 # %% ../nbs/22_protocols.ipynb #ccec7a6c
-def _add_v2_routes(app, state):
+def _add_v2_routes(app, state, answer):
     @app.get("/v2/health/live")
-    async def v2_live(): return _json({"live": True})
+    async def v2_live(): return json_response({"live": True})
 
     @app.get("/v2/health/ready")
-    async def v2_ready(): return _json({"ready": state.ready}, 200 if state.ready else 503)
+    async def v2_ready(): return json_response({"ready": state.ready}, 200 if state.ready else 503)
 
     @app.get("/v2")
-    async def v2_server(): return _json({"name": "mlops-nb", "version": _package_version("mlops-nb"), "extensions": ["binary_tensor_data"]})
+    async def v2_server(): return json_response({"name": "mlops-nb", "version": _package_version("mlops-nb"), "extensions": ["binary_tensor_data"]})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def v2_model(name: str, version: str | None = None):
         status, error, pin = _find(state, name, version)
-        if error: return _json({"error": error}, status)
+        if error: return json_response({"error": error}, status)
         current = state.variants[pin or "champion"].current
-        return _json(v2_model_metadata(current, [version] if version else _versions(state)))
+        return json_response(v2_model_metadata(current, [version] if version else _versions(state)))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def v2_model_ready(name: str, version: str | None = None):
         status, error, _ = _find(state, name, version)
-        return _json({"name": name, "ready": error is None, **({"error": error} if error else {})}, status)
+        return json_response({"name": name, "ready": error is None, **({"error": error} if error else {})}, status)
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def v2_infer(name: str, request: Request, version: str | None = None):
         status, error, pin = _find(state, name, version)
-        if error: return _json({"error": error}, status)
+        if error: return json_response({"error": error}, status)
         req = {}
         hlen = request.headers.get("inference-header-content-length")
-        status, answer = await _answer(state, request, "/v2/infer", lambda raw, ct, fields: v2_records(raw, req, fields, hlen), pin)
-        status, body = v2_answer(status, answer, req)
-        if status != 200 or not req["binary"]["default"] and not any(req["binary"]["named"].values()): return _json(body, status)
+        status, answered = await answer(state, request, "/v2/infer", lambda raw, ct, fields: v2_records(raw, req, fields, hlen), pin)
+        status, body = v2_answer(status, answered, req)
+        if status != 200 or not req["binary"]["default"] and not any(req["binary"]["named"].values()): return json_response(body, status)
         head, tail = v2_binary(body, req["binary"])
         return Response(head + tail, status, {"Inference-Header-Content-Length": str(len(head))}, media_type="application/octet-stream")
 
-def add_protocol_routes(app, state):
-    "Mount MLflow's scoring protocol and the Open Inference Protocol v2 on the service's FastAPI `app`."
-    _add_mlflow_routes(app, state)
-    _add_v2_routes(app, state)
+def add_protocol_routes(
+    app,      # the service's FastAPI app
+    state,    # the service's state: `ready`, `variants`
+    answer,   # the request path of `/predict`: async (state, request, endpoint, to_body, pin) -> (status, answer)
+) -> dict:
+    "Mount MLflow's scoring protocol and the Open Inference Protocol v2 on `app`; the POST handlers it may dispatch straight, by path."
+    hot = _add_mlflow_routes(app, state, answer)
+    _add_v2_routes(app, state, answer)
+    return hot

@@ -22,8 +22,9 @@ from .core import MlopsError, failpoint, process_running, tracking_uri
 # %% auto #0
 __all__ = ['EXPERIMENT', 'CHAMPION', 'PREVIOUS', 'STAGING', 'load_model_dir', 'point_mlflow', 'use_project_tracking',
            'pipeline_run', 'flat_params', 'RegistryUnavailable', 'parse_model_uri', 'resolve_version', 'alias_version',
-           'model_types', 'register_model', 'champion_summary', 'load_champion', 'promotion_lock', 'promote_candidate',
-           'release_alias', 'rollback', 'model_files', 'champion_file', 'lineage', 'format_lineage']
+           'version_str', 'model_types', 'register_model', 'champion_summary', 'load_champion', 'promotion_lock',
+           'unreproducible', 'promote_candidate', 'release_alias', 'rollback', 'model_files', 'champion_file',
+           'lineage', 'format_lineage']
 
 # %% ../nbs/04_registry.ipynb #616cb126
 EXPERIMENT = "mlops-nb"
@@ -117,7 +118,9 @@ def _promote(name: str, version: str | int) -> None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)   # first: a crash here leaves champion as it was
     client.set_registered_model_alias(name, CHAMPION, str(version))
 
-def _version_str(v) -> str | None: return None if v is None else str(v.version)
+def version_str(v) -> str | None:
+    "The version number of MLflow model version `v` as text, None for None (an alias that is not set)."
+    return None if v is None else str(v.version)
 
 # %% ../nbs/04_registry.ipynb #3f1fe58f
 from .trust import load_model, trusted_modules, trusted_type   # the one loader of registered models, the one allow-list check
@@ -231,7 +234,7 @@ def _release(client, lock: str, deadline: float):
         time.sleep(0.2)
 
 # %% ../nbs/04_registry.ipynb #f2154293
-def _unreproducible(name: str, version: str, tags: dict | None = None) -> str | None:
+def unreproducible(name: str, version: str, tags: dict | None = None) -> str | None:
     "Why `version` cannot be rebuilt from its commit alone (uncommitted changes, a DVC experiment), or None."
     tags = tags if tags is not None else _client().get_model_version(name, str(version)).tags
     if tags.get("dvc_experiment"): return f"version {version} comes from DVC experiment '{tags['dvc_experiment']}', not from a commit"
@@ -252,16 +255,16 @@ def promote_candidate(
     no = lambda reason: {"promoted": False, "alias": alias, "reason": reason}
     if not blessed: return no("the gate rejected the candidate")
     if not infra_ok: return no("infrastructure validation failed")
-    if not allow_dirty and (why := _unreproducible(name, version)):
+    if not allow_dirty and (why := unreproducible(name, version)):
         return no(f"{why}: registered, not promoted (promote it with `mlops-nb promote {version}`, or set register.promote_dirty: true)")
     with promotion_lock(name):
-        current = _version_str(alias_version(name))
+        current = version_str(alias_version(name))
         finishing = alias == CHAMPION and current == str(version)   # an earlier promotion of it was killed after moving the alias
         if not finishing and current != (str(compared_with) if compared_with else None):
             return no(f"the champion changed from {compared_with} to {current} since evaluation: re-run evaluate")
         if alias == CHAMPION: _promote(name, version)
         else: _client().set_registered_model_alias(name, alias, str(version))
-        if (now := _version_str(alias_version(name, alias))) != str(version):   # a writer that ignores the lock
+        if (now := version_str(alias_version(name, alias))) != str(version):   # a writer that ignores the lock
             return no(f"{alias} is {now} after setting it to {version}: moved by someone else")
         failpoint("promote.after_alias")   # tests kill the process here: the alias moved, the lock held, nothing recorded yet
     _client().set_model_version_tag(name, version, "promoted" if alias == CHAMPION else alias, "true")
@@ -289,7 +292,7 @@ def rollback(name: str) -> dict:
         if current is not None:
             client.set_registered_model_alias(name, PREVIOUS, current.version)
             client.set_model_version_tag(name, current.version, "rolled_back", "true")
-    return {"name": name, "champion": str(previous.version), "previous": _version_str(current)}
+    return {"name": name, "champion": str(previous.version), "previous": version_str(current)}
 
 # %% ../nbs/04_registry.ipynb #868cb661
 def model_files(model_uri: str) -> Path:
@@ -331,7 +334,7 @@ def lineage(model_uri: str) -> dict:
     ts = lambda ms: pd.Timestamp(ms, unit="ms", tz="UTC").isoformat() if ms else None
     return {"model": {"name": name, "version": version, "aliases": aliases, "uri": f"models:/{name}/{version}", "created": ts(v.creation_timestamp)},
             "code": {**{k: v.tags.get(k) for k in ("git_commit", "git_dirty", "dvc_experiment")},
-                     "rebuild": (f"not from a checkout alone: {why}" if (why := _unreproducible(name, version, v.tags))
+                     "rebuild": (f"not from a checkout alone: {why}" if (why := unreproducible(name, version, v.tags))
                                  else f"git checkout {v.tags.get('git_commit')} && dvc checkout && dvc repro")},
             "data": {k: v.tags.get(k) for k in ("data_hash", "train_hash", "test_hash")},
             "params": dict(run.data.params), "params_hash": v.tags.get("params_hash"),

@@ -21,16 +21,17 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import Batcher, RecordsFailed
-from .contract import Field, RequestError, _decision, decide_classes, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, decided_index, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
 from .predlog import PredictionLog, log_meta, read_prediction_log
+from .protocols import add_protocol_routes
 from .registry import point_mlflow
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
 
 # %% auto #0
-__all__ = ['ServiceMetrics', 'Variant', 'in_project', 'create_app', 'app_from_env', 'serve']
+__all__ = ['logger', 'ServiceMetrics', 'Variant', 'in_project', 'create_app', 'app_from_env', 'log_config', 'serve']
 
 # %% ../nbs/20_serve.ipynb #368abdf0
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5)
@@ -97,13 +98,9 @@ class _State:
         champ = self.variants.get("champion")
         return champ is not None and champ.current is not None
 
-def _json(obj, status: int = 200, headers: dict | None = None):
-    from starlette.responses import Response
-    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
-
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
-    too_large = lambda: RequestError(413, [{"record": None, "field": None, "problem": f"body larger than max_body_bytes {limit}"}])
+    too_large = lambda: RequestError(413, [error_entry(f"body larger than max_body_bytes {limit}")])
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit: raise too_large()
     chunks, size = [], 0
@@ -134,7 +131,7 @@ def _out_of_range(fields: list[Field], frame) -> dict[str, int]:
 def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
-    best = _decision(proba, state.params.threshold) if version.classes else None
+    best = decided_index(proba, state.params.threshold) if version.classes else None
     pred = np.asarray(version.classes)[best] if version.classes else proba[:, 0]  # a class, or a value
     if version.classes:
         for cls, k in zip(version.classes, np.bincount(best, minlength=len(version.classes)).tolist()):
@@ -150,6 +147,10 @@ def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.nda
     state.log.append({c: np.asarray(frame[c]) for c in frame}, meta)  # a DataFrame (scikit-learn) or columns (ONNX)
 
 # %% ../nbs/20_serve.ipynb #35b784c3
+import logging
+
+logger = logging.getLogger("mlops_nb.serve")   # under `mlops-nb serve`, uvicorn's handler, format and level apply (see `serve`)
+
 def _registry_status(state: _State, error: Exception | None):
     "Record whether the last registry lookup worked: metrics, and one line when an outage starts or ends."
     m = state.metrics
@@ -158,11 +159,11 @@ def _registry_status(state: _State, error: Exception | None):
         m.registry_up.set(0)
         if state.registry_down is None:
             state.registry_down = time.monotonic()
-            print(f"serve: registry unavailable, serving the loaded versions: {error}", flush=True)
+            logger.warning(f"serve: registry unavailable, serving the loaded versions: {error}")
     else:
         m.registry_up.set(1)
         if state.registry_down is not None:
-            print(f"serve: registry available again after {time.monotonic() - state.registry_down:.1f} s", flush=True)
+            logger.info(f"serve: registry available again after {time.monotonic() - state.registry_down:.1f} s")
             state.registry_down = None
 
 _GC_FREEZE_ENV = "MLOPS_NB_GC_FREEZE"   # "0": leave the collector alone (the benchmark's "before" row); "1": freeze in any process
@@ -193,7 +194,7 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
             _registry_status(state, None)
             if resolved is None:  # the registry says the alias is gone
                 if variant.name != "champion" and variant.current is not None:  # a challenger removed: stop routing to it
-                    print(f"serve: {variant.uri} no longer exists; {variant.name} disabled", flush=True)
+                    logger.warning(f"serve: {variant.uri} no longer exists; {variant.name} disabled")
                     variant.current = None
                 variant.error = f"{variant.uri} does not exist"
                 return False
@@ -201,8 +202,8 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
         new = await loop.run_in_executor(None, load_version, variant.uri, resolved, state.params.runtime)
     except Exception as e:
         variant.error = f"{type(e).__name__}: {e}"
-        print(f"serve: loading {variant.uri} failed, keeping version "
-              f"{variant.current.version if variant.current else None}: {variant.error}", flush=True)
+        logger.error(f"serve: loading {variant.uri} failed, keeping version "
+                     f"{variant.current.version if variant.current else None}: {variant.error}")
         return False
     _freeze_heap(serving=state.ready)
     old, variant.current, variant.error = variant.current, new, None   # the switch: one assignment
@@ -210,7 +211,7 @@ async def _load_variant(state: _State, variant: Variant) -> bool:
     if old is not None: m.model_info.remove(variant.name, old.name, old.version)
     m.model_info.labels(variant.name, new.name, new.version).set(1)
     m.swaps.labels(variant.name).inc()
-    print(f"serve: {variant.name} answers with {new.name} version {new.version} on {new.runtime}" + (f" (was {old.version})" if old else ""), flush=True)
+    logger.info(f"serve: {variant.name} answers with {new.name} version {new.version} on {new.runtime}" + (f" (was {old.version})" if old else ""))
     return True
 
 async def _poll(state: _State, every: float):
@@ -236,7 +237,7 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
                             inline=lambda version: version.runtime == "onnx").start()   # ONNX: cheaper than a thread handoff
         await _load_variant(state, v)
     if state.variants["champion"].current is None:
-        print(f"serve: no model to serve yet ({state.variants['champion'].error or 'alias not set'}); retrying", flush=True)
+        logger.warning(f"serve: no model to serve yet ({state.variants['champion'].error or 'alias not set'}); retrying")
     pollable = any(parse_model_uri(v.uri)[2] for v in state.variants.values())
     if pollable and poll_seconds > 0:
         while not state.ready:   # keep trying until a champion exists
@@ -246,7 +247,7 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
 
 def _safe_on_batch(state, variant, batch, proba, frame):
     try: _on_batch(state, variant, batch, proba, frame)
-    except Exception as e: print(f"serve: metrics or log of a batch failed: {e!r}", flush=True)
+    except Exception as e: logger.error(f"serve: metrics or log of a batch failed: {e!r}")
 
 # %% ../nbs/20_serve.ipynb #a5dcee69
 async def _predict(state: _State, request, to_body=None, pin: str | None = None) -> tuple[int, dict, str, str]:
@@ -255,10 +256,10 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
     state.arriving += 1
     queued = False
     try:
-        if not state.ready: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": "model not loaded yet"}]}, "", ""
+        if not state.ready: return 503, {"request_id": rid, "errors": [error_entry("model not loaded yet")]}, "", ""
         variant = _pick(state) if pin is None else state.variants.get(pin)
         version = variant.current if variant is not None else None
-        if version is None: return 503, {"request_id": rid, "errors": [{"record": None, "field": None, "problem": f"{pin} not loaded"}]}, "", ""
+        if version is None: return 503, {"request_id": rid, "errors": [error_entry(f"{pin} not loaded")]}, "", ""
         try:
             raw = await _read_body(request, state.params.max_body_bytes)
             body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
@@ -277,7 +278,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
         except RecordsFailed as e:   # the model raised on these records only: the client's input, named
             if state.features is not None: state.features.pending.pop(rid, None)
             problem = f"the model could not score this record ({type(e.cause).__name__}: {str(e.cause)[:120]})"
-            errors = [{"record": i, "field": None, "problem": problem} for i in e.records]
+            errors = [error_entry(problem, i) for i in e.records]
             return 422, {"request_id": rid, "n_errors": len(errors), "errors": errors[:100]}, version.version, variant.name
     finally:
         if not queued: state.arriving -= 1
@@ -296,9 +297,9 @@ async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str 
     try:
         try: status, answer, version, variant = await _predict(state, request, to_body, pin)
         except Exception as e:  # the model failed: not the client's fault, and said so
-            print(f"serve: {endpoint} failed: {e!r}", flush=True)
+            logger.error(f"serve: {endpoint} failed: {e!r}")
             status, version, variant = 500, "", ""
-            answer = {"errors": [{"record": None, "field": None, "problem": f"internal error: {type(e).__name__}"}]}
+            answer = {"errors": [error_entry(f"internal error: {type(e).__name__}")]}
         m.observe(endpoint, status, t0, version, variant)
         return status, answer
     finally: m.in_flight.dec()
@@ -401,27 +402,27 @@ def create_app(
         "Predict one record (a JSON object) or several (a list of objects)."
         status, answer = await _answer(state, request, "/predict")
         headers = {"retry-after": "1"} if status == 503 else {"x-request-id": answer["request_id"]} if "request_id" in answer else {}
-        return _json(answer, status, headers)
+        return json_response(answer, status, headers)
     app.hot["/predict"] = predict
 
     @app.get("/health")
     async def health():
         "The process is alive."
-        return _json({"status": "alive"})
+        return json_response({"status": "alive"})
 
     @app.get("/ready")
     async def ready():
         "The champion is loaded and warmed up (503 until then)."
         champ = state.variants.get("champion")
-        if not state.ready: return _json({"ready": False, "error": champ.error if champ else None}, 503)
-        return _json({"ready": True, "model_name": champ.current.name, "model_version": champ.current.version,
+        if not state.ready: return json_response({"ready": False, "error": champ.error if champ else None}, 503)
+        return json_response({"ready": True, "model_name": champ.current.name, "model_version": champ.current.version,
                       "variants": {k: v.current.version for k, v in state.variants.items() if v.current}})
 
     @app.get("/metadata")
     async def metadata():
         "Model name, version, alias, input schema, an example record, training data hash."
-        if not state.ready: return _json({"error": "model not loaded yet"}, 503)
-        return _json(_metadata(state))
+        if not state.ready: return json_response({"error": "model not loaded yet"}, 503)
+        return json_response(_metadata(state))
 
     @app.get("/metrics")
     async def metrics():
@@ -431,8 +432,7 @@ def create_app(
             m.log_errors.set(state.log.errors)
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-    from mlops_nb.protocols import add_protocol_routes
-    add_protocol_routes(app, state)   # MLflow's scoring protocol and the Open Inference Protocol, over `_answer`
+    app.hot.update(add_protocol_routes(app, state, _answer))   # MLflow's scoring protocol and the Open Inference Protocol, over `_answer`
     return app
 
 # %% ../nbs/20_serve.ipynb #85e81ce8
@@ -443,6 +443,14 @@ def app_from_env():
     cfg = json.loads(os.environ[_CONFIG_ENV])
     return create_app(cfg["model_uri"], ServeParams(**cfg["params"]), cfg.get("tracking_uri"), cfg.get("log_dir"),
                       cfg.get("poll_seconds"), feature_repo=cfg.get("feature_repo"))
+
+def log_config() -> dict:
+    "uvicorn's logging configuration with `mlops_nb`'s loggers on its default handler: one format, stream and level."
+    import copy
+    from uvicorn.config import LOGGING_CONFIG
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["mlops_nb"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return cfg
 
 def serve(
     model_uri: str,                     # what to serve (see `create_app`)
@@ -460,4 +468,4 @@ def serve(
                                           "log_dir": None if log_dir is None else str(log_dir), "poll_seconds": poll_seconds,
                                           "feature_repo": None if feature_repo is None else str(Path(feature_repo).resolve())})
     uvicorn.run("mlops_nb.serve:app_from_env", factory=True, host=params.host, port=params.port, workers=workers,
-                access_log=False, log_level="info", timeout_graceful_shutdown=10)
+                access_log=False, log_level="info", log_config=log_config(), timeout_graceful_shutdown=10)

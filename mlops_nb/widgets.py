@@ -484,12 +484,10 @@ def experiment_command(changes: dict, queue: bool=True, name: str | None=None) -
 # %% ../nbs/30_widgets.ipynb #7661675c
 def queue_experiment(root: str | Path, changes: dict, name: str | None=None) -> str:
     "Queue `dvc exp run` with `changes` in the project at `root`; return DVC's message."
-    from mlops_nb.pipeline import dvc
+    from mlops_nb.pipeline import dvc_output
     root = ProjectPaths.find(root).root
     changes = changed_params(load_params(root / "params.yaml"), changes) if changes else {}
-    r = dvc(*experiment_command(changes, queue=True, name=name), root=root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc exp run --queue failed: {(r.stderr or r.stdout).strip()[-500:]}")
-    return r.stdout.strip()
+    return dvc_output(*experiment_command(changes, queue=True, name=name), root=root)
 
 def _failed_tasks(root: Path) -> set[str]:
     from mlops_nb.pipeline import dvc
@@ -498,16 +496,15 @@ def _failed_tasks(root: Path) -> set[str]:
 
 def run_queued(root: str | Path, jobs: int=1) -> str:
     "Run every queued experiment of the project at `root` and wait for them; return DVC's output, or name the ones that failed."
-    from mlops_nb.pipeline import dvc
+    from mlops_nb.pipeline import dvc, dvc_output
     root = ProjectPaths.find(root).root
     before = _failed_tasks(root)
-    r = dvc("exp", "run", "--run-all", "--jobs", str(jobs), root=root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc exp run --run-all failed: {(r.stderr or r.stdout).strip()[-800:]}")
+    out = dvc_output("exp", "run", "--run-all", "--jobs", str(jobs), root=root)
     failed = sorted(_failed_tasks(root) - before)
     if failed:
         log = dvc("queue", "logs", failed[0], root=root, capture=True).stdout.strip().splitlines()
         raise MlopsError(f"experiment(s) {', '.join(failed)} failed (`dvc queue logs {failed[0]}`): " + " | ".join(log[-8:]))
-    return r.stdout
+    return out
 
 # %% ../nbs/30_widgets.ipynb #3f98ee8b
 def _flat(d: dict, prefix: str="") -> dict:
@@ -537,10 +534,8 @@ def experiments_table(shown: list) -> pd.DataFrame:
 
 def show_experiments(root: str | Path) -> pd.DataFrame:
     "`experiments_table` of the project at `root` (the experiments DVC knows, queued ones included)."
-    from mlops_nb.pipeline import dvc
-    r = dvc("exp", "show", "--json", root=ProjectPaths.find(root).root, capture=True)
-    if r.returncode != 0: raise MlopsError(f"dvc exp show failed: {(r.stderr or r.stdout).strip()[-500:]}")
-    return experiments_table(json.loads(r.stdout or "[]"))
+    from mlops_nb.pipeline import dvc_output
+    return experiments_table(json.loads(dvc_output("exp", "show", "--json", root=ProjectPaths.find(root).root) or "[]"))
 
 # %% ../nbs/30_widgets.ipynb #59c18f5b
 class ControlPanel(Explorer):
