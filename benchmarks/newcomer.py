@@ -14,7 +14,7 @@ champion in every row. The last line is one JSON object (also in reports/benchma
     .venv/bin/python benchmarks/newcomer.py             # every case, quiet and busy
     .venv/bin/python benchmarks/newcomer.py --quick     # a smaller search per run (train.n_iter 2), the load test 3 s
     .venv/bin/python benchmarks/newcomer.py --cases ames attrition --busy-only
-    .venv/bin/python benchmarks/newcomer.py --table reports/benchmarks/newcomer-*.json   # one table from runs split in parts
+    .venv/bin/python benchmarks/newcomer.py --table reports/benchmarks/newcomer-*.json --out newcomer.json   # one table (and report) from runs split in parts
 
 The table is printed as Markdown, ready for the README (with `--table`: the rows of several JSON reports, a later
 report's row replacing an earlier one of the same case and condition, e.g. a re-run after a fix).
@@ -105,6 +105,15 @@ def read(dest: Path, *parts) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def stage_error(dest: Path) -> str:
+    "The error a failed stage's executed notebook shows (stage: type: message), or ''."
+    for nb in sorted(dest.glob("reports/notebooks/*.ipynb"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for cell in json.loads(nb.read_text()).get("cells", []):
+            for o in cell.get("outputs", []):
+                if o.get("output_type") == "error": return f"stage {nb.stem}: {o['ename']}: {o['evalue'][:200]}"
+    return ""
+
+
 def run_case(case: str, busy: bool, work: Path, quick: bool) -> dict:
     source, target, task, about = CASES[case]
     dest = project_copy(work / f"{case.replace(' ', '_')}-{'busy' if busy else 'quiet'}", quick)
@@ -129,7 +138,7 @@ def run_case(case: str, busy: bool, work: Path, quick: bool) -> dict:
     holder = champion_of(dest, name) if name else None
     champion = r.returncode == 0 and holder is not None and holder == str(promo.get("version"))
     tail = (r.stderr or r.stdout).strip().splitlines()
-    why = "" if champion else promo.get("reason") or (tail[-1][:200] if tail else f"exit {r.returncode}")
+    why = "" if champion else promo.get("reason") or stage_error(dest) or (tail[-1][:200] if tail else f"exit {r.returncode}")
     if gate and not gate.get("blessed"): why += f" (failed rules: {', '.join(gate['failed_rules'])})"
     if promo.get("failed_checks"): why += " (" + "; ".join(f"{c['check']}: {c['detail'][:120]}" for c in promo["failed_checks"]) + ")"
     deep = next((x for x in gate.get("rules", []) if x["rule"] == "deepchecks_conditions"), {})
@@ -171,14 +180,18 @@ def main():
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (default: all)")
     ap.add_argument("--busy-only", action="store_true", help="only beside two CPU-bound processes")
     ap.add_argument("--keep", action="store_true", help="keep the project copies (their path is printed)")
-    ap.add_argument("--out", default="newcomer.json", help="the JSON report's name in reports/benchmarks/")
+    ap.add_argument("--out", help="the JSON report's name in reports/benchmarks/ (default: newcomer.json; with --table: only when given)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="run nothing: print the Markdown table of these JSON reports (a later row replaces one of the same case and condition)")
     args = ap.parse_args()
     if args.table:
         rows = merged_rows(args.table)
         print(markdown_table(rows))
-        print(f"\nchampions: {sum(r['champion'] for r in rows)} of {len(rows)} runs")
+        champions = sum(r["champion"] for r in rows)
+        print(f"\nchampions: {champions} of {len(rows)} runs")
+        if args.out: write_json(ROOT / "reports" / "benchmarks" / args.out, {"benchmark": "newcomer", "runs": len(rows), "champions": champions,
+                                "all_champions": champions == len(rows), "merged_from": [Path(f).name for f in args.table], "cases": rows})
         return
+    args.out = args.out or "newcomer.json"
     work = Path(tempfile.mkdtemp(prefix="mlops-nb-newcomer-"))
     rows = []
     try:
