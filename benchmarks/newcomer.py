@@ -14,6 +14,10 @@ champion in every row. The last line is one JSON object (also in reports/benchma
     .venv/bin/python benchmarks/newcomer.py             # every case, quiet and busy
     .venv/bin/python benchmarks/newcomer.py --quick     # a smaller search per run (train.n_iter 2), the load test 3 s
     .venv/bin/python benchmarks/newcomer.py --cases ames attrition --busy-only
+    .venv/bin/python benchmarks/newcomer.py --table reports/benchmarks/newcomer-*.json --out newcomer.json   # one table (and report) from runs split in parts
+
+The table is printed as Markdown, ready for the README (with `--table`: the rows of several JSON reports, a later
+report's row replacing an earlier one of the same case and condition, e.g. a re-run after a fix).
 
 Times are this machine's, under whatever else ran (the load average is in each row): compare rows of one run.
 """
@@ -41,7 +45,7 @@ FILES = ["params.yaml", "schema.yaml", "dvc.yaml", "pipeline", "features", ".dvc
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
        "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "true", "MPLBACKEND": "Agg", "GIT_AUTHOR_NAME": "bench",
        "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"): ENV.pop(var, None)   # each project copy's own mlflow.db, never the user's registry
+for var in [v for v in ENV if v.startswith("MLFLOW_")]: ENV.pop(var)   # each project copy's own mlflow.db, never the user's tracking store or registry
 
 MESSY = {"Age": "Age (years)", "MonthlyIncome": "Monthly.Income", "JobRole": "Job Role", "Department": "Département",
          "OverTime": "OVER TIME", "DistanceFromHome": "distance from home"}  # spaces, dots, capitals, an accent
@@ -62,7 +66,7 @@ def project_copy(dest: Path, quick: bool) -> Path:
     dest.mkdir(parents=True)
     for name in FILES:
         src = ROOT / name
-        if src.is_dir(): shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+        if src.is_dir(): shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))  # not the user's DVC remote
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
@@ -101,6 +105,15 @@ def read(dest: Path, *parts) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def stage_error(dest: Path) -> str:
+    "The error a failed stage's executed notebook shows (stage: type: message), or ''."
+    for nb in sorted(dest.glob("reports/notebooks/*.ipynb"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for cell in json.loads(nb.read_text()).get("cells", []):
+            for o in cell.get("outputs", []):
+                if o.get("output_type") == "error": return f"stage {nb.stem}: {o['ename']}: {o['evalue'][:200]}"
+    return ""
+
+
 def run_case(case: str, busy: bool, work: Path, quick: bool) -> dict:
     source, target, task, about = CASES[case]
     dest = project_copy(work / f"{case.replace(' ', '_')}-{'busy' if busy else 'quiet'}", quick)
@@ -125,7 +138,7 @@ def run_case(case: str, busy: bool, work: Path, quick: bool) -> dict:
     holder = champion_of(dest, name) if name else None
     champion = r.returncode == 0 and holder is not None and holder == str(promo.get("version"))
     tail = (r.stderr or r.stdout).strip().splitlines()
-    why = "" if champion else promo.get("reason") or (tail[-1][:200] if tail else f"exit {r.returncode}")
+    why = "" if champion else promo.get("reason") or stage_error(dest) or (tail[-1][:200] if tail else f"exit {r.returncode}")
     if gate and not gate.get("blessed"): why += f" (failed rules: {', '.join(gate['failed_rules'])})"
     if promo.get("failed_checks"): why += " (" + "; ".join(f"{c['check']}: {c['detail'][:120]}" for c in promo["failed_checks"]) + ")"
     deep = next((x for x in gate.get("rules", []) if x["rule"] == "deepchecks_conditions"), {})
@@ -138,14 +151,47 @@ def run_case(case: str, busy: bool, work: Path, quick: bool) -> dict:
             "runtime": infra.get("runtime"), "why": why.strip()}
 
 
+def markdown_table(rows: list[dict]) -> str:
+    "The rows as a Markdown table for the README: case, task, what ran beside it, champion, wall time, load average, metric, one-row p95, why."
+    def cell(v): return str(v).replace("|", "\\|").replace("\n", " ")
+    out = ["| case | task | beside it | champion | wall | load avg (1 min, at the end) | primary metric | one-row p95 (runtime) | judged by effect / why not |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        metric = f"{r.get('primary_metric') or ''} {r['value'] if r.get('value') is not None else ''}".strip() or "-"
+        p95 = f"{r['one_row_p95_ms']} ms ({r.get('runtime') or '?'})" if r.get("one_row_p95_ms") is not None else "-"
+        why = r["why"] or "; ".join(r.get("judged_by_effect", [])) or "-"
+        out.append("| " + " | ".join(cell(v) for v in [f"{r['case']}: {r.get('about', '')}", r.get("task", ""),
+                   "2 CPU-bound processes" if r["busy"] else "the shared machine as it was", "yes" if r["champion"] else "**no**",
+                   f"{r['wall_s']:.0f} s", f"{r.get('load_avg_1m', 0):.1f}", metric, p95, why]) + " |")
+    return "\n".join(out)
+
+
+def merged_rows(files: list[str]) -> list[dict]:
+    "The rows of several JSON reports in order; a later row of the same case and condition replaces the earlier one in place."
+    rows: dict[tuple, dict] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["cases"]: rows[(r["case"], r["busy"])] = r
+    return list(rows.values())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"a smaller search and load test per run: {QUICK}")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (default: all)")
     ap.add_argument("--busy-only", action="store_true", help="only beside two CPU-bound processes")
     ap.add_argument("--keep", action="store_true", help="keep the project copies (their path is printed)")
-    ap.add_argument("--out", default="newcomer.json", help="the JSON report's name in reports/benchmarks/")
+    ap.add_argument("--out", help="the JSON report's name in reports/benchmarks/ (default: newcomer.json; with --table: only when given)")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="run nothing: print the Markdown table of these JSON reports (a later row replaces one of the same case and condition)")
     args = ap.parse_args()
+    if args.table:
+        rows = merged_rows(args.table)
+        print(markdown_table(rows))
+        champions = sum(r["champion"] for r in rows)
+        print(f"\nchampions: {champions} of {len(rows)} runs")
+        if args.out: write_json(ROOT / "reports" / "benchmarks" / args.out, {"benchmark": "newcomer", "runs": len(rows), "champions": champions,
+                                "all_champions": champions == len(rows), "merged_from": [Path(f).name for f in args.table], "cases": rows})
+        return
+    args.out = args.out or "newcomer.json"
     work = Path(tempfile.mkdtemp(prefix="mlops-nb-newcomer-"))
     rows = []
     try:
@@ -159,14 +205,9 @@ def main():
     finally:
         if args.keep: print(f"project copies: {work}", file=sys.stderr)
         else: shutil.rmtree(work, ignore_errors=True)
-    print(f"{'case':<10}{'task':<12}{'beside':<14}{'champion':>9}{'wall':>9}{'load':>7}{'metric':>18}{'1-row p95':>11}  judged by effect / why not")
-    for r in rows:
-        metric = f"{r.get('primary_metric') or '':>8} {r['value'] if r.get('value') is not None else '':>9}"
-        p95 = f"{r['one_row_p95_ms']} ms" if r.get("one_row_p95_ms") is not None else ""
-        print(f"{r['case']:<10}{r.get('task', ''):<12}{'2 busy procs' if r['busy'] else 'nothing':<14}{'yes' if r['champion'] else 'NO':>9}"
-              f"{r['wall_s']:>8.0f}s{r.get('load_avg_1m', 0):>7.1f}{metric:>18}{p95:>11}  {r['why'] or '; '.join(r.get('judged_by_effect', []))}")
+    print(markdown_table(rows))
     champions = sum(r["champion"] for r in rows)
-    print(f"champions: {champions} of {len(rows)} runs")
+    print(f"\nchampions: {champions} of {len(rows)} runs")
     result = {"benchmark": "newcomer", "runs": len(rows), "champions": champions, "all_champions": champions == len(rows),
               "quick": args.quick, "cases": rows}
     write_json(ROOT / "reports" / "benchmarks" / args.out, result)

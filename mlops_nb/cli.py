@@ -381,14 +381,14 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def summary_markdown(
     reports: Path,  # the project's reports/ folder, as the last `mlops-nb run` left it
 ) -> str:
-    "The last run's registration, promotion, test metrics, gate, release gate and drift as Markdown (a CI job summary)."
+    "The last run's registration, promotion (whether its candidate holds the alias now), test metrics, gate, release gate and drift as Markdown (a CI job summary)."
     def read(*p):
         return read_json(reports.joinpath(*p)) if reports.joinpath(*p).is_file() else None
     out = ["## mlops-nb: the last pipeline run", ""]
     if reg := read("register", "registration.json"): out.append(f"Registered **{reg['name']}** version **{reg['version']}**.")
-    if p := read("infra", "promotion.json"):
-        out.append(f"Promoted: version {p['version']} took **{p.get('alias', 'champion')}** ({p['reason']})." if p["promoted"]
-                   else f"**Not promoted**: version {p['version']} ({p['reason']}).")
+    if p := read("infra", "promotion.json"):   # the registry's word, as `mlops-nb run` says it: `mlops-nb promote` may have fixed a failed promotion
+        held, line = _promotion_now(ProjectPaths(reports.parent), p)
+        out.append(("Promoted: " if held else "**Not promoted**: ") + line.removeprefix("promotion: ") + ".")
     if m := read("metrics", "evaluate.json"):
         out += ["", "### Test metrics", *_table(["metric", "value"], [[k, v] for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)])]
     if g := read("evaluate", "gate.json"):

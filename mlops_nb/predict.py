@@ -154,15 +154,33 @@ def _cast(table, schema):
     raise MlopsError(f"the output columns differ from earlier chunks': {table.schema.names} vs {schema.names}")
 
 # %% ../nbs/24_predict.ipynb #989a9608
+import os, time
+try: import fcntl
+except ImportError: fcntl = None   # no flock (Windows): staged files are not locked, nor swept
+
+def _sweep_staged(folder: str | Path, min_age_s: float=60.0) -> list[Path]:
+    "Remove staged log files a killed `mlops-nb predict` left: those no live writer holds locked (flock dies with its process)."
+    gone = []
+    for f in Path(folder).glob(".batch-*.staged") if fcntl else []:
+        try:
+            if time.time() - f.stat().st_mtime < min_age_s: continue   # just created: its writer may not hold the lock yet
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError: continue
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); f.unlink(missing_ok=True); gone.append(f)
+        except BlockingIOError: pass   # a predict still writing it
+        finally: os.close(fd)
+    return gone
+
 class _StagedLog:
     "Log rows staged in hidden Parquet files in the log's folder (no reader sees them); `commit` renames them into the log's parts."
     def __init__(self, folder: str | Path, batch_id: str):
-        self.folder, self.batch_id, self.files, self._pq, self._schema = Path(folder), batch_id, [], None, None
+        self.folder, self.batch_id, self.files, self._pq, self._schema, self._locks = Path(folder), batch_id, [], None, None, []
     def write(self, table):
         import pyarrow.parquet as pq
         if self._pq is not None and not self._schema.equals(table.schema): self.close()   # a part per input schema, as the log rotates
         if self._pq is None:
             self.files.append(self.folder / f".{self.batch_id}-{len(self.files):04d}.staged")
+            if fcntl: self._locks.append(fd := os.open(self.files[-1], os.O_RDWR | os.O_CREAT, 0o644)); fcntl.flock(fd, fcntl.LOCK_EX)   # held while this process lives
             self._pq, self._schema = pq.ParquetWriter(self.files[-1], table.schema), table.schema
         self._pq.write_table(table)
     def close(self):
@@ -173,9 +191,14 @@ class _StagedLog:
         self.close()
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
         for f in self.files: os.replace(f, self.folder / f"part-{os.getpid()}-{stamp}-{f.name[1:-len('.staged')]}.parquet")
+        self._unlock()
     def discard(self):
         self.close()
         for f in self.files: f.unlink(missing_ok=True)
+        self._unlock()
+    def _unlock(self):
+        for fd in self._locks: os.close(fd)
+        self._locks = []
 
 def _log_chunk(staged: _StagedLog, X: pd.DataFrame, out: pd.DataFrame, proba, classes, batch_id: str, first: int):
     "Stage one scored chunk's log rows, as the service logs a batch (variant `batch`)."
@@ -216,6 +239,7 @@ def predict_source(
     checked = check_source(source, schema, features, chunk_rows, query, key=key)   # an unknown --key is refused here
     key = key or schema.key
     batch_id, done = f"batch-{uuid.uuid4().hex}", 0
+    if log is not None: _sweep_staged(log.folder)   # what a killed run left
     staged = _StagedLog(log.folder, batch_id) if log is not None else None
     try:
         with atomic_path(out) as tmp, tqdm(total=checked.rows, unit="rows", disable=not progress, desc="predict") as bar:

@@ -217,7 +217,7 @@ def test_a_development_branch_moves_staging_and_only_promote_moves_champion(proj
 
 
 def test_a_no_op_run_after_promote_fixed_a_failed_promotion_exits_0(project):
-    "The run's summary and exit code follow the registry: `mlops-nb promote` fixed the promotion the last run's report says failed."
+    "The run's summary, `mlops-nb summary` and the exit code follow the registry: `mlops-nb promote` fixed the promotion the last run's report says failed."
     import yaml
     p, _ = project
     use_project_tracking(p)
@@ -231,10 +231,13 @@ def test_a_no_op_run_after_promote_fixed_a_failed_promotion_exits_0(project):
         assert r.returncode == 3 and "uncommitted changes" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         version = str(json.loads((p / "reports" / "infra" / "promotion.json").read_text())["version"])
         assert champion_version(p) == "1" and version != "1"
+        assert f"**Not promoted**: version {version} not promoted (" in run("mlops-nb", "summary", cwd=p).stdout
         run("mlops-nb", "promote", version, cwd=p)                  # the user fixes it
         r = run("mlops-nb", "run", cwd=p, check=False)              # nothing to re-run: the same reports
         assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         assert f"promotion: version {version} holds champion now (this run left it not promoted:" in r.stdout
+        md = run("mlops-nb", "summary", cwd=p).stdout                # the CI job summary says what `run` says: one function for both
+        assert f"Promoted: version {version} holds champion now (this run left it not promoted:" in md and "Not promoted" not in md, md
         assert not json.loads((p / "reports" / "infra" / "promotion.json").read_text())["promoted"]   # the report is as the run left it
         assert champion_version(p) == version
     finally:
