@@ -82,8 +82,9 @@ try:  # the ONNX artifact stored with the version, run by the edge runner, must 
         err = np.abs(proba - ox) if ox.shape == proba.shape else np.full(1, np.inf)
         if not onnx_model.classes: err = err / np.maximum(1.0, np.abs(proba))  # values: relative to their size
         diff = float(err.max())
-        passed = report.get("passed") and diff <= args["tolerance"]
-        check("ONNX parity", passed,
+        unused = not report.get("passed") and args["runtime"] != "onnx"   # failed at registration: the service answers with scikit-learn
+        passed = unused or (report.get("passed") and diff <= args["tolerance"])
+        check("ONNX parity", passed, ("not served, the service answers with scikit-learn: " if unused else "") +
               f"max {'abs' if onnx_model.classes else 'relative'} difference {diff:.2e} on {len(batch)} rows (tolerance {args['tolerance']}); at registration: "
               + ("passed" if report.get("passed") else f"failed ({report.get('reason')})"))
         out["onnx_size_bytes"] = os.path.getsize(os.path.join(files, "model.onnx"))
