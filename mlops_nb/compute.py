@@ -19,8 +19,7 @@ from .scale import (ScaleError, _append, _check_columns, _drift_column, _hash_tr
 
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'validate_dask',
-           'drift_dask', 'profile_dask', 'split_dask', 'LightGBMClassifier', 'LightGBMRegressor', 'fit_dask',
-           'cluster_client', 'tune_dask', 'fit_parquet_dask']
+           'drift_dask', 'profile_dask', 'split_dask', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -144,70 +143,18 @@ def split_dask(
                 for w in writers.values(): w.close()
     return _summary(train_path, test_path, target, task, rows), n - labelled
 
-# %% ../nbs/33_compute.ipynb #a2fdc993
+# %% ../nbs/33_compute.ipynb #f66ba73e
 from contextlib import contextmanager
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
-class _BoosterText(BaseEstimator):
-    "A fitted LightGBM model held as its model text: a model file stores a string, no LightGBM object (skops trusts it)."
-    boosting_type = "gbdt"   # what onnxmltools' converter reads
-    def __init__(self, n_estimators: int=200, num_leaves: int=31, learning_rate: float=0.1, random_state: int=0):
-        self.n_estimators, self.num_leaves, self.learning_rate, self.random_state = n_estimators, num_leaves, learning_rate, random_state
-
-    def lgbm_params(self) -> dict:
-        "The LightGBM estimator's arguments (one thread: a worker or a service has its own parallelism)."
-        return dict(n_estimators=self.n_estimators, num_leaves=self.num_leaves, learning_rate=self.learning_rate,
-                    random_state=self.random_state, n_jobs=1, verbose=-1, deterministic=True)
-
-    def fit(self, X, y):
-        "Train LightGBM on this machine (the sampled path); `fit_dask` trains the same model across a cluster."
-        import lightgbm
-        est = (lightgbm.LGBMRegressor if self._regressor else lightgbm.LGBMClassifier)(**self.lgbm_params())
-        return self.from_fitted(est.fit(np.asarray(X, dtype="float64"), np.asarray(y)))
-
-    def from_fitted(self, est) -> "_BoosterText":
-        "Take the trees (and classes) of a fitted LightGBM estimator, local or Dask."
-        self.model_text_ = est.booster_.model_to_string()
-        self.n_features_in_ = est.n_features_in_
-        if not self._regressor: self.classes_ = np.asarray(est.classes_)
-        self.__dict__.pop("_booster", None)
-        return self
-
-    @property
-    def booster_(self):
-        "The LightGBM Booster of the model text (built once per process)."
-        if "_booster" not in self.__dict__:
-            import lightgbm
-            self._booster = lightgbm.Booster(model_str=self.model_text_)
-        return self._booster
-
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != "_booster"}
-
-    def _raw(self, X) -> np.ndarray: return self.booster_.predict(np.asarray(X, dtype="float64"), num_threads=1)
-
-class LightGBMClassifier(ClassifierMixin, _BoosterText):
-    "LightGBM's binary classifier as a scikit-learn estimator held as model text."
-    _regressor = False
-    def predict_proba(self, X) -> np.ndarray:
-        p = self._raw(X)
-        return p if p.ndim == 2 else np.column_stack([1 - p, p])
-    def predict(self, X) -> np.ndarray: return self.classes_[self.predict_proba(X).argmax(axis=1)]
-
-class LightGBMRegressor(RegressorMixin, _BoosterText):
-    "LightGBM's regressor as a scikit-learn estimator held as model text."
-    _regressor = True
-    def predict(self, X) -> np.ndarray: return self._raw(X)
-
-# %% ../nbs/33_compute.ipynb #f66ba73e
 def _xy(pre, load, part) -> tuple[np.ndarray, np.ndarray]:
     "The model's feature matrix and labels of one partition (a worker's task)."
     X, y = load(part)
     return np.asarray(pre.transform(X), dtype="float64"), np.asarray(y)
 
 def fit_dask(
-    model,                # an unfitted Pipeline ending in LightGBMClassifier or LightGBMRegressor (zoo entry `lgbm_dask`)
+    model,                # an unfitted Pipeline ending in lightgbm.LGBMClassifier or LGBMRegressor (zoo entry `lgbm_dask`)
     parts: list,          # the training partitions: what `load` reads, one task each
     lengths: list[int],   # their rows
     load,                 # part -> (X, y): runs on the workers
@@ -223,8 +170,9 @@ def fit_dask(
     xy = [dask.delayed(_xy, pure=True)(pre, load, p) for p in parts]
     X = da.concatenate([da.from_delayed(d[0], shape=(n, width), dtype="float64") for d, n in zip(xy, lengths)])
     y = da.concatenate([da.from_delayed(d[1], shape=(n,), dtype=label) for d, n in zip(xy, lengths)])
-    trainer = lightgbm.DaskLGBMRegressor if model[-1]._regressor else lightgbm.DaskLGBMClassifier
-    model[-1].from_fitted(trainer(client=client, **model[-1].lgbm_params()).fit(X, y))
+    trainer = lightgbm.DaskLGBMRegressor if isinstance(model[-1], lightgbm.LGBMRegressor) else lightgbm.DaskLGBMClassifier
+    fitted = trainer(client=client, **model[-1].get_params()).fit(X, y).to_local()
+    model.steps[-1] = (model.steps[-1][0], fitted)
     return model
 
 def _given(part): return part

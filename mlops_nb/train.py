@@ -62,8 +62,8 @@ class ZooEntry:
     distributed: bool = False   # trained across a Dask cluster by `compute.tune_dask` (one fit, no search)
 
 def _lightgbm(kind: str):
-    "The maker of `compute`'s LightGBM estimator `kind` (imported when a model is made)."
-    return lambda seed: getattr(__import__("mlops_nb.compute", fromlist=[kind]), kind)(random_state=seed)
+    "The maker of LightGBM's estimator `kind` (imported when a model is made; one thread, deterministic, quiet)."
+    return lambda seed: getattr(__import__("lightgbm"), kind)(random_state=seed, n_jobs=1, deterministic=True, verbose=-1)
 
 _LGBM_SPACE = {"num_leaves": randint(8, 64), "learning_rate": loguniform(0.02, 0.3), "n_estimators": [100, 200]}
 
@@ -76,8 +76,8 @@ MODEL_ZOO = {
     "hgb": ZooEntry(lambda seed: HistGradientBoostingClassifier(random_state=seed),
                     {"classifier__learning_rate": loguniform(0.02, 0.3), "classifier__max_leaf_nodes": randint(8, 48),
                      "classifier__l2_regularization": uniform(0, 1.0), "classifier__max_iter": [100, 200]}, scale=False),
-    "lgbm": ZooEntry(_lightgbm("LightGBMClassifier"), {f"classifier__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
-    "lgbm_dask": ZooEntry(_lightgbm("LightGBMClassifier"), {}, scale=False, distributed=True),
+    "lgbm": ZooEntry(_lightgbm("LGBMClassifier"), {f"classifier__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
+    "lgbm_dask": ZooEntry(_lightgbm("LGBMClassifier"), {}, scale=False, distributed=True),
 }
 
 REGRESSOR_ZOO = {
@@ -88,8 +88,8 @@ REGRESSOR_ZOO = {
     "hgb": ZooEntry(lambda seed: HistGradientBoostingRegressor(random_state=seed),
                     {"regressor__learning_rate": loguniform(0.02, 0.3), "regressor__max_leaf_nodes": randint(8, 48),
                      "regressor__l2_regularization": uniform(0, 1.0), "regressor__max_iter": [100, 200]}, scale=False),
-    "lgbm": ZooEntry(_lightgbm("LightGBMRegressor"), {f"regressor__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
-    "lgbm_dask": ZooEntry(_lightgbm("LightGBMRegressor"), {}, scale=False, distributed=True),
+    "lgbm": ZooEntry(_lightgbm("LGBMRegressor"), {f"regressor__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
+    "lgbm_dask": ZooEntry(_lightgbm("LGBMRegressor"), {}, scale=False, distributed=True),
 }
 
 def zoo(task: str="binary") -> dict[str, ZooEntry]:
