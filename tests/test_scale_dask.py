@@ -101,7 +101,7 @@ def test_lightgbm_trains_across_both_workers_and_its_onnx_export_passes_parity(s
     assert len(trained) == 2, [t["key"] for t in stream.data]
     auc = {name: roc_auc_score(test.churn, m.model.predict_proba(X_test)[:, 1]) for name, m in (("local", local), ("dask", remote))}
     assert auc["dask"] > 0.7 and abs(auc["dask"] - auc["local"]) < 0.05, auc
-    assert 0.6 < remote.best_score < 1 and type(remote.model[-1]).__name__ == "LightGBMClassifier"
+    assert 0.6 < remote.best_score < 1 and type(remote.model[-1]).__name__ == "LGBMClassifier"
     exported = export_onnx(remote.model, X_test)
     assert exported.usable, exported.report
     assert exported.report["parity"]["test"]["label_mismatches"] == 0 and exported.report["parity"]["probes"]["passed"], exported.report
