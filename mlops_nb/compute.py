@@ -19,7 +19,7 @@ from .scale import (ScaleError, _append, _check_columns, _drift_column, _hash_tr
 
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'validate_dask',
-           'drift_dask', 'profile_dask', 'split_dask']
+           'drift_dask', 'profile_dask', 'split_dask', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -142,3 +142,98 @@ def split_dask(
             finally:
                 for w in writers.values(): w.close()
     return _summary(train_path, test_path, target, task, rows), n - labelled
+
+# %% ../nbs/33_compute.ipynb #f66ba73e
+from contextlib import contextmanager
+
+import numpy as np
+
+def _xy(pre, load, part) -> tuple[np.ndarray, np.ndarray]:
+    "The model's feature matrix and labels of one partition (a worker's task)."
+    X, y = load(part)
+    return np.asarray(pre.transform(X), dtype="float64"), np.asarray(y)
+
+def fit_dask(
+    model,                # an unfitted Pipeline ending in lightgbm.LGBMClassifier or LGBMRegressor (zoo entry `lgbm_dask`)
+    parts: list,          # the training partitions: what `load` reads, one task each
+    lengths: list[int],   # their rows
+    load,                 # part -> (X, y): runs on the workers
+    sample: tuple,        # (X, y) of a bounded sample: the feature transforms are fitted on it, on the driver
+    client,               # the Dask client
+):
+    "Fit `model`'s feature steps on `sample`, then LightGBM's Dask trainer on `parts` across the workers; `model`, fitted."
+    import dask
+    import dask.array as da
+    import lightgbm
+    pre = model[:-1].fit(sample[0])
+    width, label = np.asarray(pre.transform(sample[0].head(1))).shape[1], np.asarray(sample[1]).dtype
+    xy = [dask.delayed(_xy, pure=True)(pre, load, p) for p in parts]
+    X = da.concatenate([da.from_delayed(d[0], shape=(n, width), dtype="float64") for d, n in zip(xy, lengths)])
+    y = da.concatenate([da.from_delayed(d[1], shape=(n,), dtype=label) for d, n in zip(xy, lengths)])
+    trainer = lightgbm.DaskLGBMRegressor if isinstance(model[-1], lightgbm.LGBMRegressor) else lightgbm.DaskLGBMClassifier
+    fitted = trainer(client=client, **model[-1].get_params()).fit(X, y).to_local()
+    model.steps[-1] = (model.steps[-1][0], fitted)
+    return model
+
+def _given(part): return part
+
+def _load_part(dtypes: dict, target: str, part) -> tuple[pd.DataFrame, pd.Series]:
+    df = read_partition(part, dtypes)
+    return df.drop(columns=[target]), df[target]
+
+@contextmanager
+def cluster_client() -> Iterator:
+    "The Dask client in use (e.g. `train.backend: dask`'s), else one of `$DASK_SCHEDULER_ADDRESS`, else of a LocalCluster."
+    from distributed import default_client
+    try: client = default_client()
+    except ValueError: client = None
+    if client is not None:
+        yield client
+        return
+    with dask_client(scheduler_address(ComputeParams("dask"))) as client: yield client
+
+def _result(model, score: float, seconds: float) -> "TuneResult":
+    from mlops_nb.train import TuneResult
+    row = {"params": {}, "mean_test_score": score, "std_test_score": 0.0, "mean_fit_time": seconds, "rank_test_score": 1}
+    return TuneResult(model, {}, score, pd.DataFrame([row]))
+
+# %% ../nbs/33_compute.ipynb #2157c34e
+def tune_dask(
+    model,                   # the unfitted Pipeline of zoo entry `lgbm_dask`
+    X: pd.DataFrame,         # training features
+    y: pd.Series,            # training labels
+    scoring: str,            # the scikit-learn scorer of the held-out partition
+    partition_rows: int=200_000,  # rows per partition (at least two partitions per worker)
+    sample_rows: int=100_000,     # rows the feature transforms are fitted on
+) -> "TuneResult":
+    "`tune` of zoo entry `lgbm_dask`: one fit of LightGBM across the cluster on the partitions of `X` but the last, which scores it (no search)."
+    import time
+    from sklearn.metrics import get_scorer
+    start = time.perf_counter()
+    with cluster_client() as client:
+        k = max(2 * len(client.scheduler_info()["workers"]), -(-len(X) // partition_rows)) + 1
+        cuts = np.linspace(0, len(X), k + 1).astype(int)
+        parts = [(X.iloc[a:b], y.iloc[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        *train, (X_out, y_out) = parts
+        futures = client.scatter(train)
+        fit_dask(model, futures, [len(p[1]) for p in train], _given, (X.head(sample_rows), y.head(sample_rows)), client)
+    return _result(model, float(get_scorer(scoring)(model, X_out, y_out)), time.perf_counter() - start)
+
+def fit_parquet_dask(
+    model,                # the unfitted Pipeline of zoo entry `lgbm_dask`
+    url: str | Path,      # Parquet training data: a file, folder or `s3://` prefix (each worker reads its row groups)
+    target: str,          # the label column
+    client,               # the Dask client
+    sample_rows: int=100_000,  # rows the feature transforms are fitted on (read by the driver, from the first row groups)
+):
+    "`model` fitted on every row of the Parquet data at `url`, a row group per task: the driver reads only the sample."
+    files = parquet_files(url)
+    _, dtypes, parts, _ = dataset_layout(files)
+    load = functools.partial(_load_part, dtypes, target)
+    lengths = [_parquet(f).metadata.row_group(i).num_rows for f, i in parts]
+    sample = []
+    for p in parts:
+        sample.append(read_partition(p, dtypes))
+        if sum(map(len, sample)) >= sample_rows: break
+    sample = pd.concat(sample, ignore_index=True).head(sample_rows)
+    return fit_dask(model, parts, lengths, load, (sample.drop(columns=[target]), sample[target]), client)

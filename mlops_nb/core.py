@@ -167,7 +167,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: typing.Literal["logreg", "rf", "hgb"] = "hgb"  # the algorithm from the model zoo
+    model: typing.Literal["logreg", "rf", "hgb", "lgbm", "lgbm_dask"] = "hgb"  # the algorithm from the model zoo (lgbm_dask: trained across a Dask cluster)
     cv_folds: int = 3            # folds of the cross-validated search
     n_iter: int = 6              # candidates sampled from the model's search space
     scoring: str = "roc_auc"     # the scikit-learn scorer the search maximises (auto: the task's default)

@@ -83,6 +83,7 @@ def to_onnx(
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     types = [(f["name"], StringTensorType([None, 1]) if f["input"] == "string" else FloatTensorType([None, 1])) for f in fields]
     ready = _onnx_ready(model)
+    if type(ready.steps[-1][1]).__module__.startswith("lightgbm."): target_opset = _register_lightgbm(target_opset)   # zoo entries lgbm, lgbm_dask
     options = {id(ready.steps[-1][1]): {"zipmap": False}} if hasattr(model, "predict_proba") else None  # probabilities as a matrix
     try:
         with _int_missing_flags():
@@ -92,6 +93,18 @@ def to_onnx(
     meta = onx.metadata_props.add()
     meta.key, meta.value = SCHEMA_KEY, json.dumps({"fields": fields, "classes": [_plain(c) for c in getattr(model, "classes_", [])]})
     return onx.SerializeToString()
+
+# %% ../nbs/13_export.ipynb #272a4e2e
+def _register_lightgbm(target_opset: int | None) -> dict:
+    "Teach skl2onnx LightGBM's estimators (zoo entries `lgbm`, `lgbm_dask`): onnxmltools' LightGBM converter; the opsets it writes."
+    from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+    from skl2onnx import get_latest_tested_opset_version, update_registered_converter
+    from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes, calculate_linear_regressor_output_shapes
+    from lightgbm import LGBMClassifier, LGBMRegressor
+    update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
+                                convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
+    update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes, convert_lightgbm)
+    return {"": target_opset or get_latest_tested_opset_version(), "ai.onnx.ml": 3}   # onnxmltools 1.16 writes ai.onnx.ml 3 at most
 
 # %% ../nbs/13_export.ipynb #65c5d6a5
 def frame_inputs(X: pd.DataFrame, fields: list[dict]) -> dict:

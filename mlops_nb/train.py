@@ -59,6 +59,13 @@ class ZooEntry:
     make: callable
     space: dict
     scale: bool = True
+    distributed: bool = False   # trained across a Dask cluster by `compute.tune_dask` (one fit, no search)
+
+def _lightgbm(kind: str):
+    "The maker of LightGBM's estimator `kind` (imported when a model is made; one thread, deterministic, quiet)."
+    return lambda seed: getattr(__import__("lightgbm"), kind)(random_state=seed, n_jobs=1, deterministic=True, verbose=-1)
+
+_LGBM_SPACE = {"num_leaves": randint(8, 64), "learning_rate": loguniform(0.02, 0.3), "n_estimators": [100, 200]}
 
 MODEL_ZOO = {
     "logreg": ZooEntry(lambda seed: LogisticRegression(max_iter=2000, random_state=seed),
@@ -69,6 +76,8 @@ MODEL_ZOO = {
     "hgb": ZooEntry(lambda seed: HistGradientBoostingClassifier(random_state=seed),
                     {"classifier__learning_rate": loguniform(0.02, 0.3), "classifier__max_leaf_nodes": randint(8, 48),
                      "classifier__l2_regularization": uniform(0, 1.0), "classifier__max_iter": [100, 200]}, scale=False),
+    "lgbm": ZooEntry(_lightgbm("LGBMClassifier"), {f"classifier__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
+    "lgbm_dask": ZooEntry(_lightgbm("LGBMClassifier"), {}, scale=False, distributed=True),
 }
 
 REGRESSOR_ZOO = {
@@ -79,6 +88,8 @@ REGRESSOR_ZOO = {
     "hgb": ZooEntry(lambda seed: HistGradientBoostingRegressor(random_state=seed),
                     {"regressor__learning_rate": loguniform(0.02, 0.3), "regressor__max_leaf_nodes": randint(8, 48),
                      "regressor__l2_regularization": uniform(0, 1.0), "regressor__max_iter": [100, 200]}, scale=False),
+    "lgbm": ZooEntry(_lightgbm("LGBMRegressor"), {f"regressor__{k}": v for k, v in _LGBM_SPACE.items()}, scale=False),
+    "lgbm_dask": ZooEntry(_lightgbm("LGBMRegressor"), {}, scale=False, distributed=True),
 }
 
 def zoo(task: str="binary") -> dict[str, ZooEntry]:
@@ -184,6 +195,7 @@ def tune(
     else:
         check_classes(y, cv_folds, "train.cv_folds")
         folds = StratifiedKFold(cv_folds, shuffle=True, random_state=seed)
+    if zoo(task)[name].distributed: return __import__("mlops_nb.compute", fromlist=["tune_dask"]).tune_dask(base, X, y, scoring)
     rows = []
     candidates = list(ParameterSampler(zoo(task)[name].space, n_iter, random_state=seed))
     for params in tqdm(candidates, desc=f"tuning {name}", disable=not progress):

@@ -223,3 +223,44 @@ def test_stages_on_the_cluster_fail_clearly_and_split_as_locally(cluster, tmp_pa
     for s in ("train", "test"): pd.testing.assert_frame_equal(there[s], pd.read_parquet(project / "data" / "processed" / f"{s}.parquet"))
     assert splits == json.loads((project / "reports" / "prepare" / "splits.json").read_text())
     assert reference == json.loads((project / "models" / "reference_profile.json").read_text())
+
+
+def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_serves(cluster, tmp_path):
+    """`compute.engine: dask` and `train.model: lgbm_dask` (LightGBM's Dask trainer, on the cluster $DASK_SCHEDULER_ADDRESS
+    names): validate, prepare and the training run on the two workers within their memory; the model's ONNX export passes
+    parity, the release gate (served, called, load-tested) passes, it becomes champion, and `mlops-nb serve` answers with it."""
+    import httpx
+    import sys
+    import mlflow
+    from dask.distributed import get_task_stream
+    from conftest import champion_version, git_init
+    from mlops_nb.loadtest import ServiceProcess
+    from mlops_nb.registry import use_project_tracking
+    project = copy_project(tmp_path / "project", {
+        **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"},
+        "compute": {"engine": "dask", "scheduler": cluster["address"]},
+        "infra": {**TINY["infra"], "service": True}, "register": {"promote_dirty": True},
+        "serve": {"loadtest_seconds": 1.0, "budget_p99_ms": 60000.0, "budget_min_rps": 0.1}})
+    git_init(project)
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        result = run("mlops-nb", "run", cwd=project, env={"DASK_SCHEDULER_ADDRESS": cluster["address"]})
+    assert "-> champion" in result.stdout, result.stdout[-3000:]
+    keys = {t["key"] if isinstance(t["key"], str) else str(t["key"]) for t in stream.data}
+    trained = [t for t in stream.data if "_xy" in str(t["key"]) or "_train_part" in str(t["key"])]
+    assert len(worker_names(trained)) == 2, (worker_names(trained), sorted(keys)[:20])       # both workers trained
+    assert any("_check_one" in str(t["key"]) for t in stream.data) and any("_split_part" in str(t["key"]) for t in stream.data)
+    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    assert all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+    infra = json.loads((project / "reports" / "infra" / "infra.json").read_text())
+    assert all(c["passed"] for c in infra["checks"]) and any("load test" in c["check"] for c in infra["checks"]), infra["checks"]
+    use_project_tracking(project)
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/churn-classifier/{champion_version(project)}")) / "extra_files"
+    onnx_report = json.loads((files / "onnx.json").read_text())
+    assert onnx_report["passed"] and (files / "model.onnx").is_file(), onnx_report
+    record = pd.read_parquet(project / "data" / "processed" / "test.parquet").drop(columns="churn").head(3)
+    with ServiceProcess([str(Path(sys.executable).parent / "mlops-nb"), "serve", "--port", "{port}", "--log-dir", ""],
+                        "/ready", cwd=project, log=tmp_path / "serve.log", timeout=120) as s:
+        ready = httpx.get(s.url + "/ready", timeout=30).json()
+        answer = httpx.post(s.url + "/predict", json=json.loads(record.to_json(orient="records")), timeout=60)
+    assert ready["model_version"] == champion_version(project) and answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 3, answer.json()

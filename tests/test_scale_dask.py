@@ -83,3 +83,25 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path):
     r = run("mlops-nb", "stage", "train", cwd=project, check=False)
     assert r.returncode != 0
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:" in r.stderr + r.stdout
+
+
+def test_lightgbm_trains_across_both_workers_and_its_onnx_export_passes_parity(scheduler):
+    "`train.model: lgbm_dask`: one LightGBM fit across the workers (its tasks on both), scoring like LightGBM trained here; ONNX parity passes."
+    from dask.distributed import Client, get_task_stream
+    from sklearn.metrics import roc_auc_score
+    from mlops_nb.export import export_onnx
+    df = encode_target(synthetic_churn(4000, seed=11).drop(columns="rownames"), "churn", "Yes")
+    train, test = split_stratified(df, "churn", 0.25, 11)
+    X, y, X_test = train.drop(columns="churn"), train.churn, test.drop(columns="churn")
+    local = tune("lgbm", X, y, n_iter=1, cv_folds=2, seed=3, progress=False)
+    with Client(scheduler) as watcher, get_task_stream(client=watcher) as stream:
+        with search_backend("dask", scheduler):   # the client in use is the trainer's cluster
+            remote = tune("lgbm_dask", X, y, cv_folds=2, seed=3, progress=False)
+    trained = {t["worker"] for t in stream.data if "_xy" in str(t["key"]) or "train_part" in str(t["key"])}
+    assert len(trained) == 2, [t["key"] for t in stream.data]
+    auc = {name: roc_auc_score(test.churn, m.model.predict_proba(X_test)[:, 1]) for name, m in (("local", local), ("dask", remote))}
+    assert auc["dask"] > 0.7 and abs(auc["dask"] - auc["local"]) < 0.05, auc
+    assert 0.6 < remote.best_score < 1 and type(remote.model[-1]).__name__ == "LGBMClassifier"
+    exported = export_onnx(remote.model, X_test)
+    assert exported.usable, exported.report
+    assert exported.report["parity"]["test"]["label_mismatches"] == 0 and exported.report["parity"]["probes"]["passed"], exported.report
