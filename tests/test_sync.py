@@ -1,6 +1,7 @@
 """The library and the notebooks never drift: mlops_nb/ is what nbdev-export makes of nbs/, notebooks are
 committed clean, and dvc.yaml (the one list of stages), the stage notebooks' parameters cells and params.yaml agree."""
 import ast
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -77,9 +78,52 @@ def test_dvc_yaml_declares_what_the_stage_reads(stage):
     assert spec["params"] == STAGES[stage].dvc_params
     deps = set(spec["deps"])
     assert STAGES[stage].notebook in deps
-    imported = {node.module.split(".")[1] for node in ast.walk(ast.parse(notebook_code(ROOT / STAGES[stage].notebook)))
-                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlops_nb.")}
-    assert {f"mlops_nb/{m}.py" for m in imported} <= deps, f"{stage} imports modules dvc.yaml does not list"
+    reached = {f"mlops_nb/{m}.py" for m in reached_modules(notebook_code(ROOT / STAGES[stage].notebook))}
+    assert reached <= deps, f"{stage} reaches library modules dvc.yaml does not list: {sorted(reached - deps)}"
+
+
+def library_imports(source: str) -> set[str]:
+    "The mlops_nb modules `source` imports anywhere (a function's imports run when it is called), absolute or relative."
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import): found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mlops_nb.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module == "mlops_nb" or (node.level and not node.module)): found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level: found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlops_nb."): found.add(node.module.split(".")[1])
+    return {m for m in found if (ROOT / "mlops_nb" / f"{m}.py").is_file()}
+
+
+def reached_modules(code: str) -> set[str]:
+    "The mlops_nb modules `code` imports, transitively, plus those a reached module runs in a child process."
+    from mlops_nb.pipeline import IN_CHILD_PROCESS
+    todo, seen = list(library_imports(code)), set()
+    while todo:
+        if (m := todo.pop()) in seen: continue
+        seen.add(m)
+        todo += [*library_imports((ROOT / "mlops_nb" / f"{m}.py").read_text()), *IN_CHILD_PROCESS.get(m, ())]
+    return seen
+
+
+def test_modules_that_start_the_cli_in_a_child_declare_what_it_runs():
+    "A module that runs `mlops_nb.cli` in a child process (infra starts `mlops-nb serve`) names what it runs in IN_CHILD_PROCESS."
+    from mlops_nb.pipeline import IN_CHILD_PROCESS
+    reached = set().union(*(reached_modules(notebook_code(ROOT / s.notebook)) for s in STAGES.values()))
+    starters = {m for m in reached if "from mlops_nb.cli import main" in (ROOT / "mlops_nb" / f"{m}.py").read_text()}
+    assert "infra" in starters and starters <= set(IN_CHILD_PROCESS), starters
+    assert {"serve", "predlog", "observe", "protocols"} <= reached_modules(notebook_code(ROOT / STAGES["infra_validate"].notebook))
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s in BUILTIN_STAGES])
+def test_stage_notebook_defaults_are_the_dataclass_defaults(stage):
+    "A built-in stage run standalone (papermill, no params.yaml) behaves as the pipeline does with params.yaml unset."
+    defaults = notebook_parameters(ROOT / STAGES[stage].notebook)
+    sections = builtin_sections()
+    for key in STAGES[stage].params:
+        section, name = key.split(".")
+        field = next(f for f in dataclasses.fields(sections[section]) if f.name == name)
+        expected = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        got = defaults[name].default
+        assert (got, type(got)) == (expected, type(expected)), f"{stage}: {STAGES[stage].notebook} sets {name} = {got!r}, the dataclass {key} = {expected!r}"
 
 
 def test_executed_notebooks_are_never_dependencies():
