@@ -24,12 +24,12 @@ from pathlib import Path
 from .core import MlopsError, read_json, write_text
 
 # %% auto #0
-__all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'GUIDES', 'notebook_markdown', 'readme_text', 'shown_commands',
-           'command_problems', 'library_notebooks', 'guide_notebooks', 'executed_copy', 'execution_key',
-           'execute_notebook', 'stored_key', 'execute_in_process', 'executed_notebooks', 'cell_options', 'fence',
-           'output_markdown', 'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page',
-           'md_table', 'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links',
-           'site_pages', 'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
+__all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'GUIDES', 'notebook_markdown', 'readme_text', 'library_notebooks',
+           'guide_notebooks', 'executed_copy', 'execution_key', 'execute_notebook', 'stored_key', 'execute_in_process',
+           'executed_notebooks', 'shown_commands', 'command_problems', 'cell_options', 'fence', 'output_markdown',
+           'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page', 'md_table',
+           'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links', 'site_pages',
+           'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
 
 # %% ../nbs/08_docs.ipynb #0988e119
 def _is_hidden(source: str) -> bool:
@@ -53,28 +53,6 @@ _NB_RELATIVE = re.compile(r"\]\((?![\w+.-]+:|/|#)([\w./-]+\.ipynb(?:#[^)]*)?)\)"
 def readme_text(root: str | Path) -> str:
     "README.md as generated from the project's `nbs/index.ipynb`."
     return _NB_RELATIVE.sub(r"](nbs/\1)", notebook_markdown(Path(root) / "nbs" / "index.ipynb")) + README_NOTE
-
-# %% ../nbs/08_docs.ipynb #dff81202
-_SHELL = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
-
-def shown_commands(md: str, prog: str = "mlops-nb") -> list[str]:
-    "Each `prog` command line in the shell blocks of markdown `md`, once: continuations joined, comments, `VAR=...` and what `&&` chains to it dropped."
-    found = []
-    for block in _SHELL.findall(md):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|\|\||;|\s\|\s", re.sub(r"(^|\s)#.*", "", line)):
-                words = part.split()
-                while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]): words.pop(0)
-                if words and words[0] == prog and (cmd := " ".join(words)) not in found: found.append(cmd)
-    return found
-
-def command_problems(command: str, prog: str | None = None) -> list[str]:
-    "What of the shown `command` its program's `--help` does not know: the (sub)command, or an `--option`; [] when all is known."
-    words = command.split()
-    head = words[1:2] + words[2:3] if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) else words[1:2]  # `stage add`, `features list`
-    r = subprocess.run([prog or _mlops_nb(), *head, "--help"], capture_output=True, text=True)
-    if r.returncode != 0: return [f"{command}: `{words[0]} {' '.join(head)}` is not a command"]
-    return [f"{command}: `{words[0]} {' '.join(head)}` has no option {o}" for o in dict.fromkeys(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command)) if o not in r.stdout]
 
 # %% ../nbs/08_docs.ipynb #b11dbd6a
 EXECUTED = Path("_proc") / "executed"  # executed copies of the library notebooks and guides, under the project root
@@ -154,6 +132,28 @@ def executed_notebooks(root: str | Path, workers: int = 2, log=print) -> dict[Pa
     if stale: log(f"executing {len(stale)} of {len(done)} notebooks: {', '.join(nb.name for nb in stale)}")
     with ThreadPoolExecutor(max(1, workers)) as pool: list(pool.map(lambda nb: execute_in_process(nb, root), stale))
     return done
+
+# %% ../nbs/08_docs.ipynb #dff81202
+_SHELL = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+
+def shown_commands(md: str, prog: str = "mlops-nb") -> list[str]:
+    "Each `prog` command line in the shell blocks of markdown `md`, once: continuations joined, comments, `VAR=...` and what `&&` chains to it dropped."
+    found = []
+    for block in _SHELL.findall(md):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|\|\||;|\s\|\s", re.sub(r"(^|\s)#.*", "", line)):
+                words = part.split()
+                while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]): words.pop(0)
+                if words and words[0] == prog and (cmd := " ".join(words)) not in found: found.append(cmd)
+    return found
+
+def command_problems(command: str, prog: str | None = None) -> list[str]:
+    "What of the shown `command` its program's `--help` does not know: the (sub)command, or an `--option`; [] when all is known."
+    words = command.split()
+    head = words[1:2] + words[2:3] if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) else words[1:2]  # `stage add`, `features list`
+    r = subprocess.run([prog or _mlops_nb(), *head, "--help"], capture_output=True, text=True)
+    if r.returncode != 0: return [f"{command}: `{words[0]} {' '.join(head)}` is not a command"]
+    return [f"{command}: `{words[0]} {' '.join(head)}` has no option {o}" for o in dict.fromkeys(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command)) if o not in r.stdout]
 
 # %% ../nbs/08_docs.ipynb #97462ae0
 _OPTION = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")

@@ -29,7 +29,7 @@ def test_library_is_what_nbdev_export_makes(tmp_path):
 
 STAGES = read_stages(ROOT)
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "pipeline").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "nbs" / "guides").glob("*.ipynb")) + sorted((ROOT / "pipeline").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -137,3 +137,18 @@ def test_readme_is_generated_from_the_index_notebook():
     assert (ROOT / "README.md").read_text() == readme_text(ROOT), "README.md differs from nbs/index.ipynb: run `make sync`"
     text = (ROOT / "README.md").read_text()
     assert text.index("make run") < text.index("make test") < 1000  # the two commands come first
+    assert len(text) < 12_000, f"README.md is {len(text)} characters: it is the front door; topics go to a guide (nbs/guides/)"
+
+
+def test_every_command_the_readme_shows_exists():
+    "The README's mlops-nb commands and options exist (each guide's notebook checks its own the same way)."
+    from mlops_nb.docs import command_problems, shown_commands
+    commands = shown_commands((ROOT / "README.md").read_text())
+    assert {"mlops-nb init --data my_table.csv --target label", "mlops-nb run", "mlops-nb serve"} <= set(commands), commands
+    assert [p for c in commands for p in command_problems(c)] == []
+
+
+def test_the_readme_links_every_guide():
+    text = (ROOT / "README.md").read_text()
+    guides = sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))
+    assert guides and [g.name for g in guides if f"](nbs/guides/{g.name})" not in text] == []
