@@ -148,6 +148,25 @@ def test_every_command_the_readme_shows_exists():
     assert [p for c in commands for p in command_problems(c)] == []
 
 
+def test_every_command_the_guides_mention_exists():
+    "Each mlops-nb command a guide names in its prose or tables (`mlops-nb promote --from staging`) exists, with its options."
+    import re
+    from mlops_nb.docs import notebook_markdown
+    shown = {c for nb in sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))
+             for c in re.findall(r"`(mlops-nb [^`]+)`", notebook_markdown(nb))}
+    assert len(shown) > 20, shown
+    helps, problems = {}, []
+    for command in sorted(shown):
+        words = command.split()
+        # `stage NAME` runs a stage: its help is the stage command's; `features apply`, `log prune`: the action's own
+        head = tuple(words[1:3]) if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) and words[1] != "stage" else tuple(words[1:2])
+        if head not in helps: helps[head] = subprocess.run([str(BIN / "mlops-nb"), *head, "--help"], capture_output=True, text=True)
+        r = helps[head]
+        if r.returncode != 0: problems.append(f"{command}: not a command")
+        problems += [f"{command}: no option {o}" for o in re.findall(r"(?<!\S)(--[a-z][\w-]*)", command) if o not in r.stdout]
+    assert problems == []
+
+
 def test_the_readme_links_every_guide():
     text = (ROOT / "README.md").read_text()
     guides = sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))
