@@ -24,11 +24,12 @@ from pathlib import Path
 from .core import MlopsError, read_json, write_text
 
 # %% auto #0
-__all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'notebook_markdown', 'readme_text', 'library_notebooks', 'execution_key',
-           'execute_notebook', 'stored_key', 'execute_in_process', 'executed_notebooks', 'cell_options', 'fence',
-           'output_markdown', 'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page',
-           'md_table', 'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links',
-           'site_pages', 'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
+__all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'GUIDES', 'notebook_markdown', 'readme_text', 'library_notebooks',
+           'guide_notebooks', 'executed_copy', 'execution_key', 'execute_notebook', 'stored_key', 'execute_in_process',
+           'executed_notebooks', 'shown_commands', 'command_problems', 'cell_options', 'fence', 'output_markdown',
+           'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page', 'md_table',
+           'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links', 'site_pages',
+           'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
 
 # %% ../nbs/08_docs.ipynb #0988e119
 def _is_hidden(source: str) -> bool:
@@ -47,18 +48,29 @@ def notebook_markdown(nb_path: str | Path) -> str:
 
 # %% ../nbs/08_docs.ipynb #6f51ffdb
 README_NOTE = "\n<!-- generated from nbs/index.ipynb by `make sync`: edit the notebook, not this file -->\n"
+_NB_RELATIVE = re.compile(r"\]\((?![\w+.-]+:|/|#)([\w./-]+\.ipynb(?:#[^)]*)?)\)")  # a link to a notebook, relative to nbs/
 
 def readme_text(root: str | Path) -> str:
     "README.md as generated from the project's `nbs/index.ipynb`."
-    return notebook_markdown(Path(root) / "nbs" / "index.ipynb") + README_NOTE
+    return _NB_RELATIVE.sub(r"](nbs/\1)", notebook_markdown(Path(root) / "nbs" / "index.ipynb")) + README_NOTE
 
 # %% ../nbs/08_docs.ipynb #b11dbd6a
-EXECUTED = Path("_proc") / "executed"  # executed copies of the library notebooks, under the project root
+EXECUTED = Path("_proc") / "executed"  # executed copies of the library notebooks and guides, under the project root
 KEY_INPUTS = ("params.yaml", "schema.yaml", "requirements.lock", "pyproject.toml")  # besides mlops_nb/*.py
+GUIDES = Path("nbs") / "guides"  # tutorials and explanations: prose and checked examples, no library code
 
 def library_notebooks(root: str | Path) -> list[Path]:
     "The library notebooks `nbs/NN_*.ipynb` of the project at `root`, in reading order."
     return sorted((Path(root) / "nbs").glob("[0-9][0-9]_*.ipynb"))
+
+def guide_notebooks(root: str | Path) -> list[Path]:
+    "The guides `nbs/guides/NN_*.ipynb` of the project at `root`, in reading order."
+    return sorted((Path(root) / GUIDES).glob("[0-9][0-9]_*.ipynb"))
+
+def executed_copy(nb_path: str | Path, root: str | Path) -> Path:
+    "Where the executed copy of notebook `nb_path` (under `root/nbs/`) is kept: the same relative path under `EXECUTED`."
+    nb_path, root = Path(nb_path).resolve(), Path(root).resolve()
+    return root / EXECUTED / nb_path.relative_to(root / "nbs")
 
 def execution_key(nb_path: str | Path, root: str | Path) -> str:
     "SHA-256 of what executing `nb_path` depends on: its cells, the library modules and `KEY_INPUTS` of `root`."
@@ -110,16 +122,38 @@ def execute_in_process(nb_path: str | Path, root: str | Path) -> Path:
     "Execute `nb_path` in a fresh `mlops-nb docs execute` process; its executed copy in `root/_proc/executed/`."
     r = subprocess.run([_mlops_nb(), "docs", "execute", str(nb_path)], cwd=root, capture_output=True, text=True)
     if r.returncode != 0: raise MlopsError(f"executing {Path(nb_path).name} failed:\n{(r.stdout + r.stderr)[-6000:]}")
-    return Path(root) / EXECUTED / Path(nb_path).name
+    return executed_copy(nb_path, root)
 
 def executed_notebooks(root: str | Path, workers: int = 2, log=print) -> dict[Path, Path]:
-    "Each library notebook of `root` mapped to its executed copy, executing those whose copy is missing or stale."
+    "Each library notebook and guide of `root` mapped to its executed copy, executing those whose copy is missing or stale."
     root = Path(root)
-    done = {nb: root / EXECUTED / nb.name for nb in library_notebooks(root)}
+    done = {nb: executed_copy(nb, root) for nb in library_notebooks(root) + guide_notebooks(root)}
     stale = [nb for nb, ex in done.items() if stored_key(ex) != execution_key(nb, root)]
-    if stale: log(f"executing {len(stale)} of {len(done)} library notebooks: {', '.join(nb.name for nb in stale)}")
+    if stale: log(f"executing {len(stale)} of {len(done)} notebooks: {', '.join(nb.name for nb in stale)}")
     with ThreadPoolExecutor(max(1, workers)) as pool: list(pool.map(lambda nb: execute_in_process(nb, root), stale))
     return done
+
+# %% ../nbs/08_docs.ipynb #dff81202
+_SHELL = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+
+def shown_commands(md: str, prog: str = "mlops-nb") -> list[str]:
+    "Each `prog` command line in the shell blocks of markdown `md`, once: continuations joined, comments, `VAR=...` and what `&&` chains to it dropped."
+    found = []
+    for block in _SHELL.findall(md):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|\|\||;|\s\|\s", re.sub(r"(^|\s)#.*", "", line)):
+                words = part.split()
+                while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]): words.pop(0)
+                if words and words[0] == prog and (cmd := " ".join(words)) not in found: found.append(cmd)
+    return found
+
+def command_problems(command: str, prog: str | None = None) -> list[str]:
+    "What of the shown `command` its program's `--help` does not know: the (sub)command, or an `--option`; [] when all is known."
+    words = command.split()
+    head = words[1:2] + words[2:3] if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) else words[1:2]  # `stage add`, `features list`
+    r = subprocess.run([prog or _mlops_nb(), *head, "--help"], capture_output=True, text=True)
+    if r.returncode != 0: return [f"{command}: `{words[0]} {' '.join(head)}` is not a command"]
+    return [f"{command}: `{words[0]} {' '.join(head)}` has no option {o}" for o in dict.fromkeys(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command)) if o not in r.stdout]
 
 # %% ../nbs/08_docs.ipynb #97462ae0
 _OPTION = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
@@ -485,10 +519,16 @@ def site_pages(root: str | Path, out: Path, log=print) -> list:
         shutil.copy2(extra, out / extra.name)
         nav.append({notebook_page_title(extra): extra.name})
     for asset in (root / "docs" / "assets").glob("*"): (out / "assets").mkdir(exist_ok=True); shutil.copy2(asset, out / "assets" / asset.name)
-    library, api, lib_rows, api_rows = ["library/index.md"], ["api/index.md"], [], []
+    library, api, guides, lib_rows, api_rows, guide_rows = ["library/index.md"], ["api/index.md"], ["guides/index.md"], [], [], []
     links = api_links([m for nb in library_notebooks(root) if (m := default_exp(nb))])
-    for src, executed in executed_notebooks(root, log=log).items():
-        page = notebook_page(executed, src, out / "library" / f"{src.stem}_files", f"{src.stem}_files", root, links=links)
+    executed = executed_notebooks(root, log=log)
+    for src in guide_notebooks(root):
+        page = notebook_page(executed[src], src, out / "guides" / f"{src.stem}_files", f"{src.stem}_files", root, links=links)
+        write_text(out / "guides" / f"{src.stem}.md", page.markdown)
+        guides.append({page.title: f"guides/{src.stem}.md"})
+        guide_rows.append((page.title, f"{src.stem}.md", page.description))
+    for src in library_notebooks(root):
+        page = notebook_page(executed[src], src, out / "library" / f"{src.stem}_files", f"{src.stem}_files", root, links=links)
         write_text(out / "library" / f"{src.stem}.md", page.markdown)
         library.append({page.title: f"library/{src.stem}.md"})
         lib_rows.append((page.title, f"{src.stem}.md", page.description))
@@ -496,10 +536,11 @@ def site_pages(root: str | Path, out: Path, log=print) -> list:
             write_text(out / "api" / f"{page.module}.md", api_page(page.module, src.stem, page.anchors))
             api.append({page.module: f"api/{page.module}.md"})
             api_rows.append((f"mlops_nb.{page.module}", f"{page.module}.md", page.description))
+    if guide_rows: write_text(out / "guides" / "index.md", _index("Guides", "How to use mlops-nb, one topic a page: the pipeline, your data, serving, features, monitoring, scaling, developing.", guide_rows))
     write_text(out / "library" / "index.md", _index("Library", "The notebooks of `nbs/`, executed: the library's source, prose, examples and tests.", lib_rows))
     write_text(out / "api" / "index.md", _index("API reference", "Every public function and class of `mlops_nb`, module by module.", api_rows))
     run = latest_run_pages(root, out / "latest-run")
-    return nav + [{"Library": library}, {"API reference": api}, {"Latest run": run}]
+    return nav + ([{"Guides": guides}] if guide_rows else []) + [{"Library": library}, {"API reference": api}, {"Latest run": run}]
 
 def notebook_page_title(md_file: Path) -> str:
     "The `# title` of markdown page `md_file`."
@@ -573,7 +614,7 @@ def _cmd_execute(args) -> int:
     from mlops_nb.core import find_root
     root, nb = find_root(), Path(args.notebook).resolve()
     if not nb.is_file(): raise MlopsError(f"no notebook {args.notebook}")
-    out = execute_notebook(nb, root / EXECUTED / nb.name, execution_key(nb, root))
+    out = execute_notebook(nb, executed_copy(nb, root), execution_key(nb, root))
     print(f"{nb.name}: executed, outputs kept in {out.relative_to(root)}")
     return 0
 

@@ -20,10 +20,11 @@ from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_section
                            run, skip_iri_checker)
 
 # %% auto #0
-__all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'Stage', 'read_stages', 'get_stage', 'stage_parameters',
-           'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters', 'check_stage', 'execute',
-           'StageFailed', 'run_stage', 'dvc', 'dvc_output', 'dvc_status', 'upstream', 'find_cycle', 'imported_modules',
-           'StagePlan', 'plan_stage', 'try_stage', 'add_stage', 'remove_stage', 'check_pipeline']
+__all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'IN_CHILD_PROCESS', 'Stage', 'read_stages', 'get_stage',
+           'stage_parameters', 'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters',
+           'check_stage', 'execute', 'StageFailed', 'run_stage', 'dvc', 'dvc_output', 'dvc_status', 'upstream',
+           'find_cycle', 'imported_modules', 'StagePlan', 'plan_stage', 'try_stage', 'add_stage', 'remove_stage',
+           'check_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 BUILTIN_STAGES = ("ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate")
@@ -294,20 +295,34 @@ def _lib_path(root: Path) -> str:
     try: return tomllib.loads((root / "pyproject.toml").read_text()).get("tool", {}).get("nbdev", {}).get("lib_path", "mlops_nb")
     except (OSError, tomllib.TOMLDecodeError): return "mlops_nb"
 
+IN_CHILD_PROCESS = {"infra": ("serve",)}  # library modules that run another in a child process (`mlops-nb serve`): a dependency no import shows
+
+def _imports(tree: ast.AST, pkg: str, pkg_dir: Path) -> list[str]:
+    "The modules of package `pkg` (folder `pkg_dir`) that `tree` imports, at any depth: a function's imports run when it is called."
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import): names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module == pkg or (node.level and not node.module)): names = [f"{pkg}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom): names = [f"{pkg}.{node.module}" if node.level else node.module or ""]
+        else: continue
+        found += [n.split(".")[1] for n in names if n.split(".")[0] == pkg and "." in n and (pkg_dir / f"{n.split('.')[1]}.py").is_file()]
+    return found
+
 def imported_modules(nb: dict, root: Path) -> list[str]:
-    "The files of the project's library that the code cells of notebook `nb` import (what its stage depends on)."
-    lib, found = _lib_path(root), []
+    "The files of the project's library that the code cells of notebook `nb` import, directly or through each other (what its stage depends on)."
+    lib = _lib_path(root)
+    pkg, pkg_dir, todo, seen = Path(lib).name, root / lib, [], []
     for c in nb.get("cells", []):
         if c.get("cell_type") != "code": continue
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-        try: tree = ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        try: todo += _imports(ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!")))), pkg, pkg_dir)
         except SyntaxError: continue
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            for n in names:
-                parts = n.split(".")
-                if parts[0] == Path(lib).name and len(parts) > 1 and (root / lib / f"{parts[1]}.py").is_file(): found.append(f"{lib}/{parts[1]}.py")
-    return list(dict.fromkeys(found))
+    while todo:
+        if (m := todo.pop(0)) in seen: continue
+        seen.append(m)
+        try: todo += _imports(ast.parse((pkg_dir / f"{m}.py").read_text()), pkg, pkg_dir) + list(IN_CHILD_PROCESS.get(m, ()))
+        except (OSError, SyntaxError): continue
+    return [f"{lib}/{m}.py" for m in seen]
 
 # %% ../nbs/05_pipeline.ipynb #0328126f
 @dataclass

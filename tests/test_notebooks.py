@@ -21,17 +21,18 @@ import pytest
 from conftest import BIN, ROOT, apt_install, run, skip_or_fail
 
 
-NOTEBOOKS = sorted(p.name for p in (ROOT / "nbs").glob("[0-9]*.ipynb"))
+# the library notebooks, then the guides (nbs/guides/): paths relative to nbs/
+NOTEBOOKS = sorted(p.name for p in (ROOT / "nbs").glob("[0-9]*.ipynb")) + sorted(f"guides/{p.name}" for p in (ROOT / "nbs" / "guides").glob("[0-9]*.ipynb"))
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name):
-    from mlops_nb.docs import EXECUTED, execution_key, stored_key
+    from mlops_nb.docs import executed_copy, execution_key, stored_key
     r = subprocess.run([str(BIN / "mlops-nb"), "docs", "execute", f"nbs/{name}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     # the executed copy is there, stamped with the key of the notebook and library as they are now
-    assert stored_key(ROOT / EXECUTED / name) == execution_key(ROOT / "nbs" / name, ROOT)
+    assert stored_key(executed_copy(ROOT / "nbs" / name, ROOT)) == execution_key(ROOT / "nbs" / name, ROOT)
 
 
 # The documentation site, built from the executions above
@@ -44,9 +45,20 @@ PAGES = [
     ("home", "", "mlops-nb", "table"),
     ("api-docs", "api/docs/", "docs", "table"),
     ("notebook-drift", "library/11_drift/", "drift", "img"),
+    ("guide-serving", "guides/04_serving/", "Serving", "table"),
     ("latest-run", "latest-run/", "Latest run", "img"),
 ]
-NAV = ["Home", "Getting started", "Library", "API reference", "Latest run"]
+NAV = ["Home", "Getting started", "Guides", "Library", "API reference", "Latest run"]
+
+# The sections that left the README (issue 28) for the guides: each is a heading of a guide the navigation reaches
+MOVED = ["mlops-nb init: what it chooses for your table", "Use your own notebooks and features", "What make run leaves behind",
+         "The gate", "Everyday use", "In JupyterLab", "Sweeps", "Serving the champion",
+         "Compiled models: ONNX in the service and on edge devices",
+         "The ecosystem's protocols: a drop-in for mlflow models serve, and the Open Inference Protocol",
+         "A container image for the service", "The feature store (Feast)", "Monitoring production traffic", "Continuous training",
+         "Prometheus and Grafana", "Batch prediction", "Continuous delivery workflows", "Documentation site", "Parameters",
+         "When one machine is not enough", "On Kubeflow Pipelines and Airflow", "Layout", "Developing", "Benchmarks",
+         "A newcomer's first run"]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +120,7 @@ def open_page(browser, url):
 def test_build_is_strict_clean_and_offline(site):
     path, out = site
     assert "WARNING" not in out, out[-3000:]
-    for name in ["index.html", "getting-started/index.html", "api/docs/index.html", "library/11_drift/index.html",
+    for name in ["index.html", "getting-started/index.html", "guides/index.html", "api/docs/index.html", "library/11_drift/index.html",
                  "latest-run/index.html", "search/search_index.json"]:
         assert (path / name).is_file(), f"{name} missing from the built site"
     from mlops_nb.docs import remote_assets
@@ -122,6 +134,8 @@ def test_every_library_notebook_and_module_has_a_page(site):
         assert (path / "library" / nb.stem / "index.html").is_file(), f"no page for {nb.name}"
     for mod in sorted((ROOT / "mlops_nb").glob("[a-z]*.py")):
         if mod.stem != "__init__": assert (path / "api" / mod.stem / "index.html").is_file(), f"no API page for mlops_nb.{mod.stem}"
+    for nb in sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb")):
+        assert (path / "guides" / nb.stem / "index.html").is_file(), f"no page for guide {nb.name}"
 
 
 @pytest.mark.slow
@@ -143,6 +157,28 @@ def test_page_in_chromium(browser, base_url, name, path, title, rendered):
         assert problems == []
     finally:
         page.close()
+
+
+@pytest.mark.slow
+def test_every_section_that_left_the_readme_is_reached_from_the_navigation(browser, base_url):
+    "Each guide is in the home page's navigation, and each section that left the README is a heading of one of them."
+    page, problems = open_page(browser, base_url)
+    try:
+        links = page.locator("nav.md-nav--primary a[href*='guides/']").evaluate_all("as => as.map(a => a.href)")
+    finally:
+        page.close()
+    guides = sorted({u.split("#")[0] for u in links if not u.rstrip("/").endswith("guides")})
+    assert len(guides) == len(list((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))), guides
+    headings = set()
+    for url in guides:
+        page, problems = open_page(browser, url)
+        try:
+            headings |= {h.replace("\u00b6", "").strip() for h in page.locator("article h2, article h3").all_inner_texts()}
+            assert problems == []
+        finally:
+            page.close()
+    assert [s for s in MOVED if s not in headings] == [], sorted(headings)
+    assert problems == []
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The library and the notebooks never drift: mlops_nb/ is what nbdev-export makes of nbs/, notebooks are
 committed clean, and dvc.yaml (the one list of stages), the stage notebooks' parameters cells and params.yaml agree."""
 import ast
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ def test_library_is_what_nbdev_export_makes(tmp_path):
 
 STAGES = read_stages(ROOT)
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "pipeline").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "nbs" / "guides").glob("*.ipynb")) + sorted((ROOT / "pipeline").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -77,9 +78,52 @@ def test_dvc_yaml_declares_what_the_stage_reads(stage):
     assert spec["params"] == STAGES[stage].dvc_params
     deps = set(spec["deps"])
     assert STAGES[stage].notebook in deps
-    imported = {node.module.split(".")[1] for node in ast.walk(ast.parse(notebook_code(ROOT / STAGES[stage].notebook)))
-                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlops_nb.")}
-    assert {f"mlops_nb/{m}.py" for m in imported} <= deps, f"{stage} imports modules dvc.yaml does not list"
+    reached = {f"mlops_nb/{m}.py" for m in reached_modules(notebook_code(ROOT / STAGES[stage].notebook))}
+    assert reached <= deps, f"{stage} reaches library modules dvc.yaml does not list: {sorted(reached - deps)}"
+
+
+def library_imports(source: str) -> set[str]:
+    "The mlops_nb modules `source` imports anywhere (a function's imports run when it is called), absolute or relative."
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import): found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mlops_nb.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module == "mlops_nb" or (node.level and not node.module)): found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level: found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlops_nb."): found.add(node.module.split(".")[1])
+    return {m for m in found if (ROOT / "mlops_nb" / f"{m}.py").is_file()}
+
+
+def reached_modules(code: str) -> set[str]:
+    "The mlops_nb modules `code` imports, transitively, plus those a reached module runs in a child process."
+    from mlops_nb.pipeline import IN_CHILD_PROCESS
+    todo, seen = list(library_imports(code)), set()
+    while todo:
+        if (m := todo.pop()) in seen: continue
+        seen.add(m)
+        todo += [*library_imports((ROOT / "mlops_nb" / f"{m}.py").read_text()), *IN_CHILD_PROCESS.get(m, ())]
+    return seen
+
+
+def test_modules_that_start_the_cli_in_a_child_declare_what_it_runs():
+    "A module that runs `mlops_nb.cli` in a child process (infra starts `mlops-nb serve`) names what it runs in IN_CHILD_PROCESS."
+    from mlops_nb.pipeline import IN_CHILD_PROCESS
+    reached = set().union(*(reached_modules(notebook_code(ROOT / s.notebook)) for s in STAGES.values()))
+    starters = {m for m in reached if "from mlops_nb.cli import main" in (ROOT / "mlops_nb" / f"{m}.py").read_text()}
+    assert "infra" in starters and starters <= set(IN_CHILD_PROCESS), starters
+    assert {"serve", "predlog", "observe", "protocols"} <= reached_modules(notebook_code(ROOT / STAGES["infra_validate"].notebook))
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s in BUILTIN_STAGES])
+def test_stage_notebook_defaults_are_the_dataclass_defaults(stage):
+    "A built-in stage run standalone (papermill, no params.yaml) behaves as the pipeline does with params.yaml unset."
+    defaults = notebook_parameters(ROOT / STAGES[stage].notebook)
+    sections = builtin_sections()
+    for key in STAGES[stage].params:
+        section, name = key.split(".")
+        field = next(f for f in dataclasses.fields(sections[section]) if f.name == name)
+        expected = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        got = defaults[name].default
+        assert (got, type(got)) == (expected, type(expected)), f"{stage}: {STAGES[stage].notebook} sets {name} = {got!r}, the dataclass {key} = {expected!r}"
 
 
 def test_executed_notebooks_are_never_dependencies():
@@ -93,3 +137,37 @@ def test_readme_is_generated_from_the_index_notebook():
     assert (ROOT / "README.md").read_text() == readme_text(ROOT), "README.md differs from nbs/index.ipynb: run `make sync`"
     text = (ROOT / "README.md").read_text()
     assert text.index("make run") < text.index("make test") < 1000  # the two commands come first
+    assert len(text) < 12_000, f"README.md is {len(text)} characters: it is the front door; topics go to a guide (nbs/guides/)"
+
+
+def test_every_command_the_readme_shows_exists():
+    "The README's mlops-nb commands and options exist (each guide's notebook checks its own the same way)."
+    from mlops_nb.docs import command_problems, shown_commands
+    commands = shown_commands((ROOT / "README.md").read_text())
+    assert {"mlops-nb init --data my_table.csv --target label", "mlops-nb run", "mlops-nb serve"} <= set(commands), commands
+    assert [p for c in commands for p in command_problems(c)] == []
+
+
+def test_every_command_the_guides_mention_exists():
+    "Each mlops-nb command a guide names in its prose or tables (`mlops-nb promote --from staging`) exists, with its options."
+    import re
+    from mlops_nb.docs import notebook_markdown
+    shown = {c for nb in sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))
+             for c in re.findall(r"`(mlops-nb [^`]+)`", notebook_markdown(nb))}
+    assert len(shown) > 20, shown
+    helps, problems = {}, []
+    for command in sorted(shown):
+        words = command.split()
+        # `stage NAME` runs a stage: its help is the stage command's; `features apply`, `log prune`: the action's own
+        head = tuple(words[1:3]) if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) and words[1] != "stage" else tuple(words[1:2])
+        if head not in helps: helps[head] = subprocess.run([str(BIN / "mlops-nb"), *head, "--help"], capture_output=True, text=True)
+        r = helps[head]
+        if r.returncode != 0: problems.append(f"{command}: not a command")
+        problems += [f"{command}: no option {o}" for o in re.findall(r"(?<!\S)(--[a-z][\w-]*)", command) if o not in r.stdout]
+    assert problems == []
+
+
+def test_the_readme_links_every_guide():
+    text = (ROOT / "README.md").read_text()
+    guides = sorted((ROOT / "nbs" / "guides").glob("[0-9][0-9]_*.ipynb"))
+    assert guides and [g.name for g in guides if f"](nbs/guides/{g.name})" not in text] == []
