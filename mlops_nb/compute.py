@@ -192,11 +192,6 @@ def cluster_client() -> Iterator:
         return
     with dask_client(scheduler_address(ComputeParams("dask"))) as client: yield client
 
-def _result(model, score: float, seconds: float) -> "TuneResult":
-    from mlops_nb.train import TuneResult
-    row = {"params": {}, "mean_test_score": score, "std_test_score": 0.0, "mean_fit_time": seconds, "rank_test_score": 1}
-    return TuneResult(model, {}, score, pd.DataFrame([row]))
-
 # %% ../nbs/33_compute.ipynb #2157c34e
 def tune_dask(
     model,                   # the unfitted Pipeline of zoo entry `lgbm_dask`
@@ -205,8 +200,8 @@ def tune_dask(
     scoring: str,            # the scikit-learn scorer of the held-out partition
     partition_rows: int=200_000,  # rows per partition (at least two partitions per worker)
     sample_rows: int=100_000,     # rows the feature transforms are fitted on
-) -> "TuneResult":
-    "`tune` of zoo entry `lgbm_dask`: one fit of LightGBM across the cluster on the partitions of `X` but the last, which scores it (no search)."
+) -> tuple:
+    "(model, held-out score, seconds): `tune` of zoo entry `lgbm_dask`, one fit of LightGBM across the cluster on the partitions of `X` but the last, which scores it (no search)."
     import time
     from sklearn.metrics import get_scorer
     start = time.perf_counter()
@@ -217,7 +212,7 @@ def tune_dask(
         *train, (X_out, y_out) = parts
         futures = client.scatter(train)
         fit_dask(model, futures, [len(p[1]) for p in train], _given, (X.head(sample_rows), y.head(sample_rows)), client)
-    return _result(model, float(get_scorer(scoring)(model, X_out, y_out)), time.perf_counter() - start)
+    return model, float(get_scorer(scoring)(model, X_out, y_out)), time.perf_counter() - start
 
 def fit_parquet_dask(
     model,                # the unfitted Pipeline of zoo entry `lgbm_dask`

@@ -169,6 +169,11 @@ class TuneResult:
     best_params: dict
     best_score: float
     cv_results: pd.DataFrame
+    @classmethod
+    def single(cls, model, score: float, seconds: float):
+        "One fit scored on held-out rows (no search), as a search's result."
+        row = {"params": {}, "mean_test_score": score, "std_test_score": 0.0, "mean_fit_time": seconds, "rank_test_score": 1}
+        return cls(model, {}, score, pd.DataFrame([row]))
 
 DEFAULT_SCORING = {"binary": "roc_auc", "multiclass": "f1_macro", "regression": "neg_root_mean_squared_error"}
 
@@ -195,7 +200,9 @@ def tune(
     else:
         check_classes(y, cv_folds, "train.cv_folds")
         folds = StratifiedKFold(cv_folds, shuffle=True, random_state=seed)
-    if zoo(task)[name].distributed: return __import__("mlops_nb.compute", fromlist=["tune_dask"]).tune_dask(base, X, y, scoring)
+    if zoo(task)[name].distributed:   # one fit across the Dask cluster, scored on a held-out partition
+        from mlops_nb.compute import tune_dask
+        return TuneResult.single(*tune_dask(base, X, y, scoring))
     rows = []
     candidates = list(ParameterSampler(zoo(task)[name].space, n_iter, random_state=seed))
     for params in tqdm(candidates, desc=f"tuning {name}", disable=not progress):
