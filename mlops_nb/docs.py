@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import MlopsError, read_json, write_text
+from .core import MlopsError, command, read_json, write_text
 
 # %% auto #0
 __all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'GUIDES', 'notebook_markdown', 'readme_text', 'library_notebooks',
@@ -29,7 +29,7 @@ __all__ = ['README_NOTE', 'EXECUTED', 'KEY_INPUTS', 'GUIDES', 'notebook_markdown
            'executed_notebooks', 'shown_commands', 'command_problems', 'cell_options', 'fence', 'output_markdown',
            'doc_processors', 'symbol_anchor', 'symbol_markdown', 'Page', 'linkify', 'notebook_page', 'md_table',
            'curves_png', 'latest_run_pages', 'api_page', 'sync_tree', 'default_exp', 'api_links', 'site_pages',
-           'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'add_docs_commands']
+           'notebook_page_title', 'remote_assets', 'configure_site', 'build_site', 'cmd_docs']
 
 # %% ../nbs/08_docs.ipynb #0988e119
 def _is_hidden(source: str) -> bool:
@@ -618,13 +618,16 @@ def _cmd_execute(args) -> int:
     print(f"{nb.name}: executed, outputs kept in {out.relative_to(root)}")
     return 0
 
-def add_docs_commands(sub) -> None:
-    "Add `mlops-nb docs build|serve|execute` to the CLI's subparsers `sub`."
-    docs = sub.add_parser("docs", help="the documentation site").add_subparsers(dest="docs_command", required=True, metavar="ACTION")
-    docs.add_parser("build", help="build the site into _site/ (strict, offline)").set_defaults(func=_cmd_build)
+def _docs_arguments(p) -> None:
+    "The arguments of `mlops-nb docs build|serve|execute`."
+    docs = p.add_subparsers(dest="docs_command", required=True, metavar="ACTION")
+    docs.add_parser("build", help="build the site into _site/ (strict, offline)")
     serve = docs.add_parser("serve", help="serve the site with live reload while you edit")
     serve.add_argument("--addr", default="127.0.0.1:8001", help="address:port (default 127.0.0.1:8001)")
-    serve.set_defaults(func=_cmd_serve)
     ex = docs.add_parser("execute", help="execute a library notebook as nbdev-test does, keeping its outputs for the site")
     ex.add_argument("notebook", help="path of the notebook, e.g. nbs/00_core.ipynb")
-    ex.set_defaults(func=_cmd_execute)
+
+@command("docs", _docs_arguments, help="the documentation site")
+def cmd_docs(args) -> int:
+    "`mlops-nb docs build|serve|execute`: build the site, serve it while you edit, execute one notebook for it."
+    return {"build": _cmd_build, "serve": _cmd_serve, "execute": _cmd_execute}[args.docs_command](args)

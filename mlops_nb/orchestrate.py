@@ -15,13 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .core import ExitCode, MlopsError, load_yaml, write_text
+from .core import ExitCode, MlopsError, command, load_yaml, write_text
 
 # %% auto #0
 __all__ = ['STEP_SCRIPT', 'KFP_COMMON', 'DEFAULT_IMAGE', 'KFP_RETRIES', 'KFP_COMPILER', 'dvc_stages', 'stage_params',
            'stage_inputs', 'stage_graph', 'toposort', 'kfp_name', 'kubeflow_spec', 'tool_python', 'write_kubeflow',
            'set_stage_params', 'inputs_digest', 'airflow_pipeline_dag', 'airflow_ct_dag', 'write_airflow',
-           'cmd_orchestrate', 'add_orchestrate_command']
+           'cmd_orchestrate']
 
 # %% ../nbs/32_orchestrate.ipynb #4d9067ed
 def dvc_stages(
@@ -312,6 +312,21 @@ def write_airflow(
             write_text(dags_dir / "mlops_nb_ct.py", airflow_ct_dag(root, ct_schedule))]
 
 # %% ../nbs/32_orchestrate.ipynb #c5c68754
+def _orchestrate_arguments(p) -> None:
+    "The arguments of `mlops-nb orchestrate kubeflow|airflow|params`."
+    cmds = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    k = cmds.add_parser("kubeflow", help="compile a KFP v2 pipeline YAML (needs `make tools-kfp`)")
+    k.add_argument("out", type=Path, help="the pipeline YAML to write")
+    k.add_argument("--image", default=DEFAULT_IMAGE, help=f"the image of every step (default: {DEFAULT_IMAGE}, the Dockerfile's pipeline target)")
+    a = cmds.add_parser("airflow", help="write the pipeline DAG and the `mlops-nb ct` DAG into a dags folder")
+    a.add_argument("dags_dir", type=Path, help="the folder to write the DAG files into")
+    a.add_argument("--schedule", default=None, help="the pipeline DAG's schedule (cron or preset such as @daily; default: only when triggered)")
+    a.add_argument("--ct-schedule", default="@daily", help="the ct DAG's schedule (default: @daily)")
+    s = cmds.add_parser("params", help="(inside a pipeline step) write KEY VALUE pairs into params.yaml where they differ")
+    s.add_argument("pairs", nargs="*", metavar="KEY VALUE", help="section.key and its value (lists and dicts as JSON)")
+
+@command("orchestrate", _orchestrate_arguments,
+         help="the stages of dvc.yaml as a Kubeflow pipeline or Airflow DAGs (each step `mlops-nb stage NAME`)")
 def cmd_orchestrate(args) -> int:
     "Generate the pipeline for an orchestrator, or (inside a step) write its param values into params.yaml."
     from mlops_nb.core import ProjectPaths
@@ -325,18 +340,3 @@ def cmd_orchestrate(args) -> int:
         changed = set_stage_params(root, args.pairs)
         print("params: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "as in params.yaml"))
     return 0
-
-def add_orchestrate_command(sub) -> None:
-    "Add `mlops-nb orchestrate kubeflow|airflow|params` to the subparsers `sub`."
-    p = sub.add_parser("orchestrate", help="the stages of dvc.yaml as a Kubeflow pipeline or Airflow DAGs (each step `mlops-nb stage NAME`)")
-    cmds = p.add_subparsers(dest="target", required=True, metavar="TARGET")
-    k = cmds.add_parser("kubeflow", help="compile a KFP v2 pipeline YAML (needs `make tools-kfp`)")
-    k.add_argument("out", type=Path, help="the pipeline YAML to write")
-    k.add_argument("--image", default=DEFAULT_IMAGE, help=f"the image of every step (default: {DEFAULT_IMAGE}, the Dockerfile's pipeline target)")
-    a = cmds.add_parser("airflow", help="write the pipeline DAG and the `mlops-nb ct` DAG into a dags folder")
-    a.add_argument("dags_dir", type=Path, help="the folder to write the DAG files into")
-    a.add_argument("--schedule", default=None, help="the pipeline DAG's schedule (cron or preset such as @daily; default: only when triggered)")
-    a.add_argument("--ct-schedule", default="@daily", help="the ct DAG's schedule (default: @daily)")
-    s = cmds.add_parser("params", help="(inside a pipeline step) write KEY VALUE pairs into params.yaml where they differ")
-    s.add_argument("pairs", nargs="*", metavar="KEY VALUE", help="section.key and its value (lists and dicts as JSON)")
-    p.set_defaults(func=cmd_orchestrate)
