@@ -107,7 +107,8 @@ def cmd_status(args) -> int:
     return ExitCode.OK
 
 def _schema_arguments(p) -> None:
-    infer = p.add_subparsers(dest="schema_command", required=True, metavar="ACTION").add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
+    actions = p.add_subparsers(dest="schema_command", required=True, metavar="ACTION")
+    infer = actions.add_parser("infer", help="print a schema learned from DATA (CSV or Parquet)")
     infer.add_argument("data", type=Path)
     infer.add_argument("--drop", nargs="*", default=None, help="columns to leave out (default: data.drop_columns of params.yaml)")
 
