@@ -96,7 +96,7 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
             start = time.perf_counter()
             model = fit_parquet_dask(build_model("lgbm_dask", head, 42), train_p, TARGET, client)
         joblib.dump(model, folder / "model.joblib")
-        extra = {"model": "lgbm_dask", "train_rows": scale._parquet(train_p).metadata.num_rows}
+        extra = {"model": "lgbm_dask", "train_rows": scale.parquet_file(train_p).metadata.num_rows}
     elif name == "train":
         train = pd.read_parquet(train_p)
         result = tune("hgb", train.drop(columns=[TARGET]), train[TARGET], n_iter=2, cv_folds=2, seed=42, progress=False)

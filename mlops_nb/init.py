@@ -16,7 +16,7 @@ import pandas as pd
 
 from .core import MlopsError, load_params, load_yaml, parse_params, write_text
 from .data import DataError, check_classes, encode_target, infer_task, load_source
-from .schema import _y, infer_schema, schema_to_yaml
+from .schema import yaml_scalar, infer_schema, schema_to_yaml
 
 # %% auto #0
 __all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'HASH_SPLIT_MIN_ROWS', 'INIT_FILES', 'SMALL_DATA', 'RARE_ROWS',
@@ -169,7 +169,7 @@ def _flow(v) -> str:
     if isinstance(v, (list, tuple)): return "[" + ", ".join(_flow(x) for x in v) + "]"
     if isinstance(v, bool): return "true" if v else "false"
     if isinstance(v, str) and v.lower() in ("yes", "no", "on", "off", "y", "n", "true", "false", "null", "~", ""): return '"' + v + '"'
-    return _y(v)
+    return yaml_scalar(v)
 
 def _comment_at(rest: str) -> int:
     "Where the comment starts in the text after `key:` (minding quotes), or -1."

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, Params, ProjectPaths, read_json, write_json
-from .drift import DriftReport, Multivariate, Profile, _map, detect_drift, multivariate_drift, profile
-from .predlog import _META, read_prediction_log
+from .drift import DriftReport, Multivariate, Profile, parallel_map, detect_drift, multivariate_drift, profile
+from .predlog import META_COLUMNS, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
@@ -104,7 +104,7 @@ def version_mix(window: pd.DataFrame) -> pd.DataFrame:
 
 def model_inputs(window: pd.DataFrame) -> pd.DataFrame:
     "The model's input columns of `window`: without the log's metadata, prediction and probabilities."
-    return window.drop(columns=[c for c in window.columns if c in _META or str(c).startswith("proba_")])
+    return window.drop(columns=[c for c in window.columns if c in META_COLUMNS or str(c).startswith("proba_")])
 
 def model_outputs(window: pd.DataFrame) -> pd.DataFrame:
     "The logged `prediction` (a class as text, for a classifier) and `proba_*` columns of `window`."
@@ -723,7 +723,7 @@ def _encoded(df: pd.DataFrame, reference: Profile | None) -> pd.DataFrame:
         return pd.Categorical.from_codes(codes, uniques) if pd.api.types.infer_dtype(uniques, skipna=False) == "string" else None
     cols = [c for c in df.columns if (fp := reference.features.get(str(c))) is not None and fp.kind == "categorical" and df[c].dtype == object]
     out = df.copy(deep=False)         # the other columns are shared, not copied
-    for c, cat in zip(cols, _map(encode, cols, parallel=len(df) >= 100_000)):
+    for c, cat in zip(cols, parallel_map(encode, cols, parallel=len(df) >= 100_000)):
         if cat is not None: out[c] = cat
     return out
 
