@@ -16,12 +16,13 @@ import pandas as pd
 from .core import ComputeParams, ValidateParams
 from .schema import Columns, check_column, validate_columns
 from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep_share, merge_profiles, parquet_dtypes,
-                            parquet_file, profile_column, split_batch, split_summary, write_splits)
+                            parquet_file, profile_column, split_batch, split_summary, write_splits,
+                            check_split, drift_parquet, profile_parquet, split_parquet, validate_parquet)
 
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
-           'validate_dask', 'drift_dask', 'profile_dask', 'split_dask', 'fit_dask', 'cluster_client', 'tune_dask',
-           'fit_parquet_dask']
+           'validate_dask', 'drift_dask', 'profile_dask', 'split_dask', 'validate_data', 'profile_data', 'drift_data',
+           'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -132,6 +133,7 @@ def split_dask(
     window: int=4,   # partitions in flight at once (the driver holds at most this many partitions' results)
 ) -> tuple[dict, int]:
     "`scale.split_parquet` of the Parquet data at `raw`, a row partition per task on the cluster `compute` names."
+    check_split(split, max_train_rows)
     files = parquet_files(raw)
     _, dtypes, parts, n = dataset_layout(files)
     with dask_client(scheduler_address(compute)) as client:
@@ -142,6 +144,32 @@ def split_dask(
         args = (target, positive_label, test_size, seed, split, task, key_column, keep_share(max_train_rows, expected_train))
         rows, labelled = write_splits(train_path, test_path, _ordered(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window))
     return split_summary(train_path, test_path, target, task, rows), n - labelled
+
+# %% ../nbs/33_compute.ipynb #f27f31d6
+def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
+
+def validate_data(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
+    "`scale.validate_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `validate_dask` of the data at `path`."
+    return validate_dask(path, schema, compute) if _dask(compute) else validate_parquet(path, schema)
+
+def profile_data(path: str | Path, schema=None, exclude: list[str] | None=None, compute: ComputeParams | None=None, **kwargs) -> "Profile":
+    "`scale.profile_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `profile_dask`, a column per task."
+    return profile_dask(path, schema, exclude, compute, **kwargs) if _dask(compute) else profile_parquet(path, schema, exclude, **kwargs)
+
+def drift_data(reference: "Profile", path: str | Path, params: ValidateParams | None=None, compute: ComputeParams | None=None) -> "DriftReport":
+    "`scale.drift_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `drift_dask`, a feature per task."
+    return drift_dask(reference, path, params or ValidateParams(), compute) if _dask(compute) else drift_parquet(reference, path, params)
+
+def split_data(
+    raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str="Yes",
+    test_size: float=0.25, seed: int=42, max_train_rows: int=0, batch_rows: int=1_000_000, split: str="stratified",
+    task: str="binary", key_column: str="",   # as `scale.split_parquet`
+    compute: ComputeParams | None=None,        # `compute.engine: dask`: each partition of `raw` split by a task (`split_dask`)
+) -> tuple[dict, int]:
+    "`scale.split_parquet` of `raw`, or (`compute.engine: dask`) `split_dask`: the train/test summary and the unlabelled rows dropped."
+    if _dask(compute):
+        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
+    return split_parquet(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, batch_rows, split, task, key_column)
 
 # %% ../nbs/33_compute.ipynb #f66ba73e
 from contextlib import contextmanager

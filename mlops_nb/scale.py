@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .core import ComputeParams, MlopsError, ValidateParams, atomic_path
+from .core import MlopsError, ValidateParams, atomic_path
 from .schema import Columns, validate_columns
 
 # %% auto #0
@@ -21,7 +21,7 @@ __all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'par
            'read_column', 'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
            'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_column', 'profile_parquet',
            'merge_profiles', 'drift_column', 'drift_parquet', 'hash_train_rows', 'keep_share', 'split_batch',
-           'write_splits', 'split_parquet', 'split_summary']
+           'write_splits', 'check_split', 'split_parquet', 'split_summary']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -214,13 +214,8 @@ class ParquetColumns(Columns):
         self.path = path
     def column(self, name: str) -> pd.Series: return read_column(self.path, name)
 
-def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
-
-def validate_parquet(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
-    "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.engine: dask`: the data at `path`, a column per task)."
-    if _dask(compute):
-        from mlops_nb.compute import validate_dask
-        return validate_dask(path, schema, compute)
+def validate_parquet(path: str | Path, schema) -> "ValidationResult":
+    "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.validate_data` picks the Dask engine)."
     return validate_columns(ParquetColumns(path), schema)
 
 # %% ../nbs/12_scale.ipynb #1026a830
@@ -229,12 +224,8 @@ def profile_column(read, name: str, schema, kwargs: dict) -> "Profile":
     from mlops_nb.drift import profile
     return profile(read(name).to_frame(), schema, **kwargs)
 
-def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, compute: ComputeParams | None=None, **kwargs) -> "Profile":
-    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time (`compute.engine: dask`: a column per task)."
-    from mlops_nb.drift import Profile
-    if _dask(compute):
-        from mlops_nb.compute import profile_dask
-        return profile_dask(path, schema, exclude, compute, **kwargs)
+def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, **kwargs) -> "Profile":
+    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time (`compute.profile_data` picks the Dask engine)."
     names = [n for n in dict.fromkeys(parquet_file(path).schema_arrow.names) if n not in (exclude or [])]
     return merge_profiles([profile_column(lambda n: read_column(path, n), name, schema, kwargs) for name in names], parquet_rows(path), kwargs.get("bins", 10))
 
@@ -252,17 +243,13 @@ def drift_column(read, names: set, rows: int, reference: "Profile", name: str, p
     batch = read(name).to_frame() if name in names else pd.DataFrame(index=range(rows))
     return detect_drift(one, batch, params).features
 
-def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None, compute: ComputeParams | None=None) -> "DriftReport":
-    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time (`compute.engine: dask`: a column per task)."
+def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None) -> "DriftReport":
+    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time (`compute.drift_data` picks the Dask engine)."
     from mlops_nb.drift import DriftReport
     params = params or ValidateParams()
-    if _dask(compute):
-        from mlops_nb.compute import drift_dask
-        return drift_dask(reference, path, params, compute)
     names, rows = set(parquet_file(path).schema_arrow.names), parquet_rows(path)
     scores = [f for name in reference.features for f in drift_column(lambda n: read_column(path, n), names, rows, reference, name, params)]
     return DriftReport(scores, params, rows)
-
 
 # %% ../nbs/12_scale.ipynb #10e58e83
 def hash_train_rows(batch: pd.DataFrame, target: str, positive_label: str, test_size: float, seed: int, task: str, key_column: str) -> int:
@@ -310,6 +297,12 @@ def write_splits(
             for w in writers.values(): w.close()
     return rows, labelled
 
+def check_split(split: str, max_train_rows: int):
+    "Refuse a split the streamed and the Dask paths cannot do: a time split, or a negative `max_train_rows`."
+    if split not in ("stratified", "hash"):
+        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
+    if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
+
 def split_parquet(
     raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str="Yes",
     test_size: float=0.25, seed: int=42,
@@ -318,15 +311,9 @@ def split_parquet(
     split: str="stratified",      # `prepare.split`: stratified or hash (a time split orders the whole table)
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
     key_column: str="",           # `prepare.key_column`, for the hash split
-    compute: ComputeParams | None=None,  # `compute.engine: dask`: each partition of `raw` split by a task
 ) -> tuple[dict, int]:
-    "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped."
-    if split not in ("stratified", "hash"):
-        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
-    if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
-    if _dask(compute):
-        from mlops_nb.compute import split_dask
-        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
+    "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped (`compute.split_data` picks the Dask engine)."
+    check_split(split, max_train_rows)
     n = parquet_rows(raw)
     expected_train = n * (1 - test_size)   # a stratified split holds out its share of every batch, exactly
     if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds

@@ -13,7 +13,6 @@ KNOWN_PRIVATE = {
 }
 # Imports that close a cycle, (importer, exporter) -> why it stays for now. Remove a pair when its change lands.
 KNOWN_BACK_EDGES = {
-    ("scale", "compute"): "compute/scale: scale dispatches to the dask engine lazily; unified in the schema-algorithm change",
 }
 
 
