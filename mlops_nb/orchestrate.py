@@ -239,7 +239,7 @@ def set_stage_params(
     pairs: list,        # KEY VALUE KEY VALUE ... as the orchestrator passes them
 ) -> dict:
     "Write the step's param values into params.yaml where they differ from it; return the keys changed with their values."
-    from mlops_nb.init import set_params_text
+    from mlops_nb.pipeline import set_params_text
     if len(pairs) % 2: raise MlopsError(f"orchestrate params: KEY VALUE pairs expected, got {len(pairs)} words")
     path = Path(root) / "params.yaml"
     text = path.read_text()

@@ -17,14 +17,14 @@ from pathlib import Path
 import yaml
 
 from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml, mask_file,
-                           run, skip_iri_checker)
+                           parse_params, run, skip_iri_checker)
 
 # %% auto #0
 __all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'IN_CHILD_PROCESS', 'Stage', 'read_stages', 'get_stage',
            'stage_parameters', 'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters',
            'check_stage', 'execute', 'StageFailed', 'run_stage', 'dvc', 'dvc_output', 'dvc_status', 'upstream',
-           'find_cycle', 'imported_modules', 'StagePlan', 'plan_stage', 'try_stage', 'add_stage', 'remove_stage',
-           'check_pipeline']
+           'find_cycle', 'imported_modules', 'StagePlan', 'plan_stage', 'yaml_flow', 'set_params_text', 'try_stage',
+           'add_stage', 'remove_stage', 'check_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 BUILTIN_STAGES = ("ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate")
@@ -385,6 +385,54 @@ def plan_stage(
     if metrics: entry["metrics"] = [{m: {"cache": False}} for m in metrics]
     return StagePlan(stage, source, nb, parameters, entry, gate, tuple(metrics))
 
+# %% ../nbs/05_pipeline.ipynb #6c182d21
+def yaml_flow(v) -> str:
+    "`v` as a one-line YAML flow value (what `params.yaml` lines hold)."
+    from mlops_nb.schema import yaml_scalar
+    if isinstance(v, (list, tuple)): return "[" + ", ".join(yaml_flow(x) for x in v) + "]"
+    if isinstance(v, bool): return "true" if v else "false"
+    if isinstance(v, str) and v.lower() in ("yes", "no", "on", "off", "y", "n", "true", "false", "null", "~", ""): return '"' + v + '"'
+    return yaml_scalar(v)
+
+def _comment_at(rest: str) -> int:
+    "Where the comment starts in the text after `key:` (minding quotes), or -1."
+    quote = None
+    for i, ch in enumerate(rest):
+        if quote:
+            if ch == quote: quote = None
+        elif ch in "'\"": quote = ch
+        elif ch == "#" and (i == 0 or rest[i - 1].isspace()): return i
+    return -1
+
+def set_params_text(text: str, updates: dict) -> str:
+    "`text` of a params.yaml with each `section.key` of `updates` set, comments and layout kept."
+    lines, todo, section, ends, out = text.split("\n"), dict(updates), None, {}, []
+    skipping = False   # inside the block list of a key being replaced
+    for line in lines:
+        if skipping and (line.startswith("    ") or line.startswith("  - ")): continue
+        skipping = False
+        if m := re.match(r"^([A-Za-z_]\w*):\s*(#.*)?$", line): section = m.group(1)
+        elif section and (m := re.match(r"^  ([A-Za-z_]\w*):(.*)$", line)) and f"{section}.{m.group(1)}" in todo:
+            rest, new = m.group(2), yaml_flow(todo.pop(f"{section}.{m.group(1)}"))
+            at = _comment_at(rest)
+            value, comment = (rest[:at].strip(), rest[at:]) if at >= 0 else (rest.strip(), "")
+            skipping = not value
+            head = f"  {m.group(1)}: {new}"
+            line = head + (" " * max(1, len(f"  {m.group(1)}:") + at - len(head)) + comment if comment else "")
+        out.append(line)
+        if section and line.strip(): ends[section] = len(out) - 1
+    for key, value in sorted(todo.items(), key=lambda kv: -ends.get(kv[0].split(".")[0], -1)):
+        sec, name = key.split(".")
+        if sec not in ends: raise MlopsError(f"params.yaml has no section '{sec}' for {key}")
+        out.insert(ends[sec] + 1, f"  {name}: {yaml_flow(value)}")
+    result = "\n".join(out)
+    got = load_yaml(result)
+    for key, value in updates.items():
+        sec, name = key.split(".")
+        if got[sec][name] != value: raise MlopsError(f"params.yaml: {key} reads back as {got[sec][name]!r}, not {value!r}")
+    parse_params(got)   # every key known, every type right
+    return result
+
 # %% ../nbs/05_pipeline.ipynb #2e05df67
 def _yaml_rt():
     "ruamel.yaml in round-trip mode with dvc.yaml's layout: comments and order kept (what DVC itself edits dvc.yaml with)."
@@ -402,10 +450,9 @@ def _dump(y, doc) -> str:
 
 def _params_section(name: str, notebook: str, parameters: dict[str, Parameter]) -> str:
     "The `params.yaml` section of stage `name`: its notebook's defaults, with their comments."
-    from mlops_nb.init import _flow   # the params.yaml editor's value writer
     lines = [f"{name}:   # stage {name}: the parameters of {notebook} (`mlops-nb stage {name}` injects them)"]
     for k, p in parameters.items():
-        line = f"  {k}: {_flow(p.default)}"
+        line = f"  {k}: {yaml_flow(p.default)}"
         lines.append(f"{line:<25} # {p.comment}" if p.comment else line)
     text = "\n".join(lines) + "\n"
     if (load_yaml(text) or {}).get(name) != ({k: p.default for k, p in parameters.items()} or None):
