@@ -229,7 +229,8 @@ def tune_dask(
     partition_rows: int=200_000,  # rows per partition (at least two partitions per worker)
     sample_rows: int=100_000,     # rows the feature transforms are fitted on
 ) -> tuple:
-    "(model, held-out score, seconds): `tune` of zoo entry `lgbm_dask`, one fit of LightGBM across the cluster on the partitions of `X` but the last, which scores it (no search)."
+    """(model, held-out score, seconds): `tune` of zoo entry `lgbm_dask`, one fit of LightGBM across the cluster on the
+    partitions of `X` but the last, which scores it (no search)."""
     import time
     from sklearn.metrics import get_scorer
     start = time.perf_counter()

@@ -199,7 +199,8 @@ def tool_python(
 ) -> Path:
     "The python of a tool environment (under $MLOPS_NB_TOOLS, default the project's .tools/); a clear error when it is missing."
     py = Path(os.environ.get("MLOPS_NB_TOOLS") or Path(root) / ".tools") / tool / "bin" / "python"
-    if not py.exists(): raise MlopsError(f"the {tool} tool environment is missing: run `make tools-{tool}` (it installs tools/{tool}/requirements.lock into .tools/{tool})")
+    if not py.exists():
+        raise MlopsError(f"the {tool} tool environment is missing: run `make tools-{tool}` (it installs tools/{tool}/requirements.lock into .tools/{tool})")
     return py
 
 # %% ../nbs/32_orchestrate.ipynb #5eae9df3

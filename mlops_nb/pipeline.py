@@ -128,7 +128,8 @@ def notebook_parameters(path: str | Path) -> dict[str, Parameter]:
         except (ValueError, SyntaxError, TypeError):
             raise MlopsError(f"{where(node)}: {target.id} = {ast.get_source_segment(src, node.value)} is not a literal value (a number, string, "
                              "bool, None, or a list or dict of them; compute from it in a later cell)") from None
-        if isinstance(value, (tuple, set, complex, bytes)): raise MlopsError(f"{where(node)}: {target.id} is a {type(value).__name__}: params.yaml holds lists, not {type(value).__name__}s")
+        if isinstance(value, (tuple, set, complex, bytes)):
+            raise MlopsError(f"{where(node)}: {target.id} is a {type(value).__name__}: params.yaml holds lists, not {type(value).__name__}s")
         out[target.id] = Parameter(value, comments.get(node.lineno, ""))
     return out
 
@@ -282,9 +283,11 @@ def _rel(root: Path, p: str | Path, what: str) -> str:
 
 def _check_name(name: str, stages: dict, raw_params: dict) -> None:
     import difflib
-    if not _NAME.fullmatch(name): raise MlopsError(f"--name {name!r}: use lower-case letters, digits and _ , starting with a letter (it names a params.yaml section)")
+    if not _NAME.fullmatch(name):
+        raise MlopsError(f"--name {name!r}: use lower-case letters, digits and _ , starting with a letter (it names a params.yaml section)")
     if name in stages: raise MlopsError(f"--name {name}: dvc.yaml has a stage {name} already (choose another name, or `mlops-nb stage remove {name}` first)")
-    if name in ACTIONS or name in builtin_sections() or name == "stages": raise MlopsError(f"--name {name}: reserved (a built-in section of params.yaml, or a `mlops-nb stage` action)")
+    if name in ACTIONS or name in builtin_sections() or name == "stages":
+        raise MlopsError(f"--name {name}: reserved (a built-in section of params.yaml, or a `mlops-nb stage` action)")
     if close := difflib.get_close_matches(name, list(builtin_sections()), n=1, cutoff=0.75):
         raise MlopsError(f"--name {name}: too close to the built-in section '{close[0]}' (a misspelling of it would pass unnoticed): choose another name")
     if name in raw_params: raise MlopsError(f"--name {name}: params.yaml has a section {name} already")
@@ -366,7 +369,8 @@ def plan_stage(
     written = {o: n for n, s in stages.items() for o in s.outs}
     for o in outs + metrics:
         if o.startswith("reports/notebooks/") or _overlap(o, dest): raise MlopsError(f"{o}: the stage's notebook and executed copy are not outputs to declare")
-        if clash := next((w for w in written if _overlap(o, w)), None): raise MlopsError(f"{o}: stage {written[clash]} writes {clash} already (a path has one writer)")
+        if clash := next((w for w in written if _overlap(o, w)), None):
+            raise MlopsError(f"{o}: stage {written[clash]} writes {clash} already (a path has one writer)")
         if clash := next((d for d in deps + upstream_outs if _overlap(o, d)), None): raise MlopsError(f"{o}: the stage would read it too ({clash})")
     if len(set(outs + metrics)) < len(outs + metrics): raise MlopsError("the same path is declared twice among --outs and --metrics")
     for d in deps:
@@ -375,7 +379,8 @@ def plan_stage(
     all_deps = list(dict.fromkeys([dest, *imported_modules(nb, root), *upstream_outs, *deps]))
     stage = Stage(name, tuple(f"{name}.{k}" for k in parameters), (), tuple(all_deps), tuple(outs + metrics + [f"reports/notebooks/{name}.ipynb"]),
                   f"mlops-nb stage {name}")
-    after_gate = stages if not gate else stages | {"evaluate": Stage("evaluate", (), deps=stages["evaluate"].deps + tuple(metrics), outs=stages["evaluate"].outs)}
+    after_gate = stages if not gate else stages | {
+        "evaluate": Stage("evaluate", (), deps=stages["evaluate"].deps + tuple(metrics), outs=stages["evaluate"].outs)}
     if cycle := find_cycle(after_gate | {name: stage}):
         if name in cycle: cycle = cycle[cycle.index(name):-1] + cycle[:cycle.index(name)] + [name]   # told from the new stage
         raise MlopsError(f"stage {name} would close a cycle: {' reads '.join(cycle)} (each reads what the next writes)")
@@ -484,7 +489,8 @@ def _clean(nb: dict) -> dict:
     return out
 
 def try_stage(plan: StagePlan, root: str | Path) -> None:
-    "Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares. A trial: what it wrote is removed (DVC's run is the stage's first)."
+    """Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares.
+    A trial: what it wrote is removed (DVC's run is the stage's first)."""
     import shutil
     import tempfile
     papermill, root = _papermill(), Path(root).resolve()

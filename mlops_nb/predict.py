@@ -150,7 +150,8 @@ def _cast(table, schema):
     for f in schema:
         try: table.column(f.name).cast(f.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise MlopsError(f"column '{f.name}' holds {f.type} in earlier chunks but {table.schema.field(f.name).type} here ({str(e).splitlines()[0]})") from None
+            raise MlopsError(f"column '{f.name}' holds {f.type} in earlier chunks but {table.schema.field(f.name).type} here "
+                             f"({str(e).splitlines()[0]})") from None
     raise MlopsError(f"the output columns differ from earlier chunks': {table.schema.names} vs {schema.names}")
 
 # %% ../nbs/24_predict.ipynb #989a9608

@@ -312,14 +312,16 @@ def split_parquet(
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
     key_column: str="",           # `prepare.key_column`, for the hash split
 ) -> tuple[dict, int]:
-    "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped (`compute.split_data` picks the Dask engine)."
+    """Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary
+    and the unlabelled rows dropped (`compute.split_data` picks the Dask engine)."""
     check_split(split, max_train_rows)
     n = parquet_rows(raw)
     expected_train = n * (1 - test_size)   # a stratified split holds out its share of every batch, exactly
     if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds
         expected_train = sum(hash_train_rows(b, target, positive_label, test_size, seed, task, key_column) for b in iter_batches(raw, batch_rows))
     keep = keep_share(max_train_rows, expected_train)
-    splits = (split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep) for i, batch in enumerate(iter_batches(raw, batch_rows)))
+    splits = (split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep)
+              for i, batch in enumerate(iter_batches(raw, batch_rows)))
     rows, labelled = write_splits(train_path, test_path, splits)
     return split_summary(train_path, test_path, target, task, rows), n - labelled
 
