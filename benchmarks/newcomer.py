@@ -71,7 +71,7 @@ def project_copy(dest: Path, quick: bool) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     if quick:   # a user's own small search: set before init, which changes none of these
-        from mlops_nb.init import set_params_text
+        from mlops_nb.pipeline import set_params_text
         updates = {f"{s}.{k}": v for s, values in QUICK.items() for k, v in values.items()}
         (dest / "params.yaml").write_text(set_params_text((dest / "params.yaml").read_text(), updates))
     return dest

@@ -43,7 +43,7 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     "Run one stage in this process; return its wall time (imports excluded) and this process's peak RSS."
     import numpy as np
     import pandas as pd
-    from mlops_nb import scale
+    from mlops_nb import compute as compute_, scale
     from mlops_nb.core import ComputeParams, ValidateParams, content_hash, write_json, write_parquet
     from mlops_nb.data import drop_identifiers, encode_target, split_stratified, synthetic_churn
     from mlops_nb.drift import Profile, detect_drift, profile
@@ -70,15 +70,15 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
         reference = Profile.from_dict(json.loads((folder / "reference_in.json").read_text()))
         start = time.perf_counter()
         if mode == "ours":
-            result, drift = scale.validate_parquet(raw, schema, compute), scale.drift_parquet(reference, raw, ValidateParams(), compute)
+            result, drift = compute_.validate_data(raw, schema, compute), compute_.drift_data(reference, raw, ValidateParams(), compute)
         else:
             df = pd.read_parquet(raw)
             result, drift = validate(df, schema), detect_drift(reference, df.drop(columns=[TARGET]), ValidateParams())
         extra = {"errors": len(result.errors), "drifted": drift.drifted}
     elif name == "prepare":
         if mode == "ours":
-            summary, _ = scale.split_parquet(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows, compute=compute)
-            ref = scale.profile_parquet(train_p, schema, exclude=[TARGET], compute=compute)
+            summary, _ = compute_.split_data(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows, compute=compute)
+            ref = compute_.profile_data(train_p, schema, exclude=[TARGET], compute=compute)
         else:
             train, test = split_stratified(encode_target(pd.read_parquet(raw), TARGET, POSITIVE), TARGET, 0.25, 42)
             if max_train_rows and len(train) > max_train_rows: train = train.sample(max_train_rows, random_state=42)
@@ -96,7 +96,7 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
             start = time.perf_counter()
             model = fit_parquet_dask(build_model("lgbm_dask", head, 42), train_p, TARGET, client)
         joblib.dump(model, folder / "model.joblib")
-        extra = {"model": "lgbm_dask", "train_rows": scale._parquet(train_p).metadata.num_rows}
+        extra = {"model": "lgbm_dask", "train_rows": scale.parquet_file(train_p).metadata.num_rows}
     elif name == "train":
         train = pd.read_parquet(train_p)
         result = tune("hgb", train.drop(columns=[TARGET]), train[TARGET], n_iter=2, cv_folds=2, seed=42, progress=False)

@@ -14,7 +14,7 @@ import numpy as np
 from .core import MlopsError
 
 # %% auto #0
-__all__ = ['RecordsFailed', 'Batcher']
+__all__ = ['RecordsFailed', 'BatchItem', 'Batcher']
 
 # %% ../nbs/18_batcher.ipynb #61630ac2
 class RecordsFailed(MlopsError):
@@ -24,7 +24,8 @@ class RecordsFailed(MlopsError):
         self.records, self.cause = records, cause
 
 @dataclass
-class _Item:
+class BatchItem:
+    "One request waiting in a `Batcher`: its records, the model version to answer it, the future its answer resolves."
     records: list[dict]
     version: object          # what answers it: a batch holds items of one version only
     future: asyncio.Future
@@ -54,12 +55,12 @@ class Batcher:
 
     async def submit(self, records: list[dict], version, request_id: str = "") -> np.ndarray:
         "The probabilities of `records`, answered by `version` in some batch."
-        item = _Item(records, version, asyncio.get_running_loop().create_future(), request_id)
+        item = BatchItem(records, version, asyncio.get_running_loop().create_future(), request_id)
         self._items.append(item)
         self._wake.set()
         return await item.future
 
-    async def _take(self) -> list[_Item]:
+    async def _take(self) -> list[BatchItem]:
         "The next batch: one version, at most `max_batch_size` records unless a single request is larger."
         while not self._items:
             self._wake.clear()
@@ -90,7 +91,7 @@ class Batcher:
         if self.inline(version): return self.run(version, records)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, version, records)
 
-    def _answer(self, items: list[_Item], proba, extra):
+    def _answer(self, items: list[BatchItem], proba, extra):
         start = 0
         for it in items:
             if not it.future.done(): it.future.set_result(proba[start:start + len(it.records)])
@@ -106,7 +107,7 @@ class Batcher:
                 continue
             self._answer(batch, proba, extra)
 
-    async def _isolate(self, batch: list[_Item], error: Exception):
+    async def _isolate(self, batch: list[BatchItem], error: Exception):
         "The batch failed: answer each request alone; name the records that fail, or fail all with the model's error."
         failed = [(batch[0], error)] if len(batch) == 1 else []
         for it in batch if len(batch) > 1 else []:
@@ -131,5 +132,5 @@ class Batcher:
         try: return bool(await asyncio.get_running_loop().run_in_executor(self.executor, self.healthy, version))
         except Exception: return False
 
-def _fail(item: _Item, error: BaseException):
+def _fail(item: BatchItem, error: BaseException):
     if not item.future.done(): item.future.set_exception(error)

@@ -13,13 +13,16 @@ from typing import Iterator
 
 import pandas as pd
 
-from .core import ComputeParams, ValidateParams, atomic_path
-from .scale import (ScaleError, _append, _check_columns, _drift_column, _hash_train_rows, _keep, _merge_profiles,
-                            _parquet, _profile_column, _split_batch, _summary, _validate, dask_client, parquet_dtypes)
+from .core import ComputeParams, ValidateParams
+from .schema import Columns, check_column, validate_columns
+from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep_share, merge_profiles, parquet_dtypes,
+                            parquet_file, profile_column, split_batch, split_summary, write_splits,
+                            check_split, drift_parquet, profile_parquet, split_parquet, validate_parquet)
 
 # %% auto #0
-__all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'validate_dask',
-           'drift_dask', 'profile_dask', 'split_dask', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
+__all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
+           'validate_dask', 'drift_dask', 'profile_dask', 'split_dask', 'validate_data', 'profile_data', 'drift_data',
+           'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -42,7 +45,7 @@ def dataset_layout(files: list[str]) -> tuple[list[str], dict, list[tuple[str, i
     "Column names, pandas dtypes, partitions (file, row group) and rows of `files`, from their footers; files whose columns differ are refused by name."
     names, dtypes, parts, rows = None, {}, [], 0
     for f in files:
-        pf, these = _parquet(f), parquet_dtypes(f)
+        pf, these = parquet_file(f), parquet_dtypes(f)
         if names is None: names, dtypes = list(these), these
         elif list(these) != names: raise ScaleError(f"{f}: its columns {list(these)} are not those of {files[0]}: {names}")
         dtypes = {c: _wider(dtypes[c], these[c]) for c in names}
@@ -58,13 +61,13 @@ def _wider(a, b):
 # %% ../nbs/33_compute.ipynb #866d2d27
 def read_dataset_column(files: list[str], dtypes: dict, name: str) -> pd.Series:
     "Column `name` of all `files`, in order, with the data set's dtype."
-    cols = [_parquet(f).read(columns=[name]).column(0).to_pandas() for f in files]
+    cols = [parquet_file(f).read(columns=[name]).column(0).to_pandas() for f in files]
     s = pd.concat(cols, ignore_index=True) if len(cols) > 1 else cols[0]
     return s.rename(name) if s.dtype == dtypes[name] else s.astype(dtypes[name]).rename(name)
 
 def read_partition(part: tuple[str, int], dtypes: dict) -> pd.DataFrame:
     "Row group `part[1]` of file `part[0]`, with the data set's dtypes."
-    df = _parquet(part[0]).read_row_group(part[1]).to_pandas()
+    df = parquet_file(part[0]).read_row_group(part[1]).to_pandas()
     return df.astype({c: dtypes[c] for c in df.columns if df[c].dtype != dtypes[c]})
 
 # %% ../nbs/33_compute.ipynb #9aa44779
@@ -72,22 +75,29 @@ def _on_columns(client, fn, items: list) -> list:
     "`fn(item)` for each of `items` as Dask tasks, results in order."
     return client.gather(client.map(fn, items, pure=False)) if items else []
 
-def _check_one(files, dtypes, job): return _check_columns(functools.partial(read_dataset_column, files, dtypes), [job])[0]
+def _check_one(files, dtypes, job): return check_column(job[0], read_dataset_column(files, dtypes, job[0]), job[1])
+
+class DatasetColumns(Columns):
+    "The columns of the Parquet `files` for `schema.validate_columns`, each read when asked for, the per-column checks as tasks on `client`."
+    def __init__(self, files: list[str], client):
+        names, self.dtypes, _, rows = dataset_layout(files)
+        super().__init__(names, rows)
+        self.files, self.client = files, client
+    def column(self, name: str) -> pd.Series: return read_dataset_column(self.files, self.dtypes, name)
+    def check(self, jobs: list) -> list: return _on_columns(self.client, functools.partial(_check_one, self.files, self.dtypes), jobs)
 
 def validate_dask(url: str | Path, schema, compute: ComputeParams) -> "ValidationResult":
     "`scale.validate_parquet` of the Parquet data at `url`, the per-column checks as tasks on the cluster `compute` names."
     files = parquet_files(url)
-    names, dtypes, _, rows = dataset_layout(files)
-    read = functools.partial(read_dataset_column, files, dtypes)
     with dask_client(scheduler_address(compute)) as client:
-        return _validate(names, rows, schema, read, lambda jobs: _on_columns(client, functools.partial(_check_one, files, dtypes), jobs))
+        return validate_columns(DatasetColumns(files, client), schema)
 
 def drift_dask(reference: "Profile", url: str | Path, params: ValidateParams, compute: ComputeParams) -> "DriftReport":
     "`scale.drift_parquet` of the data at `url`, a feature per task."
     from mlops_nb.drift import DriftReport
     files = parquet_files(url)
     names, dtypes, _, rows = dataset_layout(files)
-    fn = functools.partial(_drift_column, functools.partial(read_dataset_column, files, dtypes), set(names), rows, reference, params=params)
+    fn = functools.partial(drift_column, functools.partial(read_dataset_column, files, dtypes), set(names), rows, reference, params=params)
     with dask_client(scheduler_address(compute)) as client:
         scores = _on_columns(client, lambda name: fn(name=name), list(reference.features))
     return DriftReport([f for s in scores for f in s], params, rows)
@@ -96,10 +106,10 @@ def profile_dask(url: str | Path, schema=None, exclude: list[str] | None=None, c
     "`scale.profile_parquet` of the data at `url`, a column per task."
     files = parquet_files(url)
     names, dtypes, _, rows = dataset_layout(files)
-    fn = functools.partial(_profile_column, functools.partial(read_dataset_column, files, dtypes), schema=schema, kwargs=kwargs)
+    fn = functools.partial(profile_column, functools.partial(read_dataset_column, files, dtypes), schema=schema, kwargs=kwargs)
     with dask_client(scheduler_address(compute or ComputeParams("dask"))) as client:
         parts = _on_columns(client, lambda name: fn(name=name), [n for n in dict.fromkeys(names) if n not in (exclude or [])])
-    return _merge_profiles(parts, rows, kwargs.get("bins", 10))
+    return merge_profiles(parts, rows, kwargs.get("bins", 10))
 
 # %% ../nbs/33_compute.ipynb #ee8d9859
 def _ordered(client, fn, items: list, window: int) -> Iterator:
@@ -113,9 +123,9 @@ def _ordered(client, fn, items: list, window: int) -> Iterator:
         future.release()
         for item in itertools.islice(it, 1): pending.append(client.submit(fn, item, pure=False))
 
-def _split_part(dtypes, args, job): return _split_batch(read_partition(job[1], dtypes), job[0], *args)
+def _split_part(dtypes, args, job): return split_batch(read_partition(job[1], dtypes), job[0], *args)
 
-def _train_rows(dtypes, args, part): return _hash_train_rows(read_partition(part, dtypes), *args)
+def _train_rows(dtypes, args, part): return hash_train_rows(read_partition(part, dtypes), *args)
 
 def split_dask(
     raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str, test_size: float, seed: int,
@@ -123,6 +133,7 @@ def split_dask(
     window: int=4,   # partitions in flight at once (the driver holds at most this many partitions' results)
 ) -> tuple[dict, int]:
     "`scale.split_parquet` of the Parquet data at `raw`, a row partition per task on the cluster `compute` names."
+    check_split(split, max_train_rows)
     files = parquet_files(raw)
     _, dtypes, parts, n = dataset_layout(files)
     with dask_client(scheduler_address(compute)) as client:
@@ -130,18 +141,35 @@ def split_dask(
         if split == "hash" and max_train_rows:
             counter = functools.partial(_train_rows, dtypes, (target, positive_label, test_size, seed, task, key_column))
             expected_train = sum(client.gather(client.map(counter, parts, pure=False)))
-        args = (target, positive_label, test_size, seed, split, task, key_column, _keep(max_train_rows, expected_train))
-        rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
-        with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
-            try:
-                for train, test, k in _ordered(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window):
-                    labelled += k
-                    for name, tmp, df in (("train", train_tmp, train), ("test", test_tmp, test)):
-                        _append(writers, name, tmp, df)
-                        rows[name] += len(df)
-            finally:
-                for w in writers.values(): w.close()
-    return _summary(train_path, test_path, target, task, rows), n - labelled
+        args = (target, positive_label, test_size, seed, split, task, key_column, keep_share(max_train_rows, expected_train))
+        rows, labelled = write_splits(train_path, test_path, _ordered(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window))
+    return split_summary(train_path, test_path, target, task, rows), n - labelled
+
+# %% ../nbs/33_compute.ipynb #f27f31d6
+def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
+
+def validate_data(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
+    "`scale.validate_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `validate_dask` of the data at `path`."
+    return validate_dask(path, schema, compute) if _dask(compute) else validate_parquet(path, schema)
+
+def profile_data(path: str | Path, schema=None, exclude: list[str] | None=None, compute: ComputeParams | None=None, **kwargs) -> "Profile":
+    "`scale.profile_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `profile_dask`, a column per task."
+    return profile_dask(path, schema, exclude, compute, **kwargs) if _dask(compute) else profile_parquet(path, schema, exclude, **kwargs)
+
+def drift_data(reference: "Profile", path: str | Path, params: ValidateParams | None=None, compute: ComputeParams | None=None) -> "DriftReport":
+    "`scale.drift_parquet` of the Parquet file at `path`, or (`compute.engine: dask`) `drift_dask`, a feature per task."
+    return drift_dask(reference, path, params or ValidateParams(), compute) if _dask(compute) else drift_parquet(reference, path, params)
+
+def split_data(
+    raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str="Yes",
+    test_size: float=0.25, seed: int=42, max_train_rows: int=0, batch_rows: int=1_000_000, split: str="stratified",
+    task: str="binary", key_column: str="",   # as `scale.split_parquet`
+    compute: ComputeParams | None=None,        # `compute.engine: dask`: each partition of `raw` split by a task (`split_dask`)
+) -> tuple[dict, int]:
+    "`scale.split_parquet` of `raw`, or (`compute.engine: dask`) `split_dask`: the train/test summary and the unlabelled rows dropped."
+    if _dask(compute):
+        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
+    return split_parquet(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, batch_rows, split, task, key_column)
 
 # %% ../nbs/33_compute.ipynb #f66ba73e
 from contextlib import contextmanager
@@ -201,7 +229,8 @@ def tune_dask(
     partition_rows: int=200_000,  # rows per partition (at least two partitions per worker)
     sample_rows: int=100_000,     # rows the feature transforms are fitted on
 ) -> tuple:
-    "(model, held-out score, seconds): `tune` of zoo entry `lgbm_dask`, one fit of LightGBM across the cluster on the partitions of `X` but the last, which scores it (no search)."
+    """(model, held-out score, seconds): `tune` of zoo entry `lgbm_dask`, one fit of LightGBM across the cluster on the
+    partitions of `X` but the last, which scores it (no search)."""
     import time
     from sklearn.metrics import get_scorer
     start = time.perf_counter()
@@ -225,7 +254,7 @@ def fit_parquet_dask(
     files = parquet_files(url)
     _, dtypes, parts, _ = dataset_layout(files)
     load = functools.partial(_load_part, dtypes, target)
-    lengths = [_parquet(f).metadata.row_group(i).num_rows for f, i in parts]
+    lengths = [parquet_file(f).metadata.row_group(i).num_rows for f, i in parts]
     sample = []
     for p in parts:
         sample.append(read_partition(p, dtypes))

@@ -176,7 +176,8 @@ def labelled_ids(paths: ProjectPaths) -> pd.MultiIndex:
     ids = []
     for pointer in sorted(paths.labelled.glob("*.parquet.dvc")):
         path = pointer.with_suffix("")
-        if not path.exists(): raise MlopsError(f"{path.relative_to(paths.root)} is not in the workspace (dvc pull): ct cannot tell which records are training data already")
+        if not path.exists():
+            raise MlopsError(f"{path.relative_to(paths.root)} is not in the workspace (dvc pull): ct cannot tell which records are training data already")
         if (meta := (pq.read_schema(path).metadata or {}).get(RECORDS_KEY)) is not None: ids.append(pd.DataFrame(json.loads(meta)))
     known = pd.concat(ids) if ids else pd.DataFrame({"request_id": [], "record": []})
     return pd.MultiIndex.from_frame(known.astype({"request_id": str, "record": "int64"}))
@@ -216,7 +217,8 @@ def check_snapshot(paths: ProjectPaths, cycle: Cycle) -> None:
     "An error when the snapshot of `cycle` is not the one it committed (edited after a kill, say)."
     rel = f"{snapshot_path(paths, cycle.id)}.dvc"
     if _dvc(paths.root, "status", "--json", rel) not in ("", "{}"):
-        raise MlopsError(f"{rel[:-len('.dvc')]} is not the snapshot cycle {cycle.id} committed (dvc status {rel}): put it back with `dvc checkout --force {rel}`")
+        raise MlopsError(f"{rel[:-len('.dvc')]} is not the snapshot cycle {cycle.id} committed (dvc status {rel}): put it back with `dvc checkout "
+                         f"--force {rel}`")
 
 # %% ../nbs/27_ct.ipynb #d529bef1
 def push_commits(root: str | Path) -> str:
@@ -263,7 +265,8 @@ def log_cycle(paths: ProjectPaths, cycle: Cycle) -> str:
 
 # %% ../nbs/27_ct.ipynb #41dacca5
 def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle, push: bool=False) -> Cycle:
-    "Run the pipeline on the committed snapshot: commit dvc.lock after register, then promote (infra_validate) and commit it again (steps whose commit is recorded are done); `push` each."
+    """Run the pipeline on the committed snapshot: commit dvc.lock after register, then promote (infra_validate) and
+    commit it again (steps whose commit is recorded are done); `push` each."""
     from mlops_nb.pipeline import dvc
     for stage, key in (("register", "registered"), ("infra_validate", "promoted")):
         if key not in cycle.commits:   # a step whose commit the cycle recorded is done: resuming never re-records it
@@ -277,7 +280,8 @@ def finish_cycle(paths: ProjectPaths, params: Params, cycle: Cycle, push: bool=F
             save_pending(paths.reports / "ct", cycle)
         if push:
             try: push_commits(paths.root)
-            except MlopsError as e: raise MlopsError(f"{e}\n  ct cycle {cycle.id} stays pending: fix the remote, then run `mlops-nb ct --push` again to complete it") from None
+            except MlopsError as e:
+                raise MlopsError(f"{e}\n  ct cycle {cycle.id} stays pending: fix the remote, then run `mlops-nb ct --push` again to complete it") from None
     failpoint("ct.after_promote")   # tests kill the process here: promoted and committed, the cycle not closed yet
     read = lambda *p: read_json(paths.reports.joinpath(*p))
     gate, promo = read("evaluate", "gate.json"), read("infra", "promotion.json")

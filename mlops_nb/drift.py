@@ -294,7 +294,8 @@ class DriftReport:
     def __repr__(self): return f"DriftReport(rows={self.n_rows}, drifted={self.drifted}, retrain={self.retrain})"
 
 # %% ../nbs/11_drift.ipynb #37a735ce
-def _map(f, items: list, parallel: bool) -> list:
+def parallel_map(f, items: list, parallel: bool) -> list:
+    "`f(item)` for each of `items`, in order, on threads when `parallel` (and there are two or more)."
     if not parallel or len(items) < 2: return [f(i) for i in items]
     with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1, 8)) as pool: return list(pool.map(f, items))
 
@@ -317,7 +318,7 @@ def detect_drift(
         fd = _numeric_drift(name, fp, s) if fp.kind == "numeric" else _categorical_drift(name, fp, s)
         if fd.psi is None: fd.reason = "no valid values to compare"
         return _decide(fd, params)
-    return DriftReport(_map(score, list(reference.features), parallel=len(batch) >= 100_000), params, len(batch))
+    return DriftReport(parallel_map(score, list(reference.features), parallel=len(batch) >= 100_000), params, len(batch))
 
 # %% ../nbs/11_drift.ipynb #3e9db8a4
 @dataclass

@@ -91,7 +91,8 @@ class EdgeModel:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
-        if SCHEMA_KEY not in meta: raise ValueError(f"{'the model' if isinstance(path, bytes) else path}: no '{SCHEMA_KEY}' metadata: not a model exported by mlops-nb")
+        if SCHEMA_KEY not in meta:
+            raise ValueError(f"{'the model' if isinstance(path, bytes) else path}: no '{SCHEMA_KEY}' metadata: not a model exported by mlops-nb")
         self.schema = json.loads(meta[SCHEMA_KEY])
         self.fields, self.classes = self.schema["fields"], self.schema["classes"]
         for f in self.fields:

@@ -430,7 +430,8 @@ def slice_rule(
     return gate_rule("no_slice_regression", worst, -tolerance, not bad, explanation) | {"slices": [c["slice"] for c in bad], "checked": checked}
 
 def deepchecks_rule(summaries: dict, allowed: list[str], effects: dict | None=None) -> dict:
-    "Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry (or irrelevant to the task), and failed checks whose `effects` showed no harm."
+    """Every deepchecks condition passed and every check ran, except checks whose name starts with an `allowed` entry
+    (or irrelevant to the task), and failed checks whose `effects` showed no harm."""
     irrelevant = lambda c: c["status"] == "not_ran" and c.get("reason", "").startswith("Check is irrelevant for")  # e.g. a ROC report of a regressor
     effects = effects or {}
     harmless = lambda c: c["status"] == "failed" and c["check"] in effects and not effects[c["check"]]["harmful"]
@@ -600,14 +601,16 @@ def extra_rule(rule: dict, root: str | Path) -> dict:
     import json
     path = Path(root) / rule["file"]
     try: value = json.loads(path.read_text())
-    except FileNotFoundError: raise MlopsError(f"evaluate.extra_rules: {rule['file']} does not exist (does the stage that writes it run before evaluate?)") from None
+    except FileNotFoundError:
+        raise MlopsError(f"evaluate.extra_rules: {rule['file']} does not exist (does the stage that writes it run before evaluate?)") from None
     except ValueError as e: raise MlopsError(f"evaluate.extra_rules: {rule['file']} is not JSON: {e}") from None
     for part in rule["key"].split("."):
         if not isinstance(value, dict) or part not in value:
             keys = ", ".join(map(str, value)) if isinstance(value, dict) else type(value).__name__
             raise MlopsError(f"evaluate.extra_rules: {rule['file']} has no key '{rule['key']}' (it has: {keys})")
         value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float)): raise MlopsError(f"evaluate.extra_rules: {rule['file']} {rule['key']} is {value!r}, not a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MlopsError(f"evaluate.extra_rules: {rule['file']} {rule['key']} is {value!r}, not a number")
     lo, hi = rule.get("min"), rule.get("max")
     passed = (lo is None or value >= lo) and (hi is None or value <= hi)
     words = " and ".join(w for w in [f"at least {lo}" if lo is not None else "", f"at most {hi}" if hi is not None else ""] if w)

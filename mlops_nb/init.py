@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, load_params, load_yaml, parse_params, write_text
+from .core import MlopsError, load_params, write_text
 from .data import DataError, check_classes, encode_target, infer_task, load_source
-from .schema import _y, infer_schema, schema_to_yaml
+from .pipeline import set_params_text
+from .schema import infer_schema, schema_to_yaml
 
 # %% auto #0
 __all__ = ['ID_WORDS', 'PRIMARY', 'POSITIVE_WORDS', 'HASH_SPLIT_MIN_ROWS', 'INIT_FILES', 'SMALL_DATA', 'RARE_ROWS',
-           'DEFAULT_SOURCE', 'column_role', 'InitPlan', 'plan_init', 'set_params_text', 'profile_columns',
-           'plot_missing', 'plot_distributions', 'plot_target_relations', 'explore_notebook', 'commit_init',
-           'relaxed_conditions', 'init_project', 'run_explore']
+           'DEFAULT_SOURCE', 'column_role', 'InitPlan', 'plan_init', 'profile_columns', 'plot_missing',
+           'plot_distributions', 'plot_target_relations', 'explore_notebook', 'commit_init', 'relaxed_conditions',
+           'init_project', 'run_explore']
 
 # %% ../nbs/07_init.ipynb #9a7c4db6
 ID_WORDS = {"id", "ids", "uuid", "guid", "rownames", "rowid", "index"}
@@ -162,53 +163,6 @@ def plan_init(
                "evaluate.slice_columns": [str(c) for c in slice_columns], "evaluate.slice_crosses": [[str(c) for c in p] for p in crosses],
                "register.model_name": name, "features.enabled": False}
     return InitPlan(str(target), resolved, positive, updates, schema_to_yaml(infer_schema(kept)), roles, choices)
-
-# %% ../nbs/07_init.ipynb #6c182d21
-def _flow(v) -> str:
-    "`v` as a one-line YAML flow value."
-    if isinstance(v, (list, tuple)): return "[" + ", ".join(_flow(x) for x in v) + "]"
-    if isinstance(v, bool): return "true" if v else "false"
-    if isinstance(v, str) and v.lower() in ("yes", "no", "on", "off", "y", "n", "true", "false", "null", "~", ""): return '"' + v + '"'
-    return _y(v)
-
-def _comment_at(rest: str) -> int:
-    "Where the comment starts in the text after `key:` (minding quotes), or -1."
-    quote = None
-    for i, ch in enumerate(rest):
-        if quote:
-            if ch == quote: quote = None
-        elif ch in "'\"": quote = ch
-        elif ch == "#" and (i == 0 or rest[i - 1].isspace()): return i
-    return -1
-
-def set_params_text(text: str, updates: dict) -> str:
-    "`text` of a params.yaml with each `section.key` of `updates` set, comments and layout kept."
-    lines, todo, section, ends, out = text.split("\n"), dict(updates), None, {}, []
-    skipping = False   # inside the block list of a key being replaced
-    for line in lines:
-        if skipping and (line.startswith("    ") or line.startswith("  - ")): continue
-        skipping = False
-        if m := re.match(r"^([A-Za-z_]\w*):\s*(#.*)?$", line): section = m.group(1)
-        elif section and (m := re.match(r"^  ([A-Za-z_]\w*):(.*)$", line)) and f"{section}.{m.group(1)}" in todo:
-            rest, new = m.group(2), _flow(todo.pop(f"{section}.{m.group(1)}"))
-            at = _comment_at(rest)
-            value, comment = (rest[:at].strip(), rest[at:]) if at >= 0 else (rest.strip(), "")
-            skipping = not value
-            head = f"  {m.group(1)}: {new}"
-            line = head + (" " * max(1, len(f"  {m.group(1)}:") + at - len(head)) + comment if comment else "")
-        out.append(line)
-        if section and line.strip(): ends[section] = len(out) - 1
-    for key, value in sorted(todo.items(), key=lambda kv: -ends.get(kv[0].split(".")[0], -1)):
-        sec, name = key.split(".")
-        if sec not in ends: raise MlopsError(f"params.yaml has no section '{sec}' for {key}")
-        out.insert(ends[sec] + 1, f"  {name}: {_flow(value)}")
-    result = "\n".join(out)
-    got = load_yaml(result)
-    for key, value in updates.items():
-        sec, name = key.split(".")
-        if got[sec][name] != value: raise MlopsError(f"params.yaml: {key} reads back as {got[sec][name]!r}, not {value!r}")
-    parse_params(got)   # every key known, every type right
-    return result
 
 # %% ../nbs/07_init.ipynb #859634d7
 def profile_columns(df: pd.DataFrame, target: str | None=None) -> pd.DataFrame:

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, Params, ProjectPaths, read_json, write_json
-from .drift import DriftReport, Multivariate, Profile, _map, detect_drift, multivariate_drift, profile
-from .predlog import _META, read_prediction_log
+from .drift import DriftReport, Multivariate, Profile, parallel_map, detect_drift, multivariate_drift, profile
+from .predlog import META_COLUMNS, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, read_table, validate
 
 # %% auto #0
@@ -104,7 +104,7 @@ def version_mix(window: pd.DataFrame) -> pd.DataFrame:
 
 def model_inputs(window: pd.DataFrame) -> pd.DataFrame:
     "The model's input columns of `window`: without the log's metadata, prediction and probabilities."
-    return window.drop(columns=[c for c in window.columns if c in _META or str(c).startswith("proba_")])
+    return window.drop(columns=[c for c in window.columns if c in META_COLUMNS or str(c).startswith("proba_")])
 
 def model_outputs(window: pd.DataFrame) -> pd.DataFrame:
     "The logged `prediction` (a class as text, for a classifier) and `proba_*` columns of `window`."
@@ -183,7 +183,8 @@ def _label_ids(labels: pd.DataFrame) -> pd.DataFrame:
     if "record" in labels:
         num = pd.to_numeric(labels["record"], errors="coerce")
         if (bad := (labels["record"].notna() & (num.isna() | (num % 1 != 0) | (num < 0)))).any():
-            raise MlopsError(f"labels: record must be a record's position in its request (0, 1, ...), got {labels['record'][bad].iloc[0]!r} in {int(bad.sum())} rows")
+            raise MlopsError(f"labels: record must be a record's position in its request (0, 1, ...), got {labels['record'][bad].iloc[0]!r} in "
+                             f"{int(bad.sum())} rows")
         rec = num.astype("Int64")
     return pd.DataFrame({"request_id": labels["request_id"].astype(str).to_numpy(), "record": rec.to_numpy(), "label": labels["label"].to_numpy()})
 
@@ -222,7 +223,8 @@ def match_labels(
     lab = lab[n == 1][["request_id", "record", "label"]].astype({"record": "int64"})
     if (dup := lab.duplicated(["request_id", "record"])).any():
         first = lab[dup].iloc[0]
-        raise MlopsError(f"labels: {int(dup.sum())} rows label a record that another row labels too (first: request {first.request_id!r}, record {first.record})")
+        raise MlopsError(f"labels: {int(dup.sum())} rows label a record that another row labels too (first: request {first.request_id!r}, record "
+                         f"{first.record})")
     inside = lab.merge(win.drop_duplicates(), on=["request_id", "record"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
     return LabelMatch(lab[inside].reset_index(drop=True), len(labels), int((~inside).sum()), unmatched, sorted(reuses.index[reuses > 1]), max_unmatched)
 
@@ -272,7 +274,8 @@ class Calibration:
     fit: dict = field(default_factory=dict)  # each form's cross-fitted log loss on the rows (the choice's evidence)
     by_class: dict = field(default_factory=dict)  # top-label: class -> the maps of the rows predicted as it (empty: `maps` for all)
     def __call__(self, scores, i: int | None = None, predicted: np.ndarray | None = None) -> np.ndarray:
-        "Calibrated probabilities of `scores` by map `i` (None: the maps' mean); top-label: by the maps of each row's `predicted` class (codes in `by_class` order)."
+        """Calibrated probabilities of `scores` by map `i` (None: the maps' mean); top-label: by the maps of each row's
+        `predicted` class (codes in `by_class` order)."""
         pick = lambda maps: np.mean(maps, axis=0) if i is None else maps[i % len(maps)]
         scores = np.asarray(scores, float)
         out = np.interp(scores, self.x, pick(self.maps))
@@ -287,7 +290,6 @@ class Calibration:
     def from_dict(cls, d: dict) -> Calibration:
         return cls(d["kind"], [float(v) for v in d["x"]], [[float(v) for v in m] for m in d["maps"]], d.get("method", "platt"), d.get("fit", {}),
                    {str(c): [[float(v) for v in m] for m in maps] for c, maps in d.get("by_class", {}).items()})
-
 
 # %% ../nbs/23_monitor.ipynb #f1476b67
 def _classes(outputs: pd.DataFrame) -> list[str]:
@@ -345,7 +347,8 @@ def map_log_loss(score: np.ndarray, hit: np.ndarray, folds: int = 5, seed: int =
     return pd.DataFrame(out)
 
 def choose_map(losses: pd.DataFrame) -> str:
-    "The form of least mean loss; binned instead of isotonic unless isotonic is better by two standard errors (isotonic turns noise on a flat stretch into a rise)."
+    """The form of least mean loss; binned instead of isotonic unless isotonic is better by two standard errors
+    (isotonic turns noise on a flat stretch into a rise)."""
     best = losses.mean().idxmin()
     if best != "isotonic": return best
     diff = losses["binned"] - losses["isotonic"]
@@ -382,7 +385,6 @@ def fit_calibration(
         by_class = {c: _fit_maps(score[said == j], hit[said == j], resamples, seed, method)[0] if (said == j).sum() >= min_class_rows else maps
                     for j, c in enumerate(classes)}
     return Calibration("binary" if binary else "top-label", np.linspace(0, 1, 201).tolist(), maps, chosen, fit, by_class)
-
 
 # %% ../nbs/23_monitor.ipynb #ca2dd6d1
 def _auc(ranks: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -461,7 +463,6 @@ def estimate_metrics(
     return ({m: _summary(d, level) for m, d in draws.items()}
             | {"confusion": confusion, "n": n, "sampled": len(score), "level": level, "calibration": calibration.method})
 
-
 # %% ../nbs/23_monitor.ipynb #d586f756
 RELIABILITY_SHAPES = {  # P(class 1) given the model's score: the true reliability curves the coverage study simulates
     "calibrated": lambda s: s,
@@ -511,7 +512,6 @@ def plot_windows(
         ax.set_ylabel(m or "")
     ax.set_xlabel("window"); fig.axes[0].legend(ncols=3); fig.suptitle(title)
     return fig
-
 
 # %% ../nbs/23_monitor.ipynb #6da94634
 @dataclass
@@ -623,7 +623,6 @@ def estimate_error(
     return {"mae": _summary(np.concatenate(mae), level), "rmse": _summary(np.concatenate(rmse), level),
             "n": n, "sampled": len(frame), "level": level, "calibration": "error model"}
 
-
 # %% ../nbs/23_monitor.ipynb #d9a52c64
 @dataclass
 class MonitorReport:
@@ -716,14 +715,15 @@ def _score(model, inputs: pd.DataFrame, notes: list) -> pd.DataFrame:
         return pd.DataFrame(index=inputs.index)
 
 def _encoded(df: pd.DataFrame, reference: Profile | None) -> pd.DataFrame:
-    "`df` with each text column that `reference` profiles as categorical encoded once as a `Categorical` (same values), so the schema check and drift count its codes."
+    """`df` with each text column that `reference` profiles as categorical encoded once as a `Categorical` (same
+    values), so the schema check and drift count its codes."""
     if reference is None or df.columns.duplicated().any(): return df
     def encode(c):
         codes, uniques = pd.factorize(df[c])
         return pd.Categorical.from_codes(codes, uniques) if pd.api.types.infer_dtype(uniques, skipna=False) == "string" else None
     cols = [c for c in df.columns if (fp := reference.features.get(str(c))) is not None and fp.kind == "categorical" and df[c].dtype == object]
     out = df.copy(deep=False)         # the other columns are shared, not copied
-    for c, cat in zip(cols, _map(encode, cols, parallel=len(df) >= 100_000)):
+    for c, cat in zip(cols, parallel_map(encode, cols, parallel=len(df) >= 100_000)):
         if cat is not None: out[c] = cat
     return out
 

@@ -199,7 +199,8 @@ def tool_python(
 ) -> Path:
     "The python of a tool environment (under $MLOPS_NB_TOOLS, default the project's .tools/); a clear error when it is missing."
     py = Path(os.environ.get("MLOPS_NB_TOOLS") or Path(root) / ".tools") / tool / "bin" / "python"
-    if not py.exists(): raise MlopsError(f"the {tool} tool environment is missing: run `make tools-{tool}` (it installs tools/{tool}/requirements.lock into .tools/{tool})")
+    if not py.exists():
+        raise MlopsError(f"the {tool} tool environment is missing: run `make tools-{tool}` (it installs tools/{tool}/requirements.lock into .tools/{tool})")
     return py
 
 # %% ../nbs/32_orchestrate.ipynb #5eae9df3
@@ -239,7 +240,7 @@ def set_stage_params(
     pairs: list,        # KEY VALUE KEY VALUE ... as the orchestrator passes them
 ) -> dict:
     "Write the step's param values into params.yaml where they differ from it; return the keys changed with their values."
-    from mlops_nb.init import set_params_text
+    from mlops_nb.pipeline import set_params_text
     if len(pairs) % 2: raise MlopsError(f"orchestrate params: KEY VALUE pairs expected, got {len(pairs)} words")
     path = Path(root) / "params.yaml"
     text = path.read_text()

@@ -17,14 +17,14 @@ from pathlib import Path
 import yaml
 
 from .core import (MlopsError, Params, ParamsError, atomic_path, builtin_sections, find_root, load_params, load_yaml, mask_file,
-                           run, skip_iri_checker)
+                           parse_params, run, skip_iri_checker)
 
 # %% auto #0
 __all__ = ['BUILTIN_STAGES', 'MODEL_SECTIONS', 'FAST_EXIT', 'ACTIONS', 'IN_CHILD_PROCESS', 'Stage', 'read_stages', 'get_stage',
            'stage_parameters', 'pipeline_params', 'parameters_source', 'Parameter', 'notebook_parameters',
            'check_stage', 'execute', 'StageFailed', 'run_stage', 'dvc', 'dvc_output', 'dvc_status', 'upstream',
-           'find_cycle', 'imported_modules', 'StagePlan', 'plan_stage', 'try_stage', 'add_stage', 'remove_stage',
-           'check_pipeline']
+           'find_cycle', 'imported_modules', 'StagePlan', 'plan_stage', 'yaml_flow', 'set_params_text', 'try_stage',
+           'add_stage', 'remove_stage', 'check_pipeline']
 
 # %% ../nbs/05_pipeline.ipynb #56e96e26
 BUILTIN_STAGES = ("ingest", "validate", "materialize", "prepare", "train", "evaluate", "register", "infra_validate")
@@ -128,7 +128,8 @@ def notebook_parameters(path: str | Path) -> dict[str, Parameter]:
         except (ValueError, SyntaxError, TypeError):
             raise MlopsError(f"{where(node)}: {target.id} = {ast.get_source_segment(src, node.value)} is not a literal value (a number, string, "
                              "bool, None, or a list or dict of them; compute from it in a later cell)") from None
-        if isinstance(value, (tuple, set, complex, bytes)): raise MlopsError(f"{where(node)}: {target.id} is a {type(value).__name__}: params.yaml holds lists, not {type(value).__name__}s")
+        if isinstance(value, (tuple, set, complex, bytes)):
+            raise MlopsError(f"{where(node)}: {target.id} is a {type(value).__name__}: params.yaml holds lists, not {type(value).__name__}s")
         out[target.id] = Parameter(value, comments.get(node.lineno, ""))
     return out
 
@@ -282,9 +283,11 @@ def _rel(root: Path, p: str | Path, what: str) -> str:
 
 def _check_name(name: str, stages: dict, raw_params: dict) -> None:
     import difflib
-    if not _NAME.fullmatch(name): raise MlopsError(f"--name {name!r}: use lower-case letters, digits and _ , starting with a letter (it names a params.yaml section)")
+    if not _NAME.fullmatch(name):
+        raise MlopsError(f"--name {name!r}: use lower-case letters, digits and _ , starting with a letter (it names a params.yaml section)")
     if name in stages: raise MlopsError(f"--name {name}: dvc.yaml has a stage {name} already (choose another name, or `mlops-nb stage remove {name}` first)")
-    if name in ACTIONS or name in builtin_sections() or name == "stages": raise MlopsError(f"--name {name}: reserved (a built-in section of params.yaml, or a `mlops-nb stage` action)")
+    if name in ACTIONS or name in builtin_sections() or name == "stages":
+        raise MlopsError(f"--name {name}: reserved (a built-in section of params.yaml, or a `mlops-nb stage` action)")
     if close := difflib.get_close_matches(name, list(builtin_sections()), n=1, cutoff=0.75):
         raise MlopsError(f"--name {name}: too close to the built-in section '{close[0]}' (a misspelling of it would pass unnoticed): choose another name")
     if name in raw_params: raise MlopsError(f"--name {name}: params.yaml has a section {name} already")
@@ -366,7 +369,8 @@ def plan_stage(
     written = {o: n for n, s in stages.items() for o in s.outs}
     for o in outs + metrics:
         if o.startswith("reports/notebooks/") or _overlap(o, dest): raise MlopsError(f"{o}: the stage's notebook and executed copy are not outputs to declare")
-        if clash := next((w for w in written if _overlap(o, w)), None): raise MlopsError(f"{o}: stage {written[clash]} writes {clash} already (a path has one writer)")
+        if clash := next((w for w in written if _overlap(o, w)), None):
+            raise MlopsError(f"{o}: stage {written[clash]} writes {clash} already (a path has one writer)")
         if clash := next((d for d in deps + upstream_outs if _overlap(o, d)), None): raise MlopsError(f"{o}: the stage would read it too ({clash})")
     if len(set(outs + metrics)) < len(outs + metrics): raise MlopsError("the same path is declared twice among --outs and --metrics")
     for d in deps:
@@ -375,7 +379,8 @@ def plan_stage(
     all_deps = list(dict.fromkeys([dest, *imported_modules(nb, root), *upstream_outs, *deps]))
     stage = Stage(name, tuple(f"{name}.{k}" for k in parameters), (), tuple(all_deps), tuple(outs + metrics + [f"reports/notebooks/{name}.ipynb"]),
                   f"mlops-nb stage {name}")
-    after_gate = stages if not gate else stages | {"evaluate": Stage("evaluate", (), deps=stages["evaluate"].deps + tuple(metrics), outs=stages["evaluate"].outs)}
+    after_gate = stages if not gate else stages | {
+        "evaluate": Stage("evaluate", (), deps=stages["evaluate"].deps + tuple(metrics), outs=stages["evaluate"].outs)}
     if cycle := find_cycle(after_gate | {name: stage}):
         if name in cycle: cycle = cycle[cycle.index(name):-1] + cycle[:cycle.index(name)] + [name]   # told from the new stage
         raise MlopsError(f"stage {name} would close a cycle: {' reads '.join(cycle)} (each reads what the next writes)")
@@ -384,6 +389,54 @@ def plan_stage(
     entry["outs"] = [*outs, f"reports/notebooks/{name}.ipynb"]
     if metrics: entry["metrics"] = [{m: {"cache": False}} for m in metrics]
     return StagePlan(stage, source, nb, parameters, entry, gate, tuple(metrics))
+
+# %% ../nbs/05_pipeline.ipynb #6c182d21
+def yaml_flow(v) -> str:
+    "`v` as a one-line YAML flow value (what `params.yaml` lines hold)."
+    from mlops_nb.schema import yaml_scalar
+    if isinstance(v, (list, tuple)): return "[" + ", ".join(yaml_flow(x) for x in v) + "]"
+    if isinstance(v, bool): return "true" if v else "false"
+    if isinstance(v, str) and v.lower() in ("yes", "no", "on", "off", "y", "n", "true", "false", "null", "~", ""): return '"' + v + '"'
+    return yaml_scalar(v)
+
+def _comment_at(rest: str) -> int:
+    "Where the comment starts in the text after `key:` (minding quotes), or -1."
+    quote = None
+    for i, ch in enumerate(rest):
+        if quote:
+            if ch == quote: quote = None
+        elif ch in "'\"": quote = ch
+        elif ch == "#" and (i == 0 or rest[i - 1].isspace()): return i
+    return -1
+
+def set_params_text(text: str, updates: dict) -> str:
+    "`text` of a params.yaml with each `section.key` of `updates` set, comments and layout kept."
+    lines, todo, section, ends, out = text.split("\n"), dict(updates), None, {}, []
+    skipping = False   # inside the block list of a key being replaced
+    for line in lines:
+        if skipping and (line.startswith("    ") or line.startswith("  - ")): continue
+        skipping = False
+        if m := re.match(r"^([A-Za-z_]\w*):\s*(#.*)?$", line): section = m.group(1)
+        elif section and (m := re.match(r"^  ([A-Za-z_]\w*):(.*)$", line)) and f"{section}.{m.group(1)}" in todo:
+            rest, new = m.group(2), yaml_flow(todo.pop(f"{section}.{m.group(1)}"))
+            at = _comment_at(rest)
+            value, comment = (rest[:at].strip(), rest[at:]) if at >= 0 else (rest.strip(), "")
+            skipping = not value
+            head = f"  {m.group(1)}: {new}"
+            line = head + (" " * max(1, len(f"  {m.group(1)}:") + at - len(head)) + comment if comment else "")
+        out.append(line)
+        if section and line.strip(): ends[section] = len(out) - 1
+    for key, value in sorted(todo.items(), key=lambda kv: -ends.get(kv[0].split(".")[0], -1)):
+        sec, name = key.split(".")
+        if sec not in ends: raise MlopsError(f"params.yaml has no section '{sec}' for {key}")
+        out.insert(ends[sec] + 1, f"  {name}: {yaml_flow(value)}")
+    result = "\n".join(out)
+    got = load_yaml(result)
+    for key, value in updates.items():
+        sec, name = key.split(".")
+        if got[sec][name] != value: raise MlopsError(f"params.yaml: {key} reads back as {got[sec][name]!r}, not {value!r}")
+    parse_params(got)   # every key known, every type right
+    return result
 
 # %% ../nbs/05_pipeline.ipynb #2e05df67
 def _yaml_rt():
@@ -402,10 +455,9 @@ def _dump(y, doc) -> str:
 
 def _params_section(name: str, notebook: str, parameters: dict[str, Parameter]) -> str:
     "The `params.yaml` section of stage `name`: its notebook's defaults, with their comments."
-    from mlops_nb.init import _flow   # the params.yaml editor's value writer
     lines = [f"{name}:   # stage {name}: the parameters of {notebook} (`mlops-nb stage {name}` injects them)"]
     for k, p in parameters.items():
-        line = f"  {k}: {_flow(p.default)}"
+        line = f"  {k}: {yaml_flow(p.default)}"
         lines.append(f"{line:<25} # {p.comment}" if p.comment else line)
     text = "\n".join(lines) + "\n"
     if (load_yaml(text) or {}).get(name) != ({k: p.default for k, p in parameters.items()} or None):
@@ -437,7 +489,8 @@ def _clean(nb: dict) -> dict:
     return out
 
 def try_stage(plan: StagePlan, root: str | Path) -> None:
-    "Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares. A trial: what it wrote is removed (DVC's run is the stage's first)."
+    """Run the plan's notebook top to bottom in a fresh kernel with its defaults: it must write what it declares.
+    A trial: what it wrote is removed (DVC's run is the stage's first)."""
     import shutil
     import tempfile
     papermill, root = _papermill(), Path(root).resolve()

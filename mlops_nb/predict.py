@@ -150,7 +150,8 @@ def _cast(table, schema):
     for f in schema:
         try: table.column(f.name).cast(f.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise MlopsError(f"column '{f.name}' holds {f.type} in earlier chunks but {table.schema.field(f.name).type} here ({str(e).splitlines()[0]})") from None
+            raise MlopsError(f"column '{f.name}' holds {f.type} in earlier chunks but {table.schema.field(f.name).type} here "
+                             f"({str(e).splitlines()[0]})") from None
     raise MlopsError(f"the output columns differ from earlier chunks': {table.schema.names} vs {schema.names}")
 
 # %% ../nbs/24_predict.ipynb #989a9608
@@ -202,10 +203,10 @@ class _StagedLog:
 
 def _log_chunk(staged: _StagedLog, X: pd.DataFrame, out: pd.DataFrame, proba, classes, batch_id: str, first: int):
     "Stage one scored chunk's log rows, as the service logs a batch (variant `batch`)."
-    from mlops_nb.predlog import _table
+    from mlops_nb.predlog import log_table
     n, version = len(X), out.model_version.iloc[0]
     meta = log_meta([batch_id] * n, np.arange(first, first + n), "batch", out.model_name.iloc[0], version, out.prediction.to_numpy(), proba, classes)
-    staged.write(_table({c: X[c].to_numpy() for c in X.columns}, meta))
+    staged.write(log_table({c: X[c].to_numpy() for c in X.columns}, meta))
 
 # %% ../nbs/24_predict.ipynb #5bdc24d2
 def _score_chunk(chunk, i: int, first: int, model, features, schema, classes, name, version, threshold, key, writer, staged, batch_id):

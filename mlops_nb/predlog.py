@@ -18,10 +18,10 @@ import pandas as pd
 from .logstore import read_log, read_segment, write_parts
 
 # %% auto #0
-__all__ = ['read_prediction_log', 'log_meta', 'PredictionLog']
+__all__ = ['META_COLUMNS', 'read_prediction_log', 'log_table', 'log_meta', 'PredictionLog']
 
 # %% ../nbs/17_predlog.ipynb #d2261248
-_META = ["ts", "request_id", "record", "variant", "model_name", "model_version", "prediction"]
+META_COLUMNS = ["ts", "request_id", "record", "variant", "model_name", "model_version", "prediction"]
 
 def _seal(path: Path) -> Path | None:
     "Rewrite segment `path` as Parquet parts in its hours' partitions, then delete it; an unreadable one is moved aside."
@@ -41,10 +41,10 @@ def _seal(path: Path) -> Path | None:
 def read_prediction_log(folder: str | Path, columns: list[str] | None = None, since=None, last: int | None = None) -> pd.DataFrame:
     "The logged records in `folder` (all, or a window: at or after `since`, the last `last`; only `columns`), oldest first."
     out = read_log(folder, since, last, columns)
-    return pd.DataFrame(columns=_META if columns is None else columns) if out is None else out
+    return pd.DataFrame(columns=META_COLUMNS if columns is None else columns) if out is None else out
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
-def _table(columns: dict, meta: dict):
+def log_table(columns: dict, meta: dict):
     "One Arrow table of answered records: metadata columns first, then the model's inputs (all-null text: string)."
     import pyarrow as pa
     arrays = {k: pa.array(np.asarray(v) if not isinstance(v, np.ndarray) else v, from_pandas=True) for k, v in meta.items()}
@@ -148,7 +148,7 @@ class PredictionLog:
             (groups[-1].append(it) if it[0].keys() == groups[-1][0][0].keys() else groups.append([it]))
         for i, group in enumerate(groups):
             try:
-                table = _table(*_concat(group))   # one conversion per flush, not per batch: the writer holds the GIL less
+                table = log_table(*_concat(group))   # one conversion per flush, not per batch: the writer holds the GIL less
                 if self._writer is not None and self._schema != table.schema: self._rotate()
                 if self._writer is None: self._open(table.schema)
                 self._writer.write_table(table)

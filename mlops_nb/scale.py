@@ -13,14 +13,15 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .core import ComputeParams, MlopsError, ValidateParams, atomic_path
-from .schema import Columns, check_column, validate_columns
+from .core import MlopsError, ValidateParams, atomic_path
+from .schema import Columns, validate_columns
 
 # %% auto #0
-__all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_dtypes', 'iter_batches', 'read_column',
-           'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
-           'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_parquet', 'drift_parquet',
-           'write_splits', 'split_parquet']
+__all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_file', 'parquet_dtypes', 'iter_batches',
+           'read_column', 'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
+           'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_column', 'profile_parquet',
+           'merge_profiles', 'drift_column', 'drift_parquet', 'hash_train_rows', 'keep_share', 'split_batch',
+           'write_splits', 'check_split', 'split_parquet', 'split_summary']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -72,7 +73,8 @@ def search_backend(
 
 
 # %% ../nbs/12_scale.ipynb #9758afd6
-def _parquet(path) -> "pq.ParquetFile":
+def parquet_file(path) -> "pq.ParquetFile":
+    "The `pyarrow.parquet.ParquetFile` at `path`, a local path or an fsspec URL (`s3://...`)."
     import pyarrow.parquet as pq
     if "://" in str(path):  # an fsspec URL (s3://...): a Dask worker reads its partition where it lies
         import fsspec
@@ -86,7 +88,7 @@ def _parquet(path) -> "pq.ParquetFile":
 
 def parquet_dtypes(path: str | Path) -> dict[str, object]:
     "The pandas dtypes `pd.read_parquet(path)` gives, from the file's schema and null counts alone."
-    pf = _parquet(path)
+    pf = parquet_file(path)
     dtypes = pf.schema_arrow.empty_table().to_pandas().dtypes.to_dict()
     md = pf.metadata
     for j, name in enumerate(pf.schema_arrow.names):
@@ -105,14 +107,14 @@ def iter_batches(
     columns: list[str] | None=None,  # the columns to read (default: all)
 ) -> Iterator[pd.DataFrame]:
     "The rows of a Parquet file as pandas frames of at most `batch_rows` rows, with the whole file's dtypes."
-    pf, dtypes = _parquet(path), parquet_dtypes(path)
+    pf, dtypes = parquet_file(path), parquet_dtypes(path)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
         df = batch.to_pandas()
         yield df.astype({c: dtypes[c] for c in df.columns if df[c].dtype != dtypes[c]})
 
 def read_column(path: str | Path, name: str) -> pd.Series:
     "One column of a Parquet file, with the dtype `pd.read_parquet` would give it."
-    pf = _parquet(path)
+    pf = parquet_file(path)
     if name not in pf.schema_arrow.names: raise ScaleError(f"column '{name}' is not in {path}")
     s = pf.read(columns=[name]).to_pandas()[name]
     dtype = parquet_dtypes(path)[name]
@@ -120,7 +122,7 @@ def read_column(path: str | Path, name: str) -> pd.Series:
 
 def parquet_rows(path: str | Path) -> int:
     "Rows of a Parquet file, from its footer."
-    return _parquet(path).metadata.num_rows
+    return parquet_file(path).metadata.num_rows
 
 # %% ../nbs/12_scale.ipynb #96675079
 def sample_parquet(path: str | Path, n_rows: int=100_000, seed: int=0, batch_rows: int=250_000) -> pd.DataFrame:
@@ -208,84 +210,58 @@ def ingest_to_parquet(
 class ParquetColumns(Columns):
     "The columns of a Parquet file for `schema.validate_columns`, each read when asked for (never kept, checked one at a time)."
     def __init__(self, path: str | Path):
-        super().__init__(_parquet(path).schema_arrow.names, parquet_rows(path))
+        super().__init__(parquet_file(path).schema_arrow.names, parquet_rows(path))
         self.path = path
     def column(self, name: str) -> pd.Series: return read_column(self.path, name)
 
-def _dask(compute: ComputeParams | None) -> bool: return compute is not None and compute.engine == "dask"
-
-def validate_parquet(path: str | Path, schema, compute: ComputeParams | None=None) -> "ValidationResult":
-    "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.engine: dask`: the data at `path`, a column per task)."
-    if _dask(compute):
-        from mlops_nb.compute import validate_dask
-        return validate_dask(path, schema, compute)
+def validate_parquet(path: str | Path, schema) -> "ValidationResult":
+    "`schema.validate` of the Parquet file at `path`, reading one column at a time (`compute.validate_data` picks the Dask engine)."
     return validate_columns(ParquetColumns(path), schema)
 
-# %% ../nbs/12_scale.ipynb #0848e8fc
-class _Read(Columns):   # the former seam, kept until `compute` uses `Columns` itself
-    def __init__(self, names, n_rows, read, check):
-        super().__init__(names, n_rows)
-        self.read, self.run = read, check
-    def column(self, name: str) -> pd.Series: return self.read(name)
-    def check(self, jobs: list) -> list: return self.run(jobs)
-
-def _validate(names: list[str], n: int, schema, read, check) -> "ValidationResult":
-    "`schema.validate_columns` of columns `names` of `n` rows: `read(name)` gives a column, `check(jobs)` runs the per-column checks."
-    return validate_columns(_Read(names, n, read, check), schema)
-
-def _check_columns(read, jobs: list) -> list:
-    "`schema.check_column` of each (name, spec) in `jobs`, the column read by `read(name)`: a list of anomaly lists."
-    return [check_column(name, read(name), spec) for name, spec in jobs]
-
 # %% ../nbs/12_scale.ipynb #1026a830
-def _profile_column(read, name: str, schema, kwargs: dict) -> "Profile":
+def profile_column(read, name: str, schema, kwargs: dict) -> "Profile":
+    "`drift.profile` of column `name` alone, the column read by `read(name)`."
     from mlops_nb.drift import profile
     return profile(read(name).to_frame(), schema, **kwargs)
 
-def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, compute: ComputeParams | None=None, **kwargs) -> "Profile":
-    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time (`compute.engine: dask`: a column per task)."
-    from mlops_nb.drift import Profile
-    if _dask(compute):
-        from mlops_nb.compute import profile_dask
-        return profile_dask(path, schema, exclude, compute, **kwargs)
-    names = [n for n in dict.fromkeys(_parquet(path).schema_arrow.names) if n not in (exclude or [])]
-    return _merge_profiles([_profile_column(lambda n: read_column(path, n), name, schema, kwargs) for name in names], parquet_rows(path), kwargs.get("bins", 10))
+def profile_parquet(path: str | Path, schema=None, exclude: list[str] | None=None, **kwargs) -> "Profile":
+    "`drift.profile` of the Parquet file at `path` without the `exclude` columns, reading one column at a time (`compute.profile_data` picks the Dask engine)."
+    names = [n for n in dict.fromkeys(parquet_file(path).schema_arrow.names) if n not in (exclude or [])]
+    return merge_profiles([profile_column(lambda n: read_column(path, n), name, schema, kwargs) for name in names], parquet_rows(path), kwargs.get("bins", 10))
 
-def _merge_profiles(parts: list, n: int, bins: int) -> "Profile":
+def merge_profiles(parts: list, n: int, bins: int) -> "Profile":
+    "One `Profile` of `n` rows from the one-column profiles `parts`."
     from mlops_nb.drift import Profile
     features, skipped = {}, {}
     for p in parts: features |= p.features; skipped |= p.skipped
     return Profile(features, n, bins, skipped)
 
-def _drift_column(read, names: set, rows: int, reference: "Profile", name: str, params: ValidateParams) -> list:
+def drift_column(read, names: set, rows: int, reference: "Profile", name: str, params: ValidateParams) -> list:
     "The drift score of reference feature `name`, its column read by `read(name)` (absent from `names`: missing)."
     from mlops_nb.drift import Profile, detect_drift
     one = Profile({name: reference.features[name]}, reference.n_rows, reference.bins)
     batch = read(name).to_frame() if name in names else pd.DataFrame(index=range(rows))
     return detect_drift(one, batch, params).features
 
-def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None, compute: ComputeParams | None=None) -> "DriftReport":
-    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time (`compute.engine: dask`: a column per task)."
+def drift_parquet(reference: "Profile", path: str | Path, params: ValidateParams | None=None) -> "DriftReport":
+    "`drift.detect_drift` of the Parquet file at `path` against `reference`, reading one column at a time (`compute.drift_data` picks the Dask engine)."
     from mlops_nb.drift import DriftReport
     params = params or ValidateParams()
-    if _dask(compute):
-        from mlops_nb.compute import drift_dask
-        return drift_dask(reference, path, params, compute)
-    names, rows = set(_parquet(path).schema_arrow.names), parquet_rows(path)
-    scores = [f for name in reference.features for f in _drift_column(lambda n: read_column(path, n), names, rows, reference, name, params)]
+    names, rows = set(parquet_file(path).schema_arrow.names), parquet_rows(path)
+    scores = [f for name in reference.features for f in drift_column(lambda n: read_column(path, n), names, rows, reference, name, params)]
     return DriftReport(scores, params, rows)
 
-
 # %% ../nbs/12_scale.ipynb #10e58e83
-def _hash_train_rows(batch: pd.DataFrame, target: str, positive_label: str, test_size: float, seed: int, task: str, key_column: str) -> int:
+def hash_train_rows(batch: pd.DataFrame, target: str, positive_label: str, test_size: float, seed: int, task: str, key_column: str) -> int:
     "Labelled rows of `batch` the hash split keeps for training."
     from mlops_nb.data import encode_target, in_hash_test
     return int((~in_hash_test(encode_target(batch, target, positive_label, task), target, test_size, seed, key_column)).sum())
 
-def _keep(max_train_rows: int, expected_train: float) -> float:
+def keep_share(max_train_rows: int, expected_train: float) -> float:
+    "The share of training rows to keep so about `max_train_rows` of `expected_train` remain (0: keep all)."
     return 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, expected_train))
 
-def _split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, test_size: float, seed: int, split: str, task: str,
+def split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, test_size: float, seed: int, split: str, task: str,
                  key_column: str, keep: float) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     "Batch (or partition) number `i` of the raw data, label encoded and split, its training rows sampled to a `keep` share: (train, test, labelled rows)."
     from mlops_nb.data import encode_target, in_hash_test, split_stratified
@@ -321,6 +297,12 @@ def write_splits(
             for w in writers.values(): w.close()
     return rows, labelled
 
+def check_split(split: str, max_train_rows: int):
+    "Refuse a split the streamed and the Dask paths cannot do: a time split, or a negative `max_train_rows`."
+    if split not in ("stratified", "hash"):
+        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
+    if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
+
 def split_parquet(
     raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str="Yes",
     test_size: float=0.25, seed: int=42,
@@ -329,25 +311,22 @@ def split_parquet(
     split: str="stratified",      # `prepare.split`: stratified or hash (a time split orders the whole table)
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
     key_column: str="",           # `prepare.key_column`, for the hash split
-    compute: ComputeParams | None=None,  # `compute.engine: dask`: each partition of `raw` split by a task
 ) -> tuple[dict, int]:
-    "Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary and the unlabelled rows dropped."
-    if split not in ("stratified", "hash"):
-        raise ScaleError(f"prepare.max_train_rows needs prepare.split 'hash' or 'stratified', got {split!r}: a time split orders the whole table in memory")
-    if max_train_rows < 0: raise ScaleError(f"prepare.max_train_rows must be >= 0, got {max_train_rows}")
-    if _dask(compute):
-        from mlops_nb.compute import split_dask
-        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
+    """Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary
+    and the unlabelled rows dropped (`compute.split_data` picks the Dask engine)."""
+    check_split(split, max_train_rows)
     n = parquet_rows(raw)
     expected_train = n * (1 - test_size)   # a stratified split holds out its share of every batch, exactly
     if split == "hash" and max_train_rows:   # a hash split's share is not exact: count its training rows first, so the cap holds
-        expected_train = sum(_hash_train_rows(b, target, positive_label, test_size, seed, task, key_column) for b in iter_batches(raw, batch_rows))
-    keep = _keep(max_train_rows, expected_train)
-    splits = (_split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep) for i, batch in enumerate(iter_batches(raw, batch_rows)))
+        expected_train = sum(hash_train_rows(b, target, positive_label, test_size, seed, task, key_column) for b in iter_batches(raw, batch_rows))
+    keep = keep_share(max_train_rows, expected_train)
+    splits = (split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep)
+              for i, batch in enumerate(iter_batches(raw, batch_rows)))
     rows, labelled = write_splits(train_path, test_path, splits)
-    return _summary(train_path, test_path, target, task, rows), n - labelled
+    return split_summary(train_path, test_path, target, task, rows), n - labelled
 
-def _summary(train_path, test_path, target: str, task: str, rows: dict) -> dict:
+def split_summary(train_path, test_path, target: str, task: str, rows: dict) -> dict:
+    "Rows, target summary and content hash of the written train and test files."
     from mlops_nb.data import target_summary
     return {name: {"rows": rows[name], **target_summary(read_column(p, target), task), "content_hash": parquet_content_hash(p)}
                for name, p in (("train", train_path), ("test", test_path))}

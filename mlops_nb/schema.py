@@ -233,7 +233,7 @@ _DATASET_KEYS = ("min_rows", "max_rows", "key")
 # %% ../nbs/10_schema.ipynb #1208fa36
 def _pct(x: float) -> str: return f"{x:.1%}" if x >= 0.001 or x == 0 else f"{x:.2g}"
 
-def _y(v) -> str:
+def yaml_scalar(v) -> str:
     "`v` as a YAML flow scalar (quoted when needed)."
     v = _scalar(v)
     out = yaml.safe_dump([v], default_flow_style=True, width=2**31, allow_unicode=True).strip()[1:-1]
@@ -247,16 +247,16 @@ def _double_quoted(s: str) -> str:
     return '"' + "".join(esc(c) for c in s) + '"'
 
 def _domain_lines(domain: tuple) -> list[str]:
-    flow = "[" + ", ".join(_y(v) for v in domain) + "]"
+    flow = "[" + ", ".join(yaml_scalar(v) for v in domain) + "]"
     if len(flow) <= 90: return [f"    domain: {flow}"]
-    return ["    domain:"] + [f"      - {_y(v)}" for v in domain]
+    return ["    domain:"] + [f"      - {yaml_scalar(v)}" for v in domain]
 
 def _column_lines(name: str, c: ColumnSchema) -> list[str]:
-    lines = [f"  {_y(name)}:{_comment(c)}", f"    type: {c.type}", f"    required: {_y(c.required)}"]
-    if c.min is not None: lines.append(f"    min: {_y(c.min)}")
-    if c.max is not None: lines.append(f"    max: {_y(c.max)}")
+    lines = [f"  {yaml_scalar(name)}:{_comment(c)}", f"    type: {c.type}", f"    required: {yaml_scalar(c.required)}"]
+    if c.min is not None: lines.append(f"    min: {yaml_scalar(c.min)}")
+    if c.max is not None: lines.append(f"    max: {yaml_scalar(c.max)}")
     if c.domain is not None: lines += _domain_lines(c.domain)
-    lines += [f"    max_null_fraction: {_y(c.max_null_fraction)}", f"    mostly: {_y(c.mostly)}"]
+    lines += [f"    max_null_fraction: {yaml_scalar(c.max_null_fraction)}", f"    mostly: {yaml_scalar(c.mostly)}"]
     return lines
 
 def _comment(c: ColumnSchema) -> str:
@@ -271,9 +271,9 @@ def _comment(c: ColumnSchema) -> str:
 def schema_to_yaml(schema: Schema) -> str:
     "`schema` as commented, stably ordered YAML for humans to curate."
     lines = [SCHEMA_HEADER.rstrip("\n"), "dataset:",
-             f"  min_rows: {_y(schema.min_rows)}  # fewer rows: warning",
-             f"  max_rows: {_y(schema.max_rows)}  # more rows: warning (null: no limit)",
-             f"  key: {_y(schema.key)}  # a column whose values must be unique, or null", "columns:"]
+             f"  min_rows: {yaml_scalar(schema.min_rows)}  # fewer rows: warning",
+             f"  max_rows: {yaml_scalar(schema.max_rows)}  # more rows: warning (null: no limit)",
+             f"  key: {yaml_scalar(schema.key)}  # a column whose values must be unique, or null", "columns:"]
     if not schema.columns: lines[-1] += " {}"
     for name, c in schema.columns.items(): lines += _column_lines(name, c)
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ import orjson
 import pandas as pd
 from fastapi import FastAPI, Request
 
-from .batcher import Batcher, RecordsFailed
+from .batcher import BatchItem, Batcher, RecordsFailed
 from .contract import Field, RequestError, decided_index, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
@@ -128,7 +128,7 @@ def _out_of_range(fields: list[Field], frame) -> dict[str, int]:
     hi = np.array([np.inf if f.max is None else f.max for f in ranged])
     return {f.name: int(k) for f, k in zip(ranged, ((cols < lo) | (cols > hi)).sum(axis=0)) if k}
 
-def _on_batch(state: _State, variant: Variant, batch: list[_Item], proba: np.ndarray, frame: pd.DataFrame):
+def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np.ndarray, frame: pd.DataFrame):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
     best = decided_index(proba, state.params.threshold) if version.classes else None
@@ -265,12 +265,15 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
             body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
             keys = None
             if to_body is None and state.features is not None and state.features.wants(body):   # by entity key: the online store's features
-                body, keys = await state.features.arecords(body, [f.name for f in version.fields], state.params.max_records)   # counted first, read off the loop
+                # counted first, read off the loop
+                body, keys = await state.features.arecords(body, [f.name for f in version.fields], state.params.max_records)
             records = validate_records(body, version.fields, state.params.max_records)
             if keys is not None: state.features.pending[rid] = keys
         except RequestError as e:
             for err in e.errors:
-                if err["field"] is not None: state.metrics.invalid.labels(err["field"] if any(f.name == err["field"] for f in version.fields) else "(unknown)").inc()
+                if err["field"] is not None:
+                    known = any(f.name == err["field"] for f in version.fields)
+                    state.metrics.invalid.labels(err["field"] if known else "(unknown)").inc()
             return e.status, {"request_id": rid, "n_errors": e.n_errors, "errors": e.errors}, "", ""
         state.arriving -= 1
         queued = True
@@ -348,7 +351,8 @@ class _ServiceApp(FastAPI):
 
 # %% ../nbs/20_serve.ipynb #58c970ca
 def in_project(path: str | Path) -> Path:
-    "`path` as the CLI resolves `serve.log_dir`: relative to the project root (the nearest folder above the working directory with params.yaml), else to the working directory."
+    """`path` as the CLI resolves `serve.log_dir`: relative to the project root (the nearest folder above the working
+    directory with params.yaml), else to the working directory."""
     from mlops_nb.core import find_root
     p = Path(path)
     if p.is_absolute(): return p

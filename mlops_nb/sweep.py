@@ -157,13 +157,15 @@ def plan(params: Params, grid: dict[str, list], points: list[dict]=()) -> list[t
     check_grid_keys({k for c in combos for k in c})
     trials = [(f"{i:02d}-{_slug(c)}", c, trial_parameters(apply_combination(params, c))) for i, c in enumerate(combos)]
     if len({p["scoring"] for _, _, p in trials}) > 1:
-        raise MlopsError("sweep: train.scoring varies across the combinations: trials are ranked by their cross-validated score, comparable only under one scorer")
+        raise MlopsError("sweep: train.scoring varies across the combinations: trials are ranked by their cross-validated score, comparable only "
+                         "under one scorer")
     return trials
 
 def check_sweep_id(sweep_id: str) -> str:
     "`sweep_id` if it is a plain folder name (letters, digits, `.`, `_`, `-`), else an error naming it: the sweep writes under reports/sweeps/ only."
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", sweep_id) or ".." in sweep_id:
-        raise MlopsError(f"sweep: --id {sweep_id!r} is not a plain name (letters, digits, '.', '_', '-', no '/' or '..'): it names a folder under reports/sweeps/")
+        raise MlopsError(f"sweep: --id {sweep_id!r} is not a plain name (letters, digits, '.', '_', '-', no '/' or '..'): it names a folder under "
+                         "reports/sweeps/")
     return sweep_id
 
 # %% ../nbs/31_sweep.ipynb #8a2e38f3

@@ -98,15 +98,19 @@ def zoo(task: str="binary") -> dict[str, ZooEntry]:
 
 # %% ../nbs/02_train.ipynb #5ad93eaf
 def feature_step(path: str):
-    "The unfitted step of `train.feature_steps` entry `path` (`package.module.name`): a transformer (class or instance), or a function in a FunctionTransformer."
+    """The unfitted step of `train.feature_steps` entry `path` (`package.module.name`): a transformer (class or
+    instance), or a function in a FunctionTransformer."""
     import importlib
     from sklearn.base import TransformerMixin
     from sklearn.preprocessing import FunctionTransformer
     module, _, attr = path.rpartition(".")
     if not module: raise TrainingError(f"train.feature_steps: '{path}' is not a dotted path (package.module.name)")
     try: obj = getattr(importlib.import_module(module), attr)
-    except ImportError as e: raise TrainingError(f"train.feature_steps: cannot import {module} for {path} ({e}): is your package exported (nbdev-export) and installed (pip install -e .)?") from None
-    except AttributeError: raise TrainingError(f"train.feature_steps: {module} has no '{attr}' (exported? `#| export` on its cell, then nbdev-export)") from None
+    except ImportError as e:
+        raise TrainingError(f"train.feature_steps: cannot import {module} for {path} ({e}): is your package exported (nbdev-export) and installed "
+                            "(pip install -e .)?") from None
+    except AttributeError:
+        raise TrainingError(f"train.feature_steps: {module} has no '{attr}' (exported? `#| export` on its cell, then nbdev-export)") from None
     if isinstance(obj, type):
         if not (hasattr(obj, "fit") and hasattr(obj, "transform")): raise TrainingError(f"train.feature_steps: {path} is a class without fit and transform")
         return obj()
@@ -128,7 +132,8 @@ def _step_output(steps: list, X: pd.DataFrame) -> pd.DataFrame:
     for name, step in steps:
         out = clone(step).fit_transform(out)
         if not isinstance(out, pd.DataFrame):
-            raise TrainingError(f"train.feature_steps: {name} returned {type(out).__name__}, not a DataFrame (the features that follow are picked by column name)")
+            raise TrainingError(f"train.feature_steps: {name} returned {type(out).__name__}, not a DataFrame (the features that follow are picked by "
+                                "column name)")
     return out
 
 def feature_code_paths(paths: list[str]) -> list[str]:

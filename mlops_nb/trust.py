@@ -71,7 +71,8 @@ def load_model(
     modules = trusted_modules() if modules is None else tuple(modules)
     conf = _sklearn_conf(path, modules)
     file = (path / conf["pickled_model"]).resolve()
-    if not file.is_relative_to(path.resolve()) or not file.is_file(): raise MlopsError(f"{path}: its model file {conf['pickled_model']} is not inside the folder: refused to load")
+    if not file.is_relative_to(path.resolve()) or not file.is_file():
+        raise MlopsError(f"{path}: its model file {conf['pickled_model']} is not inside the folder: refused to load")
     try: found = skops.io.get_untrusted_types(file=str(file))
     except Exception as e: raise MlopsError(f"{file}: not a skops file ({type(e).__name__}): refused to load") from None
     if bad := sorted(t for t in found if not trusted_type(t, modules)):

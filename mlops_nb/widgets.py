@@ -374,21 +374,13 @@ def best_threshold(table: pd.DataFrame) -> float:
 
 # %% ../nbs/30_widgets.ipynb #7ab22658
 def write_threshold(params_file: str | Path, threshold: float) -> Path:
-    "Set `serve.threshold` in `params_file` to `threshold`, keeping every other line."
+    "Set `serve.threshold` in `params_file` to `threshold` with `pipeline.set_params_text`, keeping every other line."
+    from mlops_nb.pipeline import set_params_text
     if not 0 <= threshold <= 1: raise MlopsError(f"a threshold is a probability between 0 and 1, got {threshold}")
     path = Path(params_file)
-    lines, section, done = path.read_text().splitlines(keepends=True), None, False
-    for i, line in enumerate(lines):
-        if re.match(r"^[A-Za-z_]\w*:", line): section = line.split(":")[0]
-        elif section == "serve" and (m := re.match(r"^(\s+threshold:\s*)([^#\s]+)(.*)$", line, re.S)):
-            lines[i], done = f"{m.group(1)}{round(float(threshold), 4)}{m.group(3)}", True
-    if not done:  # no such line yet: the first line of the serve section (a new section if there is none)
-        at = next((i + 1 for i, l in enumerate(lines) if l.startswith("serve:")), None)
-        if at is None: lines += ["\n" if lines and not lines[-1].endswith("\n") else "", "serve:\n"]; at = len(lines)
-        lines.insert(at, f"  threshold: {round(float(threshold), 4)}\n")
-    text = "".join(lines)
-    parse_params(load_yaml(text))  # refuse to write a file the pipeline would reject
-    return write_text(path, text)
+    text = path.read_text()
+    if "serve" not in (load_yaml(text) or {}): text += ("" if not text or text.endswith("\n") else "\n") + "serve:\n"   # a new section
+    return write_text(path, set_params_text(text, {"serve.threshold": round(float(threshold), 4)}))
 
 # %% ../nbs/30_widgets.ipynb #800acf2b
 def plot_threshold(table: pd.DataFrame, threshold: float):

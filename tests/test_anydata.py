@@ -12,7 +12,7 @@ import pytest
 
 from conftest import copy_project, git_init, registry, run
 from mlops_nb.core import load_params
-from mlops_nb.init import set_params_text
+from mlops_nb.pipeline import set_params_text
 from test_serve import Server
 
 pytestmark = pytest.mark.slow

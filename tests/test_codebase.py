@@ -9,17 +9,9 @@ PACKAGE = LIB.name
 # Private names still imported across modules, each a pair (importer, exporter) -> why it is not fixed here.
 # Remove a pair when its change lands; the test then holds it.
 KNOWN_PRIVATE = {
-    ("scale", "schema"): "schema/scale: unified in the schema-algorithm change",
-    ("compute", "scale"): "compute/scale: the compute engine's helpers, public in the schema-algorithm/compute change",
-    ("init", "schema"): "init/schema: `_y` (notebooks owned by the init and schema changes at the time of writing)",
-    ("pipeline", "init"): "pipeline/init: `_flow`, one params editor to come (init owned by the init change)",
-    ("monitor", "drift"): "monitor/drift: `_map` (monitor owned by the monitoring change)",
-    ("monitor", "predlog"): "monitor/predlog: `_META` (owned by the monitoring and prediction-log changes)",
-    ("predict", "predlog"): "predict/predlog: `_table` (predlog owned by the prediction-log change)",
 }
 # Imports that close a cycle, (importer, exporter) -> why it stays for now. Remove a pair when its change lands.
 KNOWN_BACK_EDGES = {
-    ("scale", "compute"): "compute/scale: scale dispatches to the dask engine lazily; unified in the schema-algorithm change",
 }
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, TINY, copy_project, run
+from mlops_nb.compute import drift_data, profile_data, split_data, validate_data
 from mlops_nb.core import ComputeParams
 from mlops_nb.data import synthetic_churn
 from mlops_nb.loadtest import free_port
@@ -103,9 +104,9 @@ def test_validation_drift_and_profile_on_s3_equal_the_streamed_path(cluster):
     pd.read_parquet(cluster["local"]).head(ROWS // FILES).to_parquet(first, index=False)
     small_ref = profile_parquet(first, schema, exclude=["churn"])
     with get_task_stream(client=cluster["watcher"]) as stream:
-        validated = validate_parquet(cluster["s3"], schema, cluster["compute"])
-        profiled = profile_parquet(cluster["s3"], schema, exclude=["churn"], compute=cluster["compute"])
-        drifted = drift_parquet(small_ref, cluster["s3"], compute=cluster["compute"])
+        validated = validate_data(cluster["s3"], schema, cluster["compute"])
+        profiled = profile_data(cluster["s3"], schema, exclude=["churn"], compute=cluster["compute"])
+        drifted = drift_data(small_ref, cluster["s3"], compute=cluster["compute"])
     assert validated.to_dict() == validate_parquet(cluster["local"], schema).to_dict()
     assert validated.n_rows == ROWS // FILES * FILES
     assert profiled.to_dict() == reference.to_dict()
@@ -128,8 +129,8 @@ def test_split_on_s3_equals_the_streamed_split_and_workers_stay_within_memory(cl
     out = cluster["tmp"] / "dask-split"
     out.mkdir()
     with get_task_stream(client=cluster["watcher"]) as stream:
-        summary = split_parquet(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42, split="hash",
-                                compute=cluster["compute"])
+        summary = split_data(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42, split="hash",
+                             compute=cluster["compute"])
     assert summary == local_split[0]
     for side in ("train", "test"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / f"{side}.parquet"), pd.read_parquet(local_split[1] / f"{side}.parquet"))
@@ -151,8 +152,8 @@ def test_a_worker_killed_mid_split_changes_nothing(cluster, local_split):
     out.mkdir()
     result = {}
     def split():
-        try: result["summary"] = split_parquet(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42,
-                                               split="hash", compute=cluster["compute"])
+        try: result["summary"] = split_data(cluster["s3"], out / "train.parquet", out / "test.parquet", "churn", "Yes", 0.25, 42,
+                                            split="hash", compute=cluster["compute"])
         except Exception as e: result["error"] = e
     t0 = time.time()
     thread = threading.Thread(target=split)
@@ -179,7 +180,7 @@ def test_a_file_with_other_columns_is_named(cluster, tmp_path):
         Bucket="data", Key="churn/part-000.parquet")["Body"].read())
     cluster["store"].put_object(Bucket="data", Key="broken/part-001.parquet", Body=buf.getvalue())
     with pytest.raises(ScaleError, match=r"s3://data/broken/part-001.parquet: its columns .* are not those of"):
-        validate_parquet("s3://data/broken/", load_schema(ROOT / "schema.yaml"), cluster["compute"])
+        validate_data("s3://data/broken/", load_schema(ROOT / "schema.yaml"), cluster["compute"])
 
 
 def stage_project(tmp_path, scheduler):

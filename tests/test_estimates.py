@@ -182,7 +182,7 @@ def diamond_champion(tmp_path_factory):
     from mlops_nb.core import load_params
     from mlops_nb.monitor import monitored_version, version_references
     from mlops_nb.registry import load_model_dir, use_project_tracking
-    from mlops_nb.init import set_params_text
+    from mlops_nb.pipeline import set_params_text
     project = small_project(tmp_path_factory.mktemp("diamonds") / "project", deepchecks=False)
     # prices in the tens of thousands: a float32 ONNX copy misses the parity tolerance near zero, and the champion the monitor
     # reads is the scikit-learn model anyway

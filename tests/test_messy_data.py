@@ -7,7 +7,8 @@ import pytest
 
 from mlops_nb.core import load_yaml
 from mlops_nb.data import DataError, encode_target
-from mlops_nb.init import plan_init, set_params_text
+from mlops_nb.init import plan_init
+from mlops_nb.pipeline import set_params_text
 from mlops_nb.schema import infer_schema, parse_schema, schema_to_yaml, validate
 from mlops_nb.train import MAX_CATEGORIES, TrainingError, build_model, tune
 

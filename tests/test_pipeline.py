@@ -16,7 +16,7 @@ from mlops_nb.core import content_hash, load_yaml
 from mlops_nb.data import drop_identifiers, load_source, synthetic_churn
 from mlops_nb.features import (KEY, TS, definitions_hash, entity_keys, online_features, open_store, repo_objects, sample_keys,
                                skew_gate, snapshot_keys)
-from mlops_nb.init import set_params_text
+from mlops_nb.pipeline import set_params_text
 
 pytestmark = pytest.mark.slow
 

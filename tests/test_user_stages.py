@@ -17,7 +17,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from conftest import TINY, champion_version, copy_project, git_init, run
-from mlops_nb.init import set_params_text
+from mlops_nb.pipeline import set_params_text
 
 KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
 SEGMENT_PARAMS = "min_size = 20     # segments with fewer test rows are left out of the table\nby = \"contract\"   # the column that defines a segment"

@@ -21,7 +21,8 @@ def test_threshold_is_written_where_the_pipeline_reads_it(tmp_path):
     write_threshold(params, 0.35)
     assert load_params(params).serve.threshold == 0.35
     before, after = (ROOT / "params.yaml").read_text(), params.read_text()
-    assert len(after) == len(before) + 1 and before.count("#") == after.count("#")  # "0.5" became "0.35", comments kept
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(changed) == 1 and changed[0][1].strip().startswith("threshold: 0.35") and before.count("#") == after.count("#")  # comments kept
 
 
 def test_threshold_metrics_agree_with_scikit_learn():
