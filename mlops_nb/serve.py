@@ -166,6 +166,7 @@ def _registry_status(state: _State, error: Exception | None):
             logger.info(f"serve: registry available again after {time.monotonic() - state.registry_down:.1f} s")
             state.registry_down = None
 
+_CONFIG_ENV = "MLOPS_NB_SERVE_CONFIG"   # the service process's configuration, set by `serve` for its workers
 _GC_FREEZE_ENV = "MLOPS_NB_GC_FREEZE"   # "0": leave the collector alone (the benchmark's "before" row); "1": freeze in any process
 
 def _freeze_heap(serving: bool):
@@ -244,6 +245,11 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
             await asyncio.sleep(poll_seconds)
             await _load_variant(state, state.variants["champion"])
         await _poll(state, poll_seconds)
+
+def _report_failure(task: asyncio.Task):
+    "Log why the start-up task ended, unless it was cancelled at shutdown."
+    if not task.cancelled() and task.exception() is not None:
+        logger.error(f"serve: start-up failed, no model will load: {task.exception()!r}")
 
 def _safe_on_batch(state, variant, batch, proba, frame):
     try: _on_batch(state, variant, batch, proba, frame)
@@ -390,6 +396,7 @@ def create_app(
         state.executor = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=_single_threaded_model)
         if state.log is not None: state.log.start()
         task = asyncio.get_running_loop().create_task(_startup(state, model_uri, poll_seconds))
+        task.add_done_callback(_report_failure)   # a failed start-up is logged, not left in an unread task
         yield
         task.cancel()
         for v in state.variants.values():
@@ -440,8 +447,6 @@ def create_app(
     return app
 
 # %% ../nbs/20_serve.ipynb #85e81ce8
-_CONFIG_ENV = "MLOPS_NB_SERVE_CONFIG"
-
 def app_from_env():
     "The app configured by `serve` through the environment (uvicorn's factory in each worker process)."
     cfg = json.loads(os.environ[_CONFIG_ENV])
