@@ -94,7 +94,7 @@ def test_a_trial_scores_what_training_it_again_scores(swept):
 def test_a_bad_grid_is_named_before_anything_runs(tmp_path):
     project = copy_project(tmp_path / "project")
     r = run("mlops-nb", "sweep", "--grid", "train.model=[logreg,xgb]", cwd=project, check=False)
-    assert r.returncode == 1 and "train.model must be 'logreg' | 'rf' | 'hgb', got str 'xgb'" in r.stderr
+    assert r.returncode == 1 and "train.model must be 'logreg' | 'rf' | 'hgb' | 'lgbm' | 'lgbm_dask', got str 'xgb'" in r.stderr
     r = run("mlops-nb", "sweep", "--grid", "data.n_rows=[10,20]", cwd=project, check=False)
     assert r.returncode == 1 and "does not read data.n_rows" in r.stderr
     assert "Traceback" not in r.stderr and not (project / "reports" / "sweeps").exists()

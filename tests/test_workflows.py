@@ -279,7 +279,7 @@ def test_push_to_dev_moves_staging_then_the_promotion_job_moves_champion(github)
     load = json.loads((github["tmp"] / "cd" / "loadtest.json").read_text())
     assert load["passed"] and load["requests"] > 0, load
     # the job summary: metrics, gate, release gate, promotion to staging, drift against the seeded champion, load test
-    for part in ["| roc_auc |", "### Gate: blessed", "### Infrastructure validation", f"version {staged} took **staging**",
+    for part in ["| roc_auc |", "### Gate: blessed", "### Infrastructure validation", f"Promoted: version {staged} -> staging",
                  "### Drift against the champion's training data", "### Load test against staging"]:
         assert part in cd.summary, (part, cd.summary)
     # dvc push reached the S3 remote: the raw data's content is there under its hash
