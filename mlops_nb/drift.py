@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,7 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from .core import MlopsError, ValidateParams
-from .schema import Schema
+from .schema import Schema, parallel_map
 
 # %% auto #0
 __all__ = ['synthetic_features', 'FeatureProfile', 'Profile', 'profile', 'FeatureDrift', 'DriftReport', 'detect_drift',
@@ -292,12 +291,6 @@ class DriftReport:
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(f) for f in self.features], columns=list(FeatureDrift.__dataclass_fields__)).set_index("name")
     def __repr__(self): return f"DriftReport(rows={self.n_rows}, drifted={self.drifted}, retrain={self.retrain})"
-
-# %% ../nbs/11_drift.ipynb #37a735ce
-def parallel_map(f, items: list, parallel: bool) -> list:
-    "`f(item)` for each of `items`, in order, on threads when `parallel` (and there are two or more)."
-    if not parallel or len(items) < 2: return [f(i) for i in items]
-    with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1, 8)) as pool: return list(pool.map(f, items))
 
 # %% ../nbs/11_drift.ipynb #7dff7f80
 def detect_drift(

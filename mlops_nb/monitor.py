@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from .core import MlopsError, Params, ProjectPaths, read_json, write_json
-from .drift import DriftReport, Multivariate, Profile, parallel_map, detect_drift, multivariate_drift, profile
+from .drift import DriftReport, Multivariate, Profile, detect_drift, multivariate_drift, profile
 from .predlog import META_COLUMNS, read_prediction_log
-from .schema import Anomaly, Schema, ValidationResult, read_table, validate
+from .schema import Anomaly, Schema, ValidationResult, parallel_map, read_table, validate
 
 # %% auto #0
 __all__ = ['EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES', 'parse_duration', 'parse_since', 'select_window',

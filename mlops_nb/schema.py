@@ -560,6 +560,12 @@ def check_column(
     counts, nulls = fast      # every value is a string: no type mismatch, and a text column has no range
     return _null_check(name, nulls, n, spec) + _domain_check(name, np.array([], dtype=object), n - nulls, spec, counts)
 
+# %% ../nbs/10_schema.ipynb #96a67ce5
+def parallel_map(f, items: list, parallel: bool) -> list:
+    "`f(item)` for each of `items`, in order, on threads when `parallel` (and there are two or more)."
+    if not parallel or len(items) < 2: return [f(i) for i in items]
+    with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1, 8)) as pool: return list(pool.map(f, items))
+
 # %% ../nbs/10_schema.ipynb #6f541101
 class Columns:
     "A batch as `validate_columns` reads it: column names in order, rows, and `column(name)`, the first column of that name."
@@ -568,9 +574,7 @@ class Columns:
     def column(self, name: str) -> pd.Series: raise NotImplementedError("a source of columns provides `column`")
     def check(self, jobs: list[tuple[str, ColumnSchema]]) -> list[list[Anomaly]]:
         "`check_column` of each (name, spec) of `jobs`, in order."
-        one = lambda job: check_column(job[0], self.column(job[0]), job[1])
-        if not self.parallel or len(jobs) < 2: return [one(j) for j in jobs]
-        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, 8)) as pool: return list(pool.map(one, jobs))
+        return parallel_map(lambda job: check_column(job[0], self.column(job[0]), job[1]), jobs, self.parallel)
 
 class FrameColumns(Columns):
     "The columns of a pandas frame (checked on threads from 100,000 rows)."
