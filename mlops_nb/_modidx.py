@@ -405,6 +405,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.evaluate.regression_metrics': ('evaluate.html#regression_metrics', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.run_suite': ('evaluate.html#run_suite', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.save_figure': ('evaluate.html#save_figure', 'mlops_nb/evaluate.py'),
+                                   'mlops_nb.evaluate.seen_rows': ('evaluate.html#seen_rows', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.skill': ('evaluate.html#skill', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.skipped_suite_report': ('evaluate.html#skipped_suite_report', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.slice_masks': ('evaluate.html#slice_masks', 'mlops_nb/evaluate.py'),

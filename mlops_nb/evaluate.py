@@ -23,7 +23,7 @@ __all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_E
            'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite',
            'skipped_suite_report', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule',
            'decide', 'floor_rule', 'champion_rule', 'skill', 'baseline_rule', 'paired_difference', 'slice_rule',
-           'deepchecks_rule', 'new_category_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
+           'deepchecks_rule', 'new_category_rows', 'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
            'effect_against_cv', 'deepchecks_effects', 'baseline_model', 'evaluate_gate', 'check_extra_rules',
            'extra_rule', 'with_extra_rules']
 
@@ -449,6 +449,7 @@ JUDGED_BY_EFFECT = {  # deepchecks checks whose failure the model handles by con
     "New Category Train Test": "new_category",     # the encoder answers unseen (and rare) categories from its unknown/infrequent bucket
     "String Mismatch Comparison": "new_category",  # a new spelling of a category is an unseen category to the encoder
     "Prediction Drift": "prediction_drift",        # train predictions are in-sample; on a small test set the distance is noise
+    "Train Test Samples Mix": "samples_mix",       # few features: distinct records share their values; harm is a score inflated on them
 }
 EFFECT_LOSS = {"binary": "brier", "multiclass": "log_loss", "regression": "mae"}  # defined on any rows: where the primary metric is not
 
@@ -464,6 +465,12 @@ def new_category_rows(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarr
         unseen = test[c].notna() & ~test[c].isin(set(train[c].dropna()))
         if unseen.any(): mask |= unseen.to_numpy(); new[str(c)] = sorted(map(str, test[c][unseen].unique()))[:10]
     return mask, new
+
+def seen_rows(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
+    "Test rows whose values in every shared column equal some training row's (what deepchecks' samples mix counts)."
+    cols = [c for c in test.columns if c in train.columns]
+    key = lambda df: pd.util.hash_pandas_object(df[cols].astype(str), index=False).to_numpy()
+    return np.isin(key(test), key(train))
 
 # %% ../nbs/03_evaluate.ipynb #11a2ea25
 def group_difference(y, score, mask: np.ndarray, metric: str, task: str="binary", n_boot: int=200, seed: int=0,
@@ -482,10 +489,12 @@ def group_difference(y, score, mask: np.ndarray, metric: str, task: str="binary"
     lo, hi = np.quantile(d, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(value), float(lo), float(hi)
 
-def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance: float, n_boot: int=200, seed: int=0) -> dict:
-    "The effect of what sets the `mask` rows apart: `metric` there against the rest, harmful when worse beyond `tolerance` at the interval's upper end."
+def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance: float, n_boot: int=200, seed: int=0,
+                   harm: str="worse") -> dict:
+    "The effect of what sets the `mask` rows apart: `metric` there against the rest, harmful when `harm` (worse, or better) beyond `tolerance` all along the interval."
     n = int(np.sum(mask))
     if n == 0: return {"affected": 0, "harmful": False, "explanation": "no test row is affected"}
+    if len(mask) - n < 2: return {"affected": n, "harmful": True, "explanation": f"{n} of {len(mask)} test rows are affected: no other rows to judge them against"}
     d, lo, hi = group_difference(y, score, mask, metric, task, n_boot, seed)
     used = metric
     if not np.isfinite(hi):   # undefined on so few rows (one class, say): a per-row loss is defined on any rows
@@ -493,9 +502,9 @@ def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance
         d, lo, hi = group_difference(y, score, mask, used, task, n_boot, seed)
     rest = _metric(used, task)(np.asarray(y)[~np.asarray(mask)], np.asarray(score)[~np.asarray(mask)]) if n < len(mask) else np.nan
     tol = _tolerance(used, rest, tolerance)
-    harmful = bool(np.isfinite(hi) and hi < -tol)
+    harmful = bool(np.isfinite(hi) and (hi < -tol if harm == "worse" else lo > tol))
     words = (f"{used} on the {n} affected test rows against the other {len(mask) - n}: difference {d:+.4g}, 95% interval [{lo:+.4g}, {hi:+.4g}] "
-             f"(positive: better); " + (f"worse by more than {tol:.3g}: harmful" if harmful else f"not worse by more than {tol:.3g} beyond the interval: no harm shown"))
+             f"(positive: better); " + (f"{harm} by more than {tol:.3g}: harmful" if harmful else f"not {harm} by more than {tol:.3g} beyond the interval: no harm shown"))
     return {"affected": n, "metric": used, "difference": d, "ci_low": lo, "ci_high": hi, "tolerance": tol, "harmful": harmful, "explanation": words}
 
 # %% ../nbs/03_evaluate.ipynb #2648d744
@@ -545,6 +554,9 @@ def deepchecks_effects(
                 mask, values = new_category_rows(train, test)
                 out[c["check"]] = {"check": c["check"], "kind": kind, "new_values": values,
                                    **effect_on_rows(y, score, mask, metric, task, tolerance, n_boot, seed)}
+            elif kind == "samples_mix":   # leakage shows as rows the model answers better because it saw them
+                out[c["check"]] = {"check": c["check"], "kind": kind,
+                                   **effect_on_rows(y, score, seen_rows(train, test), metric, task, tolerance, n_boot, seed, harm="better")}
             else: out[c["check"]] = {"check": c["check"], "kind": kind, **effect_against_cv(y, score, metric, task, cv, tolerance, n_boot, seed)}
     return out
 

@@ -280,6 +280,7 @@ def relaxed_conditions(
 ) -> list[str]:
     "Which deepchecks conditions do not veto on `df`, and why, in sentences naming what in this table trips them."
     rows, test_rows = len(df), int(round(len(df) * test_size))
+    shared = df.drop(columns=target).astype(str).duplicated(keep=False).mean() if rows else 0.0
     cats = {c: df[c].value_counts() for c in df.columns if c != target and (not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))}
     rare = {str(c): [str(v) for v in counts.index[counts < RARE_ROWS]] for c, counts in cats.items() if (counts < RARE_ROWS).any()}
     named = "; ".join(f"{c}: {len(v)} ({', '.join(map(repr, v[:3]))}{', ...' if len(v) > 3 else ''})" for c, v in list(rare.items())[:4])
@@ -291,6 +292,8 @@ def relaxed_conditions(
         + "; the model answers an unseen category from its encoder's unknown/infrequent handling, and the gate vetoes only when those rows score worse than the rest (gate.json: judged_by_effect)",
         f"deepchecks: 'Prediction Drift' is judged by its effect: training predictions are in-sample, and on {test_rows:,} test rows the distance is "
         + ("mostly noise" if test_rows < SMALL_DATA else "noisy") + "; the gate vetoes only when the test score falls below the cross-validated one beyond the interval",
+        f"deepchecks: 'Train Test Samples Mix' is judged by its effect: {shared:.0%} of the rows here share every feature value with another row "
+        "(distinct records, few features), so test rows equal training rows without leaking; the gate vetoes only when those rows score better than the rest",
         "deepchecks: 'Model Inference Time' does not gate: infra_validate times the model as the service runs it (one thread, after warm-up)"]
 
 # %% ../nbs/07_init.ipynb #2a730d73
