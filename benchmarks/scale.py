@@ -47,7 +47,7 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     from mlops_nb.core import ComputeParams, ValidateParams, content_hash, write_json, write_parquet
     from mlops_nb.data import drop_identifiers, encode_target, split_stratified, synthetic_churn
     from mlops_nb.drift import Profile, detect_drift, profile
-    from mlops_nb.evaluate import classification_metrics
+    from mlops_nb.metrics import classification_metrics
     from mlops_nb.schema import load_schema, validate
     from mlops_nb.train import tune
     import joblib

@@ -32,8 +32,8 @@ __all__ = ['COMMANDS', 'RUN_TAIL', 'MODEL_SOURCES', 'remember_secret', 'mask', '
            'RegisterParams', 'ExportParams', 'ServeParams', 'MonitorParams', 'FeaturesParams', 'ComputeParams',
            'Params', 'parse_section', 'builtin_sections', 'parse_params', 'Yaml12Loader', 'load_yaml', 'load_params',
            'stage_sections', 'atomic_path', 'process_running', 'write_text', 'write_json', 'write_parquet', 'write_csv',
-           'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch', 'failpoint',
-           'skip_iri_checker']
+           'save_figure', 'read_json', 'content_hash', 'params_hash', 'tracking_uri', 'git_state', 'git_branch',
+           'failpoint', 'skip_iri_checker']
 
 # %% ../nbs/00_core.ipynb #7b54dc27
 _URL_PASSWORD = re.compile(r"(?P<head>://[^/:@?#\s]*:)(?P<pw>[^/?#\s]*)@")   # greedy: a password may hold a raw @
@@ -444,6 +444,13 @@ def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
 def write_csv(path: str | Path, df: pd.DataFrame) -> Path:
     "Write `df` (without its index) as CSV to `path` atomically."
     with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
+    return Path(path)
+
+def save_figure(fig, path: str | Path) -> Path:
+    "Save the matplotlib figure `fig` as a PNG at `path` atomically and close it."
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
     return Path(path)
 
 def read_json(path: str | Path):

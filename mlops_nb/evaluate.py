@@ -14,85 +14,24 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .core import EvaluateParams, MlopsError, atomic_path, skip_iri_checker
+from .core import EvaluateParams, MlopsError, atomic_path, save_figure, skip_iri_checker
+from .metrics import (LOWER_IS_BETTER, class_codes, classification_metrics, greater_is_better, multiclass_metrics,
+                              regression_metrics, task_metrics)
 from .train import model_output
 
 # %% auto #0
-__all__ = ['LOWER_IS_BETTER', 'METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'classification_metrics',
-           'greater_is_better', 'multiclass_metrics', 'regression_metrics', 'predict_scores', 'task_metrics',
-           'curve_tables', 'plot_curves', 'save_figure', 'dedupe_scripts', 'summarize_suite', 'run_suite',
-           'skipped_suite_report', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule',
-           'decide', 'floor_rule', 'champion_rule', 'skill', 'baseline_rule', 'paired_difference', 'slice_rule',
-           'deepchecks_rule', 'new_category_rows', 'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
-           'effect_against_cv', 'deepchecks_effects', 'baseline_model', 'evaluate_gate', 'check_extra_rules',
-           'extra_rule', 'with_extra_rules']
+__all__ = ['METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'predict_scores', 'curve_tables',
+           'plot_curves', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'skipped_suite_report', 'slice_masks',
+           'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule',
+           'skill', 'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'new_category_rows',
+           'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary', 'effect_against_cv', 'deepchecks_effects',
+           'baseline_model', 'evaluate_gate', 'check_extra_rules', 'extra_rule', 'with_extra_rules']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
-def classification_metrics(
-    y: np.ndarray,          # true labels, 0/1
-    proba: np.ndarray,      # predicted probability of class 1
-    threshold: float=0.5,   # probability above which the prediction is 1
-) -> dict[str, float]:
-    "ROC AUC, average precision, log loss, Brier score, accuracy, precision, recall and F1."
-    y, proba = np.asarray(y), np.asarray(proba)
-    pred = (proba >= threshold).astype(int)
-    both = len(np.unique(y)) == 2
-    return {
-        "roc_auc": float(skm.roc_auc_score(y, proba)) if both else float("nan"),
-        "average_precision": float(skm.average_precision_score(y, proba)) if both else float("nan"),
-        "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-15, 1 - 1e-15), labels=[0, 1])),
-        "brier": float(skm.brier_score_loss(y, proba)),
-        "accuracy": float(skm.accuracy_score(y, pred)),
-        "precision": float(skm.precision_score(y, pred, zero_division=0)),
-        "recall": float(skm.recall_score(y, pred, zero_division=0)),
-        "f1": float(skm.f1_score(y, pred, zero_division=0)),
-        "n": int(len(y)),
-    }
-
-# %% ../nbs/03_evaluate.ipynb #7767e275
-LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae"}
-
-def greater_is_better(metric: str) -> bool:
-    "Whether a higher value of `metric` is better (False for error metrics)."
-    return metric not in LOWER_IS_BETTER
-
-def _codes(y, classes) -> np.ndarray:
-    index = {str(c): i for i, c in enumerate(classes)}
-    return np.array([index.get(str(v), -1) for v in np.asarray(y)])
-
-def multiclass_metrics(
-    y: np.ndarray,          # true class labels
-    proba: np.ndarray,      # predicted probabilities, one column per class
-    classes: list,          # the class of each column (the model's `classes_`)
-) -> dict[str, float]:
-    "Accuracy, macro/weighted F1, log loss, one-vs-rest ROC AUC, recall per class."
-    codes, proba = _codes(y, classes), np.asarray(proba)
-    pred, labels = proba.argmax(axis=1), list(range(len(classes)))
-    out = {"accuracy": float(skm.accuracy_score(codes, pred)),
-           "f1_macro": float(skm.f1_score(codes, pred, labels=labels, average="macro", zero_division=0)),
-           "f1_weighted": float(skm.f1_score(codes, pred, labels=labels, average="weighted", zero_division=0)),
-           "log_loss": float(skm.log_loss(codes, proba, labels=labels))}
-    if len(np.unique(codes)) == len(classes):
-        out["roc_auc_ovr"] = float(skm.roc_auc_score(codes, proba, multi_class="ovr", labels=labels))
-    recall = skm.recall_score(codes, pred, labels=labels, average=None, zero_division=0)
-    return out | {f"recall_{c}": float(r) for c, r in zip(classes, recall)} | {"n": int(len(codes))}
-
-def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    "RMSE, MAE and R² of predicted values `pred`."
-    y, pred = np.asarray(y, dtype="float64"), np.asarray(pred, dtype="float64")
-    return {"rmse": float(np.sqrt(skm.mean_squared_error(y, pred))), "mae": float(skm.mean_absolute_error(y, pred)),
-            "r2": float(skm.r2_score(y, pred)) if len(y) > 1 else float("nan"), "n": int(len(y))}
-
 def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
     "What the metrics of `task` read: P(class 1) (binary), the probability matrix (multiclass) or the values (regression)."
     out = model_output(model, X)
     return out[:, 0] if task == "regression" else out[:, 1] if task == "binary" else out
-
-def task_metrics(task: str, y, score, classes: list | None=None) -> dict[str, float]:
-    "The metrics of `task` for labels `y` and `predict_scores` output `score`."
-    if task == "regression": return regression_metrics(y, score)
-    if task == "multiclass": return multiclass_metrics(y, score, classes)
-    return classification_metrics(y, score)
 
 # %% ../nbs/03_evaluate.ipynb #4ea6400f
 def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str="binary", classes: list | None=None) -> dict[str, pd.DataFrame]:
@@ -152,13 +91,6 @@ def _plot_residuals(t: pd.DataFrame, title: str):
     c.hist(t.residual, bins=30); c.set(xlabel="residual", title="residual distribution")
     fig.suptitle(title); fig.tight_layout()
     return fig
-
-def save_figure(fig, path: str | Path) -> Path:
-    "Save `fig` as a PNG at `path` atomically and close it."
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return Path(path)
 
 # %% ../nbs/03_evaluate.ipynb #e50c288b
 def _deepchecks_dataset(df: pd.DataFrame, target: str | None, categorical: list[str], task: str | None=None):
@@ -323,7 +255,7 @@ def sliced_metrics(
     classes: list | None=None,  # multiclass: the class of each probability column
 ) -> pd.DataFrame:
     "One row per slice and metric: size, value, bootstrap interval and whether it is large enough to gate."
-    y, proba = np.asarray(_codes(y, classes) if task == "multiclass" else y), np.asarray(proba)
+    y, proba = np.asarray(class_codes(y, classes) if task == "multiclass" else y), np.asarray(proba)
     rows = []
     for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
         positives = int(y[mask].sum()) if task == "binary" else None
@@ -416,7 +348,7 @@ def slice_rule(
 ) -> dict:
     "No slice that gates is worse than the champion by more than `tolerance`, even at the upper end of the paired interval."
     if champion is None: return gate_rule("no_slice_regression", None, None, True, "no champion yet: nothing to compare with") | {"slices": []}
-    y = np.asarray(_codes(y, classes) if task == "multiclass" else y)
+    y = np.asarray(class_codes(y, classes) if task == "multiclass" else y)
     checked = []
     for name, mask in {"overall": np.ones(len(y), bool), **masks}.items():
         if not _gates(y, mask, min_size, task): continue
@@ -545,7 +477,7 @@ def deepchecks_effects(
     classes: list | None=None,   # multiclass: the class of each probability column
 ) -> dict:
     "The effect of each failed check of `JUDGED_BY_EFFECT` on the primary metric, keyed by the check's name."
-    y = np.asarray(_codes(y, classes) if task == "multiclass" else y)
+    y = np.asarray(class_codes(y, classes) if task == "multiclass" else y)
     out = {}
     for s in summaries.values():
         for c in s["checks"]:

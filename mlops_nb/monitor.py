@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, Params, ProjectPaths, read_json, write_json
+from .core import MlopsError, Params, ProjectPaths, read_json, save_figure, write_json
 from .drift import DriftReport, Multivariate, Profile, detect_drift, multivariate_drift, profile
+from .metrics import classification_metrics, greater_is_better, task_metrics
 from .predlog import META_COLUMNS, read_prediction_log
 from .schema import Anomaly, Schema, ValidationResult, parallel_map, read_table, validate
 
@@ -255,7 +256,6 @@ def realized_metrics(
     domain: list | None = None,   # the raw label's allowed values (the schema's domain of the target), if known
 ) -> dict:
     "The metrics evaluate reports on the test split, on the labelled records of a window."
-    from mlops_nb.evaluate import task_metrics
     classes = [str(c)[len("proba_"):] for c in joined.columns if str(c).startswith("proba_")]
     if not classes: return task_metrics("regression", joined.label.to_numpy(float), joined.prediction.to_numpy(float))
     proba = joined[[f"proba_{c}" for c in classes]].to_numpy(float)
@@ -483,7 +483,6 @@ def coverage_study(
     seed: int = 0,
 ) -> pd.DataFrame:
     "Per shape and window: the estimate and interval of accuracy and ROC AUC before labels, the realized value, and whether it is covered."
-    from mlops_nb.evaluate import classification_metrics
     rng, rows = np.random.default_rng(seed), []
     for name, curve in (shapes or RELIABILITY_SHAPES).items():
         for w in range(windows):
@@ -657,7 +656,6 @@ class MonitorReport:
 # %% ../nbs/23_monitor.ipynb #ef938b23
 def _beyond_floor(value: float, params: Params) -> tuple[bool, str]:
     "Whether `value` of the primary metric is beyond the monitor's floor (a ceiling for error metrics), and how to say so."
-    from mlops_nb.evaluate import greater_is_better
     bound = params.monitor.min_primary if params.monitor.min_primary is not None else params.evaluate.min_primary
     up = greater_is_better(params.evaluate.primary_metric)
     return (value < bound if up else value > bound), f"{'below the floor' if up else 'above the ceiling'} {bound:g}"
@@ -836,7 +834,6 @@ def write_monitor_report(
 ) -> Path:
     "Write `monitor.json` and the plots (drift scores, version mix, multivariate score, metrics) into `out`; the JSON's path."
     from mlops_nb.drift import plot_drift_scores, plot_multivariate
-    from mlops_nb.evaluate import save_figure
     out = Path(out)
     save_figure(plot_drift_scores(report.drift), out / "drift_scores.png")
     if len(report.mix): save_figure(plot_version_mix(report.mix), out / "version_mix.png")

@@ -61,7 +61,7 @@ def _window(n=3000, seed=0):
 
 
 def test_precision_recall_f1_confusion_from_the_same_draws():
-    from mlops_nb.evaluate import classification_metrics
+    from mlops_nb.metrics import classification_metrics
     (test_out, test_y), (live, live_y) = _window(2000, 1), _window(3000, 2)
     cal = fit_calibration(test_out, test_y)
     est = estimate_metrics(live, cal, seed=0)

@@ -82,7 +82,7 @@ def test_results_match_mlflow(swept):
 
 def test_a_trial_scores_what_training_it_again_scores(swept):
     "Independent check: the logreg n_iter=1 trial, recomputed in this process from the same split and params."
-    from mlops_nb.evaluate import classification_metrics
+    from mlops_nb.metrics import classification_metrics
     from mlops_nb.train import tune
     _, _, table, train, test = swept
     row = table[(table["train.model"] == "logreg") & (table["train.n_iter"] == 1)].iloc[0]
