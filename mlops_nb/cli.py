@@ -61,7 +61,8 @@ def _promotion_now(paths: ProjectPaths, promo: dict) -> tuple[bool, str]:
         use_project_tracking(paths.root)
         holder = alias_version(promo["name"], alias) if promo.get("name") else None
     except Exception as e:   # the registry unreachable: the run's own report is all there is
-        return promo["promoted"], f"promotion: version {version} {'-> ' + alias if promo['promoted'] else 'not promoted'} ({reason}; the registry did not answer: {type(e).__name__})"
+        return promo["promoted"], (f"promotion: version {version} {'-> ' + alias if promo['promoted'] else 'not promoted'} "
+                                   f"({reason}; the registry did not answer: {type(e).__name__})")
     now = None if holder is None else str(holder.version)
     if now == version and promo["promoted"]: return True, f"promotion: version {version} -> {alias} ({reason})"
     if now == version: return True, f"promotion: version {version} holds {alias} now (this run left it not promoted: {reason}; promoted since)"
@@ -85,7 +86,8 @@ def cmd_run(args) -> int:
     check_pipeline(paths.root)  # and so does a value of your own stages, or an extra gate rule on a file evaluate does not depend on
     result = dvc("repro", *(["--force"] if args.force else []), *args.stages, root=paths.root)
     if result.returncode != 0:
-        print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
+        print(f"error: the pipeline stopped (dvc repro exited {result.returncode}); "
+              "the failed stage's executed notebook is in reports/notebooks/", file=sys.stderr)
         return result.returncode
     print("\n".join(["", "pipeline finished", *_summary(paths)]))
     promotion = paths.reports / "infra" / "promotion.json"   # the registry decides: `mlops-nb promote` may have fixed a failed promotion
@@ -103,7 +105,8 @@ def cmd_status(args) -> int:
     use_project_tracking(paths.root)
     champ = champion_summary(params.register.model_name)
     if champ is None: print("champion: none yet (run `mlops-nb run`)")
-    else: print(f"champion: {champ['name']} version {champ['version']} ({champ['uri']}), data {champ['tags'].get('data_hash', '?')[:12]}, commit {champ['tags'].get('git_commit', '?')[:10]}")
+    else: print(f"champion: {champ['name']} version {champ['version']} ({champ['uri']}), "
+                f"data {champ['tags'].get('data_hash', '?')[:12]}, commit {champ['tags'].get('git_commit', '?')[:10]}")
     return ExitCode.OK
 
 def _schema_arguments(p) -> None:
@@ -167,7 +170,8 @@ def _serve_arguments(p) -> None:
     p.add_argument("--challenger-share", type=float, help="share of traffic for the `challenger` alias (default: serve.challenger_share)")
     p.add_argument("--log-dir", help="prediction log folder, '' for none (default: serve.log_dir)")
     p.add_argument("--runtime", choices=["auto", "sklearn", "onnx"], help="model runtime (default: serve.runtime)")
-    p.add_argument("--poll-seconds", type=float, default=None, help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="how often the registry is asked whether an alias moved (0: never; default: serve.poll_seconds)")
     p.add_argument("--feature-repo", help="a Feast repository (e.g. features): POST /predict also answers {\"customer_id\": ...} from its online store")
 
 @command("serve", _serve_arguments, help="serve the champion model over HTTP (defaults: params.yaml serve:)")
@@ -309,7 +313,8 @@ def _init_arguments(p) -> None:
     p.add_argument("--query", default="", help="SQL query for a SQLAlchemy URL")
     p.add_argument("--force", action="store_true", help="overwrite a schema.yaml/params.yaml that describe other data")
     p.add_argument("--no-explore", action="store_true", help="skip the exploration notebook")
-    p.add_argument("--no-commit", action="store_true", help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
+    p.add_argument("--no-commit", action="store_true",
+                   help="leave params.yaml and schema.yaml uncommitted (by default they are committed when the tree was clean)")
 
 @command("init", _init_arguments, help="point the project at your own data: schema, params, exploration notebook")
 def cmd_init(args) -> int:
@@ -367,7 +372,8 @@ def _promote_arguments(p) -> None:
 @command("promote", _promote_arguments, help="make a registered version champion explicitly (gate decision, infra validation, compare-and-set)",
          epilog=exit_epilog({ExitCode.OK: "promoted", ExitCode.NOT_PROMOTED: "not promoted (the reason is printed)", ExitCode.ERROR: "an error"}))
 def cmd_promote(args) -> int:
-    "Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate too, with infra.service), the champion still the one it was compared with."
+    """Make VERSION (or the holder of --from ALIAS) champion: blessed by the gate, validated again now (the release gate
+    too, with infra.service), the champion still the one it was compared with."""
     from mlops_nb.core import tracking_uri
     from mlops_nb.infra import infra_validate
     from mlops_nb.registry import unreproducible, promote_candidate, resolve_version
@@ -517,7 +523,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def summary_markdown(
     reports: Path,  # the project's reports/ folder, as the last `mlops-nb run` left it
 ) -> str:
-    "The last run's registration, promotion (whether its candidate holds the alias now), test metrics, gate, release gate and drift as Markdown (a CI job summary)."
+    """The last run's registration, promotion (whether its candidate holds the alias now), test metrics, gate, release gate
+    and drift as Markdown (a CI job summary)."""
     def read(*p):
         return read_json(reports.joinpath(*p)) if reports.joinpath(*p).is_file() else None
     out = ["## mlops-nb: the last pipeline run", ""]
@@ -582,7 +589,8 @@ def _one_line(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     name = type(e).__name__
     if name == "MlflowException": return f"MLflow: {first}"
-    if name == "Timeout" and type(e).__module__.startswith("filelock"): return f"could not take the lock {getattr(e, 'lock_file', '')}: another process holds it"
+    if name == "Timeout" and type(e).__module__.startswith("filelock"):
+        return f"could not take the lock {getattr(e, 'lock_file', '')}: another process holds it"
     if name == "DeadKernelError": return f"the notebook's kernel died (out of memory, or killed): {first}"
     if isinstance(e, OSError) and e.filename: return f"{e.strerror or name}: {e.filename}"
     return f"{name}: {first}" if first else name

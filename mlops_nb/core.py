@@ -200,7 +200,8 @@ class EvaluateParams:
     min_primary: float = 0.70    # the gate's absolute bound on the primary metric: a floor, or a ceiling for an error metric (rmse, mae, log_loss, brier)
     baseline_margin: float = 0.05  # skill over the trivial baseline the candidate must reach: (metric - baseline) / (perfect - baseline)
     champion_tolerance: float = 0.01  # how much worse than the champion the candidate may be
-    slice_columns: list[str] = field(default_factory=lambda: ["contract", "internet_service", "payment_method", "senior_citizen", "tenure"])  # one slice per value / quantile bin
+    slice_columns: list[str] = field(default_factory=lambda: [  # one slice per value / quantile bin
+        "contract", "internet_service", "payment_method", "senior_citizen", "tenure"])
     slice_crosses: list[list[str]] = field(default_factory=lambda: [["contract", "internet_service"]])  # pairs whose combinations are slices
     slice_bins: int = 4          # quantile bins of numeric slice columns
     min_slice_size: int = 50     # smaller slices are reported but do not gate

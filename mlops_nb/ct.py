@@ -71,7 +71,8 @@ def check_ready(root: str | Path, params: Params) -> None:
     "An error naming what keeps a cycle from starting in `root`, if anything does."
     state = git_state(root)
     if state["git_commit"] == "none": raise MlopsError("ct commits each data snapshot and dvc.lock: the project must be a git repository with a commit")
-    if state["git_dirty"]: raise MlopsError("ct commits what it changes: commit or stash your changes to code, notebooks, params or data pointers first (git status)")
+    if state["git_dirty"]: raise MlopsError("ct commits what it changes: commit or stash your changes to code, notebooks, params "
+                                            "or data pointers first (git status)")
     if params.prepare.split not in ("hash", "time"):
         raise MlopsError(f"ct appends rows to the training data, and prepare.split: {params.prepare.split} would re-deal the champion's "
                          "training rows into the test set: set prepare.split: hash (or time)")
@@ -146,7 +147,8 @@ def data_state(paths: ProjectPaths) -> dict:
     "The training data as of the last ingest: content hash and rows, and the labelled windows tracked in `data/labelled`."
     prov = paths.reports / "ingest" / "provenance.json"
     p = read_json(prov) if prov.exists() else {}
-    return {"content_hash": p.get("content_hash"), "rows": p.get("rows"), "labelled": sorted(f.name[:-len(".dvc")] for f in paths.labelled.glob("*.parquet.dvc"))}
+    return {"content_hash": p.get("content_hash"), "rows": p.get("rows"),
+            "labelled": sorted(f.name[:-len(".dvc")] for f in paths.labelled.glob("*.parquet.dvc"))}
 
 # %% ../nbs/27_ct.ipynb #3729caab
 def _dvc(root: Path, *args: str):
@@ -305,7 +307,8 @@ def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, l
                     "last_records": last, "labels": str(labels) if labels else None, "model": m.uri}
     if m.report.decision != "retrain":
         return close_cycle(paths, params, cycle, "alert" if m.report.decision == "alert" else "no-retrain",
-                           "schema skew in traffic: a broken upstream, which retraining would learn" if m.report.decision == "alert" else "the traffic is like the training data")
+                           "schema skew in traffic: a broken upstream, which retraining would learn" if m.report.decision == "alert"
+                           else "the traffic is like the training data")
     raw, target = paths.raw / "data.parquet", params.base.target
     if not raw.exists(): raise MlopsError(f"{raw.relative_to(paths.root)} is missing: run the pipeline first (mlops-nb run), or dvc pull")
     spec = load_schema(paths.schema).columns.get(target) if paths.schema.exists() else None
@@ -314,7 +317,8 @@ def start_cycle(paths: ProjectPaths, params: Params, log_dir=None, since=None, l
     if rows.empty: return close_cycle(paths, params, cycle, "no-labels", "retrain is due, but no record of the window has its label yet (--labels)")
     rows = rows[~rows.index.isin(labelled_ids(paths))]   # an overlapping window: the records a snapshot holds are training data already
     cycle.window["new"] = len(rows)
-    if rows.empty: return close_cycle(paths, params, cycle, "no-labels", f"retrain is due, but the window's {cycle.window['labelled']} labelled records are all training data already (data/labelled)")
+    if rows.empty: return close_cycle(paths, params, cycle, "no-labels", f"retrain is due, but the window's {cycle.window['labelled']} "
+                                      "labelled records are all training data already (data/labelled)")
     cycle.phase, cycle.snapshot = "snapshot", str(snapshot_path(paths, cycle.id))
     save_pending(folder, cycle)
     cycle.commits["snapshot"] = take_snapshot(paths, cycle, rows)
@@ -354,7 +358,8 @@ def format_cycle(cycle: Cycle) -> str:
     lines += [f"    - {r}" for r in cycle.reasons]
     if cycle.snapshot: lines.append(f"  data: {cycle.data_before.get('rows')} rows ({str(cycle.data_before.get('content_hash'))[:12]}) -> "
                                     f"{cycle.data_after.get('rows')} rows ({str(cycle.data_after.get('content_hash'))[:12]}), snapshot {cycle.snapshot}")
-    if cycle.version: lines.append(f"  version {cycle.version}: gate {'blessed' if cycle.gate.get('blessed') else 'rejected'} against champion {cycle.gate.get('compared_with')}")
+    if cycle.version: lines.append(f"  version {cycle.version}: gate {'blessed' if cycle.gate.get('blessed') else 'rejected'} "
+                                   f"against champion {cycle.gate.get('compared_with')}")
     lines += [f"  commit {k}: {v[:10]}" for k, v in cycle.commits.items()]
     lines.append(f"  champion: {cycle.champion_before} -> {cycle.champion_after}")
     return "\n".join(lines)

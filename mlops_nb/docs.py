@@ -153,7 +153,8 @@ def command_problems(command: str, prog: str | None = None) -> list[str]:
     head = words[1:2] + words[2:3] if len(words) > 2 and re.fullmatch(r"[a-z][a-z_-]*", words[2]) else words[1:2]  # `stage add`, `features list`
     r = subprocess.run([prog or _mlops_nb(), *head, "--help"], capture_output=True, text=True)
     if r.returncode != 0: return [f"{command}: `{words[0]} {' '.join(head)}` is not a command"]
-    return [f"{command}: `{words[0]} {' '.join(head)}` has no option {o}" for o in dict.fromkeys(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command)) if o not in r.stdout]
+    return [f"{command}: `{words[0]} {' '.join(head)}` has no option {o}"
+            for o in dict.fromkeys(re.findall(r"(?<!\S)(--[a-z][\w-]*)", command)) if o not in r.stdout]
 
 # %% ../nbs/08_docs.ipynb #97462ae0
 _OPTION = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
@@ -536,7 +537,9 @@ def site_pages(root: str | Path, out: Path, log=print) -> list:
             write_text(out / "api" / f"{page.module}.md", api_page(page.module, src.stem, page.anchors))
             api.append({page.module: f"api/{page.module}.md"})
             api_rows.append((f"mlops_nb.{page.module}", f"{page.module}.md", page.description))
-    if guide_rows: write_text(out / "guides" / "index.md", _index("Guides", "How to use mlops-nb, one topic a page: the pipeline, your data, serving, features, monitoring, scaling, developing.", guide_rows))
+    if guide_rows:
+        write_text(out / "guides" / "index.md", _index("Guides", "How to use mlops-nb, one topic a page: the pipeline, your data, serving, "
+                                                       "features, monitoring, scaling, developing.", guide_rows))
     write_text(out / "library" / "index.md", _index("Library", "The notebooks of `nbs/`, executed: the library's source, prose, examples and tests.", lib_rows))
     write_text(out / "api" / "index.md", _index("API reference", "Every public function and class of `mlops_nb`, module by module.", api_rows))
     run = latest_run_pages(root, out / "latest-run")

@@ -423,10 +423,12 @@ def group_difference(y, score, mask: np.ndarray, metric: str, task: str="binary"
 
 def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance: float, n_boot: int=200, seed: int=0,
                    harm: str="worse") -> dict:
-    "The effect of what sets the `mask` rows apart: `metric` there against the rest, harmful when `harm` (worse, or better) beyond `tolerance` all along the interval."
+    """The effect of what sets the `mask` rows apart: `metric` there against the rest, harmful when `harm` (worse, or better)
+    beyond `tolerance` all along the interval."""
     n = int(np.sum(mask))
     if n == 0: return {"affected": 0, "harmful": False, "explanation": "no test row is affected"}
-    if len(mask) - n < 2: return {"affected": n, "harmful": True, "explanation": f"{n} of {len(mask)} test rows are affected: no other rows to judge them against"}
+    if len(mask) - n < 2: return {"affected": n, "harmful": True,
+                                  "explanation": f"{n} of {len(mask)} test rows are affected: no other rows to judge them against"}
     d, lo, hi = group_difference(y, score, mask, metric, task, n_boot, seed)
     used = metric
     if not np.isfinite(hi):   # undefined on so few rows (one class, say): a per-row loss is defined on any rows
@@ -435,8 +437,10 @@ def effect_on_rows(y, score, mask: np.ndarray, metric: str, task: str, tolerance
     rest = _metric(used, task)(np.asarray(y)[~np.asarray(mask)], np.asarray(score)[~np.asarray(mask)]) if n < len(mask) else np.nan
     tol = _tolerance(used, rest, tolerance)
     harmful = bool(np.isfinite(hi) and (hi < -tol if harm == "worse" else lo > tol))
-    words = (f"{used} on the {n} affected test rows against the other {len(mask) - n}: difference {d:+.4g}, 95% interval [{lo:+.4g}, {hi:+.4g}] "
-             f"(positive: better); " + (f"{harm} by more than {tol:.3g}: harmful" if harmful else f"not {harm} by more than {tol:.3g} beyond the interval: no harm shown"))
+    words = (f"{used} on the {n} affected test rows against the other {len(mask) - n}: difference {d:+.4g}, "
+             f"95% interval [{lo:+.4g}, {hi:+.4g}] (positive: better); "
+             + (f"{harm} by more than {tol:.3g}: harmful" if harmful
+                else f"not {harm} by more than {tol:.3g} beyond the interval: no harm shown"))
     return {"affected": n, "metric": used, "difference": d, "ci_low": lo, "ci_high": hi, "tolerance": tol, "harmful": harmful, "explanation": words}
 
 # %% ../nbs/03_evaluate.ipynb #2648d744

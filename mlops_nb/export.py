@@ -225,6 +225,7 @@ def serve_runtime(
     report = json.loads((files / REPORT_FILE).read_text()) if (files / REPORT_FILE).is_file() else None
     if report is None: why = "the version has no ONNX export"
     elif not report.get("passed") or not (files / ONNX_FILE).is_file(): why = f"the version has no usable ONNX model: {report.get('reason')}"
-    else: return EdgeModel(str(files / ONNX_FILE), threads), f"ONNX parity-checked (max abs difference {max(p['max_abs_diff'] for p in report['parity'].values()):.2e})"
+    else: return (EdgeModel(str(files / ONNX_FILE), threads),
+                  f"ONNX parity-checked (max abs difference {max(p['max_abs_diff'] for p in report['parity'].values()):.2e})")
     if runtime == "onnx": raise ExportError(f"serve.runtime is onnx but {why}")
     return None, why

@@ -167,7 +167,8 @@ def training_set(
     missing = [c for c in (KEY, TS) if c not in entities]
     if missing: raise FeatureStoreError(f"the entity dataframe lacks column(s) {missing}")
     ent = entities.reset_index(drop=True).assign(**{TS: pd.to_datetime(entities[TS], utc=True), "_row": np.arange(len(entities))})
-    first = ent.groupby([KEY, TS], sort=False)["_row"].transform("first")   # Feast answers one row per key and time: repeats (identical rows of the data) share it
+    # Feast answers one row per key and time: repeats (identical rows of the data) share it
+    first = ent.groupby([KEY, TS], sort=False)["_row"].transform("first")
     out = store.get_historical_features(entity_df=ent[ent["_row"] == first], features=store.get_feature_service(service)).to_df()
     feats = out.drop(columns=[c for c in ent.columns if c != "_row"])   # Feast drops rows with no value in the TTL: keep them, null
     return ent.assign(_row=first).merge(feats, on="_row", how="left").drop(columns="_row")

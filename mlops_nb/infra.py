@@ -45,8 +45,11 @@ def timed(fn, repeats):
 try:
     import numpy as np, pandas as pd, mlflow
     mlflow.set_tracking_uri(args["tracking_uri"])
-    import importlib.util, os.path; spec = importlib.util.spec_from_file_location("trust", os.path.join(os.path.dirname(args["runner"]), "trust.py")); trust = importlib.util.module_from_spec(spec); spec.loader.exec_module(trust)  # the one model loader (mlops_nb/trust.py, beside the runner), from its file
-    t = time.perf_counter(); model = trust.load_scorer(args["model_uri"], args["modules"]); out["load_s"] = time.perf_counter() - t   # skops + allow-list, never pyfunc: a pickle is refused
+    import importlib.util, os.path   # the one model loader (mlops_nb/trust.py, beside the runner), from its file
+    spec = importlib.util.spec_from_file_location("trust", os.path.join(os.path.dirname(args["runner"]), "trust.py"))
+    trust = importlib.util.module_from_spec(spec); spec.loader.exec_module(trust)
+    # skops + allow-list, never pyfunc: a pickle is refused
+    t = time.perf_counter(); model = trust.load_scorer(args["model_uri"], args["modules"]); out["load_s"] = time.perf_counter() - t
     check("loads in a fresh process", True, f"{out['load_s']:.2f}s")
 except Exception as e:
     check("loads in a fresh process", False, f"{type(e).__name__}: {e}"); print(json.dumps(out)); sys.exit(0)
@@ -126,7 +129,8 @@ def _load_words(out: dict) -> str:
 def _latency_checks(out: dict, single_row_ms: float, batch_ms: float, batch_rows: int) -> list[dict]:
     "The one-row and batch latency checks of the child's timings, each saying how it measured and, when failed, what else ran."
     how = f"on {out['runtime']} with {out['threads']} thread(s) as the service, after warm-up"
-    rules = [("one-row latency", out["single_row_ms_p95"], single_row_ms, f"p95 {out['single_row_ms_p95']:.1f} ms (p50 {out['single_row_ms_p50']:.1f} ms), budget {single_row_ms} ms"),
+    rules = [("one-row latency", out["single_row_ms_p95"], single_row_ms,
+              f"p95 {out['single_row_ms_p95']:.1f} ms (p50 {out['single_row_ms_p50']:.1f} ms), budget {single_row_ms} ms"),
              ("batch latency", out["batch_ms"], batch_ms, f"{batch_rows} rows in {out['batch_ms']:.1f} ms, budget {batch_ms} ms")]
     return [{"check": name, "passed": value <= budget, "detail": f"{words} {how}" + ("" if value <= budget else f"; {_load_words(out)}")}
             for name, value, budget, words in rules]
@@ -233,7 +237,8 @@ def _client_checks(url: str, examples: pd.DataFrame, expected: np.ndarray, toler
     values = not meta.get("classes")
     got = np.asarray(answer["predictions"], dtype="float64").reshape(-1, 1) if values else np.asarray(answer["probabilities"], dtype="float64")
     diff = _differs(got, expected, values)
-    check("answers the example rows as offline", diff <= tolerance, f"{len(examples)} rows on {meta.get('runtime')}: max difference {diff:.2e} (tolerance {tolerance})")
+    check("answers the example rows as offline", diff <= tolerance,
+          f"{len(examples)} rows on {meta.get('runtime')}: max difference {diff:.2e} (tolerance {tolerance})")
     refused = {what: _call(url + "/predict", body)[0] for what, body in refusal_probes(meta["example"], meta["input_schema"]).items()}
     wrong = {what: s for what, s in refused.items() if not 400 <= s < 500}
     check("refuses bad requests with a 4xx", not wrong, ", ".join(f"{w}: {s}" for w, s in (wrong or refused).items()))
@@ -265,7 +270,9 @@ def service_check(
             result = loadtest(server.url + "/predict", examples, serve.loadtest_concurrency, serve.loadtest_seconds,
                               rate=serve.budget_min_rps or None)   # no rate budgeted (0): a closed loop
             missed = check_budget(result, serve.budget_p99_ms, serve.budget_min_rps)
-            check("load test within the serve budget", not missed, "; ".join(missed) + f"; {_load_words({'loadavg': list(os.getloadavg())})}" if missed else
-                  f"{result['requests']} requests ({result['mode']} loop, {result['rps']} req/s), p99 {result['p99_ms']} ms ({serve.loadtest_concurrency} connections, {serve.loadtest_seconds:g} s)")
+            check("load test within the serve budget", not missed,
+                  "; ".join(missed) + f"; {_load_words({'loadavg': list(os.getloadavg())})}" if missed else
+                  f"{result['requests']} requests ({result['mode']} loop, {result['rps']} req/s), p99 {result['p99_ms']} ms "
+                  f"({serve.loadtest_concurrency} connections, {serve.loadtest_seconds:g} s)")
         finally: server.stop()
     return checks

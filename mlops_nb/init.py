@@ -127,7 +127,8 @@ def plan_init(
     if y.notna().sum() < 10: raise DataError(f"target '{target}' has {int(y.notna().sum())} labelled rows: too few to learn from")
     resolved = infer_task(y) if task == "auto" else task
     choices.append(f"task: {resolved} ({'inferred from' if task == 'auto' else 'given; target has'} {y.nunique()} distinct values of {y.dtype})")
-    choices.append(f"target '{target}': {missing} row(s) without a label will be dropped by prepare" if missing else f"target '{target}': every row has a label")
+    choices.append(f"target '{target}': {missing} row(s) without a label will be dropped by prepare" if missing
+                   else f"target '{target}': every row has a label")
     positive = _positive(y.dropna()) if resolved == "binary" else "Yes"
     labelled = encode_target(df, target, positive, resolved)
     if resolved == "binary": choices.append(f"positive class: {positive!r}")
@@ -136,7 +137,8 @@ def plan_init(
     dropped = [c for c, (r, _) in roles.items() if r in ("identifier", "datetime", "free_text", "constant")]
     coded = [c for c, (r, _) in roles.items() if r == "integer_coded"]
     for c, (r, why) in roles.items():
-        what = {"identifier": "identifier, dropped (data.drop_columns)", "datetime": "datetime, dropped (data.drop_columns; prepare.split: time can split by it)",
+        what = {"identifier": "identifier, dropped (data.drop_columns)",
+                "datetime": "datetime, dropped (data.drop_columns; prepare.split: time can split by it)",
                 "free_text": "free text, dropped (data.drop_columns)", "constant": "constant, dropped (data.drop_columns)",
                 "high_cardinality": "high-cardinality categorical, one-hot encoded into at most 20 columns",
                 "integer_coded": "integer-coded categorical, one-hot encoded (train.categorical_columns)",
@@ -243,12 +245,14 @@ def explore_notebook(source: str, target: str, task: str, query: str="") -> dict
              new_markdown_cell("## The target"),
              new_code_cell("print(df[target].describe())\nplot_distributions(df, [target], per_row=1);"),
              new_markdown_cell("## The target against each feature (columns the pipeline drops are left out)"),
-             new_code_cell("features = [c for c in profile.index if profile.loc[c, 'role'] not in ('target', 'identifier', 'datetime', 'free_text', 'constant')]\n"
+             new_code_cell("features = [c for c in profile.index "
+                           "if profile.loc[c, 'role'] not in ('target', 'identifier', 'datetime', 'free_text', 'constant')]\n"
                            "plot_target_relations(df, target, task, features);"),
              new_markdown_cell("## From a finding to the pipeline\n\n"
                                "**A check to run every time** (a segment, a fairness or a business figure): give it a notebook of its own whose "
                                "first code cell, tagged `parameters`, holds literal values, and write its figures to a JSON file. Then\n\n"
-                               "```bash\nmlops-nb stage add my_check.ipynb --name my_check --after prepare --metrics reports/my_check/metrics.json --gate\n```\n\n"
+                               "```bash\nmlops-nb stage add my_check.ipynb --name my_check --after prepare "
+                               "--metrics reports/my_check/metrics.json --gate\n```\n\n"
                                "makes it a stage (its parameters land in a `my_check:` section of `params.yaml`), and a rule in `evaluate.extra_rules` "
                                "(`{file: reports/my_check/metrics.json, key: share, min: 0.05}`) lets it block a promotion.\n\n"
                                "**A feature the model should compute**: write it as a function from DataFrame to DataFrame in a library notebook of "
@@ -286,12 +290,16 @@ def relaxed_conditions(
     named = "; ".join(f"{c}: {len(v)} ({', '.join(map(repr, v[:3]))}{', ...' if len(v) > 3 else ''})" for c, v in list(rare.items())[:4])
     return [
         "deepchecks: 'Simple Model Comparison' does not gate (the beats_baseline rule does)"
-        + (f"; 'Feature Label Correlation Change' does not gate below {SMALL_DATA:,} rows ({rows:,} here: noise on a small test set)" if rows < SMALL_DATA else ""),
+        + (f"; 'Feature Label Correlation Change' does not gate below {SMALL_DATA:,} rows ({rows:,} here: noise on a small test set)"
+           if rows < SMALL_DATA else ""),
         "deepchecks: 'New Category Train Test' and 'String Mismatch Comparison' are judged by their effect, not vetoes: "
-        + (f"categories with fewer than {RARE_ROWS} rows ({named}) may land in the test split alone" if rare else "no category here is that rare, but a split may still leave one in the test rows alone")
-        + "; the model answers an unseen category from its encoder's unknown/infrequent handling, and the gate vetoes only when those rows score worse than the rest (gate.json: judged_by_effect)",
+        + (f"categories with fewer than {RARE_ROWS} rows ({named}) may land in the test split alone" if rare
+           else "no category here is that rare, but a split may still leave one in the test rows alone")
+        + "; the model answers an unseen category from its encoder's unknown/infrequent handling, and the gate vetoes only when those "
+          "rows score worse than the rest (gate.json: judged_by_effect)",
         f"deepchecks: 'Prediction Drift' is judged by its effect: training predictions are in-sample, and on {test_rows:,} test rows the distance is "
-        + ("mostly noise" if test_rows < SMALL_DATA else "noisy") + "; the gate vetoes only when the test score falls below the cross-validated one beyond the interval",
+        + ("mostly noise" if test_rows < SMALL_DATA else "noisy")
+        + "; the gate vetoes only when the test score falls below the cross-validated one beyond the interval",
         f"deepchecks: 'Train Test Samples Mix' is judged by its effect: {shared:.0%} of the rows here share every feature value with another row "
         "(distinct records, few features), so test rows equal training rows without leaking; the gate vetoes only when those rows score better than the rest",
         "deepchecks: 'Model Inference Time' does not gate: infra_validate times the model as the service runs it (one thread, after warm-up)"]

@@ -69,7 +69,8 @@ def _read_model_dir(path: Path):
     meta = Model.load(str(path))
     schema_file = path / "extra_files" / "schema.yaml"
     schema = parse_schema(schema_file.read_text(), "schema.yaml") if schema_file.is_file() else None
-    sig = {c.name: getattr(c.type, "name", "any") for c in meta.signature.inputs.inputs} if meta.signature is not None else {}  # AnyType (a column null in every example row) has no name
+    # AnyType (a column null in every example row) has no name
+    sig = {c.name: getattr(c.type, "name", "any") for c in meta.signature.inputs.inputs} if meta.signature is not None else {}
     example = meta.load_input_example(str(path)) if meta.saved_input_example_info else None
     example = {k: _plain(v) for k, v in example.iloc[0].items()} if isinstance(example, pd.DataFrame) and len(example) else {}
     return model, schema, sig, example

@@ -217,7 +217,8 @@ def sweep(
         if log_mlflow:
             ok = table[table.status == "ok"]
             mlflow.set_tags({"trials": len(table), "failed": int((table.status != "ok").sum())})
-            if len(ok): mlflow.log_metrics({"best_cv_score": float(ok[RANK_BY].iloc[0]), f"best_test_{primary}": float(ok[primary].iloc[0])})  # the test score of the CV-best
+            if len(ok): mlflow.log_metrics({"best_cv_score": float(ok[RANK_BY].iloc[0]),
+                                            f"best_test_{primary}": float(ok[primary].iloc[0])})  # the test score of the CV-best
     finally:
         if log_mlflow: mlflow.end_run("FINISHED" if table is not None else "KILLED")
     with atomic_path(folder / "results.csv") as tmp: table.to_csv(tmp, index=False)

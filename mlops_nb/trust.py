@@ -18,7 +18,8 @@ __all__ = ['trusted_modules', 'trusted_type', 'load_model', 'Scorer', 'load_scor
 # %% ../nbs/15_trust.ipynb #4201858f
 # the types a model file may hold, whatever its MLmodel says
 _TRUSTED = re.compile(r"(sklearn|mlops_nb)\.[\w.]+|numpy\.(dtype|dtypes\.\w+|(u?int|float|complex)(8|16|32|64|128)?|bool_|str_|object_|ndarray)"
-                      r"|lightgbm\.(sklearn\.LGBM(Classifier|Regressor)|basic\.Booster)|collections\.OrderedDict")  # LightGBM's estimators: zoo entries lgbm, lgbm_dask (their state is the model text)
+                      # LightGBM's estimators: zoo entries lgbm, lgbm_dask (their state is the model text)
+                      r"|lightgbm\.(sklearn\.LGBM(Classifier|Regressor)|basic\.Booster)|collections\.OrderedDict")
 
 def trusted_modules(root: str | Path | None=None) -> tuple[str, ...]:
     "Your modules a model file may hold types of, by configuration: `register.trusted_modules` and `train.feature_steps`' modules."
@@ -92,5 +93,6 @@ def load_scorer(source: str | Path, modules: tuple[str, ...] | None=None) -> Sco
     path = _local(source)
     model = load_model(path, modules)
     method = (Model.load(str(path)).flavors.get("python_function") or {}).get("predict_fn") or "predict"
-    if method not in ("predict", "predict_proba"): raise MlopsError(f"{path}: its MLmodel names predict_fn {method!r}; only predict and predict_proba are called")
+    if method not in ("predict", "predict_proba"):
+        raise MlopsError(f"{path}: its MLmodel names predict_fn {method!r}; only predict and predict_proba are called")
     return Scorer(model, method)
