@@ -228,7 +228,8 @@ def test_stages_on_the_cluster_fail_clearly_and_split_as_locally(cluster, tmp_pa
 
 def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_serves(cluster, tmp_path):
     """`compute.engine: dask` and `train.model: lgbm_dask` (LightGBM's Dask trainer, on the cluster $DASK_SCHEDULER_ADDRESS
-    names): validate, prepare and the training run on the two workers within their memory; the model's ONNX export passes
+    names): validate, prepare and the training run on the two workers within their memory; the model learns from every
+    training row (the sample of `prepare.max_train_rows` and the rows it left out), not the sample; its ONNX export passes
     parity, the release gate (served, called, load-tested) passes, it becomes champion, and `mlops-nb serve` answers with it."""
     import httpx
     import sys
@@ -238,7 +239,7 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     from mlops_nb.loadtest import ServiceProcess
     from mlops_nb.registry import use_project_tracking
     project = copy_project(tmp_path / "project", {
-        **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"},
+        **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"}, "prepare": {"max_train_rows": 1000},
         "compute": {"engine": "dask", "scheduler": cluster["address"]},
         "infra": {**TINY["infra"], "service": True}, "register": {"promote_dirty": True},
         "serve": {"loadtest_seconds": 1.0, "budget_p99_ms": 60000.0, "budget_min_rps": 0.1}})
@@ -252,6 +253,15 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     assert any("_check_one" in str(t["key"]) for t in stream.data) and any("_split_part" in str(t["key"]) for t in stream.data)
     peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     assert all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+    processed = project / "data" / "processed"
+    sample, rest = (len(pd.read_parquet(processed / f"{s}.parquet")) for s in ("train", "train_rest"))
+    splits = json.loads((project / "reports" / "prepare" / "splits.json").read_text())
+    trained_on = json.loads((project / "reports" / "metrics" / "train.json").read_text())["train_rows"]
+    assert sample <= 1000 < trained_on == sample + rest == 3000 - splits["unlabelled_rows_dropped"] - splits["test"]["rows"], \
+        (sample, rest, trained_on, splits)
+    use_project_tracking(project)
+    run_id = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert mlflow.get_run(run_id).data.metrics["train_rows"] == trained_on
     infra = json.loads((project / "reports" / "infra" / "infra.json").read_text())
     assert all(c["passed"] for c in infra["checks"]) and any("load test" in c["check"] for c in infra["checks"]), infra["checks"]
     use_project_tracking(project)
