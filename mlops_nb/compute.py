@@ -21,8 +21,8 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
 
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
-           'validate_dask', 'drift_dask', 'profile_dask', 'split_dask', 'validate_data', 'profile_data', 'drift_data',
-           'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client',
+           'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask', 'validate_data', 'profile_data',
+           'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client',
            'fit_all_rows']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
@@ -113,7 +113,7 @@ def profile_dask(url: str | Path, schema=None, exclude: list[str] | None=None, c
     return merge_profiles(parts, rows, kwargs.get("bins", 10))
 
 # %% ../nbs/33_compute.ipynb #ee8d9859
-def _ordered(client, fn, items: list, window: int) -> Iterator:
+def ordered_map(client, fn, items: list, window: int=4) -> Iterator:
     "`fn(item)` for each of `items` as Dask tasks, yielded in order, at most `window` submitted and not yet yielded."
     from collections import deque
     pending, it = deque(), iter(items)
@@ -144,7 +144,7 @@ def split_dask(
             counter = functools.partial(_train_rows, dtypes, (target, positive_label, test_size, seed, task, key_column))
             expected_train = sum(client.gather(client.map(counter, parts, pure=False)))
         args = (target, positive_label, test_size, seed, split, task, key_column, keep_share(max_train_rows, expected_train))
-        rows, labelled = write_splits(train_path, test_path, _ordered(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window), rest_path)
+        rows, labelled = write_splits(train_path, test_path, ordered_map(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window), rest_path)
     return split_summary(train_path, test_path, target, task, rows), n - labelled
 
 # %% ../nbs/33_compute.ipynb #f27f31d6
