@@ -339,7 +339,7 @@ def predict_batch(
     source, out: str | Path,         # input (file or SQLAlchemy URL), output file
     model_uri: str,                  # models:/NAME@ALIAS or models:/NAME/VERSION
     log_dir: str | Path | None=None, # the prediction log's folder (None: no log)
-    **kwargs,                        # chunk_rows, query, key, progress, threshold: see `predict_source`
+    **kwargs,                        # chunk_rows, query, key, progress, threshold, compute: see `predict_source`
 ) -> dict:
     "Score `source` with the registered version at `model_uri` into `out`; see `predict_source`."
     from mlops_nb.drift import Profile

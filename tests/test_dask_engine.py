@@ -275,3 +275,23 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
         answer = httpx.post(s.url + "/predict", json=json.loads(record.to_json(orient="records")), timeout=60)
     assert ready["model_version"] == champion_version(project) and answer.status_code == 200, answer.text
     assert len(answer.json()["predictions"]) == 3, answer.json()
+
+    # `mlops-nb predict` on the cluster (compute.engine dask in this project's params): the test split as three Parquet files
+    # on S3, a row group of at most 100 rows per task, equals `--engine local` on the same rows read here 100 at a time
+    test = pd.read_parquet(processed / "test.parquet").drop(columns="churn")
+    for i, k in enumerate(range(0, len(test), -(-len(test) // 3))):
+        buf = io.BytesIO()
+        test.iloc[k:k + -(-len(test) // 3)].to_parquet(buf, index=False, row_group_size=100)
+        cluster["store"].put_object(Bucket="data", Key=f"scoring/part-{i:03d}.parquet", Body=buf.getvalue())
+    test.to_parquet(tmp_path / "scoring.parquet", index=False)
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        there = run("mlops-nb", "predict", "--data", "s3://data/scoring/", "--out", str(tmp_path / "dask.parquet"), "--no-log", cwd=project)
+    here = run("mlops-nb", "predict", "--engine", "local", "--data", str(tmp_path / "scoring.parquet"), "--out", str(tmp_path / "local.parquet"),
+               "--chunk-rows", "100", "--no-log", cwd=project)
+    assert f"scored {len(test)} rows" in there.stdout and f"scored {len(test)} rows" in here.stdout, there.stdout + here.stdout
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dask.parquet"), pd.read_parquet(tmp_path / "local.parquet"))
+    reports = [json.loads((tmp_path / f"{n}.parquet.report.json").read_text()) for n in ("dask", "local")]
+    assert [{k: v for k, v in r.items() if k not in ("source", "out", "request_id")} for r in reports][0] == \
+           [{k: v for k, v in r.items() if k not in ("source", "out", "request_id")} for r in reports][1]
+    scored = [t for t in stream.data if "_on_partition" in str(t["key"])]
+    assert len(scored) >= 2 * 6 and len(worker_names(scored)) == 2, (len(scored), worker_names(scored))   # checked and scored on both workers
