@@ -23,7 +23,7 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
            'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask', 'validate_data', 'profile_data',
            'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client',
-           'fit_all_rows']
+           'fit_all_rows', 'score_partitions', 'score_data']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -286,3 +286,20 @@ def fit_all_rows(
     from sklearn.base import clone
     rows = dataset_layout([f for u in urls for f in parquet_files(u)])[3]
     with cluster_client() as client: return fit_parquet_dask(clone(model), list(urls), target, client, sample_rows), rows
+
+# %% ../nbs/33_compute.ipynb #9dacde8c
+def _score_part(dtypes: dict, target: str, score, part) -> np.ndarray:
+    "A Dask task: `score` of one row group, without column `target`."
+    df = read_partition(part, dtypes)
+    return np.asarray(score(df.drop(columns=[target]) if target in df.columns else df))
+
+def score_partitions(url: str | Path, target: str, score, compute: ComputeParams, window: int=4) -> np.ndarray:
+    "`score(X)` of each row group of the Parquet data at `url` (without column `target`) as a task on the cluster `compute` names, concatenated in order."
+    _, dtypes, parts, _ = dataset_layout(parquet_files(url))
+    parts = [(f, g) for f, g in parts if parquet_file(f).metadata.row_group(g).num_rows]   # an empty row group is no task
+    with dask_client(scheduler_address(compute)) as client:
+        return np.concatenate(list(ordered_map(client, functools.partial(_score_part, dtypes, target, score), parts, window)))
+
+def score_data(score, X: pd.DataFrame, path: str | Path, target: str, compute: ComputeParams | None=None) -> np.ndarray:
+    "`score(X)`, or (`compute.engine: dask`) `score_partitions` of the Parquet file at `path`, whose rows without `target` are `X`."
+    return score_partitions(path, target, score, compute) if _dask(compute) else np.asarray(score(X))

@@ -262,6 +262,13 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     use_project_tracking(project)
     run_id = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
     assert mlflow.get_run(run_id).data.metrics["train_rows"] == trained_on
+    # evaluate scored the test split a row group per task: its metrics are those of the model scoring it here
+    import joblib
+    from mlops_nb.evaluate import predict_scores, task_metrics
+    test_split = pd.read_parquet(processed / "test.parquet")
+    here = task_metrics("binary", test_split.churn, predict_scores(joblib.load(project / "models" / "model.joblib"), test_split.drop(columns="churn"), "binary"))
+    assert json.loads((project / "reports" / "metrics" / "evaluate.json").read_text()) == pytest.approx(here, abs=1e-9, rel=0)
+    assert any("_score_part" in str(t["key"]) for t in stream.data)
     infra = json.loads((project / "reports" / "infra" / "infra.json").read_text())
     assert all(c["passed"] for c in infra["checks"]) and any("load test" in c["check"] for c in infra["checks"]), infra["checks"]
     use_project_tracking(project)
