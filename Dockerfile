@@ -15,6 +15,12 @@ WORKDIR /app
 # only what serving imports, at the versions of requirements.lock (no pipeline, notebook or docs tooling)
 COPY requirements.lock docker/serve-requirements.in ./
 RUN pip install --no-cache-dir -c requirements.lock -r serve-requirements.in
+# LightGBM's models (train.model lgbm, lgbm_dask), served by scikit-learn, load OpenMP's runtime, which the slim base lacks
+# (Debian's current libgomp1: an exact revision pin breaks the build when bookworm's archive moves on to a security update)
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md params.yaml schema.yaml ./
 COPY mlops_nb/ mlops_nb/
 RUN pip install --no-cache-dir --no-deps . \

@@ -10,9 +10,10 @@ process's high-water mark, imports included); wall time is the stage's work, imp
 - ours: the streamed functions of `mlops_nb.scale` (what the stages call), Parquet in, Parquet out.
 - dask (with `--dask`): `compute.engine: dask` for validate and prepare, and `train.model: lgbm_dask` for train, on a
   `dask scheduler` and two `dask worker` processes (one thread each) started on loopback for each of those stages; the
-  row also gives each worker's peak RSS during the stage (the driver's is the stage process's). prepare keeps every
-  training row (no `--max-train-rows` sample) and train fits LightGBM's Dask trainer on all of them, each worker
-  reading its row groups (`compute.fit_parquet_dask`); evaluate is the streamed one. Compared with ours (hgb, a
+  row also gives each worker's peak RSS during the stage (the driver's is the stage process's). As the pipeline does,
+  prepare writes the `--max-train-rows` sample and the training rows it left out (`train_rest.parquet`), train fits
+  LightGBM's Dask trainer on both (every training row), each worker reading its row groups (`compute.fit_all_rows`),
+  and evaluate scores the test split a row group per task (`compute.score_partitions`). Compared with ours (hgb, a
   2-candidate search on the sample): training time and the test split's ROC AUC, and each stage's cost per row.
 - baseline (sizes up to `--baseline-max`): the same work in memory with pandas, the way the stages worked
   before streaming (whole frame read, validated, profiled, split): its peak RSS is what grows with rows.
@@ -54,8 +55,8 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     schema = load_schema(ROOT / "schema.yaml")
     compute = ComputeParams("dask", os.environ["DASK_SCHEDULER_ADDRESS"]) if mode == "dask" else None
     dask = mode == "dask"
-    if dask: mode = "ours"   # the same streamed functions, dispatched to the cluster for validate, prepare and train
-    raw, train_p, test_p = folder / "raw.parquet", folder / "train.parquet", folder / "test.parquet"
+    if dask: mode = "ours"   # the same streamed functions, dispatched to the cluster for validate, prepare, train and evaluate
+    raw, train_p, test_p, rest_p = folder / "raw.parquet", folder / "train.parquet", folder / "test.parquet", folder / "train_rest.parquet"
     start = time.perf_counter()
     extra = {}
     if name == "ingest":
@@ -77,7 +78,8 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
         extra = {"errors": len(result.errors), "drifted": drift.drifted}
     elif name == "prepare":
         if mode == "ours":
-            summary, _ = compute_.split_data(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows, compute=compute)
+            summary, _ = compute_.split_data(raw, train_p, test_p, TARGET, POSITIVE, 0.25, 42, max_train_rows, compute=compute,
+                                             rest_path=rest_p if dask else None)
             ref = compute_.profile_data(train_p, schema, exclude=[TARGET], compute=compute)
         else:
             train, test = split_stratified(encode_target(pd.read_parquet(raw), TARGET, POSITIVE), TARGET, 0.25, 42)
@@ -87,21 +89,28 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
             ref = profile(train.drop(columns=[TARGET]), schema)
         write_json(folder / "reference.json", ref.to_dict())
         extra = {"train_rows": summary["train"]["rows"], "test_rows": summary["test"]["rows"]}
-    elif name == "train" and dask:   # LightGBM's Dask trainer on every training row: the workers read the row groups
-        from dask.distributed import Client
-        from mlops_nb.compute import fit_parquet_dask
+    elif name == "train" and dask:   # LightGBM's Dask trainer on every training row (the sample and the rest): the workers read the row groups
+        from mlops_nb.compute import compute_client, fit_all_rows
         from mlops_nb.train import build_model
         head = next(scale.iter_batches(train_p, 50_000)).drop(columns=[TARGET])
-        with Client(compute.scheduler, timeout="60s") as client:
+        with compute_client(compute):
             start = time.perf_counter()
-            model = fit_parquet_dask(build_model("lgbm_dask", head, 42), train_p, TARGET, client)
+            model, train_rows = fit_all_rows(build_model("lgbm_dask", head, 42), [train_p, rest_p], TARGET)
         joblib.dump(model, folder / "model.joblib")
-        extra = {"model": "lgbm_dask", "train_rows": scale.parquet_file(train_p).metadata.num_rows}
+        extra = {"model": "lgbm_dask", "train_rows": train_rows}
     elif name == "train":
         train = pd.read_parquet(train_p)
         result = tune("hgb", train.drop(columns=[TARGET]), train[TARGET], n_iter=2, cv_folds=2, seed=42, progress=False)
         joblib.dump(result.model, folder / "model.joblib")
         extra = {"model": "hgb", "cv_roc_auc": round(result.best_score, 4), "train_rows": len(train)}
+    elif name == "evaluate" and dask:   # the test split scored a row group per task, the predictions gathered in order
+        import functools
+        from mlops_nb.evaluate import predict_scores
+        model = joblib.load(folder / "model.joblib")
+        scores = compute_.score_partitions(test_p, TARGET, functools.partial(predict_scores, model, task="binary"), compute)
+        y = scale.read_column(test_p, TARGET).to_numpy()
+        metrics = classification_metrics(y, scores)
+        extra = {"roc_auc": round(metrics["roc_auc"], 4), "test_rows": len(y)}
     elif name == "evaluate":
         model = joblib.load(folder / "model.joblib")
         ys, ps = [], []
@@ -141,10 +150,10 @@ class Cluster:
 
 
 def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
-    if mode == "dask" and name in ("validate", "prepare", "train"):   # a fresh cluster per stage: the workers' peaks are the stage's
+    if mode == "dask" and name in ("validate", "prepare", "train", "evaluate"):   # a fresh cluster per stage: the workers' peaks are the stage's
         cluster = Cluster(folder)
         try:
-            r = _run_stage(name, folder, rows, 0, mode, {"DASK_SCHEDULER_ADDRESS": cluster.address})   # every training row
+            r = _run_stage(name, folder, rows, max_train_rows, mode, {"DASK_SCHEDULER_ADDRESS": cluster.address})
             return {**r, "worker_peak_rss_mb": [round(p) for p in cluster.peaks()]}
         finally: cluster.close()
     return _run_stage(name, folder, rows, max_train_rows, "ours" if mode == "dask" else mode)
@@ -174,7 +183,7 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--max-train-rows", type=int, default=200_000, help="prepare.max_train_rows")
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size run in memory too (0: none)")
-    ap.add_argument("--dask", action="store_true", help="also run validate and prepare on a local Dask scheduler with two workers")
+    ap.add_argument("--dask", action="store_true", help="also run validate, prepare, train (lgbm_dask, every training row) and evaluate on a local Dask scheduler with two workers")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)

@@ -491,11 +491,13 @@ def _predict_arguments(p) -> None:
     p.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time (default: 100000)")
     p.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
     p.add_argument("--no-log", action="store_true", help="do not append the predictions to the prediction log")
+    p.add_argument("--engine", choices=["local", "dask"], help="dask: a Parquet input scored a row group per task on the cluster compute.scheduler "
+                   "names ($DASK_SCHEDULER_ADDRESS, else a LocalCluster) (default: compute.engine)")
 
 @command("predict", _predict_arguments, help="score a file or SQL query in chunks with the champion (batch prediction, logged like the service)")
 def cmd_predict(args) -> int:
     "Score a file or SQL query with the champion (or --model) into --out; refuse schema skew, report value skew."
-    import os
+    import dataclasses, os
     paths, params = _project()
     from mlops_nb.predict import predict_batch
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -504,7 +506,8 @@ def cmd_predict(args) -> int:
     log_dir = None if args.no_log else args.log_dir if args.log_dir is not None else params.serve.log_dir
     if log_dir and not Path(log_dir).is_absolute(): log_dir = str(paths.root / log_dir)
     r = predict_batch(args.data, args.out, model, log_dir, chunk_rows=args.chunk_rows, query=args.query, key=args.key,
-                      threshold=params.serve.threshold)   # decided as the service decides
+                      threshold=params.serve.threshold,   # decided as the service decides
+                      compute=dataclasses.replace(params.compute, engine=args.engine or params.compute.engine))
     drifted = (r["drift"] or {}).get("drifted", [])
     print(f"scored {r['rows']} rows with {r['model_name']} version {r['model_version']} into {args.out}; "
           f"value skew: {len(r['schema_warnings'])} schema warning(s), drifted: {drifted or 'none'} ({args.out}.report.json)")

@@ -21,8 +21,9 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
 
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
-           'validate_dask', 'drift_dask', 'profile_dask', 'split_dask', 'validate_data', 'profile_data', 'drift_data',
-           'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask']
+           'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask', 'validate_data', 'profile_data',
+           'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client',
+           'fit_all_rows', 'score_partitions', 'score_data']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -112,7 +113,7 @@ def profile_dask(url: str | Path, schema=None, exclude: list[str] | None=None, c
     return merge_profiles(parts, rows, kwargs.get("bins", 10))
 
 # %% ../nbs/33_compute.ipynb #ee8d9859
-def _ordered(client, fn, items: list, window: int) -> Iterator:
+def ordered_map(client, fn, items: list, window: int=4) -> Iterator:
     "`fn(item)` for each of `items` as Dask tasks, yielded in order, at most `window` submitted and not yet yielded."
     from collections import deque
     pending, it = deque(), iter(items)
@@ -131,6 +132,7 @@ def split_dask(
     raw: str | Path, train_path: str | Path, test_path: str | Path, target: str, positive_label: str, test_size: float, seed: int,
     max_train_rows: int, split: str, task: str, key_column: str, compute: ComputeParams,
     window: int=4,   # partitions in flight at once (the driver holds at most this many partitions' results)
+    rest_path: str | Path | None=None,   # the training rows the cap left out go here (`scale.write_splits`)
 ) -> tuple[dict, int]:
     "`scale.split_parquet` of the Parquet data at `raw`, a row partition per task on the cluster `compute` names."
     check_split(split, max_train_rows)
@@ -142,7 +144,7 @@ def split_dask(
             counter = functools.partial(_train_rows, dtypes, (target, positive_label, test_size, seed, task, key_column))
             expected_train = sum(client.gather(client.map(counter, parts, pure=False)))
         args = (target, positive_label, test_size, seed, split, task, key_column, keep_share(max_train_rows, expected_train))
-        rows, labelled = write_splits(train_path, test_path, _ordered(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window))
+        rows, labelled = write_splits(train_path, test_path, ordered_map(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window), rest_path)
     return split_summary(train_path, test_path, target, task, rows), n - labelled
 
 # %% ../nbs/33_compute.ipynb #f27f31d6
@@ -165,11 +167,13 @@ def split_data(
     test_size: float=0.25, seed: int=42, max_train_rows: int=0, batch_rows: int=1_000_000, split: str="stratified",
     task: str="binary", key_column: str="",   # as `scale.split_parquet`
     compute: ComputeParams | None=None,        # `compute.engine: dask`: each partition of `raw` split by a task (`split_dask`)
+    rest_path: str | Path | None=None,         # the training rows the cap left out go here (`scale.write_splits`)
 ) -> tuple[dict, int]:
     "`scale.split_parquet` of `raw`, or (`compute.engine: dask`) `split_dask`: the train/test summary and the unlabelled rows dropped."
     if _dask(compute):
-        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute)
-    return split_parquet(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, batch_rows, split, task, key_column)
+        return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute,
+                          rest_path=rest_path)
+    return split_parquet(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, batch_rows, split, task, key_column, rest_path)
 
 # %% ../nbs/33_compute.ipynb #f66ba73e
 from contextlib import contextmanager
@@ -245,19 +249,57 @@ def tune_dask(
 
 def fit_parquet_dask(
     model,                # the unfitted Pipeline of zoo entry `lgbm_dask`
-    url: str | Path,      # Parquet training data: a file, folder or `s3://` prefix (each worker reads its row groups)
+    url: str | Path | list,  # Parquet training data: a file, folder or `s3://` prefix, or a list of them (each worker reads its row groups)
     target: str,          # the label column
     client,               # the Dask client
     sample_rows: int=100_000,  # rows the feature transforms are fitted on (read by the driver, from the first row groups)
 ):
     "`model` fitted on every row of the Parquet data at `url`, a row group per task: the driver reads only the sample."
-    files = parquet_files(url)
+    files = [f for u in (url if isinstance(url, list) else [url]) for f in parquet_files(u)]
     _, dtypes, parts, _ = dataset_layout(files)
     load = functools.partial(_load_part, dtypes, target)
     lengths = [parquet_file(f).metadata.row_group(i).num_rows for f, i in parts]
+    parts, lengths = [p for p, n in zip(parts, lengths) if n], [n for n in lengths if n]   # an empty row group is no task
     sample = []
     for p in parts:
         sample.append(read_partition(p, dtypes))
         if sum(map(len, sample)) >= sample_rows: break
     sample = pd.concat(sample, ignore_index=True).head(sample_rows)
     return fit_dask(model, parts, lengths, load, (sample.drop(columns=[target]), sample[target]), client)
+
+# %% ../nbs/33_compute.ipynb #80ed7513
+@contextmanager
+def compute_client(compute: ComputeParams | None) -> Iterator:
+    "A client of the cluster `compute` names while the block runs (the client in use: `cluster_client` finds it), or None under the local engine."
+    if not _dask(compute):
+        yield None
+        return
+    with dask_client(scheduler_address(compute)) as client: yield client
+
+def fit_all_rows(
+    model,          # a Pipeline of a distributed zoo entry (`lgbm_dask`), fitted or not: a clone is fitted
+    urls: list,     # the Parquet training data, every row of it (files, folders or `s3://` prefixes)
+    target: str,    # the label column
+    sample_rows: int=100_000,  # rows the feature transforms are fitted on
+) -> tuple:
+    "(`model` refitted by `fit_parquet_dask` on every row of `urls` on the cluster in use, the rows it learnt from)."
+    from sklearn.base import clone
+    rows = dataset_layout([f for u in urls for f in parquet_files(u)])[3]
+    with cluster_client() as client: return fit_parquet_dask(clone(model), list(urls), target, client, sample_rows), rows
+
+# %% ../nbs/33_compute.ipynb #9dacde8c
+def _score_part(dtypes: dict, target: str, score, part) -> np.ndarray:
+    "A Dask task: `score` of one row group, without column `target`."
+    df = read_partition(part, dtypes)
+    return np.asarray(score(df.drop(columns=[target]) if target in df.columns else df))
+
+def score_partitions(url: str | Path, target: str, score, compute: ComputeParams, window: int=4) -> np.ndarray:
+    "`score(X)` of each row group of the Parquet data at `url` (without column `target`) as a task on the cluster `compute` names, concatenated in order."
+    _, dtypes, parts, _ = dataset_layout(parquet_files(url))
+    parts = [(f, g) for f, g in parts if parquet_file(f).metadata.row_group(g).num_rows]   # an empty row group is no task
+    with dask_client(scheduler_address(compute)) as client:
+        return np.concatenate(list(ordered_map(client, functools.partial(_score_part, dtypes, target, score), parts, window)))
+
+def score_data(score, X: pd.DataFrame, path: str | Path, target: str, compute: ComputeParams | None=None) -> np.ndarray:
+    "`score(X)`, or (`compute.engine: dask`) `score_partitions` of the Parquet file at `path`, whose rows without `target` are `X`."
+    return score_partitions(path, target, score, compute) if _dask(compute) else np.asarray(score(X))

@@ -20,8 +20,8 @@ from .predlog import log_meta
 from .schema import Schema, load_schema, validate
 
 # %% auto #0
-__all__ = ['BatchRefused', 'read_chunks', 'input_schema', 'Checked', 'check_source', 'output_frame', 'predict_source',
-           'predict_batch']
+__all__ = ['BatchRefused', 'read_chunks', 'input_schema', 'Checked', 'check_chunk', 'merge_checks', 'check_source',
+           'output_frame', 'score_chunk', 'predict_source', 'predict_batch']
 
 # %% ../nbs/24_predict.ipynb #1fb9209c
 class BatchRefused(MlopsError):
@@ -85,30 +85,49 @@ def _verdicts(rows: int, nulls: Counter, notna: Counter, bad: Counter, examples:
         else: warnings.append(w)
     return problems, warnings
 
-def check_source(source, schema: Schema, features: list[str], chunk_rows: int=100_000, query: str="",
-                 sample_rows: int=50_000, seed: int=0, key: str | None=None) -> Checked:
-    "Validate every chunk of `source` against the model's input schema (and that column `key` exists); `BatchRefused` names the columns of any schema skew."
-    want, rng = input_schema(schema, features), np.random.default_rng(seed)
+def check_chunk(chunk: pd.DataFrame, i: int, first: int, source, want: Schema, features: list[str], key: str | None,
+                sample_rows: int=50_000, seed: int=0) -> tuple:
+    """Chunk `i`'s part of the check (rows from `first`): (rows, nulls, non-nulls and bad values by column, examples, its
+    sample); refuses at once what one chunk proves (a missing column, a wrong type)."""
+    if key and key not in chunk.columns:
+        raise BatchRefused(f"--key '{key}' is not a column of {mask(source)} (columns: {', '.join(map(str, chunk.columns[:20]))}), nothing was scored")
+    if missing := [f for f in features if f not in chunk.columns]: _refuse(source, first, len(chunk), [f"missing column(s) {missing}"])
+    part, bad, examples = chunk[list(want.columns)], Counter(), {}
+    for a in validate(part, want).anomalies:   # rates are judged over every chunk (`merge_checks`): a chunk is a small sample
+        if a.kind in _SHARES:
+            bad[a.kind, a.column] += round(a.measured * part[a.column].notna().sum())
+            examples.setdefault((a.kind, a.column), list(a.examples))
+        elif a.severity == "error" and a.kind != "null_rate": _refuse(source, first, len(chunk), [a.explanation])
+    keyed = chunk[features].assign(_u=np.random.default_rng([seed, i]).random(len(chunk)))   # a chunk's own random keys
+    sample = keyed.nsmallest(sample_rows, "_u") if len(keyed) > sample_rows else keyed
+    return len(chunk), Counter(part.isna().sum().to_dict()), Counter(part.notna().sum().to_dict()), bad, examples, sample
+
+def merge_checks(checks, source, want: Schema, sample_rows: int=50_000) -> Checked:
+    "The verdict over the whole input from its chunks' `check_chunk`s, in order; `BatchRefused` names the columns of any schema skew."
     rows, nulls, notna, bad, examples, sample = 0, Counter(), Counter(), Counter(), {}, None
-    for chunk in read_chunks(source, chunk_rows, query):
-        if key and key not in chunk.columns:
-            raise BatchRefused(f"--key '{key}' is not a column of {mask(source)} (columns: {', '.join(map(str, chunk.columns[:20]))}), nothing was scored")
-        if missing := [f for f in features if f not in chunk.columns]: _refuse(source, rows, len(chunk), [f"missing column(s) {missing}"])
-        part = chunk[[c for c in want.columns]]
-        for a in validate(part, want).anomalies:   # rates are judged below, over every chunk: a chunk is a small sample
-            if a.kind in _SHARES:
-                bad[a.kind, a.column] += round(a.measured * part[a.column].notna().sum())
-                examples.setdefault((a.kind, a.column), list(a.examples))
-            elif a.severity == "error" and a.kind != "null_rate": _refuse(source, rows, len(chunk), [a.explanation])
-        nulls.update(part.isna().sum().to_dict()); notna.update(part.notna().sum().to_dict())
-        keyed = chunk[features].assign(_u=rng.random(len(chunk)))
-        sample = keyed if sample is None else pd.concat([sample, keyed], ignore_index=True)
+    for n, chunk_nulls, chunk_notna, chunk_bad, chunk_examples, chunk_sample in checks:
+        rows += n; nulls.update(chunk_nulls); notna.update(chunk_notna); bad.update(chunk_bad)
+        for k, v in chunk_examples.items(): examples.setdefault(k, v)
+        sample = chunk_sample if sample is None else pd.concat([sample, chunk_sample], ignore_index=True)
         sample = sample.nsmallest(sample_rows, "_u") if len(sample) > sample_rows else sample
-        rows += len(chunk)
     if not rows: raise BatchRefused(f"{mask(source)} holds no rows" + (" (the query returned none)" if "://" in str(source) else "") + ", nothing was scored")
     problems, warnings = _verdicts(rows, nulls, notna, bad, examples, want)
     if problems: _refuse(source, 0, rows, problems)
     return Checked(rows, warnings, sample.drop(columns="_u").reset_index(drop=True))
+
+def _chunks(source, chunk_rows: int, query: str) -> Iterator[tuple]:
+    "(number from 1, first row, chunk) of `source`'s chunks."
+    first = 0
+    for i, chunk in enumerate(read_chunks(source, chunk_rows, query), 1):
+        yield i, first, chunk
+        first += len(chunk)
+
+def check_source(source, schema: Schema, features: list[str], chunk_rows: int=100_000, query: str="",
+                 sample_rows: int=50_000, seed: int=0, key: str | None=None) -> Checked:
+    "Validate every chunk of `source` against the model's input schema (and that column `key` exists); `BatchRefused` names the columns of any schema skew."
+    want = input_schema(schema, features)
+    return merge_checks((check_chunk(c, i, first, source, want, features, key, sample_rows, seed) for i, first, c in _chunks(source, chunk_rows, query)),
+                        source, want, sample_rows)
 
 # %% ../nbs/24_predict.ipynb #1c5d08d9
 def _model_input(chunk: pd.DataFrame, features: list[str], schema: Schema) -> pd.DataFrame:
@@ -201,28 +220,73 @@ class _StagedLog:
         for fd in self._locks: os.close(fd)
         self._locks = []
 
-def _log_chunk(staged: _StagedLog, X: pd.DataFrame, out: pd.DataFrame, proba, classes, batch_id: str, first: int):
-    "Stage one scored chunk's log rows, as the service logs a batch (variant `batch`)."
+def _log_rows(X: pd.DataFrame, out: pd.DataFrame, proba, classes, batch_id: str, first: int):
+    "One scored chunk's log rows, as the service logs a batch (variant `batch`): an Arrow table."
     from mlops_nb.predlog import log_table
     n, version = len(X), out.model_version.iloc[0]
     meta = log_meta([batch_id] * n, np.arange(first, first + n), "batch", out.model_name.iloc[0], version, out.prediction.to_numpy(), proba, classes)
-    staged.write(log_table({c: X[c].to_numpy() for c in X.columns}, meta))
+    return log_table({c: X[c].to_numpy() for c in X.columns}, meta)
 
 # %% ../nbs/24_predict.ipynb #5bdc24d2
-def _score_chunk(chunk, i: int, first: int, model, features, schema, classes, name, version, threshold, key, writer, staged, batch_id):
-    "Score chunk `i` (rows from `first`) into `writer` and stage its log rows; `BatchRefused` names the chunk, its rows and the cause."
+from contextlib import contextmanager
+
+@contextmanager
+def _chunk_failure(i: int, first: int, n: int):
+    "Any error in the block as one `BatchRefused` naming chunk `i`, its rows and the cause."
+    try: yield
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BatchRefused(f"chunk {i} (rows {first}-{first + n - 1}) failed, nothing was written or logged: "
+                           + (why if isinstance(e, MlopsError) else f"{type(e).__name__}: {why}")) from None
+
+def score_chunk(chunk: pd.DataFrame, i: int, first: int, model, features, schema, classes, name, version, threshold: float=0.5,
+                key: str | None=None, batch_id: str | None=None) -> tuple:
+    "Chunk `i` (rows from `first`) scored: (output frame, its log rows, or None without `batch_id`); `BatchRefused` names the chunk, its rows and the cause."
     from mlops_nb.train import model_output
-    try:
+    with _chunk_failure(i, first, len(chunk)):
         X = _model_input(chunk, features, schema)
         proba = model_output(model, X)
         keys = chunk[key] if key and key in chunk.columns else pd.Series(np.arange(first, first + len(chunk)), name="row")
         frame = output_frame(keys, proba, classes, name, version, threshold)
-        writer.write(frame)
-        if staged is not None: _log_chunk(staged, X, frame, proba, classes, batch_id, first)
-    except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BatchRefused(f"chunk {i} (rows {first}-{first + len(chunk) - 1}) failed, nothing was written or logged: "
-                           + (why if isinstance(e, MlopsError) else f"{type(e).__name__}: {why}")) from None
+        return frame, (_log_rows(X, frame, proba, classes, batch_id, first) if batch_id else None)
+
+# %% ../nbs/24_predict.ipynb #3a08867d
+import functools
+
+def _local_pass(source, chunk_rows: int, query: str, fn, numbered: bool=False) -> Iterator:
+    "`fn(chunk, i, first)` of each chunk of `source`, read here (with `numbered`: (i, first, rows, result))."
+    for i, first, chunk in _chunks(source, chunk_rows, query):
+        r = fn(chunk, i, first)
+        yield (i, first, len(chunk), r) if numbered else r
+
+def _on_partition(dtypes: dict, fn, job: tuple):
+    "A Dask task: `fn` of one row group (`job`: number, first row, (file, row group))."
+    from mlops_nb.compute import read_partition
+    i, first, part = job
+    return fn(read_partition(part, dtypes), i, first)
+
+def _dask_pass(client, source, fn, numbered: bool=False, window: int=4) -> Iterator:
+    "`fn(chunk, i, first)` of each row group of the Parquet data at `source`, as Dask tasks, in order, `window` at a time."
+    from mlops_nb.compute import dataset_layout, ordered_map, parquet_file, parquet_files
+    _, dtypes, parts, _ = dataset_layout(parquet_files(source))
+    lengths = [parquet_file(f).metadata.row_group(g).num_rows for f, g in parts]
+    firsts = np.cumsum([0, *lengths[:-1]]).tolist()
+    jobs = [(i, first, part) for i, (first, part, n) in enumerate(zip(firsts, parts, lengths), 1) if n]   # an empty row group is no task
+    results = ordered_map(client, functools.partial(_on_partition, dtypes, fn), jobs, window)
+    for (i, first, part), r in zip(jobs, results): yield (i, first, lengths[i - 1], r) if numbered else r
+
+@contextmanager
+def _passes(source, chunk_rows: int, query: str, compute=None) -> Iterator:
+    "The function that runs `fn` over `source`'s chunks: here, or (`compute.engine: dask`) as tasks on the cluster it names."
+    if compute is None or compute.engine != "dask":
+        yield functools.partial(_local_pass, source, chunk_rows, query)
+        return
+    from mlops_nb.compute import compute_client
+    if query or "://" in str(source) and str(source).split("://")[0] not in ("s3", "gs", "gcs", "abfs", "az", "file", "memory"):
+        raise BatchRefused(f"compute.engine dask scores Parquet data (a file, a folder or an s3:// prefix), not {mask(str(source))}: use --engine local")
+    if "://" not in str(source) and Path(source).suffix.lower() in (".csv", ".tsv", ".txt"):
+        raise BatchRefused(f"compute.engine dask scores Parquet data, not {source}: convert it, or use --engine local")
+    with compute_client(compute) as client: yield functools.partial(_dask_pass, client, source)
 
 # %% ../nbs/24_predict.ipynb #a6855bf5
 def predict_source(
@@ -233,26 +297,33 @@ def predict_source(
     log=None,                  # a `PredictionLog` (its folder receives the rows once `out` is committed), or None
     progress: bool=True,
     threshold: float=0.5,      # a binary model's decision threshold on the positive class (`serve.threshold`)
+    compute=None,              # `ComputeParams`; engine dask: the row groups of a Parquet `source` (file, folder, s3://) checked and scored as Dask tasks
 ) -> dict:
     "Check, then score `source` chunk by chunk into `out` (atomically); log the rows once `out` is committed; return the run's report."
     from tqdm.auto import tqdm
     out = Path(out)
-    checked = check_source(source, schema, features, chunk_rows, query, key=key)   # an unknown --key is refused here
-    key = key or schema.key
-    batch_id, done = f"batch-{uuid.uuid4().hex}", 0
+    batch_id = f"batch-{uuid.uuid4().hex}"
     if log is not None: _sweep_staged(log.folder)   # what a killed run left
-    staged = _StagedLog(log.folder, batch_id) if log is not None else None
-    try:
-        with atomic_path(out) as tmp, tqdm(total=checked.rows, unit="rows", disable=not progress, desc="predict") as bar:
-            writer = _Writer(tmp)
-            try:
-                for i, chunk in enumerate(read_chunks(source, chunk_rows, query), 1):
-                    _score_chunk(chunk, i, done, model, features, schema, classes, name, version, threshold, key, writer, staged, batch_id)
-                    done += len(chunk); bar.update(len(chunk))
-            finally: writer.close()
-        if staged is not None: staged.commit()   # the output is in place: now its rows join the log
-    finally:
-        if staged is not None: staged.discard()  # what was not committed
+    with _passes(source, chunk_rows, query, compute) as run:
+        want = input_schema(schema, features)
+        checked = merge_checks(run(functools.partial(check_chunk, source=source, want=want, features=features, key=key)), source, want)
+        key, done = key or schema.key, 0
+        score = functools.partial(score_chunk, model=model, features=features, schema=schema, classes=classes, name=name, version=version,
+                                  threshold=threshold, key=key, batch_id=batch_id if log is not None else None)
+        staged = _StagedLog(log.folder, batch_id) if log is not None else None
+        try:
+            with atomic_path(out) as tmp, tqdm(total=checked.rows, unit="rows", disable=not progress, desc="predict") as bar:
+                writer = _Writer(tmp)
+                try:
+                    for i, first, n, (frame, logged) in run(score, numbered=True):
+                        with _chunk_failure(i, first, n):
+                            writer.write(frame)
+                            if staged is not None: staged.write(logged)
+                        done += n; bar.update(n)
+                finally: writer.close()
+            if staged is not None: staged.commit()   # the output is in place: now its rows join the log
+        finally:
+            if staged is not None: staged.discard()  # what was not committed
     drift = None
     if reference is not None:
         from mlops_nb.drift import detect_drift
@@ -268,7 +339,7 @@ def predict_batch(
     source, out: str | Path,         # input (file or SQLAlchemy URL), output file
     model_uri: str,                  # models:/NAME@ALIAS or models:/NAME/VERSION
     log_dir: str | Path | None=None, # the prediction log's folder (None: no log)
-    **kwargs,                        # chunk_rows, query, key, progress, threshold: see `predict_source`
+    **kwargs,                        # chunk_rows, query, key, progress, threshold, compute: see `predict_source`
 ) -> dict:
     "Score `source` with the registered version at `model_uri` into `out`; see `predict_source`."
     from mlops_nb.drift import Profile

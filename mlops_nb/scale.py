@@ -153,11 +153,12 @@ def synthetic_chunks(n_rows: int, seed: int=42, chunk_rows: int=1_000_000) -> It
 
 ROW_GROUP_ROWS = 250_000   # rows per Parquet row group written here: a row group is what a Dask task reads (`compute`)
 
-def _append(writers: dict, key, path, df: pd.DataFrame):
+def _append(writers: dict, key, path, df: pd.DataFrame, schema=None):
+    "Append `df` to the Parquet writer `writers[key]` (opened on `path` with `schema`, else `df`'s, at its first frame)."
     import pyarrow as pa, pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
-    if key not in writers: writers[key] = pq.ParquetWriter(path, table.schema)
-    elif table.schema != writers[key].schema: table = table.cast(writers[key].schema)
+    if key not in writers: writers[key] = pq.ParquetWriter(path, schema or table.schema)
+    if table.schema != writers[key].schema: table = table.cast(writers[key].schema)
     writers[key].write_table(table, row_group_size=ROW_GROUP_ROWS)
 
 def write_batches(path: str | Path, frames) -> int:
@@ -262,8 +263,9 @@ def keep_share(max_train_rows: int, expected_train: float) -> float:
     return 1.0 if not max_train_rows else min(1.0, max_train_rows / max(1.0, expected_train))
 
 def split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, test_size: float, seed: int, split: str, task: str,
-                 key_column: str, keep: float) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    "Batch (or partition) number `i` of the raw data, label encoded and split, its training rows sampled to a `keep` share: (train, test, labelled rows)."
+                 key_column: str, keep: float) -> tuple[pd.DataFrame, pd.DataFrame, int, pd.DataFrame]:
+    """Batch (or partition) number `i` of the raw data, label encoded and split, its training rows sampled to a `keep` share:
+    (train, test, labelled rows, the training rows the sample left out)."""
     from mlops_nb.data import encode_target, in_hash_test, split_stratified
     s = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
     batch = encode_target(batch, target, positive_label, task)
@@ -275,23 +277,27 @@ def split_batch(batch: pd.DataFrame, i: int, target: str, positive_label: str, t
         rng = np.random.default_rng([seed, i])
         groups = train.groupby(target).indices.values() if task != "regression" else [np.arange(len(train))]
         chosen = [rng.choice(ix, int(len(ix) * keep), replace=False) for ix in groups]
-        train = train.iloc[np.sort(np.concatenate(chosen))].reset_index(drop=True)
-    return train, test, len(batch)
-
+        kept = np.isin(np.arange(len(train)), np.concatenate(chosen))
+        return train[kept].reset_index(drop=True), test, len(batch), train[~kept].reset_index(drop=True)
+    return train, test, len(batch), train.iloc[:0]
 
 # %% ../nbs/12_scale.ipynb #a21bbcc8
 def write_splits(
     train_path: str | Path, test_path: str | Path,
-    splits,   # (train frame, test frame, labelled rows) of each batch or partition, in order
+    splits,   # (train frame, test frame, labelled rows[, training rows left out]) of each batch or partition, in order
+    rest_path: str | Path | None=None,   # where the training rows the sample left out go (empty when it kept all): training on every row
 ) -> tuple[dict, int]:
-    "Append each split's train and test rows to the two Parquet files, written atomically (both or neither); return the rows per side and the labelled rows."
-    rows, writers, labelled = {"train": 0, "test": 0}, {}, 0
-    with atomic_path(train_path) as train_tmp, atomic_path(test_path) as test_tmp:
+    "Append each split's train and test (and left-out) rows to the Parquet files, written atomically (all or none); return the rows per file and the labelled rows."
+    from contextlib import ExitStack
+    rows, writers, labelled = {"train": 0, "test": 0} | ({"rest": 0} if rest_path else {}), {}, 0
+    with ExitStack() as stack:
+        tmps = {name: stack.enter_context(atomic_path(p)) for name, p in zip(rows, (train_path, test_path, rest_path))}
         try:
-            for train, test, k in splits:
+            for train, test, k, *rest in splits:
                 labelled += k
-                for name, tmp, df in (("train", train_tmp, train), ("test", test_tmp, test)):
-                    _append(writers, name, tmp, df)
+                for name, df in zip(rows, (train, test, rest[0] if rest else train.iloc[:0])):
+                    if name == "rest" and name in writers and not len(df): continue
+                    _append(writers, name, tmps[name], df, writers["train"].schema if name == "rest" else None)
                     rows[name] += len(df)
         finally:
             for w in writers.values(): w.close()
@@ -311,6 +317,7 @@ def split_parquet(
     split: str="stratified",      # `prepare.split`: stratified or hash (a time split orders the whole table)
     task: str="binary",           # binary | multiclass | regression (resolved): regression splits and samples at random
     key_column: str="",           # `prepare.key_column`, for the hash split
+    rest_path: str | Path | None=None,   # the training rows the cap left out are written here (see `write_splits`)
 ) -> tuple[dict, int]:
     """Stream `raw` into train/test Parquet files, the train file sampled down to `max_train_rows`; return their summary
     and the unlabelled rows dropped (`compute.split_data` picks the Dask engine)."""
@@ -322,7 +329,7 @@ def split_parquet(
     keep = keep_share(max_train_rows, expected_train)
     splits = (split_batch(batch, i, target, positive_label, test_size, seed, split, task, key_column, keep)
               for i, batch in enumerate(iter_batches(raw, batch_rows)))
-    rows, labelled = write_splits(train_path, test_path, splits)
+    rows, labelled = write_splits(train_path, test_path, splits, rest_path)
     return split_summary(train_path, test_path, target, task, rows), n - labelled
 
 def split_summary(train_path, test_path, target: str, task: str, rows: dict) -> dict:

@@ -228,7 +228,8 @@ def test_stages_on_the_cluster_fail_clearly_and_split_as_locally(cluster, tmp_pa
 
 def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_serves(cluster, tmp_path):
     """`compute.engine: dask` and `train.model: lgbm_dask` (LightGBM's Dask trainer, on the cluster $DASK_SCHEDULER_ADDRESS
-    names): validate, prepare and the training run on the two workers within their memory; the model's ONNX export passes
+    names): validate, prepare and the training run on the two workers within their memory; the model learns from every
+    training row (the sample of `prepare.max_train_rows` and the rows it left out), not the sample; its ONNX export passes
     parity, the release gate (served, called, load-tested) passes, it becomes champion, and `mlops-nb serve` answers with it."""
     import httpx
     import sys
@@ -238,7 +239,7 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     from mlops_nb.loadtest import ServiceProcess
     from mlops_nb.registry import use_project_tracking
     project = copy_project(tmp_path / "project", {
-        **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"},
+        **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"}, "prepare": {"max_train_rows": 1000},
         "compute": {"engine": "dask", "scheduler": cluster["address"]},
         "infra": {**TINY["infra"], "service": True}, "register": {"promote_dirty": True},
         "serve": {"loadtest_seconds": 1.0, "budget_p99_ms": 60000.0, "budget_min_rps": 0.1}})
@@ -252,6 +253,22 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     assert any("_check_one" in str(t["key"]) for t in stream.data) and any("_split_part" in str(t["key"]) for t in stream.data)
     peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     assert all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+    processed = project / "data" / "processed"
+    sample, rest = (len(pd.read_parquet(processed / f"{s}.parquet")) for s in ("train", "train_rest"))
+    splits = json.loads((project / "reports" / "prepare" / "splits.json").read_text())
+    trained_on = json.loads((project / "reports" / "metrics" / "train.json").read_text())["train_rows"]
+    assert sample <= 1000 < trained_on == sample + rest == 3000 - splits["unlabelled_rows_dropped"] - splits["test"]["rows"], \
+        (sample, rest, trained_on, splits)
+    use_project_tracking(project)
+    run_id = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert mlflow.get_run(run_id).data.metrics["train_rows"] == trained_on
+    # evaluate scored the test split a row group per task: its metrics are those of the model scoring it here
+    import joblib
+    from mlops_nb.evaluate import predict_scores, task_metrics
+    test_split = pd.read_parquet(processed / "test.parquet")
+    here = task_metrics("binary", test_split.churn, predict_scores(joblib.load(project / "models" / "model.joblib"), test_split.drop(columns="churn"), "binary"))
+    assert json.loads((project / "reports" / "metrics" / "evaluate.json").read_text()) == pytest.approx(here, abs=1e-9, rel=0)
+    assert any("_score_part" in str(t["key"]) for t in stream.data)
     infra = json.loads((project / "reports" / "infra" / "infra.json").read_text())
     assert all(c["passed"] for c in infra["checks"]) and any("load test" in c["check"] for c in infra["checks"]), infra["checks"]
     use_project_tracking(project)
@@ -265,3 +282,23 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
         answer = httpx.post(s.url + "/predict", json=json.loads(record.to_json(orient="records")), timeout=60)
     assert ready["model_version"] == champion_version(project) and answer.status_code == 200, answer.text
     assert len(answer.json()["predictions"]) == 3, answer.json()
+
+    # `mlops-nb predict` on the cluster (compute.engine dask in this project's params): the test split as three Parquet files
+    # on S3, a row group of at most 100 rows per task, equals `--engine local` on the same rows read here 100 at a time
+    test = pd.read_parquet(processed / "test.parquet").drop(columns="churn")
+    for i, k in enumerate(range(0, len(test), -(-len(test) // 3))):
+        buf = io.BytesIO()
+        test.iloc[k:k + -(-len(test) // 3)].to_parquet(buf, index=False, row_group_size=100)
+        cluster["store"].put_object(Bucket="data", Key=f"scoring/part-{i:03d}.parquet", Body=buf.getvalue())
+    test.to_parquet(tmp_path / "scoring.parquet", index=False)
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        there = run("mlops-nb", "predict", "--data", "s3://data/scoring/", "--out", str(tmp_path / "dask.parquet"), "--no-log", cwd=project)
+    here = run("mlops-nb", "predict", "--engine", "local", "--data", str(tmp_path / "scoring.parquet"), "--out", str(tmp_path / "local.parquet"),
+               "--chunk-rows", "100", "--no-log", cwd=project)
+    assert f"scored {len(test)} rows" in there.stdout and f"scored {len(test)} rows" in here.stdout, there.stdout + here.stdout
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dask.parquet"), pd.read_parquet(tmp_path / "local.parquet"))
+    reports = [json.loads((tmp_path / f"{n}.parquet.report.json").read_text()) for n in ("dask", "local")]
+    assert [{k: v for k, v in r.items() if k not in ("source", "out", "request_id")} for r in reports][0] == \
+           [{k: v for k, v in r.items() if k not in ("source", "out", "request_id")} for r in reports][1]
+    scored = [t for t in stream.data if "_on_partition" in str(t["key"])]
+    assert len(scored) >= 2 * 6 and len(worker_names(scored)) == 2, (len(scored), worker_names(scored))   # checked and scored on both workers
