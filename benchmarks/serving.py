@@ -116,20 +116,23 @@ def saturate(url: str, records, concurrency: int, seconds: float, script: Path |
     import re
     out = subprocess.run([WRK, "-t2", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
-    ms = lambda v: float(re.match(r"[\d.]+", v).group()) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[re.sub(r"[\d.]+", "", v)]
+    ms = lambda v: float(re.match(r"[\d.]+", v).group()) * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[re.sub(r"[\d.]+", "", v)]
     lat = {k: round(ms(v), 2) for k, v in re.findall(r"^\s+(50|90|99)%\s+([\d.]+\w+)", out, re.M)}
-    n = int(re.search(r"(\d+) requests in", out).group(1))
+    took = re.search(r"(\d+) requests in ([\d.]+)(\w+),", out)
+    n, elapsed = int(took.group(1)), ms(took.group(2) + took.group(3)) / 1000
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     kinds = {"status": int((re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out) or [0, 0])[1]),
              **({k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), sock.groups())} if sock else {})}
     bad = kinds["status"] + kinds.get("read", 0) + kinds.get("connect", 0)   # timeouts were answered late (latency not counted)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": lat["50"], "p95_ms": lat["90"],
+    # only 2xx answers count: a worker still loading answers 503 at once, and wrk's own Requests/sec would count it
+    return {"rps": round((n - kinds["status"]) / elapsed, 1), "p50_ms": lat["50"], "p95_ms": lat["90"],
             "p99_ms": lat["99"], "requests": n, "ok": n - kinds["status"], "errors": bad, "wrk_errors": kinds, "tool": "wrk"}
 
 
 def alternate(urls: dict[str, str], records, concurrency: int, seconds: float, rounds: int, script: Path | None = None) -> dict:
     "Saturate each of `urls` in turn, `rounds` times for `seconds / rounds` each: the best round's req/s and the best round's p99."
     got = {name: [] for name in urls}
+    for url in urls.values(): saturate(url, records, concurrency, 1, script)   # warm-up, not timed: every connection, every worker answers once
     for _ in range(rounds):
         for name, url in urls.items(): got[name].append({**saturate(url, records, concurrency, seconds / rounds, script), "load": os.getloadavg()[0]})
     best = lambda rs: {"rps": max(r["rps"] for r in rs), "round_rps": [r["rps"] for r in rs], "round_p99_ms": [r["p99_ms"] for r in rs],
@@ -138,6 +141,18 @@ def alternate(urls: dict[str, str], records, concurrency: int, seconds: float, r
                        "load": round(max(r["load"] for r in rs), 1),
                        **({"wrk_errors": {k: sum(r["wrk_errors"].get(k, 0) for r in rs) for k in rs[0]["wrk_errors"]}} if "wrk_errors" in rs[0] else {})}
     return {name: best(rs) for name, rs in got.items()}
+
+
+def all_workers_ready(url: str, workers: int, timeout: float = 600) -> set[int]:
+    "Wait until `workers` distinct worker processes answered `/ready` with 200 (each on a new connection: the kernel picks the worker)."
+    import urllib.request
+    seen, deadline = set(), time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline: raise SystemExit(f"only {len(seen)} of {workers} workers of {url} became ready")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=5) as r: seen.add(json.loads(r.read())["worker"])
+        except OSError: time.sleep(0.2)
+    return seen
 
 
 def soak(url: str, pid: int, records, seconds: float, concurrency: int) -> dict:
@@ -226,6 +241,8 @@ def main(argv=None) -> int:
             # --workers: the scikit-learn runtime (its time is the model's), 1 and 2 worker processes in turns
             procs["sklearn, 1 worker"] = start("sklearn", serve_cmd("sklearn", str(work / "log-sklearn")))
             procs["sklearn, 2 workers"] = start("sklearn-2", serve_cmd("sklearn", str(work / "log-sklearn-2"), "--workers", "2"))
+            # `/ready` answers as soon as one worker has its model: time only once every worker has loaded it (each its own)
+            pids = {n: all_workers_ready(p.url, k) for (n, p), k in zip(procs.items(), (1, 2))}
             runs.update(alternate({n: p.url + "/predict" for n, p in procs.items()}, records, args.concurrency, args.seconds, args.rounds, script))
         finally:
             for p in procs.values(): p.stop()
@@ -278,6 +295,14 @@ def main(argv=None) -> int:
         if soaked:
             print(f"soak {args.soak:g} s: {soaked['rps']} req/s, p99 {soaked['p99_ms']} ms, errors {soaked['errors']}; RSS after warm-up "
                   f"{soaked['rss_start_mb']} -> {soaked['rss_end_mb']} MB (max {soaked['rss_max_mb']}, growth {soaked['rss_growth_pct']}%)")
+        print("\nsummary (the goals of issue 29; best round of each, machine shared with the load generator):")
+        print(f"  ceiling (FastAPI answering a constant)  {c['rps']:>8.0f} req/s  p99 {c['p99_ms']:>6.2f} ms")
+        print(f"  ONNX, prediction log on                  {o['rps']:>8.0f} req/s  p99 {o['p99_ms']:>6.2f} ms  {share(o):.2f} of the ceiling"
+              f"  (goal: >= 0.75 and p99 < 20 ms: {'met' if goal else 'NOT met'})")
+        print(f"  ONNX, prediction log off                 {off['rps']:>8.0f} req/s  p99 {off['p99_ms']:>6.2f} ms  {share(off):.2f} of the ceiling")
+        print(f"  ONNX, log on, at fixed rates (open loop) p99 {runs['onnx at 50% of max (open loop)']['p99_ms']} ms at 50%, "
+              f"{runs['onnx at 80% of max (open loop)']['p99_ms']} ms at 80% of our maximum ({top:.0f} req/s)")
+        print(f"  scikit-learn, 1 worker / 2 workers       {k['rps']:>8.0f} / {two['rps']:.0f} req/s  {two['rps'] / k['rps']:.2f}x (goal: near 2x on 2 free cores)")
         r2 = lambda x: round(x, 2)
         result = {"benchmark": "serving", "ours_rps": o["rps"], "baseline": "mlflow models serve", "baseline_rps": b["rps"], "ratio": ratio,
                   "ceiling_rps": c["rps"], "onnx_rps": o["rps"], "sklearn_rps": k["rps"], "mlflow_rps": b["rps"],
