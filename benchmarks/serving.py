@@ -155,6 +155,16 @@ def all_workers_ready(url: str, workers: int, timeout: float = 600) -> set[int]:
     return seen
 
 
+def rows_by_worker(folder: Path) -> dict[str, int]:
+    "Logged rows per worker process (parts are named after the process that wrote them): how the answers were shared."
+    import pyarrow.parquet as pq
+    out = {}
+    for part in folder.rglob("part-*.parquet"):
+        pid = part.name.split("-")[1]
+        out[pid] = out.get(pid, 0) + pq.ParquetFile(part).metadata.num_rows
+    return dict(sorted(out.items()))
+
+
 def soak(url: str, pid: int, records, seconds: float, concurrency: int) -> dict:
     "Load for `seconds` while sampling the service's RSS every second."
     import psutil
@@ -260,6 +270,7 @@ def main(argv=None) -> int:
         late = {"onnx": runs["onnx, log on"], "sklearn": runs["sklearn, 1 worker"]}   # wrk's timeouts: answered after wrk gave up
         slack = {rt: (args.concurrency * args.rounds + r.get("wrk_errors", {}).get("timeout", 0)) if script is not None else 0 for rt, r in late.items()}
         complete = {rt: answered[rt] <= logged[rt] <= answered[rt] + slack[rt] for rt in logged}
+        split = rows_by_worker(work / "log-sklearn-2")   # how the kernel spread the 2-worker service's connections
 
         c, o, off, before = (runs[n] for n in ("FastAPI ceiling", "onnx, log on", "onnx, log off", "onnx, log on, gc not frozen"))
         k, two, b = runs["sklearn, 1 worker"], runs["sklearn, 2 workers"], runs["mlflow models serve"]
@@ -289,7 +300,8 @@ def main(argv=None) -> int:
         for q in ("50%", "80%"):
             r = runs[f"onnx at {q} of max (open loop)"]
             print(f"ONNX at {q} of the maximum our own generator reached ({r['rate']:.0f} req/s on schedule): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}")
-        print(f"--workers: scikit-learn 2 workers / 1 worker {two['rps'] / k['rps']:.2f}x req/s ({two['rps']:.0f} vs {k['rps']:.0f})")
+        print(f"--workers: scikit-learn 2 workers / 1 worker {two['rps'] / k['rps']:.2f}x req/s ({two['rps']:.0f} vs {k['rps']:.0f}); "
+              f"both ready before timing (processes {sorted(pids['sklearn, 2 workers'])}), rows logged by each: {list(split.values())}")
         for rt in ("onnx", "sklearn"):
             print(f"prediction log ({rt}): {logged[rt]} rows for {answered[rt]} answered records" + (" (complete)" if complete[rt] else " (INCOMPLETE)"))
         if soaked:
@@ -317,7 +329,7 @@ def main(argv=None) -> int:
                   "invocations_of_predict": r2(inv["rps"] / o["rps"]) if o["rps"] else None, "log_complete": all(complete.values()),
                   "onnx_log_off_rps": off["rps"], "onnx_log_off_p99_ms": off["p99_ms"], "onnx_gc_not_frozen_rps": before["rps"],
                   "onnx_gc_not_frozen_p99_ms": before["p99_ms"], "sklearn_2_workers_rps": two["rps"],
-                  "sklearn_2_over_1_workers": r2(two["rps"] / k["rps"]),
+                  "sklearn_2_over_1_workers": r2(two["rps"] / k["rps"]), "sklearn_2_workers_rows_by_worker": list(split.values()),
                   **{f"onnx_rate_{q}_p99_ms": runs[f"onnx at {q}% of max (open loop)"]["p99_ms"] for q in (50, 80)}}
         if soaked:
             result.update(soak_seconds=args.soak, soak_rps=soaked["rps"], soak_p99_ms=soaked["p99_ms"], soak_errors=soaked["errors"],
