@@ -131,16 +131,18 @@ def saturate(url: str, records, concurrency: int, seconds: float, script: Path |
 
 def alternate(urls: dict[str, str], records, concurrency: int, seconds: float, rounds: int, script: Path | None = None) -> dict:
     "Saturate each of `urls` in turn, `rounds` times for `seconds / rounds` each: the best round's req/s and the best round's p99."
-    got = {name: [] for name in urls}
-    for url in urls.values(): saturate(url, records, concurrency, 1, script)   # warm-up, not timed: every connection, every worker answers once
+    # a warm-up, not timed (every connection opened, every worker answering); its answers are counted, they are logged too
+    got, warm = {name: [] for name in urls}, {name: saturate(url, records, concurrency, 1, script) for name, url in urls.items()}
     for _ in range(rounds):
         for name, url in urls.items(): got[name].append({**saturate(url, records, concurrency, seconds / rounds, script), "load": os.getloadavg()[0]})
     best = lambda rs: {"rps": max(r["rps"] for r in rs), "round_rps": [r["rps"] for r in rs], "round_p99_ms": [r["p99_ms"] for r in rs],
-                       **{k: sum(r[k] for r in rs) for k in ("ok", "errors", "requests")},
+                       **{k: sum(r[k] for r in rs) for k in ("ok", "errors", "requests")},   # below: plus the warm-up's
                        **{k: min(r[k] for r in rs) for k in ("p50_ms", "p95_ms", "p99_ms")}, "tool": rs[0]["tool"],
                        "load": round(max(r["load"] for r in rs), 1),
                        **({"wrk_errors": {k: sum(r["wrk_errors"].get(k, 0) for r in rs) for k in rs[0]["wrk_errors"]}} if "wrk_errors" in rs[0] else {})}
-    return {name: best(rs) for name, rs in got.items()}
+    out = {name: best(rs) for name, rs in got.items()}
+    for name, r in out.items(): r.update({k: r[k] + warm[name][k] for k in ("ok", "errors", "requests")}, runs=rounds + 1)
+    return out
 
 
 def all_workers_ready(url: str, workers: int, timeout: float = 600) -> set[int]:
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
                                                         "onnx at 80% of max (open loop)")) + (soaked["ok"] if soaked else 0),
                     "sklearn": runs["sklearn, 1 worker"]["ok"]}
         late = {"onnx": runs["onnx, log on"], "sklearn": runs["sklearn, 1 worker"]}   # wrk's timeouts: answered after wrk gave up
-        slack = {rt: (args.concurrency * args.rounds + r.get("wrk_errors", {}).get("timeout", 0)) if script is not None else 0 for rt, r in late.items()}
+        slack = {rt: (args.concurrency * r["runs"] + r.get("wrk_errors", {}).get("timeout", 0)) if script is not None else 0 for rt, r in late.items()}
         complete = {rt: answered[rt] <= logged[rt] <= answered[rt] + slack[rt] for rt in logged}
         split = rows_by_worker(work / "log-sklearn-2")   # how the kernel spread the 2-worker service's connections
 
