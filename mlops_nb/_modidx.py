@@ -971,7 +971,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve._safe_on_batch': ('serve.html#_safe_on_batch', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._single_threaded_model': ('serve.html#_single_threaded_model', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._startup': ('serve.html#_startup', 'mlops_nb/serve.py'),
-                                'mlops_nb.serve._switch_interval': ('serve.html#_switch_interval', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._version_json': ('serve.html#_version_json', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.app_from_env': ('serve.html#app_from_env', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.create_app': ('serve.html#create_app', 'mlops_nb/serve.py'),

@@ -450,7 +450,6 @@ def create_app(
 def app_from_env():
     "The app configured by `serve` through the environment (uvicorn's factory in each worker process)."
     cfg = json.loads(os.environ[_CONFIG_ENV])
-    _switch_interval()
     return create_app(cfg["model_uri"], ServeParams(**cfg["params"]), cfg.get("tracking_uri"), cfg.get("log_dir"),
                       cfg.get("poll_seconds"), feature_repo=cfg.get("feature_repo"))
 
@@ -479,11 +478,3 @@ def serve(
                                           "feature_repo": None if feature_repo is None else str(Path(feature_repo).resolve())})
     uvicorn.run("mlops_nb.serve:app_from_env", factory=True, host=params.host, port=params.port, workers=workers,
                 access_log=False, log_level="info", log_config=log_config(), timeout_graceful_shutdown=10)
-
-# %% ../nbs/20_serve.ipynb #4e3ade8a
-_SWITCH_ENV = "MLOPS_NB_SWITCH_INTERVAL"   # seconds: how long a thread may hold the interpreter lock when another waits
-
-def _switch_interval():
-    "Set the interpreter's thread switch interval of a service process (`MLOPS_NB_SWITCH_INTERVAL`, 0.5 ms by default)."
-    import sys
-    sys.setswitchinterval(float(os.environ.get(_SWITCH_ENV, "0.0005")))
