@@ -35,6 +35,8 @@ variants of it, alternating services, best round), December 2026:
   209 against 192 us of CPU per answer; load average 12): each forced hand-off waits for the other thread to be
   scheduled. Flushing every 0.25 s instead of 1 s: 211 against 201 us
   per answer, best-round p99 7.6 against 9.6 ms, within its rounds' spread (7.6-33 ms): kept at 1 s.
+  A writer process fed through a pipe: pickling one queued batch (1-2 rows, 19 inputs) took 389 us against the 72 us
+  its share of the writer thread's conversion costs (same busy moment): the service would pay more, not less.
 - scikit-learn, 2 workers / 1 worker: 1.29x at a load average of 11, 0.71x at 12 (both workers ready and warmed up
   before timing; the same CPU per answer either way, 1.4-1.9 ms): no second core is free on this machine today.
 
