@@ -24,11 +24,12 @@ machine and compete with the services for its cores: absolute figures understate
 Measured here (2 cores, shared with two other engineers' work and the lead's; `python benchmarks/serving.py` and
 variants of it, alternating services, best round), December 2026:
 - service CPU per answer, ceiling / ONNX log on / log off: 114 / 201 / 189 us (load average 10), 122 / 192 / 173 us
-  (load average 12): the log costs 6-11%; the rest of the gap to the ceiling is the answer path (validation,
-  micro-batching, the ONNX call, metrics, the answer's JSON). With wrk sharing the 2 cores, ONNX held 0.55-0.78 of
-  the ceiling's req/s from run to run with the log on, 0.58-0.74 with it off.
-- p99 at 8 connections, log on, best round: 6.6, 8.4, 8.9 and 9.6 ms in four runs (load average 3-12), log off 3.2-8.8
-  ms; one run at load average 11: 29 ms against 11 ms.
+  (load average 12), 108 / 189 / 156 us (load average 9, the full default run): the log costs 12-33 us an answer
+  (6-21%); the rest of the gap to the ceiling is the answer path (validation, micro-batching, the ONNX call, metrics,
+  the answer's JSON). With wrk sharing the 2 cores, ONNX held 0.47-0.78 of the ceiling's req/s from run to run with
+  the log on, 0.58-0.75 with it off (0.75 in the full default run, where log on held 0.47).
+- p99 at 8 connections, log on, best round: 6.6, 8.4, 8.9, 9.6 and 11.0 ms in five runs (load average 3-12), log off
+  3.2-8.8 ms; one run at load average 11: 29 ms against 11 ms.
 - tried and dropped: a 0.5 ms interpreter switch interval in the service (so the event loop waits less for the
   writer thread at each system call) cut the p99 of a bare event loop beside the writer from 21 to 5 ms, but the real
   service under wrk lost req/s in 4 of 5 alternating rounds (best 2,518 against 4,581 req/s, p99 13.6 against 8.4 ms,
@@ -37,8 +38,9 @@ variants of it, alternating services, best round), December 2026:
   per answer, best-round p99 7.6 against 9.6 ms, within its rounds' spread (7.6-33 ms): kept at 1 s.
   A writer process fed through a pipe: pickling one queued batch (1-2 rows, 19 inputs) took 389 us against the 72 us
   its share of the writer thread's conversion costs (same busy moment): the service would pay more, not less.
-- scikit-learn, 2 workers / 1 worker: 1.29x at a load average of 11, 0.71x at 12 (both workers ready and warmed up
-  before timing; the same CPU per answer either way, 1.4-1.9 ms): no second core is free on this machine today.
+- scikit-learn, 2 workers / 1 worker: 1.29x at a load average of 11, 0.71x at 12, 1.21x at 9 (both workers ready and
+  warmed up before timing; the same CPU per answer either way, 1.4-1.9 ms; the kernel gave one worker 74% of the
+  answers in the full run): no second core is free on this machine today.
 
     python benchmarks/serving.py [--seconds 10] [--concurrency 8] [--rounds 3] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
