@@ -776,6 +776,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.predlog.PredictionLog.flush': ('predlog.html#predictionlog.flush', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog.PredictionLog.start': ('predlog.html#predictionlog.start', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._alive': ('predlog.html#_alive', 'mlops_nb/predlog.py'),
+                                  'mlops_nb.predlog._cat': ('predlog.html#_cat', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._concat': ('predlog.html#_concat', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._seal': ('predlog.html#_seal', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog.log_meta': ('predlog.html#log_meta', 'mlops_nb/predlog.py'),

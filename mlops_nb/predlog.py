@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import threading
 import time
@@ -47,7 +48,7 @@ def read_prediction_log(folder: str | Path, columns: list[str] | None = None, si
 def log_table(columns: dict, meta: dict):
     "One Arrow table of answered records: metadata columns first, then the model's inputs (all-null text: string)."
     import pyarrow as pa
-    arrays = {k: pa.array(np.asarray(v) if not isinstance(v, np.ndarray) else v, from_pandas=True) for k, v in meta.items()}
+    arrays = {k: pa.array(v, from_pandas=True) for k, v in meta.items()}   # a list of text straight to Arrow: no numpy text array between
     for name, col in columns.items():
         arrays[name] = a = pa.array(col, from_pandas=True)
         if a.type == pa.null(): arrays[name] = a.cast(pa.string())
@@ -60,10 +61,15 @@ def log_meta(request_ids, records, variant: str, name: str, version: str, predic
             "model_name": [name] * n, "model_version": [str(version)] * n, "prediction": prediction,
             **{f"proba_{c}": proba[:, j] for j, c in enumerate(classes)}}
 
+def _cat(values: list):
+    "Per-batch values of one column joined: arrays into one array, lists (ids, names) into one list."
+    return np.concatenate(values) if isinstance(values[0], np.ndarray) else list(itertools.chain.from_iterable(values))
+
 def _concat(items: list) -> tuple[dict, dict]:
-    "The input columns and metadata of queued batches with the same columns, each concatenated into one array."
-    cat = lambda part, key: np.concatenate([np.asarray(it[part][key]) for it in items])
-    return {k: cat(0, k) for k in items[0][0]}, {k: cat(1, k) for k in items[0][1]}
+    "The input columns and metadata of queued batches with the same columns, each concatenated into one column."
+    # the writer holds the interpreter lock for this: no `np.asarray` per batch and column, no numpy text arrays (measured
+    # on 6,000 one- or two-row batches of 19 inputs: 109 -> 83 ms with the Arrow conversion, 96 -> 73 ms for this alone)
+    return {k: _cat([it[0][k] for it in items]) for k in items[0][0]}, {k: _cat([it[1][k] for it in items]) for k in items[0][1]}
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)

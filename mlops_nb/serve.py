@@ -423,10 +423,10 @@ def create_app(
 
     @app.get("/ready")
     async def ready():
-        "The champion is loaded and warmed up (503 until then)."
+        "The champion is loaded and warmed up (503 until then); `worker`: the process that answered (one of `--workers N`)."
         champ = state.variants.get("champion")
         if not state.ready: return json_response({"ready": False, "error": champ.error if champ else None}, 503)
-        return json_response({"ready": True, "model_name": champ.current.name, "model_version": champ.current.version,
+        return json_response({"ready": True, "worker": os.getpid(), "model_name": champ.current.name, "model_version": champ.current.version,
                       "variants": {k: v.current.version for k, v in state.variants.items() if v.current}})
 
     @app.get("/metadata")

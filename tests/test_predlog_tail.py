@@ -1,6 +1,6 @@
 """The prediction log with several worker processes and a frozen heap: `mlops-nb serve --workers 2` answers from both
 processes into one log folder, and the log holds every answered record exactly once (no worker seals or overwrites
-another's open segment); the same with the heap left to the collector (MLOPS_NB_GC_FREEZE=0), which only the
+another's open segment), once each worker says on `/ready` that it has loaded its model; the same with the heap left to the collector (MLOPS_NB_GC_FREEZE=0), which only the
 benchmark's "before" row uses. The speed of either lives in benchmarks/serving.py."""
 import os
 import time
@@ -28,6 +28,12 @@ def test_every_answer_is_logged_once_across_workers(project, tmp_path, workers, 
                         "--workers", str(workers)], "/ready", env=env, cwd=root, log=root / f"server-{time.monotonic_ns()}.log",
                        timeout=300)   # two workers load the model at once: slow on a busy machine
     try:
+        seen, deadline = set(), time.monotonic() + 300   # `/ready` names the worker that answered: each must load its model
+        while len(seen) < workers and time.monotonic() < deadline:
+            r = httpx.get(s.url + "/ready", headers={"connection": "close"}, timeout=30)   # a new connection: the kernel picks a worker
+            if r.status_code == 200: seen.add(r.json()["worker"])
+            else: time.sleep(0.2)
+        assert len(seen) == workers and (workers == 1 or s.proc.pid not in seen), f"workers ready: {seen}"   # N processes of their own
         def post(i):   # a worker still loading its model answers 503 with retry-after, as a load balancer would see it
             for _ in range(60):
                 r = httpx.post(s.url + "/predict", json=recs[i % len(recs)], timeout=30)
