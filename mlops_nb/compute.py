@@ -144,7 +144,8 @@ def split_dask(
             counter = functools.partial(_train_rows, dtypes, (target, positive_label, test_size, seed, task, key_column))
             expected_train = sum(client.gather(client.map(counter, parts, pure=False)))
         args = (target, positive_label, test_size, seed, split, task, key_column, keep_share(max_train_rows, expected_train))
-        rows, labelled = write_splits(train_path, test_path, ordered_map(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window), rest_path)
+        splits = ordered_map(client, functools.partial(_split_part, dtypes, args), list(enumerate(parts)), window)
+        rows, labelled = write_splits(train_path, test_path, splits, rest_path)
     return split_summary(train_path, test_path, target, task, rows), n - labelled
 
 # %% ../nbs/33_compute.ipynb #f27f31d6

@@ -200,7 +200,8 @@ class _StagedLog:
         if self._pq is not None and not self._schema.equals(table.schema): self.close()   # a part per input schema, as the log rotates
         if self._pq is None:
             self.files.append(self.folder / f".{self.batch_id}-{len(self.files):04d}.staged")
-            if fcntl: self._locks.append(fd := os.open(self.files[-1], os.O_RDWR | os.O_CREAT, 0o644)); fcntl.flock(fd, fcntl.LOCK_EX)   # held while this process lives
+            if fcntl:   # held while this process lives
+                self._locks.append(fd := os.open(self.files[-1], os.O_RDWR | os.O_CREAT, 0o644)); fcntl.flock(fd, fcntl.LOCK_EX)
             self._pq, self._schema = pq.ParquetWriter(self.files[-1], table.schema), table.schema
         self._pq.write_table(table)
     def close(self):

@@ -287,7 +287,8 @@ def write_splits(
     splits,   # (train frame, test frame, labelled rows[, training rows left out]) of each batch or partition, in order
     rest_path: str | Path | None=None,   # where the training rows the sample left out go (empty when it kept all): training on every row
 ) -> tuple[dict, int]:
-    "Append each split's train and test (and left-out) rows to the Parquet files, written atomically (all or none); return the rows per file and the labelled rows."
+    """Append each split's train and test (and left-out) rows to the Parquet files, written atomically (all or none);
+    return the rows per file and the labelled rows."""
     from contextlib import ExitStack
     rows, writers, labelled = {"train": 0, "test": 0} | ({"rest": 0} if rest_path else {}), {}, 0
     with ExitStack() as stack:
