@@ -13,7 +13,7 @@ champion in every row. The last line is one JSON object (also in reports/benchma
 
     .venv/bin/python benchmarks/newcomer.py             # every case, quiet and busy
     .venv/bin/python benchmarks/newcomer.py --quick     # a smaller search per run (train.n_iter 2), the load test 3 s
-    .venv/bin/python benchmarks/newcomer.py --cases ames attrition --busy-only
+    .venv/bin/python benchmarks/newcomer.py --cases ames attrition --busy-only   # or --quiet-only
     .venv/bin/python benchmarks/newcomer.py --table reports/benchmarks/newcomer-*.json --out newcomer.json   # one table (and report) from runs split in parts
 
 The table is printed as Markdown, ready for the README (with `--table`: the rows of several JSON reports, a later
@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"a smaller search and load test per run: {QUICK}")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (default: all)")
     ap.add_argument("--busy-only", action="store_true", help="only beside two CPU-bound processes")
+    ap.add_argument("--quiet-only", action="store_true", help="only on the machine as it is")
     ap.add_argument("--keep", action="store_true", help="keep the project copies (their path is printed)")
     ap.add_argument("--out", help="the JSON report's name in reports/benchmarks/ (default: newcomer.json; with --table: only when given)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="run nothing: print the Markdown table of these JSON reports (a later row replaces one of the same case and condition)")
@@ -196,7 +197,7 @@ def main():
     rows = []
     try:
         for case in args.cases:
-            for busy in ([True] if args.busy_only else [False, True]):
+            for busy in [b for b in (False, True) if not (args.busy_only and not b or args.quiet_only and b)]:
                 rows.append(run_case(case, busy, work, args.quick))
                 r = rows[-1]
                 write_json(ROOT / "reports" / "benchmarks" / args.out, {"benchmark": "newcomer", "partial": True, "cases": rows})
