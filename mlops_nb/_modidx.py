@@ -320,6 +320,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.drift.Profile.from_dict': ('drift.html#profile.from_dict', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift.Profile.to_dict': ('drift.html#profile.to_dict', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift._as_float': ('drift.html#_as_float', 'mlops_nb/drift.py'),
+                                'mlops_nb.drift._below': ('drift.html#_below', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift._bin_counts': ('drift.html#_bin_counts', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift._categorical_axes': ('drift.html#_categorical_axes', 'mlops_nb/drift.py'),
                                 'mlops_nb.drift._categorical_drift': ('drift.html#_categorical_drift', 'mlops_nb/drift.py'),
