@@ -89,28 +89,40 @@ def read_window(
     return window
 
 # %% ../nbs/23_monitor.ipynb #c4568c08
+def _codes(s: pd.Series) -> tuple[np.ndarray, int]:
+    "Integer codes of `s`'s values (-1: null) and how many distinct values they number: a Categorical's own, else `pd.factorize`'s."
+    if isinstance(s.dtype, pd.CategoricalDtype): return s.cat.codes.to_numpy(), len(s.cat.categories)
+    codes, uniques = pd.factorize(s)
+    return codes, len(uniques)
+
+def _text(s: pd.Series) -> bool:
+    "`s` is a Categorical of strings (the log reader's text columns): a classifier's predicted class already as text."
+    return isinstance(s.dtype, pd.CategoricalDtype) and pd.api.types.infer_dtype(s.cat.categories, skipna=False) in ("string", "empty")
+
 def version_mix(window: pd.DataFrame) -> pd.DataFrame:
     "Records and share per served model version and variant (empty for a batch file without them)."
     keys = [c for c in ("model_name", "model_version", "variant") if c in window]
     if not keys: return pd.DataFrame(columns=["records", "share"])
     key = np.zeros(len(window), dtype="int64")
-    for k in keys:                    # one pass per key; nulls (code -1) are a group of their own
-        codes, uniques = pd.factorize(window[k])
-        key = key * (len(uniques) + 1) + codes + 1
-    group, first = np.unique(key, return_index=True)
-    records = np.bincount(np.searchsorted(group, key), minlength=len(group))
-    mix = window[keys].iloc[first].reset_index(drop=True).assign(records=records)
+    for k in keys:                    # one pass per key (a Categorical's codes as they are); nulls (code -1) are a group of their own
+        codes, n = _codes(window[k])
+        key = key * (n + 1) + codes + 1
+    group, _ = pd.factorize(key)      # groups numbered in order of appearance: each first appears where the running maximum grows
+    first = np.flatnonzero(np.diff(np.maximum.accumulate(group), prepend=-1) > 0)
+    mix = window[keys].iloc[first].reset_index(drop=True).assign(records=np.bincount(group, minlength=len(first)))
     return mix.assign(share=mix.records / len(window)).sort_values(["records", *keys], ascending=False, ignore_index=True)
 
 def model_inputs(window: pd.DataFrame) -> pd.DataFrame:
     "The model's input columns of `window`: without the log's metadata, prediction and probabilities."
-    return window.drop(columns=[c for c in window.columns if c in META_COLUMNS or str(c).startswith("proba_")])
+    keep = [c for c in window.columns if c not in META_COLUMNS and not str(c).startswith("proba_")]
+    if window.columns.duplicated().any(): return window.loc[:, window.columns.isin(keep)]
+    return pd.DataFrame({c: window[c] for c in keep}, index=window.index, copy=False)   # the columns shared, not copied
 
 def model_outputs(window: pd.DataFrame) -> pd.DataFrame:
     "The logged `prediction` (a class as text, for a classifier) and `proba_*` columns of `window`."
     cols = [c for c in window.columns if c == "prediction" or str(c).startswith("proba_")]
     out = window[cols]
-    if "prediction" in out and any(str(c).startswith("proba_") for c in cols): out = out.assign(prediction=out.prediction.astype(str))
+    if "prediction" in out and any(str(c).startswith("proba_") for c in cols) and not _text(out.prediction): out = out.assign(prediction=out.prediction.astype(str))
     return out
 
 # %% ../nbs/23_monitor.ipynb #cb1652ef
