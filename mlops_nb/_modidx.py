@@ -540,6 +540,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.loadtest.loadtest': ('loadtest.html#loadtest', 'mlops_nb/loadtest.py'),
                                    'mlops_nb.loadtest.request_bodies': ('loadtest.html#request_bodies', 'mlops_nb/loadtest.py')},
             'mlops_nb.logstore': { 'mlops_nb.logstore._compact_partition': ('logstore.html#_compact_partition', 'mlops_nb/logstore.py'),
+                                   'mlops_nb.logstore._concat': ('logstore.html#_concat', 'mlops_nb/logstore.py'),
+                                   'mlops_nb.logstore._frame': ('logstore.html#_frame', 'mlops_nb/logstore.py'),
                                    'mlops_nb.logstore._hour_key': ('logstore.html#_hour_key', 'mlops_nb/logstore.py'),
                                    'mlops_nb.logstore._hour_start': ('logstore.html#_hour_start', 'mlops_nb/logstore.py'),
                                    'mlops_nb.logstore._hours': ('logstore.html#_hours', 'mlops_nb/logstore.py'),
