@@ -757,18 +757,19 @@ def monitor(
     if window.empty: raise MlopsError("the window is empty: nothing to monitor")
     if len(window) < params.monitor.min_rows:
         raise MlopsError(f"the window has {len(window)} records, fewer than monitor.min_rows={params.monitor.min_rows}: too few to judge drift")
-    inputs, notes = model_inputs(window), []
-    coded = _encoded(inputs, reference)
-    with ThreadPoolExecutor(2) as pool:   # the version mix and the schema check run beside the drift
+    inputs, notes, scored = model_inputs(window), [], []
+    coded, outputs = _encoded(inputs, reference), model_outputs(window)
+    if not len(outputs.columns) and model is not None and prediction_reference is not None: outputs = _score(model, inputs, scored)
+    with ThreadPoolExecutor(3) as pool:   # the version mix, the schema check and the prediction drift run beside the feature drift
         mix = pool.submit(version_mix, window)
         skew = pool.submit(schema_skew, coded, schema, params.base.target, params.monitor.max_anomaly_share) if schema is not None else None
+        predictions = pool.submit(lambda: detect_drift(prediction_reference, _encoded(outputs, prediction_reference), params.validate)) \
+            if prediction_reference is not None and len(outputs.columns) else None
         drift = detect_drift(reference, coded, params.validate)
         result, alerts = skew.result() if skew is not None else (None, [])
-        mix = mix.result()
+        mix, predictions = mix.result(), predictions.result() if predictions is not None else None
     if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
-    outputs = model_outputs(window)
-    if not len(outputs.columns) and model is not None and prediction_reference is not None: outputs = _score(model, inputs, notes)
-    predictions = detect_drift(prediction_reference, _encoded(outputs, prediction_reference), params.validate) if prediction_reference is not None and len(outputs.columns) else None
+    notes += scored
     if predictions is None: notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None else "the window holds no predictions"))
     realized = None
     if labels is not None:
