@@ -119,9 +119,25 @@ def _numeric_profile(x: np.ndarray, n_rows: int, bins: int, grid: int, is_dateti
     return FeatureProfile("numeric", int(x.size), 1 - x.size / n_rows, ref.tolist(), edges.tolist(), points.tolist(),
                           (counts / x.size).tolist(), datetime=is_datetime)
 
+def _below(x: np.ndarray, points: np.ndarray, cells: int = 1 << 16) -> np.ndarray:
+    """`np.searchsorted(points, x, side="left")` (how many `points` lie below each value), exactly, in a few vector passes:
+    a table of uniform cells over the points' range gives each value its answer, and only the values whose cell holds a
+    point (or that float rounding moved) are searched. A binary search per value costs ~50 ns at 1M values; this, ~10."""
+    lo, hi = (points[0], points[-1]) if len(points) else (0.0, 0.0)
+    scale = cells / (hi - lo) if len(points) >= 16 and x.size >= 10_000 and hi > lo else 0.0
+    if not 0 < scale < np.inf: return np.searchsorted(points, x, side="left")
+    table = np.searchsorted(points, lo + np.arange(cells) / scale, side="left")
+    table = np.concatenate([[0], table, [len(points)]]).astype(np.int32)   # cell -1: below the points, cell `cells`: at or above the last
+    with np.errstate(over="ignore", invalid="ignore"):   # fmin/fmax put NaN in cell -1: it is searched below
+        at = table[np.fmin(np.fmax((x - lo) * scale, -1), cells).astype(np.int32) + 1]
+    lower, upper = np.concatenate([[-np.inf], points]), np.concatenate([points, [np.inf]])
+    wrong = ~((lower[at] < x) & (x <= upper[at]))   # the answer is i exactly when points[i-1] < x <= points[i]
+    if wrong.any(): at[wrong] = np.searchsorted(points, x[wrong], side="left")
+    return at
+
 def _cumulative(x: np.ndarray, points: np.ndarray) -> np.ndarray:
     "How many values of `x` are <= each of `points` (sorted): one pass over `x`."
-    return np.cumsum(np.bincount(np.searchsorted(points, x, side="left"), minlength=len(points) + 1))[:len(points)]
+    return np.cumsum(np.bincount(_below(x, points), minlength=len(points) + 1))[:len(points)]
 
 def _bin_counts(cum: np.ndarray, points: np.ndarray, edges: np.ndarray, n: int) -> np.ndarray:
     "Counts in the bins (-inf, e0], (e0, e1], ..., (e_last, inf) from the cumulative counts at `points` (edges are points)."

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['ORDER', 'read_segment', 'partition_dir', 'write_parts', 'partitions', 'partition_parts', 'read_log', 'compact',
-           'prune']
+__all__ = ['IDENTIFIERS', 'ORDER', 'read_segment', 'partition_dir', 'write_parts', 'partitions', 'partition_parts', 'read_log',
+           'compact', 'prune']
 
 # %% ../nbs/29_logstore.ipynb #08be40f3
 def read_segment(path: Path):
@@ -111,13 +111,35 @@ def partition_parts(partition: Path, live: set[str]) -> list[Path]:
     return [p for p in parts if p.name not in gone and _source(p) not in live]
 
 # %% ../nbs/29_logstore.ipynb #5d579368
-def _read_part(path: Path, since: pd.Timestamp | None, columns: list[str] | None) -> pd.DataFrame:
-    "The rows of one part at or after `since`, only `columns` (those it has); row groups before `since` are skipped."
+IDENTIFIERS = ["request_id"]   # text columns of the log that identify records: never read as Categoricals (a value per request)
+
+def _read_part(path: Path, since: pd.Timestamp | None, columns: list[str] | None, categorical: bool = False) -> pd.DataFrame:
+    """The rows of one part at or after `since`, only `columns` (those it has); row groups before `since` are skipped.
+    `categorical`: text columns (but `IDENTIFIERS`) come as Categoricals, straight from Parquet's dictionary pages."""
     import pyarrow as pa, pyarrow.dataset as ds
     d = ds.dataset(path, format="parquet")
+    if categorical:   # the option names text columns; it leaves the others as they are
+        opts = ds.ParquetReadOptions(dictionary_columns=[c for c in d.schema.names if c not in IDENTIFIERS])
+        d = ds.dataset(path, format=ds.ParquetFileFormat(read_options=opts))
     cols = None if columns is None else [c for c in d.schema.names if c in columns]
     flt = None if since is None else ds.field("ts") >= pa.scalar(since.to_pydatetime()).cast(d.schema.field("ts").type)
     return d.to_table(columns=cols, filter=flt).to_pandas()
+
+def _frame(table, categorical: bool) -> pd.DataFrame:
+    "An Arrow table (an open segment's) as pandas; `categorical`: its text columns but `IDENTIFIERS` as Categoricals."
+    import pyarrow as pa, pyarrow.compute as pc
+    for i, f in enumerate(table.schema if categorical else []):
+        if f.name not in IDENTIFIERS and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
+            table = table.set_column(i, f.name, pc.dictionary_encode(table.column(i)))
+    return table.to_pandas()
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    "`frames` one after the other; a column that every frame holds as a Categorical stays one (its categories united)."
+    for c in frames[0].columns if len(frames) > 1 else []:
+        if all(c in f and isinstance(f[c].dtype, pd.CategoricalDtype) for f in frames):
+            cats = pd.Index(np.concatenate([f[c].cat.categories.to_numpy(dtype=object) for f in frames])).unique()
+            for f in frames: f[c] = f[c].cat.set_categories(cats)   # our own fresh frames: recoded in place
+    return pd.concat(frames, ignore_index=True)
 
 def _in_window(df: pd.DataFrame, since: pd.Timestamp | None, columns: list[str] | None) -> pd.DataFrame:
     "The rows of an open segment at or after `since`, only `columns`."
@@ -137,33 +159,35 @@ def _newest_enough(found: list[Path], live: set[str], last: int) -> tuple[list[P
         if n >= last: return found[i:], True
     return found, False
 
-def _sealed_away(folder: Path, source: str, since, columns) -> list[pd.DataFrame]:
+def _sealed_away(folder: Path, source: str, since, columns, categorical: bool = False) -> list[pd.DataFrame]:
     "The rows of a source that vanished while being read: it was sealed or migrated, so they are in its parts now."
-    return [_read_part(f, since, columns) for f in sorted(folder.glob(f"date=*/hour=*/part-{source}-*.parquet"))]
+    return [_read_part(f, since, columns, categorical) for f in sorted(folder.glob(f"date=*/hour=*/part-{source}-*.parquet"))]
 
-def _live_rows(folder: Path, live: set[str], floor, columns) -> list[pd.DataFrame]:
+def _live_rows(folder: Path, live: set[str], floor, columns, categorical: bool = False) -> list[pd.DataFrame]:
     "The rows of the open segments and flat parts at or after `floor`; a source sealed away meanwhile is read as its parts."
     frames = []
     for source in sorted(live):
         seg, flat = folder / f"segment-{source}.arrows", folder / f"part-{source}.parquet"
-        try: frames.append(_read_part(flat, floor, columns) if flat.exists() else
-                           _in_window(t.to_pandas(), floor, columns) if (t := read_segment(seg)) is not None else None)
+        try: frames.append(_read_part(flat, floor, columns, categorical) if flat.exists() else
+                           _in_window(_frame(t, categorical), floor, columns) if (t := read_segment(seg)) is not None else None)
         except FileNotFoundError: frames.append(None)
-        if frames[-1] is None and not seg.exists() and not flat.exists(): frames[-1:] = _sealed_away(folder, source, floor, columns)
+        if frames[-1] is None and not seg.exists() and not flat.exists(): frames[-1:] = _sealed_away(folder, source, floor, columns, categorical)
     return [f for f in frames if f is not None]
 
-def read_log(folder: str | Path, since=None, last: int | None = None, columns: list[str] | None = None) -> pd.DataFrame | None:
-    "The log's rows in a window (at or after `since`, the last `last`), oldest first; None when there are none."
+def read_log(folder: str | Path, since=None, last: int | None = None, columns: list[str] | None = None,
+             categorical: bool = False) -> pd.DataFrame | None:
+    """The log's rows in a window (at or after `since`, the last `last`), oldest first; None when there are none.
+    `categorical`: text columns (but `IDENTIFIERS`) as Categoricals (what monitoring counts: no string per row is built)."""
     folder, since = Path(folder), _utc(since)
     live, found = _live_sources(folder), partitions(folder, since)
     floor = since
     if last is not None:
         found, enough = _newest_enough(found, live, last)
         if enough: floor = max(since or _hour_start(found[0]), _hour_start(found[0]))
-    frames = [_read_part(f, since, columns) for p in found for f in partition_parts(p, live)]
-    frames += _live_rows(folder, live, floor, columns)     # open segments (small) and the old flat layout
+    frames = [_read_part(f, since, columns, categorical) for p in found for f in partition_parts(p, live)]
+    frames += _live_rows(folder, live, floor, columns, categorical)     # open segments (small) and the old flat layout
     if not (frames := [f for f in frames if len(f)]): return None
-    out = pd.concat(frames, ignore_index=True)
+    out = _concat(frames)
     if "ts" in out: out = out.sort_values([c for c in ORDER if c in out], kind="stable", ignore_index=True)
     return out.tail(last).reset_index(drop=True) if last is not None else out
 

@@ -39,9 +39,11 @@ def _seal(path: Path) -> Path | None:
     path.unlink(missing_ok=True)                         # from now on its parts are read (logstore's rule)
     return parts[0] if parts else None
 
-def read_prediction_log(folder: str | Path, columns: list[str] | None = None, since=None, last: int | None = None) -> pd.DataFrame:
-    "The logged records in `folder` (all, or a window: at or after `since`, the last `last`; only `columns`), oldest first."
-    out = read_log(folder, since, last, columns)
+def read_prediction_log(folder: str | Path, columns: list[str] | None = None, since=None, last: int | None = None,
+                        categorical: bool = False) -> pd.DataFrame:
+    """The logged records in `folder` (all, or a window: at or after `since`, the last `last`; only `columns`), oldest first.
+    `categorical`: text columns (but the request id) as pandas Categoricals, read from the Parquet dictionaries."""
+    out = read_log(folder, since, last, columns, categorical)
     return pd.DataFrame(columns=META_COLUMNS if columns is None else columns) if out is None else out
 
 # %% ../nbs/17_predlog.ipynb #36282ef7
