@@ -124,7 +124,8 @@ def model_outputs(window: pd.DataFrame) -> pd.DataFrame:
     "The logged `prediction` (a class as text, for a classifier) and `proba_*` columns of `window`."
     cols = [c for c in window.columns if c == "prediction" or str(c).startswith("proba_")]
     out = window[cols]
-    if "prediction" in out and any(str(c).startswith("proba_") for c in cols) and not _text(out.prediction): out = out.assign(prediction=out.prediction.astype(str))
+    if "prediction" in out and any(str(c).startswith("proba_") for c in cols) and not _text(out.prediction):
+        out = out.assign(prediction=out.prediction.astype(str))
     return out
 
 # %% ../nbs/23_monitor.ipynb #cb1652ef
@@ -177,7 +178,8 @@ class LabelMatch:
         "What the report says about the labels beyond the ones used."
         out = [f"{self.outside} of {self.given} labels name logged records outside the window: not used"] if self.outside else []
         if self.unmatched: out.append(f"{self.unmatched} of {self.given} labels name no logged record (tolerated up to {self.tolerance:.0%})")
-        if self.reused: out.append(f"{len(self.reused)} request ids were used by several requests (a client reusing its x-request-id; first: {self.reused[0]!r}): their records cannot be labelled")
+        if self.reused: out.append(f"{len(self.reused)} request ids were used by several requests (a client reusing its x-request-id; "
+                                   f"first: {self.reused[0]!r}): their records cannot be labelled")
         return out
 
 def record_ids(records: pd.DataFrame) -> pd.DataFrame:
@@ -543,7 +545,8 @@ class ErrorModel:
     def bins(self, inputs: pd.DataFrame) -> list: return [(t, _term_bins(t, inputs[t["name"]])) for t in self.terms if t["name"] in inputs]
     def to_dict(self) -> dict: return {"kind": self.kind, "intercept": self.intercept, "terms": self.terms, "expected": self.expected, "ratios": self.ratios}
     @classmethod
-    def from_dict(cls, d: dict) -> ErrorModel: return cls(d["terms"], [float(b) for b in d["intercept"]], [float(e) for e in d["expected"]], [float(r) for r in d["ratios"]])
+    def from_dict(cls, d: dict) -> ErrorModel:
+        return cls(d["terms"], [float(b) for b in d["intercept"]], [float(e) for e in d["expected"]], [float(r) for r in d["ratios"]])
 
 def _term_bins(term: dict, values: pd.Series) -> np.ndarray:
     "The bin of each value: by edges for a numeric term (last bin: missing), by category otherwise (last: other or missing)."
@@ -679,7 +682,8 @@ def _metric_reason(realized: dict | None, params: Params) -> tuple[bool, str | N
     m, n = params.evaluate.primary_metric, realized.get("n", 0)
     value = realized.get(m)
     shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "not computable"
-    if n < params.monitor.min_labels: return False, f"realized {m} {shown} on {n} labelled records: fewer than monitor.min_labels={params.monitor.min_labels}, not decisive"
+    if n < params.monitor.min_labels:
+        return False, f"realized {m} {shown} on {n} labelled records: fewer than monitor.min_labels={params.monitor.min_labels}, not decisive"
     if value is None or not math.isfinite(value): return False, f"realized {m} not computable on {n} labelled records (one class only?)"
     bad, beyond = _beyond_floor(value, params)
     return bad, f"realized {m} {value:.4g} on {n} labelled records is {beyond}" if bad else None
@@ -690,17 +694,20 @@ def _estimate_reason(estimated: dict | None, realized_decisive: bool, params: Pa
     if estimated is None or realized_decisive or m not in estimated: return False, None
     e = estimated[m]
     low, high = (_beyond_floor(e[k], params) for k in ("low", "high"))
-    shown = f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, {estimated.get('calibration', 'calibrated')}, before labels, on {estimated['n']} records)"
+    shown = (f"estimated {m} {e['estimate']:.4g} ({estimated['level']:.0%} interval {e['low']:.4g} to {e['high']:.4g}, "
+             f"{estimated.get('calibration', 'calibrated')}, before labels, on {estimated['n']} records)")
     if low[0] and high[0]: return True, f"{shown} is {low[1]} over its whole interval"
     if (low[0] or high[0]) and notes is not None: notes.append(f"{shown}: only part of the interval is {low[1] if low[0] else high[1]}, not decisive")
     return False, None
 
-def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple, multivariate: dict | None = None) -> tuple[str, list[str]]:
+def _decide(drift: DriftReport, predictions: DriftReport | None, alerts: list[Anomaly], metric: tuple,
+            multivariate: dict | None = None) -> tuple[str, list[str]]:
     alert = [f"schema skew in traffic: {a.explanation}" for a in alerts]
     retrain = [f"value skew: {f.name}: {f.reason}" for f in drift.features if f.drifted] if drift.retrain else []
     if multivariate and multivariate["drifted"]:
         retrain.append(f"multivariate drift: mean PCA reconstruction error {multivariate['score']:.4g} above the threshold {multivariate['threshold']:.4g} "
-                       f"(test split {multivariate['reference']:.4g}; {multivariate['components']} components of {', '.join(multivariate['columns'])}): the features no longer move together as in training")
+                       f"(test split {multivariate['reference']:.4g}; {multivariate['components']} components of "
+                       f"{', '.join(multivariate['columns'])}): the features no longer move together as in training")
     retrain += [f"prediction drift: {f.name}: {f.reason}" for f in (predictions.features if predictions else []) if f.drifted]
     retrain += [metric[1]] if metric[0] else []
     if alert: return "alert", alert + retrain
@@ -768,7 +775,9 @@ def monitor(
         mix, predictions = mix.result(), predictions.result() if predictions is not None else None
     if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
     notes += scored
-    if predictions is None: notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None else "the window holds no predictions"))
+    if predictions is None:
+        notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
+                                                         else "the window holds no predictions"))
     realized = None
     if labels is not None:
         if "request_id" not in window: raise MlopsError("labels need the window's request_id column (a prediction log, or a batch file with request_id)")
@@ -806,7 +815,8 @@ def version_references(
     return {"reference": Profile.from_dict(read_json(ref)), "schema": opt("schema.yaml", load_schema),
             "prediction_reference": opt("prediction_profile.json", lambda p: Profile.from_dict(read_json(p))),
             "offline": opt("evaluate.json", read_json),
-            "calibration": opt("calibration.json", _calibration_of), "multivariate": opt("calibration.json", lambda p: Multivariate.from_dict(m) if (m := read_json(p).get("multivariate")) else None)}
+            "calibration": opt("calibration.json", _calibration_of),
+            "multivariate": opt("calibration.json", lambda p: Multivariate.from_dict(m) if (m := read_json(p).get("multivariate")) else None)}
 
 def _calibration_of(path: Path) -> Calibration | ErrorModel | None:
     "The calibration maps or error model in a version's calibration.json (None for one written without either)."
@@ -824,7 +834,9 @@ def plot_metrics(report: dict):
     fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), layout="constrained")
     ax = fig.subplots()
     for i, k in enumerate(names):
-        if k in est: ax.errorbar(est[k]["estimate"], i, xerr=[[est[k]["estimate"] - est[k]["low"]], [est[k]["high"] - est[k]["estimate"]]], fmt="s", capsize=4, color="tab:blue", label="estimated")
+        if k in est:
+            ax.errorbar(est[k]["estimate"], i, xerr=[[est[k]["estimate"] - est[k]["low"]], [est[k]["high"] - est[k]["estimate"]]],
+                        fmt="s", capsize=4, color="tab:blue", label="estimated")
         for source, marker, color in (("realized", "x", "tab:red"), ("offline", "o", "tab:grey")):
             if (v := (m.get(source) or {}).get(k)) is not None: ax.plot(v, i, marker, color=color, label=source)
     handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
@@ -922,9 +934,11 @@ def monitor_project(
     use_project_tracking(paths.root)
     uri, folder = monitored_version(model or f"models:/{params.register.model_name}@champion")
     scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it
-    report = monitor(window, **version_references(folder, uri), params=params, labels=match.labels if match is not None and len(match.labels) else None, model=scorer)
+    report = monitor(window, **version_references(folder, uri), params=params,
+                     labels=match.labels if match is not None and len(match.labels) else None, model=scorer)
     if match is not None:
         report.notes += match.notes() + ([] if len(match.labels) else [f"none of the {match.given} labels names a record of the window"])
     source = {"data": str(data)} if data else {"log_dir": str(log_dir), "since": since, "last": last}
-    path = write_monitor_report(report, out if out is not None else paths.reports / "monitor", {"model": uri, "source": source, "labels": str(labels) if labels else None})
+    path = write_monitor_report(report, out if out is not None else paths.reports / "monitor",
+                                {"model": uri, "source": source, "labels": str(labels) if labels else None})
     return MonitoredWindow(report, window, match.labels if match is not None else None, uri, path)
