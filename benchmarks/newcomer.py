@@ -167,11 +167,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def merged_rows(files: list[str]) -> list[dict]:
-    "The rows of several JSON reports in order; a later row of the same case and condition replaces the earlier one in place."
+    "The rows of several JSON reports, a later row of the same case and condition replacing the earlier one, in the order of CASES (quiet first)."
     rows: dict[tuple, dict] = {}
     for f in files:
         for r in json.loads(Path(f).read_text())["cases"]: rows[(r["case"], r["busy"])] = r
-    return list(rows.values())
+    order = list(CASES)
+    return [rows[k] for k in sorted(rows, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))]
 
 
 def main():
