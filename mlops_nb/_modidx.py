@@ -98,6 +98,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.compute.profile_data': ('compute.html#profile_data', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.read_dataset_column': ('compute.html#read_dataset_column', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.read_partition': ('compute.html#read_partition', 'mlops_nb/compute.py'),
+                                  'mlops_nb.compute.row_groups': ('compute.html#row_groups', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.scheduler_address': ('compute.html#scheduler_address', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.score_data': ('compute.html#score_data', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.score_partitions': ('compute.html#score_partitions', 'mlops_nb/compute.py'),

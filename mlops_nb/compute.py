@@ -20,10 +20,10 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
                             check_split, drift_parquet, profile_parquet, split_parquet, validate_parquet)
 
 # %% auto #0
-__all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'read_partition', 'DatasetColumns',
-           'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask', 'validate_data', 'profile_data',
-           'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client',
-           'fit_all_rows', 'score_partitions', 'score_data']
+__all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'row_groups', 'read_partition',
+           'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
+           'validate_data', 'profile_data', 'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask',
+           'fit_parquet_dask', 'compute_client', 'fit_all_rows', 'score_partitions', 'score_data']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -65,6 +65,12 @@ def read_dataset_column(files: list[str], dtypes: dict, name: str) -> pd.Series:
     cols = [parquet_file(f).read(columns=[name]).column(0).to_pandas() for f in files]
     s = pd.concat(cols, ignore_index=True) if len(cols) > 1 else cols[0]
     return s.rename(name) if s.dtype == dtypes[name] else s.astype(dtypes[name]).rename(name)
+
+def row_groups(url: str | Path | list) -> tuple[dict, list[tuple[str, int]], list[int]]:
+    "Dtypes, partitions (file, row group) and their rows of the Parquet data at `url` (or a list of such), empty row groups left out: each is a task."
+    _, dtypes, parts, _ = dataset_layout([f for u in (url if isinstance(url, list) else [url]) for f in parquet_files(u)])
+    lengths = [parquet_file(f).metadata.row_group(g).num_rows for f, g in parts]
+    return dtypes, [p for p, n in zip(parts, lengths) if n], [n for n in lengths if n]
 
 def read_partition(part: tuple[str, int], dtypes: dict) -> pd.DataFrame:
     "Row group `part[1]` of file `part[0]`, with the data set's dtypes."
@@ -256,11 +262,8 @@ def fit_parquet_dask(
     sample_rows: int=100_000,  # rows the feature transforms are fitted on (read by the driver, from the first row groups)
 ):
     "`model` fitted on every row of the Parquet data at `url`, a row group per task: the driver reads only the sample."
-    files = [f for u in (url if isinstance(url, list) else [url]) for f in parquet_files(u)]
-    _, dtypes, parts, _ = dataset_layout(files)
+    dtypes, parts, lengths = row_groups(url)
     load = functools.partial(_load_part, dtypes, target)
-    lengths = [parquet_file(f).metadata.row_group(i).num_rows for f, i in parts]
-    parts, lengths = [p for p, n in zip(parts, lengths) if n], [n for n in lengths if n]   # an empty row group is no task
     sample = []
     for p in parts:
         sample.append(read_partition(p, dtypes))
@@ -296,8 +299,7 @@ def _score_part(dtypes: dict, target: str, score, part) -> np.ndarray:
 
 def score_partitions(url: str | Path, target: str, score, compute: ComputeParams, window: int=4) -> np.ndarray:
     "`score(X)` of each row group of the Parquet data at `url` (without column `target`) as a task on the cluster `compute` names, concatenated in order."
-    _, dtypes, parts, _ = dataset_layout(parquet_files(url))
-    parts = [(f, g) for f, g in parts if parquet_file(f).metadata.row_group(g).num_rows]   # an empty row group is no task
+    dtypes, parts, _ = row_groups(url)
     with dask_client(scheduler_address(compute)) as client:
         return np.concatenate(list(ordered_map(client, functools.partial(_score_part, dtypes, target, score), parts, window)))
 

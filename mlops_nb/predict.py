@@ -268,13 +268,12 @@ def _on_partition(dtypes: dict, fn, job: tuple):
 
 def _dask_pass(client, source, fn, numbered: bool=False, window: int=4) -> Iterator:
     "`fn(chunk, i, first)` of each row group of the Parquet data at `source`, as Dask tasks, in order, `window` at a time."
-    from mlops_nb.compute import dataset_layout, ordered_map, parquet_file, parquet_files
-    _, dtypes, parts, _ = dataset_layout(parquet_files(source))
-    lengths = [parquet_file(f).metadata.row_group(g).num_rows for f, g in parts]
+    from mlops_nb.compute import ordered_map, row_groups
+    dtypes, parts, lengths = row_groups(source)
     firsts = np.cumsum([0, *lengths[:-1]]).tolist()
-    jobs = [(i, first, part) for i, (first, part, n) in enumerate(zip(firsts, parts, lengths), 1) if n]   # an empty row group is no task
+    jobs = [(i, first, part) for i, (first, part) in enumerate(zip(firsts, parts), 1)]
     results = ordered_map(client, functools.partial(_on_partition, dtypes, fn), jobs, window)
-    for (i, first, part), r in zip(jobs, results): yield (i, first, lengths[i - 1], r) if numbered else r
+    for (i, first, _), n, r in zip(jobs, lengths, results): yield (i, first, n, r) if numbered else r
 
 @contextmanager
 def _passes(source, chunk_rows: int, query: str, compute=None) -> Iterator:
