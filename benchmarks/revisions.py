@@ -52,7 +52,9 @@ def main():
     ap.add_argument("benchmark", nargs=argparse.REMAINDER, help="-- the benchmark script and its arguments")
     a = ap.parse_args()
     script, *args = [x for x in a.benchmark if x != "--"] or sys.exit("name a benchmark after --")
-    rev = subprocess.run(["git", "rev-parse", "--short", a.rev], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    if not (ROOT / script).is_file(): sys.exit(f"{script}: no such benchmark in this checkout")
+    found = subprocess.run(["git", "rev-parse", "--short", "--verify", f"{a.rev}^{{commit}}"], cwd=ROOT, capture_output=True, text=True)
+    rev = found.stdout.strip() or sys.exit(f"--rev {a.rev}: not a commit of this repository")
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(other), rev], cwd=ROOT, check=True)
