@@ -454,15 +454,16 @@ def cv_primary(train_metrics: dict, metric: str) -> float | None:
         if _NEG_SCORERS.get(key[3:]) == metric: return -float(v)
     return None
 
-def effect_against_cv(y, score, metric: str, task: str, cv: float | None, tolerance: float, n_boot: int=200, seed: int=0) -> dict:
-    "The effect of test predictions that drifted from the training predictions: `metric` on the test rows against the cross-validated score."
+def effect_against_cv(y, score, metric: str, task: str, cv: float | None, tolerance: float, n_boot: int=200, seed: int=0,
+                      harm: str="worse") -> dict:
+    "`metric` on the test rows against the cross-validated score: harmful when `harm` (worse, or better: inflated) beyond `tolerance` all along the interval."
     if cv is None: return {"harmful": True, "explanation": f"no cross-validated {metric} to judge the effect against: the condition vetoes"}
     value, lo, hi = bootstrap_ci(y, score, metric, n_boot, seed, task=task)
     up, tol = greater_is_better(metric), _tolerance(metric, cv, tolerance)
-    best = hi if up else lo   # the test score's most favourable plausible value
-    harmful = bool(np.isfinite(best) and (best < cv - tol if up else best > cv + tol))
+    gain_lo, gain_hi = sorted([lo - cv, hi - cv] if up else [cv - hi, cv - lo])   # how much better than CV the test score is, at each end
+    harmful = bool(np.isfinite(gain_lo) and np.isfinite(gain_hi) and (gain_hi < -tol if harm == "worse" else gain_lo > tol))
     words = (f"{metric} on the {len(np.asarray(y))} test rows {value:.4g}, 95% interval [{lo:.4g}, {hi:.4g}], against the cross-validated {cv:.4g}: "
-             + (f"worse by more than {tol:.3g}: harmful" if harmful else f"within {tol:.3g} of it at the interval's end: no harm shown"))
+             + (f"{harm} by more than {tol:.3g}: harmful" if harmful else f"within {tol:.3g} of it at the interval's end: no harm shown"))
     return {"affected": int(len(np.asarray(y))), "metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "cv": cv, "tolerance": tol,
             "harmful": harmful, "explanation": words}
 
@@ -490,9 +491,12 @@ def deepchecks_effects(
                 mask, values = new_category_rows(train, test)
                 out[c["check"]] = {"check": c["check"], "kind": kind, "new_values": values,
                                    **effect_on_rows(y, score, mask, metric, task, tolerance, n_boot, seed)}
-            elif kind == "samples_mix":   # leakage shows as rows the model answers better because it saw them
-                out[c["check"]] = {"check": c["check"], "kind": kind,
-                                   **effect_on_rows(y, score, seen_rows(train, test), metric, task, tolerance, n_boot, seed, harm="better")}
+            elif kind == "samples_mix":   # leakage shows as rows the model answers better because it saw them ...
+                seen = seen_rows(train, test)
+                out[c["check"]] = {"check": c["check"], "kind": kind, **(
+                    effect_on_rows(y, score, seen, metric, task, tolerance, n_boot, seed, harm="better") if (~seen).sum() >= 2 else
+                    effect_against_cv(y, score, metric, task, cv, tolerance, n_boot, seed, harm="better"))}   # ... or, every test row
+                    # equal to a training row (a few categorical features), as a test score better than cross-validation promised
             else: out[c["check"]] = {"check": c["check"], "kind": kind, **effect_against_cv(y, score, metric, task, cv, tolerance, n_boot, seed)}
     return out
 
