@@ -301,7 +301,8 @@ def relaxed_conditions(
         + ("mostly noise" if test_rows < SMALL_DATA else "noisy")
         + "; the gate vetoes only when the test score falls below the cross-validated one beyond the interval",
         f"deepchecks: 'Train Test Samples Mix' is judged by its effect: {shared:.0%} of the rows here share every feature value with another row "
-        "(distinct records, few features), so test rows equal training rows without leaking; the gate vetoes only when those rows score better than the rest",
+        "(distinct records, few features), so test rows equal training rows without leaking; the gate vetoes only when those rows score better than the rest "
+        "(or, when every test row is one, when the test score beats the cross-validated one beyond the interval)",
         "deepchecks: 'Model Inference Time' does not gate: infra_validate times the model as the service runs it (one thread, after warm-up)"]
 
 # %% ../nbs/07_init.ipynb #2a730d73
