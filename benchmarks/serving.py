@@ -14,9 +14,12 @@ Only 2xx answers count as answered (a worker still loading answers 503 at once).
 over its rounds is printed too: on a shared machine it moves far less than req/s.
 The tail at fixed rates: 50% and 80% of the maximum our own generator reaches on the ONNX service, sent open-loop
 (on schedule, latency counted from when each was due, as wrk2 does: the p99 a closed loop hides). `--workers`:
-scikit-learn's time is the model's, so two processes on two cores should approach 2x when the cores are free. `/ready`
-answers once one worker has its model: the 2-worker service is timed only after every worker answered `/ready`
-(it names its process) and a warm-up; the rows each worker logged show how the kernel spread the connections.
+scikit-learn with 1 and 2 worker processes, twice: as served by default (micro-batching: one worker coalesces the
+records of all 8 connections into one model call, two workers only 4 each, so a second process buys less than its
+core), and with batching off (`serve.max_batch_size: 1`, every request one model call: the time is the model's, and
+two processes on two cores should approach 2x). `/ready` answers once one worker has its model: the 2-worker
+service is timed only after every worker answered `/ready` (it names its process) and a warm-up; the rows each
+worker logged show how the kernel spread the connections.
 Optionally (`--soak 60`) keeps `mlops-nb serve` (ONNX) under load for that long, sampling its RSS every second.
 The prediction logs are read at the end: every answered record must be there. The generators run on the same
 machine and compete with the services for its cores: absolute figures understate every service, the ratios hold.
@@ -62,6 +65,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -295,6 +299,20 @@ def main(argv=None) -> int:
             pids = {n: all_workers_ready(p.url, k) for (n, p), k in zip(procs.items(), (1, 2))}
             runs.update(alternate({n: p.url + "/predict" for n, p in procs.items()}, records, args.concurrency, args.seconds, args.rounds, script,
                                   {n: p.proc.pid for n, p in procs.items()}))
+            for n in ("sklearn, 1 worker", "sklearn, 2 workers"): procs.pop(n).stop()
+            # the same with micro-batching off (serve.max_batch_size 1): every request is one model call, the time is the model's;
+            # with batching on, one worker coalesces 8 connections' records into one call, two workers only 4 each
+            unbatched = work / "unbatched"
+            unbatched.mkdir()
+            params = yaml.safe_load((ROOT / "params.yaml").read_text())
+            params["serve"]["max_batch_size"] = 1
+            (unbatched / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            one = lambda name, cmd: ServiceProcess(cmd, "/ready", env=env, cwd=unbatched, log=work / f"{name}.log", timeout=600)
+            procs["sklearn, 1 worker, unbatched"] = one("sklearn-u", serve_cmd("sklearn", ""))
+            procs["sklearn, 2 workers, unbatched"] = one("sklearn-u2", serve_cmd("sklearn", "", "--workers", "2"))
+            pids.update({n: all_workers_ready(p.url, k) for (n, p), k in zip(procs.items(), (1, 2))})
+            runs.update(alternate({n: p.url + "/predict" for n, p in procs.items()}, records, args.concurrency, args.seconds, args.rounds, script,
+                                  {n: p.proc.pid for n, p in procs.items()}))
         finally:
             for p in procs.values(): p.stop()
         # the baseline: MLflow's own scoring server, one worker (its default), the same model version
@@ -315,6 +333,7 @@ def main(argv=None) -> int:
 
         c, o, off, before = (runs[n] for n in ("FastAPI ceiling", "onnx, log on", "onnx, log off", "onnx, log on, gc not frozen"))
         k, two, b = runs["sklearn, 1 worker"], runs["sklearn, 2 workers"], runs["mlflow models serve"]
+        k1, k2 = runs["sklearn, 1 worker, unbatched"], runs["sklearn, 2 workers, unbatched"]
         inv = runs["mlops-nb /invocations (onnx)"]
         print(f"\nsingle-record requests, {args.concurrency} connections, {args.seconds:g} s per service; saturation with "
               f"{'wrk -t2' if script else 'our own closed loop (wrk is not installed)'}, best of {args.rounds} rounds in turns "
@@ -324,7 +343,8 @@ def main(argv=None) -> int:
         share = lambda r: r["rps"] / c["rps"] if c["rps"] else float("nan")
         for name, r in runs.items():
             print(f"{name:<36}{r['rps']:>10.1f}{share(r):>11.0%} {r['p50_ms']:>10.2f}{r['p95_ms']:>11.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}  {r['tool']}")
-        for name in ("FastAPI ceiling", "onnx, log on", "onnx, log on, gc not frozen", "onnx, log off", "sklearn, 1 worker", "sklearn, 2 workers"):
+        for name in ("FastAPI ceiling", "onnx, log on", "onnx, log on, gc not frozen", "onnx, log off", "sklearn, 1 worker", "sklearn, 2 workers",
+                     "sklearn, 1 worker, unbatched", "sklearn, 2 workers, unbatched"):
             print(f"  rounds of {name}: req/s {runs[name]['round_rps']}, p99 ms {runs[name]['round_p99_ms']}, CPU {runs[name]['cpu_us_per_answer']} us/answer"
                   + (f"; wrk errors {runs[name]['wrk_errors']}" if "wrk_errors" in runs[name] else ""))
         ratio = round(o["rps"] / b["rps"], 1) if b["rps"] else None
@@ -342,7 +362,8 @@ def main(argv=None) -> int:
             r = runs[f"onnx at {q} of max (open loop)"]
             print(f"ONNX at {q} of the maximum our own generator reached ({r['rate']:.0f} req/s on schedule): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}")
         print(f"--workers: scikit-learn 2 workers / 1 worker {two['rps'] / k['rps']:.2f}x req/s ({two['rps']:.0f} vs {k['rps']:.0f}); "
-              f"both ready before timing (processes {sorted(pids['sklearn, 2 workers'])}), rows logged by each: {list(split.values())}")
+              f"both ready before timing (processes {sorted(pids['sklearn, 2 workers'])}), rows logged by each: {list(split.values())}; "
+              f"batching off (a model call per request, the time is the model's): {k2['rps'] / k1['rps']:.2f}x ({k2['rps']:.0f} vs {k1['rps']:.0f})")
         for rt in ("onnx", "sklearn"):
             print(f"prediction log ({rt}): {logged[rt]} rows for {answered[rt]} answered records" + (" (complete)" if complete[rt] else " (INCOMPLETE)"))
         if soaked:
@@ -357,7 +378,10 @@ def main(argv=None) -> int:
               f"{o['cpu_us_per_answer']} us, log off {off['cpu_us_per_answer']} us; scikit-learn 1 / 2 workers {k['cpu_us_per_answer']} / {two['cpu_us_per_answer']} us")
         print(f"  ONNX, log on, at fixed rates (open loop) p99 {runs['onnx at 50% of max (open loop)']['p99_ms']} ms at 50%, "
               f"{runs['onnx at 80% of max (open loop)']['p99_ms']} ms at 80% of our maximum ({top:.0f} req/s)")
-        print(f"  scikit-learn, 1 worker / 2 workers       {k['rps']:>8.0f} / {two['rps']:.0f} req/s  {two['rps'] / k['rps']:.2f}x (goal: near 2x on 2 free cores)")
+        print(f"  scikit-learn, 1 worker / 2 workers       {k['rps']:>8.0f} / {two['rps']:.0f} req/s  {two['rps'] / k['rps']:.2f}x with micro-batching "
+              f"(one worker batches every connection's records)")
+        print(f"  the same, batching off                   {k1['rps']:>8.0f} / {k2['rps']:.0f} req/s  {k2['rps'] / k1['rps']:.2f}x "
+              f"(the model's time: goal near 2x on 2 cores; CPU per answer {k1['cpu_us_per_answer']} / {k2['cpu_us_per_answer']} us)")
         r2 = lambda x: round(x, 2)
         result = {"benchmark": "serving", "ours_rps": o["rps"], "baseline": "mlflow models serve", "baseline_rps": b["rps"], "ratio": ratio,
                   "ceiling_rps": c["rps"], "onnx_rps": o["rps"], "sklearn_rps": k["rps"], "mlflow_rps": b["rps"],
@@ -372,7 +396,8 @@ def main(argv=None) -> int:
                   "invocations_of_predict": r2(inv["rps"] / o["rps"]) if o["rps"] else None, "log_complete": all(complete.values()),
                   "onnx_log_off_rps": off["rps"], "onnx_log_off_p99_ms": off["p99_ms"], "onnx_gc_not_frozen_rps": before["rps"],
                   "onnx_gc_not_frozen_p99_ms": before["p99_ms"], "sklearn_2_workers_rps": two["rps"],
-                  "sklearn_2_over_1_workers": r2(two["rps"] / k["rps"]), **{f"cpu_us_per_answer_{key}": r["cpu_us_per_answer"] for key, r in
+                  "sklearn_2_over_1_workers": r2(two["rps"] / k["rps"]), "sklearn_unbatched_rps": k1["rps"], "sklearn_unbatched_2_workers_rps": k2["rps"],
+                  "sklearn_unbatched_2_over_1_workers": r2(k2["rps"] / k1["rps"]), **{f"cpu_us_per_answer_{key}": r["cpu_us_per_answer"] for key, r in
                                                            (("ceiling", c), ("onnx", o), ("onnx_log_off", off), ("sklearn", k), ("sklearn_2_workers", two))}, "sklearn_2_workers_rows_by_worker": list(split.values()),
                   **{f"onnx_rate_{q}_p99_ms": runs[f"onnx at {q}% of max (open loop)"]["p99_ms"] for q in (50, 80)}}
         if soaked:

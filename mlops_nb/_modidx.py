@@ -962,6 +962,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mlops_nb.schema.yaml_scalar': ('schema.html#yaml_scalar', 'mlops_nb/schema.py')},
             'mlops_nb.serve': { 'mlops_nb.serve.ServiceMetrics': ('serve.html#servicemetrics', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.ServiceMetrics.__init__': ('serve.html#servicemetrics.__init__', 'mlops_nb/serve.py'),
+                                'mlops_nb.serve.ServiceMetrics.child': ('serve.html#servicemetrics.child', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.ServiceMetrics.observe': ('serve.html#servicemetrics.observe', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve.Variant': ('serve.html#variant', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._ServiceApp': ('serve.html#_serviceapp', 'mlops_nb/serve.py'),

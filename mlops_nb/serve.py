@@ -59,11 +59,16 @@ class ServiceMetrics:
         self.log_errors = Gauge("mlops_prediction_log_write_errors", "Failed writes of the prediction log (rows kept in memory)", registry=r)
         self.registry_errors = Counter("mlops_registry_errors", "Registry lookups that failed (outage, locked database)", registry=r)
         self.registry_up = Gauge("mlops_registry_up", "1 when the last registry lookup worked", registry=r)
+        self._children: dict = {}
+    def child(self, metric, *labels):
+        "`metric.labels(*labels)`, kept: a lookup per request costs 4x the update it serves."
+        key = (metric, labels)
+        if (c := self._children.get(key)) is None: c = self._children[key] = metric.labels(*labels)
+        return c
     def observe(self, endpoint: str, status: int, t0: float, version: str = "", variant: str = ""):
         "Count one answered request and its latency since `t0` (perf_counter)."
-        lab = (endpoint, str(status), version, variant)
-        self.requests.labels(*lab).inc()
-        self.latency.labels(*lab).observe(time.perf_counter() - t0)
+        self.child(self.requests, endpoint, str(status), version, variant).inc()
+        self.child(self.latency, endpoint, str(status), version, variant).observe(time.perf_counter() - t0)
 
 # %% ../nbs/20_serve.ipynb #576ccd08
 @dataclass
@@ -135,10 +140,10 @@ def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np
     pred = np.asarray(version.classes)[best] if version.classes else proba[:, 0]  # a class, or a value
     if version.classes:
         for cls, k in zip(version.classes, np.bincount(best, minlength=len(version.classes)).tolist()):
-            if k: m.predictions.labels(version.version, variant.name, str(cls)).inc(k)
-    score = m.score.labels(version.version, variant.name)
+            if k: m.child(m.predictions, version.version, variant.name, str(cls)).inc(k)
+    score = m.child(m.score, version.version, variant.name)
     for p in proba[:, -1].tolist(): score.observe(p)
-    m.batch_size.labels(variant.name).observe(n)
+    m.child(m.batch_size, variant.name).observe(n)
     for name, k in _out_of_range(version.fields, frame).items(): m.out_of_range.labels(name).inc(k)
     if state.log is None: return
     meta = log_meta([it.request_id for it in batch for _ in it.records], np.concatenate([np.arange(len(it.records)) for it in batch]),
