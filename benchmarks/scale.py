@@ -11,8 +11,8 @@ process's high-water mark, imports included); wall time is the stage's work, imp
 - dask (with `--dask`): `compute.engine: dask` for ingest, validate and prepare, and `train.model: lgbm_dask` for train,
   on a `dask scheduler` and two `dask worker` processes (one thread each) started on loopback for each of those stages;
   the row also gives each worker's peak RSS during the stage (the driver's is the stage process's). Ingest reads a
-  Parquet source a row group per task: the same synthetic rows as ours, written beforehand (untimed, by this script's
-  own process) as many Parquet files of at most 250k rows, two row groups each (`compute.ingest_data`; its content
+  Parquet source a row group per task: the same synthetic rows as ours, written beforehand (untimed, by a process of
+  its own) as many Parquet files of at most 250k rows, two row groups each (`compute.ingest_data`; its content
   hash equals ours'). As the pipeline does,
   prepare writes the `--max-train-rows` sample and the training rows it left out (`train_rest.parquet`), train fits
   LightGBM's Dask trainer on both (every training row), each worker reading its row groups (`compute.fit_all_rows`),
@@ -169,7 +169,8 @@ def write_source(folder: Path, rows: int):
 
 
 def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
-    if mode == "dask" and name == "ingest": write_source(folder / "source", rows)   # untimed, in this process
+    if mode == "dask" and name == "ingest":   # untimed, in a process of its own: a child's peak RSS starts from its parent's at its start
+        subprocess.run([sys.executable, __file__, "--write-source", "--dir", str(folder / "source"), "--rows", str(rows)], check=True)
     if mode == "dask" and name in ("ingest", "validate", "prepare", "train", "evaluate"):   # a fresh cluster per stage: the workers' peaks are the stage's
         cluster = Cluster(folder)
         try:
@@ -205,10 +206,14 @@ def main(argv=None):
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size run in memory too (0: none)")
     ap.add_argument("--dask", action="store_true", help="also run ingest (from Parquet files), validate, prepare, train (lgbm_dask, every training row) and evaluate on a local Dask scheduler with two workers")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--write-source", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_source:  # a child: dask's ingest source
+        write_source(Path(args.dir), args.rows)
+        return
     if args.stage:  # a child: one stage, one JSON line
         print(json.dumps(stage(args.stage, Path(args.dir), args.rows, args.max_train_rows, args.mode)))
         return

@@ -81,6 +81,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.compute._given': ('compute.html#_given', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute._ingest_layout': ('compute.html#_ingest_layout', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute._ingest_part': ('compute.html#_ingest_part', 'mlops_nb/compute.py'),
+                                  'mlops_nb.compute._kind': ('compute.html#_kind', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute._load_part': ('compute.html#_load_part', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute._on_columns': ('compute.html#_on_columns', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute._score_part': ('compute.html#_score_part', 'mlops_nb/compute.py'),

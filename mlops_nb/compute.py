@@ -191,33 +191,45 @@ def parquet_source(source: str, root: str | Path=".") -> str | None:
     path = Path(root) / source
     return str(path) if path.is_dir() or path.suffix.lower() in (".parquet", ".pq") else None
 
-def _footer(f: str) -> tuple[dict, list[int]]:
-    "A task: pandas dtypes and row groups' rows of Parquet file `f`, from its footer."
-    md = parquet_file(f).metadata
-    return parquet_dtypes(f), [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+def _kind(t) -> str | None:
+    "What an Arrow type holds: number, bool, text or time (else the type's name); None for a column of nulls only."
+    import pyarrow.types as at
+    if at.is_dictionary(t): return _kind(t.value_type)
+    for kind, test in (("number", lambda t: at.is_integer(t) or at.is_floating(t) or at.is_decimal(t)), ("bool", at.is_boolean),
+                       ("text", lambda t: at.is_string(t) or at.is_large_string(t)), ("time", at.is_temporal), (None, at.is_null)):
+        if test(t): return kind
+    return str(t)
 
-def _check_like(origin: str, dtypes: dict, first: str, expected: dict):
-    "A `DataError` naming `origin` when its columns, or the kind of a column's dtype, differ from the first file's."
+def _footer(f: str) -> tuple[dict, list[int], dict]:
+    "A task: pandas dtypes, row groups' rows and the columns' kinds of Parquet file `f`, from its footer."
+    pf = parquet_file(f)
+    return parquet_dtypes(f), [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)], \
+           {n: _kind(t) for n, t in zip(pf.schema_arrow.names, pf.schema_arrow.types)}
+
+def _check_like(origin: str, kinds: dict, first: str, expected: dict):
+    "A `DataError` naming `origin` when its columns, or what a column holds (`_kind`), differ from the `first` file's."
     from mlops_nb.data import DataError
-    if list(dtypes) != list(expected): raise DataError(f"{origin}: its columns {list(dtypes)} are not those of {first}: {list(expected)}")
-    if bad := [f"{c} ({dtypes[c]}, not {expected[c]})" for c in dtypes if _wider(dtypes[c], expected[c]) == object != expected[c]]:
-        raise DataError(f"{origin}: column(s) {', '.join(bad)} have other types than in {first}")
+    if list(kinds) != list(expected): raise DataError(f"{origin}: its columns {list(kinds)} are not those of {first}: {list(expected)}")
+    if bad := [f"{c} ({kinds[c]}, not {expected[c]})" for c in kinds if None not in (kinds[c], expected[c]) and kinds[c] != expected[c]]:
+        raise DataError(f"{origin}: column(s) {', '.join(bad)} hold other types than in {first}")
 
 # %% ../nbs/33_compute.ipynb #db9d552f
 def _ingest_part(dtypes: dict, first: tuple[str, dict], drop: list[str], part: tuple[str, int]) -> "pa.Table":
-    "A task: row group `part` checked against the `first` file's columns, with the data set's `dtypes`, without the `drop` columns, as an Arrow table."
+    "A task: row group `part` checked against the `first` file's columns (`_check_like`), with the data set's `dtypes`, without the `drop` columns, as an Arrow table."
     import pyarrow as pa
     from mlops_nb.data import drop_identifiers
-    df = parquet_file(part[0]).read_row_group(part[1]).to_pandas()
-    _check_like(part[0], df.dtypes.to_dict(), *first)
+    table = parquet_file(part[0]).read_row_group(part[1])
+    _check_like(part[0], {n: _kind(t) for n, t in zip(table.schema.names, table.schema.types)}, *first)
+    df = table.to_pandas()
     df = df.astype({c: dtypes[c] for c in df.columns if df[c].dtype != dtypes[c]})
     return pa.Table.from_pandas(drop_identifiers(df, drop), preserve_index=False)
 
 def _ingest_layout(files: list[str], footers: list) -> tuple[dict, tuple, list]:
-    "The data set's dtypes, the first file's (name, dtypes) and the non-empty row groups of `files`; a file unlike the first -> `DataError`."
-    for f, (these, _) in zip(files, footers): _check_like(f, these, files[0], footers[0][0])
-    dtypes = {c: functools.reduce(_wider, [d[c] for d, _ in footers]) for c in footers[0][0]}
-    return dtypes, (files[0], footers[0][0]), [(f, g) for f, (_, rows) in zip(files, footers) for g, n in enumerate(rows) if n]
+    "The data set's dtypes, the first file's (name, column kinds) and the non-empty row groups of `files`; a file unlike the first -> `DataError`."
+    first = (files[0], footers[0][2])
+    for f, (_, _, kinds) in zip(files, footers): _check_like(f, kinds, *first)
+    dtypes = {c: functools.reduce(_wider, [d[c] for d, _, _ in footers]) for c in footers[0][0]}
+    return dtypes, first, [(f, g) for f, (_, rows, _) in zip(files, footers) for g, n in enumerate(rows) if n]
 
 def ingest_dask(
     source: str, url: str, dest: str | Path, drop_columns: list[str] | None=None, append: list | None=None,
