@@ -8,9 +8,12 @@ evaluate (every test row). Each stage runs in a fresh Python process, so its pea
 process's high-water mark, imports included); wall time is the stage's work, imports excluded.
 
 - ours: the streamed functions of `mlops_nb.scale` (what the stages call), Parquet in, Parquet out.
-- dask (with `--dask`): `compute.engine: dask` for validate and prepare, and `train.model: lgbm_dask` for train, on a
-  `dask scheduler` and two `dask worker` processes (one thread each) started on loopback for each of those stages; the
-  row also gives each worker's peak RSS during the stage (the driver's is the stage process's). As the pipeline does,
+- dask (with `--dask`): `compute.engine: dask` for ingest, validate and prepare, and `train.model: lgbm_dask` for train,
+  on a `dask scheduler` and two `dask worker` processes (one thread each) started on loopback for each of those stages;
+  the row also gives each worker's peak RSS during the stage (the driver's is the stage process's). Ingest reads a
+  Parquet source a row group per task: the same synthetic rows as ours, written beforehand (untimed, by a process of
+  its own) as many Parquet files of at most 250k rows, two row groups each (`compute.ingest_data`; its content
+  hash equals ours'). As the pipeline does,
   prepare writes the `--max-train-rows` sample and the training rows it left out (`train_rest.parquet`), train fits
   LightGBM's Dask trainer on both (every training row), each worker reading its row groups (`compute.fit_all_rows`),
   and evaluate scores the test split a row group per task (`compute.score_partitions`). Compared with ours (hgb, a
@@ -59,7 +62,10 @@ def stage(name: str, folder: Path, rows: int, max_train_rows: int, mode: str) ->
     raw, train_p, test_p, rest_p = folder / "raw.parquet", folder / "train.parquet", folder / "test.parquet", folder / "train_rest.parquet"
     start = time.perf_counter()
     extra = {}
-    if name == "ingest":
+    if name == "ingest" and dask:   # the Parquet files `write_source` wrote, a row group per task, written here in order
+        extra = compute_.ingest_data(str(folder / "source"), raw, drop_columns=["rownames"], compute=compute)
+        extra = {"content_hash": extra["content_hash"][:12]}
+    elif name == "ingest":
         if mode == "ours": extra = scale.ingest_to_parquet("synthetic", raw, n_rows=rows, seed=42, drop_columns=["rownames"])
         else:
             df = drop_identifiers(synthetic_churn(rows, 42), ["rownames"])
@@ -149,8 +155,23 @@ class Cluster:
             except subprocess.TimeoutExpired: p.kill(); p.wait(10)
 
 
+def write_source(folder: Path, rows: int):
+    "Ours' synthetic rows (`scale.synthetic_chunks`, 1M-row chunks) as Parquet files of at most 250k rows in `folder`, two row groups each: dask's ingest source."
+    import math
+    from mlops_nb.scale import synthetic_chunks
+    per_file = min(250_000, math.ceil(rows / 8))
+    folder.mkdir()
+    i = 0
+    for chunk in synthetic_chunks(rows, 42, 1_000_000):
+        for k in range(0, len(chunk), per_file):
+            chunk.iloc[k:k + per_file].to_parquet(folder / f"part-{i:04d}.parquet", index=False, row_group_size=math.ceil(per_file / 2))
+            i += 1
+
+
 def run_stage(name, folder, rows, max_train_rows, mode) -> dict:
-    if mode == "dask" and name in ("validate", "prepare", "train", "evaluate"):   # a fresh cluster per stage: the workers' peaks are the stage's
+    if mode == "dask" and name == "ingest":   # untimed, in a process of its own: a child's peak RSS starts from its parent's at its start
+        subprocess.run([sys.executable, __file__, "--write-source", "--dir", str(folder / "source"), "--rows", str(rows)], check=True)
+    if mode == "dask" and name in ("ingest", "validate", "prepare", "train", "evaluate"):   # a fresh cluster per stage: the workers' peaks are the stage's
         cluster = Cluster(folder)
         try:
             r = _run_stage(name, folder, rows, max_train_rows, mode, {"DASK_SCHEDULER_ADDRESS": cluster.address})
@@ -183,12 +204,16 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--max-train-rows", type=int, default=200_000, help="prepare.max_train_rows")
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size run in memory too (0: none)")
-    ap.add_argument("--dask", action="store_true", help="also run validate, prepare, train (lgbm_dask, every training row) and evaluate on a local Dask scheduler with two workers")
+    ap.add_argument("--dask", action="store_true", help="also run ingest (from Parquet files), validate, prepare, train (lgbm_dask, every training row) and evaluate on a local Dask scheduler with two workers")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--write-source", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_source:  # a child: dask's ingest source
+        write_source(Path(args.dir), args.rows)
+        return
     if args.stage:  # a child: one stage, one JSON line
         print(json.dumps(stage(args.stage, Path(args.dir), args.rows, args.max_train_rows, args.mode)))
         return
@@ -251,10 +276,11 @@ def main(argv=None):
             print("Dask per-row cost, µs/row " + ", ".join(f"{s} {out['dask_per_row_us'][str(lo)][s]} -> {out['dask_per_row_us'][str(hi)][s]}"
                                                            for s in STAGES) + f" ({lo:,} -> {hi:,} rows)")
         for n, stages in results["dask"].items():
-            print(f"{n:>11,} rows on Dask: validate {stages['validate']['seconds']:.1f} s, prepare {stages['prepare']['seconds']:.1f} s "
-                  f"(streamed: {ours[n]['validate']['seconds']:.1f} s, {ours[n]['prepare']['seconds']:.1f} s); driver peak "
-                  f"{max(stages[s]['peak_rss_mb'] for s in ('validate', 'prepare', 'train')):,.0f} MB, workers "
-                  f"{max(max(stages[s]['worker_peak_rss_mb']) for s in ('validate', 'prepare', 'train')):,} MB")
+            print(f"{n:>11,} rows on Dask: ingest {stages['ingest']['seconds']:.1f} s, validate {stages['validate']['seconds']:.1f} s, "
+                  f"prepare {stages['prepare']['seconds']:.1f} s (streamed: {ours[n]['ingest']['seconds']:.1f} s, {ours[n]['validate']['seconds']:.1f} s, "
+                  f"{ours[n]['prepare']['seconds']:.1f} s); driver peak "
+                  f"{max(stages[s]['peak_rss_mb'] for s in ('ingest', 'validate', 'prepare', 'train')):,.0f} MB, workers "
+                  f"{max(max(stages[s]['worker_peak_rss_mb']) for s in ('ingest', 'validate', 'prepare', 'train')):,} MB")
     (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
     (ROOT / "reports" / "benchmarks" / "scale.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))

@@ -22,8 +22,9 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
 # %% auto #0
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'row_groups', 'read_partition',
            'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
-           'validate_data', 'profile_data', 'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask',
-           'fit_parquet_dask', 'compute_client', 'fit_all_rows', 'score_partitions', 'score_data']
+           'validate_data', 'profile_data', 'drift_data', 'split_data', 'parquet_source', 'ingest_dask', 'ingest_data',
+           'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client', 'fit_all_rows',
+           'score_partitions', 'score_data']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -181,6 +182,82 @@ def split_data(
         return split_dask(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, split, task, key_column, compute,
                           rest_path=rest_path)
     return split_parquet(raw, train_path, test_path, target, positive_label, test_size, seed, max_train_rows, batch_rows, split, task, key_column, rest_path)
+
+# %% ../nbs/33_compute.ipynb #13dbedae
+def parquet_source(source: str, root: str | Path=".") -> str | None:
+    "The Parquet data `source` names (an `s3://` URL, or a `.parquet` file or folder under `root`), or None for other sources (`data.load_source`)."
+    if source.startswith("s3://"): return source
+    if "://" in source or ":" in source.split("/")[0] or source == "synthetic": return None
+    path = Path(root) / source
+    return str(path) if path.is_dir() or path.suffix.lower() in (".parquet", ".pq") else None
+
+def _kind(t) -> str | None:
+    "What an Arrow type holds: number, bool, text or time (else the type's name); None for a column of nulls only."
+    import pyarrow.types as at
+    if at.is_dictionary(t): return _kind(t.value_type)
+    for kind, test in (("number", lambda t: at.is_integer(t) or at.is_floating(t) or at.is_decimal(t)), ("bool", at.is_boolean),
+                       ("text", lambda t: at.is_string(t) or at.is_large_string(t)), ("time", at.is_temporal), (None, at.is_null)):
+        if test(t): return kind
+    return str(t)
+
+def _footer(f: str) -> tuple[dict, list[int], dict]:
+    "A task: pandas dtypes, row groups' rows and the columns' kinds of Parquet file `f`, from its footer."
+    pf = parquet_file(f)
+    return parquet_dtypes(f), [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)], \
+           {n: _kind(t) for n, t in zip(pf.schema_arrow.names, pf.schema_arrow.types)}
+
+def _check_like(origin: str, kinds: dict, first: str, expected: dict):
+    "A `DataError` naming `origin` when its columns, or what a column holds (`_kind`), differ from the `first` file's."
+    from mlops_nb.data import DataError
+    if list(kinds) != list(expected): raise DataError(f"{origin}: its columns {list(kinds)} are not those of {first}: {list(expected)}")
+    if bad := [f"{c} ({kinds[c]}, not {expected[c]})" for c in kinds if None not in (kinds[c], expected[c]) and kinds[c] != expected[c]]:
+        raise DataError(f"{origin}: column(s) {', '.join(bad)} hold other types than in {first}")
+
+# %% ../nbs/33_compute.ipynb #db9d552f
+def _ingest_part(dtypes: dict, first: tuple[str, dict], drop: list[str], part: tuple[str, int]) -> "pa.Table":
+    "A task: row group `part` checked against the `first` file's columns (`_check_like`), with the data set's `dtypes`, without the `drop` columns, as an Arrow table."
+    import pyarrow as pa
+    from mlops_nb.data import drop_identifiers
+    table = parquet_file(part[0]).read_row_group(part[1])
+    _check_like(part[0], {n: _kind(t) for n, t in zip(table.schema.names, table.schema.types)}, *first)
+    df = table.to_pandas()
+    df = df.astype({c: dtypes[c] for c in df.columns if df[c].dtype != dtypes[c]})
+    return pa.Table.from_pandas(drop_identifiers(df, drop), preserve_index=False)
+
+def _ingest_layout(files: list[str], footers: list) -> tuple[dict, tuple, list]:
+    "The data set's dtypes, the first file's (name, column kinds) and the non-empty row groups of `files`; a file unlike the first -> `DataError`."
+    first = (files[0], footers[0][2])
+    for f, (_, _, kinds) in zip(files, footers): _check_like(f, kinds, *first)
+    dtypes = {c: functools.reduce(_wider, [d[c] for d, _, _ in footers]) for c in footers[0][0]}
+    return dtypes, first, [(f, g) for f, (_, rows, _) in zip(files, footers) for g, n in enumerate(rows) if n]
+
+def ingest_dask(
+    source: str, url: str, dest: str | Path, drop_columns: list[str] | None=None, append: list | None=None,
+    compute: ComputeParams | None=None,   # `compute.engine: dask`: the tasks run on its cluster; else here, a row group at a time
+    window: int=4,                        # row groups in flight at once (the driver holds at most this many tables)
+) -> dict:
+    "`scale.ingest_to_parquet` of the Parquet data at `url` (what `source` names), a row group per task; the provenance."
+    import contextlib
+    from mlops_nb.scale import write_ingest
+    files, drop = parquet_files(url), list(drop_columns or [])
+    with (dask_client(scheduler_address(compute)) if _dask(compute) else contextlib.nullcontext()) as client:
+        footers = client.gather(client.map(_footer, files, pure=False)) if client else [_footer(f) for f in files]
+        dtypes, first, parts = _ingest_layout(files, footers)
+        task = functools.partial(_ingest_part, dtypes, first, drop)
+        tables = ordered_map(client, task, parts, window) if client else map(task, parts)
+        return write_ingest(source, dest, tables, drop, append)
+
+def ingest_data(
+    source: str, dest: str | Path, query: str="", n_rows: int=5000, seed: int=42, root: str | Path=".",
+    drop_columns: list[str] | None=None, append: list | None=None,   # as `scale.ingest_to_parquet`
+    compute: ComputeParams | None=None,   # `compute.engine: dask`: a Parquet source read a row group per task (`ingest_dask`)
+) -> dict:
+    "`scale.ingest_to_parquet` of `source`; a Parquet folder or `s3://` source (any, under `compute.engine: dask`) read a row group at a time by `ingest_dask`."
+    from mlops_nb.scale import ingest_to_parquet
+    url = parquet_source(source, root)
+    if url is None or not _dask(compute) and not Path(url).is_dir() and "://" not in url:   # not Parquet, or one local file streamed here
+        return ingest_to_parquet(source, dest, query, n_rows, seed, root, drop_columns, append=append)
+    return ingest_dask(source, url, dest, drop_columns, append, compute)
 
 # %% ../nbs/33_compute.ipynb #f66ba73e
 from contextlib import contextmanager

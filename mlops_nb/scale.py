@@ -19,9 +19,9 @@ from .schema import Columns, validate_columns
 # %% auto #0
 __all__ = ['ROW_GROUP_ROWS', 'ScaleError', 'dask_client', 'search_backend', 'parquet_file', 'parquet_dtypes', 'iter_batches',
            'read_column', 'parquet_rows', 'sample_parquet', 'parquet_content_hash', 'synthetic_chunks', 'write_batches',
-           'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_column', 'profile_parquet',
-           'merge_profiles', 'drift_column', 'drift_parquet', 'hash_train_rows', 'keep_share', 'split_batch',
-           'write_splits', 'check_split', 'split_parquet', 'split_summary']
+           'write_ingest', 'ingest_to_parquet', 'ParquetColumns', 'validate_parquet', 'profile_column',
+           'profile_parquet', 'merge_profiles', 'drift_column', 'drift_parquet', 'hash_train_rows', 'keep_share',
+           'split_batch', 'write_splits', 'check_split', 'split_parquet', 'split_summary']
 
 # %% ../nbs/12_scale.ipynb #ef972654
 class ScaleError(MlopsError):
@@ -154,15 +154,15 @@ def synthetic_chunks(n_rows: int, seed: int=42, chunk_rows: int=1_000_000) -> It
 ROW_GROUP_ROWS = 250_000   # rows per Parquet row group written here: a row group is what a Dask task reads (`compute`)
 
 def _append(writers: dict, key, path, df: pd.DataFrame, schema=None):
-    "Append `df` to the Parquet writer `writers[key]` (opened on `path` with `schema`, else `df`'s, at its first frame)."
+    "Append `df` (a frame or an Arrow table) to the Parquet writer `writers[key]` (opened on `path` with `schema`, else `df`'s, at its first frame)."
     import pyarrow as pa, pyarrow.parquet as pq
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
     if key not in writers: writers[key] = pq.ParquetWriter(path, schema or table.schema)
     if table.schema != writers[key].schema: table = table.cast(writers[key].schema)
     writers[key].write_table(table, row_group_size=ROW_GROUP_ROWS)
 
 def write_batches(path: str | Path, frames) -> int:
-    "Write the frames to one Parquet file atomically (row groups of at most `ROW_GROUP_ROWS` rows); return the rows written."
+    "Write the frames (or Arrow tables) to one Parquet file atomically (row groups of at most `ROW_GROUP_ROWS` rows); return the rows written."
     rows, writers = 0, {}
     with atomic_path(path) as tmp:
         try:
@@ -174,14 +174,33 @@ def write_batches(path: str | Path, frames) -> int:
     return rows
 
 # %% ../nbs/12_scale.ipynb #fe95181a
+def _names(df) -> list[str]: return df.column_names if hasattr(df, "column_names") else list(df.columns)
+
 def _alike(named_frames) -> Iterator[pd.DataFrame]:
-    "The frames of (origin, frame) pairs, each checked to have the first one's columns."
+    "The frames (or Arrow tables) of (origin, frame) pairs, each checked to have the first one's columns."
     from mlops_nb.data import DataError
     first = None
     for origin, df in named_frames:
-        first = first or (origin, list(df.columns))
-        if list(df.columns) != first[1]: raise DataError(f"{origin}: its columns {list(df.columns)} are not those of {first[0]}: {first[1]}")
+        first = first or (origin, _names(df))
+        if _names(df) != first[1]: raise DataError(f"{origin}: its columns {_names(df)} are not those of {first[0]}: {first[1]}")
         yield df
+
+def write_ingest(
+    source: str, dest: str | Path,
+    frames,                        # the source's rows: frames or Arrow tables, identifiers dropped, in order
+    drop_columns: list[str] | None=None, append: list | None=None, chunk_rows: int=1_000_000,  # as `ingest_to_parquet`
+) -> dict:
+    "Write the source's `frames`, then the `append` files' rows, to `dest` atomically; return the provenance (`ingest_to_parquet`'s, whatever engine read the source)."
+    import datetime as dt
+    from mlops_nb.data import DataError, drop_identifiers, redact
+    extra = [Path(p) for p in append or []]
+    named = itertools.chain(((redact(source), f) for f in frames),
+                            *(((p.name, drop_identifiers(f, list(drop_columns or []))) for f in iter_batches(p, chunk_rows)) for p in extra))
+    rows = write_batches(dest, _alike(named))
+    if not rows: Path(dest).unlink(); raise DataError(f"data source {source} holds no rows")
+    appended = {"appended": [{"file": p.name, "rows": parquet_rows(p)} for p in extra]} if extra else {}
+    return {"source": redact(source), "rows": rows, **appended, "columns": len(parquet_dtypes(dest)), "content_hash": parquet_content_hash(dest),
+            "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 def ingest_to_parquet(
     source: str, dest: str | Path, query: str="", n_rows: int=5000, seed: int=42, root: str | Path=".",
@@ -190,22 +209,14 @@ def ingest_to_parquet(
     append: list | None=None,             # Parquet files whose rows follow the source's (labelled production windows)
 ) -> dict:
     "Write `source` (see `data.load_source`) and then the `append` files to `dest` as Parquet, streaming what can be streamed; return the provenance."
-    import datetime as dt
-    from mlops_nb.data import DataError, drop_identifiers, load_source, redact
-    drop = list(drop_columns or [])
+    from mlops_nb.data import DataError, drop_identifiers, load_source
     path = Path(root) / source
     if source == "synthetic": frames = synthetic_chunks(n_rows, seed, chunk_rows)
     elif "://" not in source and path.suffix.lower() in (".parquet", ".pq"):
         if not path.is_file(): raise DataError(f"data source not found: {path}")
         frames = iter_batches(path, chunk_rows)
     else: frames = [load_source(source, query, n_rows, seed, root)]
-    extra = [Path(p) for p in append or []]
-    named = itertools.chain(((redact(source), f) for f in frames), *(((p.name, f) for f in iter_batches(p, chunk_rows)) for p in extra))
-    rows = write_batches(dest, _alike((n, drop_identifiers(f, drop)) for n, f in named))
-    if not rows: Path(dest).unlink(); raise DataError(f"data source {source} holds no rows")
-    appended = {"appended": [{"file": p.name, "rows": parquet_rows(p)} for p in extra]} if extra else {}
-    return {"source": redact(source), "rows": rows, **appended, "columns": len(parquet_dtypes(dest)), "content_hash": parquet_content_hash(dest),
-            "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return write_ingest(source, dest, (drop_identifiers(f, list(drop_columns or [])) for f in frames), drop_columns, append, chunk_rows)
 
 # %% ../nbs/12_scale.ipynb #0fd6bb54
 class ParquetColumns(Columns):

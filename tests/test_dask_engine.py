@@ -183,6 +183,55 @@ def test_a_file_with_other_columns_is_named(cluster, tmp_path):
         validate_data("s3://data/broken/", load_schema(ROOT / "schema.yaml"), cluster["compute"])
 
 
+
+def test_ingest_from_s3_on_the_cluster_equals_the_local_ingest(cluster, tmp_path):
+    """Ingest of s3://data/churn/ on the cluster (a row group per task, both workers, within their memory) writes the rows,
+    provenance and content hash of ingesting the same rows from one local file here; the stage does it under
+    `compute.engine: dask`, and a file with other columns stops it with one message naming the file, nothing written."""
+    from dask.distributed import get_task_stream
+    from mlops_nb.compute import ingest_data
+    from mlops_nb.data import DataError
+    from mlops_nb.scale import ingest_to_parquet, iter_batches
+    here = ingest_to_parquet(str(cluster["local"]), tmp_path / "local.parquet", drop_columns=["rownames"], chunk_rows=ROWS // FILES)
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        there = ingest_data(cluster["s3"], tmp_path / "dask.parquet", drop_columns=["rownames"], compute=cluster["compute"])
+    assert there.pop("source") == "s3://data/churn/" and there.pop("ingested_at")
+    assert there == {k: v for k, v in here.items() if k not in ("source", "ingested_at")} and there["rows"] == ROWS // FILES * FILES
+    for a, b in zip(iter_batches(tmp_path / "dask.parquet", 200_000), iter_batches(tmp_path / "local.parquet", 200_000), strict=True):
+        pd.testing.assert_frame_equal(a, b)   # a batch at a time: the test's own memory stays small
+    read = [t for t in stream.data if "_ingest_part" in str(t["key"])]
+    assert len(read) == 2 * FILES and len(worker_names(read)) == 2, (len(read), worker_names(read))
+    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+
+    small = next(frames()).head(1000)
+    for key, df in (("ingest-bad/part-000.parquet", small), ("ingest-bad/part-001.parquet", small.drop(columns="tenure"))):
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False, row_group_size=250)
+        cluster["store"].put_object(Bucket="data", Key=key, Body=buf.getvalue())
+    with pytest.raises(DataError, match=r"^s3://data/ingest-bad/part-001.parquet: its columns .* are not those of s3://data/ingest-bad/part-000.parquet"):
+        ingest_data("s3://data/ingest-bad/", tmp_path / "bad.parquet", compute=cluster["compute"])
+    assert not (tmp_path / "bad.parquet").exists()
+    # the stage: unreachable scheduler, then the file with other columns, then one good file on S3
+    project = copy_project(tmp_path / "project", {**TINY, "data": {"source": "s3://data/ingest-bad/"},
+                                                  "compute": {"engine": "dask", "scheduler": f"tcp://127.0.0.1:{free_port()}"}})
+    raw, record = project / "data" / "raw" / "data.parquet", project / "reports" / "ingest" / "provenance.json"
+    r = run("mlops-nb", "stage", "ingest", cwd=project, check=False)
+    assert r.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not raw.exists() and not record.exists()
+    import yaml
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["compute"]["scheduler"] = cluster["address"]
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    r = run("mlops-nb", "stage", "ingest", cwd=project, check=False)
+    assert r.returncode != 0 and "s3://data/ingest-bad/part-001.parquet: its columns" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not raw.exists() and not record.exists()
+    p["data"]["source"] = "s3://data/ingest-bad/part-000.parquet"
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    run("mlops-nb", "stage", "ingest", cwd=project)
+    pd.testing.assert_frame_equal(pd.read_parquet(raw), small)
+    assert json.loads(record.read_text())["source"] == "s3://data/ingest-bad/part-000.parquet"
+
 def stage_project(tmp_path, scheduler):
     project = copy_project(tmp_path / "project", {**TINY, "compute": {"engine": "dask", "scheduler": scheduler}})
     return project
