@@ -586,9 +586,12 @@ def with_extra_rules(gate: dict, rules: list, root: str | Path) -> dict:
 def sample_positions(total: int, n_rows: int, seed: int=0) -> np.ndarray:
     "Sorted positions of a seeded uniform sample of `n_rows` of `total` rows, without replacement (every row when `total <= n_rows`)."
     if total <= n_rows: return np.arange(total)
-    return np.sort(np.random.default_rng(seed).choice(total, n_rows, replace=False))
+    rng, positions = np.random.default_rng(seed), np.array([], dtype="int64")
+    while len(positions) < n_rows:   # draws with replacement, repeats dropped, topped up: a uniform subset in O(n_rows) memory
+        positions = np.unique(np.concatenate([positions, rng.integers(0, total, n_rows - len(positions))]))
+    return positions
 
-def read_rows(path: str | Path, positions: np.ndarray, batch_rows: int=250_000) -> pd.DataFrame:
+def read_rows(path: str | Path, positions: np.ndarray, batch_rows: int=50_000) -> pd.DataFrame:
     "The rows at sorted `positions` of the Parquet file at `path`, read `batch_rows` rows at a time."
     from mlops_nb.scale import iter_batches
     parts, start = [], 0
@@ -611,6 +614,7 @@ class SplitRows:
 
 def read_split(path: str | Path, target: str, sample_rows: int=0, seed: int=0) -> SplitRows:
     "The split at `path`: whole (`sample_rows` 0), else its column `target` alone and a seeded sample of `sample_rows` rows."
+    if sample_rows < 0: raise MlopsError(f"evaluate.sample_rows must be 0 (every row) or more, got {sample_rows}")
     if not sample_rows:
         frame = pd.read_parquet(path)
         return SplitRows(frame, frame[target])
