@@ -624,10 +624,13 @@ def read_split(path: str | Path, target: str, sample_rows: int=0, seed: int=0) -
     return SplitRows(pd.read_parquet(path) if len(positions) == len(y) else read_rows(path, positions), y, positions)
 
 # %% ../nbs/03_evaluate.ipynb #43cbb677
-def score_split(score, split: SplitRows, path: str | Path, target: str, compute: "ComputeParams | None"=None) -> np.ndarray:
+def score_split(
+    score, split: SplitRows, path: str | Path, target: str, compute: "ComputeParams | None"=None,
+    X: pd.DataFrame | None=None,   # `split.frame` without `target`, when the caller holds it already (no second copy)
+) -> np.ndarray:
     "`score` of every row of the split at `path`: of `split.frame` when it holds every row, else a row group per task on the cluster."
     from mlops_nb.compute import score_data, score_partitions
-    if split.positions is None: return score_data(score, split.frame.drop(columns=[target]), path, target, compute)
+    if split.positions is None: return score_data(score, split.frame.drop(columns=[target]) if X is None else X, path, target, compute)
     if compute is None or compute.engine != "dask": raise MlopsError("a sampled split is scored on a Dask cluster: set compute.engine to dask")
     return score_partitions(path, target, score, compute)
 
