@@ -212,6 +212,7 @@ class EvaluateParams:
         "Regression Error Distribution", "Boosting Overfit", "Date Train Test Leakage", "Index Train Test Leakage",
         "Weak Segments Performance", "Unused Features", "Train Test Performance", "Model Inference Time"])  # checks that may fail or not run
     extra_rules: list[dict] = field(default_factory=list)  # rules over your stages' metrics JSON: {file, key, min and/or max}
+    sample_rows: int = 100_000   # compute.engine dask: test rows (seeded sample) the slices, deepchecks and calibration read; metrics use every row
 
 @dataclass(frozen=True)
 class InfraParams:

@@ -5,6 +5,7 @@
 # %% ../nbs/03_evaluate.ipynb #7e11fa3f
 from __future__ import annotations
 
+from dataclasses import dataclass
 from html import escape
 import os
 import re
@@ -20,12 +21,14 @@ from .metrics import (LOWER_IS_BETTER, class_codes, classification_metrics, grea
 from .train import model_output
 
 # %% auto #0
-__all__ = ['METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'predict_scores', 'curve_tables',
-           'plot_curves', 'dedupe_scripts', 'summarize_suite', 'run_suite', 'skipped_suite_report', 'slice_masks',
-           'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule', 'decide', 'floor_rule', 'champion_rule',
-           'skill', 'baseline_rule', 'paired_difference', 'slice_rule', 'deepchecks_rule', 'new_category_rows',
-           'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary', 'effect_against_cv', 'deepchecks_effects',
-           'baseline_model', 'evaluate_gate', 'check_extra_rules', 'extra_rule', 'with_extra_rules']
+__all__ = ['METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'SAMPLED_PARTS', 'EVERY_ROW_PARTS',
+           'predict_scores', 'curve_tables', 'plot_curves', 'dedupe_scripts', 'summarize_suite', 'run_suite',
+           'skipped_suite_report', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule',
+           'decide', 'floor_rule', 'champion_rule', 'skill', 'baseline_rule', 'paired_difference', 'slice_rule',
+           'deepchecks_rule', 'new_category_rows', 'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
+           'effect_against_cv', 'deepchecks_effects', 'baseline_model', 'evaluate_gate', 'check_extra_rules',
+           'extra_rule', 'with_extra_rules', 'sample_positions', 'read_rows', 'SplitRows', 'read_split', 'score_split',
+           'baseline_scores', 'sample_record']
 
 # %% ../nbs/03_evaluate.ipynb #c9cb9c75
 def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
@@ -34,8 +37,11 @@ def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
     return out[:, 0] if task == "regression" else out[:, 1] if task == "binary" else out
 
 # %% ../nbs/03_evaluate.ipynb #4ea6400f
-def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str="binary", classes: list | None=None) -> dict[str, pd.DataFrame]:
+def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str="binary", classes: list | None=None,
+                 rows: np.ndarray | None=None,  # positions of the rows the confusion table lists (None: every row; a sample bounds the file)
+                 ) -> dict[str, pd.DataFrame]:
     "The tables behind the plots of `task` (binary: ROC and precision-recall points thinned to `max_points`, confusion rows)."
+    at = lambda a: np.asarray(a) if rows is None else np.asarray(a)[rows]
     thin = lambda d, n=max_points: d.iloc[np.unique(np.linspace(0, len(d) - 1, min(len(d), n)).astype(int))].reset_index(drop=True)
     if task == "regression":
         y, pred = np.asarray(y, dtype="float64"), np.asarray(proba, dtype="float64")
@@ -43,12 +49,12 @@ def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str=
         return {"residuals": thin(table, 5 * max_points)}
     if task == "multiclass":
         names = np.asarray([str(c) for c in classes])
-        return {"confusion": pd.DataFrame({"actual": np.asarray(y).astype(str), "predicted": names[np.asarray(proba).argmax(axis=1)]})}
+        return {"confusion": pd.DataFrame({"actual": at(y).astype(str), "predicted": names[at(proba).argmax(axis=1)]})}
     fpr, tpr, _ = skm.roc_curve(y, proba)
     precision, recall, _ = skm.precision_recall_curve(y, proba)
     return {"roc": thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})),
             "pr": thin(pd.DataFrame({"recall": recall, "precision": precision})),
-            "confusion": pd.DataFrame({"actual": np.asarray(y).astype(int), "predicted": (np.asarray(proba) >= threshold).astype(int)})}
+            "confusion": pd.DataFrame({"actual": at(y).astype(int), "predicted": (at(proba) >= threshold).astype(int)})}
 
 # %% ../nbs/03_evaluate.ipynb #378f161a
 def plot_curves(tables: dict[str, pd.DataFrame], title: str=""):
@@ -519,8 +525,10 @@ def evaluate_gate(
     classes: list | None=None,  # multiclass: the class of each probability column
     seed: int=0,
     effects: dict | None=None,  # the effect of failed deepchecks checks the model handles by construction (`deepchecks_effects`)
+    rows: np.ndarray | None=None,  # positions of the test rows `masks` describe (a sample): the slice rule and its bootstrap read them (None: every row)
 ) -> dict:
     "The gate's decision: every rule, in order, with its value, bound and explanation."
+    at = lambda a: a if rows is None or a is None else np.asarray(a)[rows]
     p, metric = params, params.primary_metric
     metrics = task_metrics(task, y, score, classes)
     if metric not in metrics:
@@ -529,7 +537,7 @@ def evaluate_gate(
     rules = [floor_rule(metrics, metric, p.min_primary),
              baseline_rule(metrics, task_metrics(task, y, baseline_score, classes), metric, p.baseline_margin),
              champion_rule(metrics, champion, metric, p.champion_tolerance),
-             slice_rule(y, score, champion_score, masks, metric, p.slice_tolerance, p.min_slice_size, p.bootstrap, seed, task, classes)]
+             slice_rule(at(y), at(score), at(champion_score), masks, metric, p.slice_tolerance, p.min_slice_size, p.bootstrap, seed, task, classes)]
     if p.deepchecks: rules.append(deepchecks_rule(suites or {}, p.deepchecks_allowed, effects))
     direction = "higher is better" if greater_is_better(metric) else "lower is better"
     return decide(rules) | {"compared_with": compared_with, "primary_metric": metric, "direction": direction, "task": task}
@@ -573,3 +581,71 @@ def with_extra_rules(gate: dict, rules: list, root: str | Path) -> dict:
     "`gate` (from `evaluate_gate`) decided again with the `evaluate.extra_rules` added to its rules."
     extra = [extra_rule(r, root) for r in check_extra_rules(rules)]
     return gate | decide(gate["rules"] + extra)
+
+# %% ../nbs/03_evaluate.ipynb #9534cf61
+def sample_positions(total: int, n_rows: int, seed: int=0) -> np.ndarray:
+    "Sorted positions of a seeded uniform sample of `n_rows` of `total` rows, without replacement (every row when `total <= n_rows`)."
+    if total <= n_rows: return np.arange(total)
+    rng, positions = np.random.default_rng(seed), np.array([], dtype="int64")
+    while len(positions) < n_rows:   # draws with replacement, repeats dropped, topped up: a uniform subset in O(n_rows) memory
+        positions = np.unique(np.concatenate([positions, rng.integers(0, total, n_rows - len(positions))]))
+    return positions
+
+def read_rows(path: str | Path, positions: np.ndarray, batch_rows: int=50_000) -> pd.DataFrame:
+    "The rows at sorted `positions` of the Parquet file at `path`, read `batch_rows` rows at a time."
+    from mlops_nb.scale import iter_batches
+    parts, start = [], 0
+    for df in iter_batches(path, batch_rows):
+        lo, hi = np.searchsorted(positions, [start, start + len(df)])
+        parts.append(df.iloc[positions[lo:hi] - start])
+        start += len(df)
+    return pd.concat(parts, ignore_index=True) if parts else pd.read_parquet(path)
+
+# %% ../nbs/03_evaluate.ipynb #f112e98a
+@dataclass
+class SplitRows:
+    "A split as evaluate reads it: the label of every row, and the frame of every row or of a seeded sample of them."
+    frame: pd.DataFrame                   # the rows the frame-based parts read (features and target)
+    y: pd.Series                          # the label of every row of the split
+    positions: np.ndarray | None = None   # `frame`'s rows among them (None: `frame` holds every row)
+    def at(self, a):
+        "Per-row array `a` (an entry for every row of the split) at `frame`'s rows."
+        return a if self.positions is None or a is None else np.asarray(a)[self.positions]
+
+def read_split(path: str | Path, target: str, sample_rows: int=0, seed: int=0) -> SplitRows:
+    "The split at `path`: whole (`sample_rows` 0), else its column `target` alone and a seeded sample of `sample_rows` rows."
+    if sample_rows < 0: raise MlopsError(f"evaluate.sample_rows must be 0 (every row) or more, got {sample_rows}")
+    if not sample_rows:
+        frame = pd.read_parquet(path)
+        return SplitRows(frame, frame[target])
+    from mlops_nb.scale import read_column
+    y = read_column(path, target)
+    positions = sample_positions(len(y), sample_rows, seed)
+    return SplitRows(pd.read_parquet(path) if len(positions) == len(y) else read_rows(path, positions), y, positions)
+
+# %% ../nbs/03_evaluate.ipynb #43cbb677
+def score_split(
+    score, split: SplitRows, path: str | Path, target: str, compute: "ComputeParams | None"=None,
+    X: pd.DataFrame | None=None,   # `split.frame` without `target`, when the caller holds it already (no second copy)
+) -> np.ndarray:
+    "`score` of every row of the split at `path`: of `split.frame` when it holds every row, else a row group per task on the cluster."
+    from mlops_nb.compute import score_data, score_partitions
+    if split.positions is None: return score_data(score, split.frame.drop(columns=[target]) if X is None else X, path, target, compute)
+    if compute is None or compute.engine != "dask": raise MlopsError("a sampled split is scored on a Dask cluster: set compute.engine to dask")
+    return score_partitions(path, target, score, compute)
+
+def baseline_scores(task: str, y_train: pd.Series, n_rows: int, seed: int=0) -> np.ndarray:
+    "The trivial baseline's `predict_scores` of `n_rows` test rows: the prior or the mean of the training labels needs no feature."
+    model = baseline_model(task, seed).fit(pd.DataFrame(index=range(len(y_train))), y_train)
+    return predict_scores(model, pd.DataFrame(index=range(n_rows)), task)
+
+# %% ../nbs/03_evaluate.ipynb #ae902bd1
+SAMPLED_PARTS = ["slices and their bootstrap intervals (the slice rule)", "deepchecks suites and the effects of their failed checks",
+                 "prediction profile", "calibration (estimates before labels)", "multivariate drift reference"]
+EVERY_ROW_PARTS = ["metrics", "curves", "champion and baseline metrics", "floor, baseline and champion rules"]
+
+def sample_record(test: SplitRows, train: SplitRows, seed: int=0) -> dict | None:
+    "What gate.json says of the sample (None: both splits read whole): its rows, of how many, what read it and what read every row."
+    if test.positions is None and train.positions is None: return None
+    return {"rows": len(test.frame), "of": len(test.y), "seed": seed, "used_for": SAMPLED_PARTS, "every_row": EVERY_ROW_PARTS,
+            "train": {"rows": len(train.frame), "of": len(train.y)}}

@@ -289,6 +289,7 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     from mlops_nb.registry import use_project_tracking
     project = copy_project(tmp_path / "project", {
         **TINY, "data": {"source": "synthetic", "n_rows": 3000}, "train": {"model": "lgbm_dask"}, "prepare": {"max_train_rows": 1000},
+        "evaluate": {**TINY["evaluate"], "sample_rows": 500},   # below the test split's ~750 rows: the frame-based parts read a sample
         "compute": {"engine": "dask", "scheduler": cluster["address"]},
         "infra": {**TINY["infra"], "service": True}, "register": {"promote_dirty": True},
         "serve": {"loadtest_seconds": 1.0, "budget_p99_ms": 60000.0, "budget_min_rps": 0.1}})
@@ -317,6 +318,14 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     test_split = pd.read_parquet(processed / "test.parquet")
     here = task_metrics("binary", test_split.churn, predict_scores(joblib.load(project / "models" / "model.joblib"), test_split.drop(columns="churn"), "binary"))
     assert json.loads((project / "reports" / "metrics" / "evaluate.json").read_text()) == pytest.approx(here, abs=1e-9, rel=0)
+    assert here["n"] == len(test_split) > 500   # every test row, not the sample
+    # the frame-based parts read a seeded sample of evaluate.sample_rows test rows, and gate.json says so
+    gate = json.loads((project / "reports" / "evaluate" / "gate.json").read_text())
+    assert gate["sample"]["rows"] == 500 and gate["sample"]["of"] == len(test_split), gate.get("sample")
+    assert "deepchecks suites and the effects of their failed checks" in gate["sample"]["used_for"] and "metrics" in gate["sample"]["every_row"]
+    slices = pd.read_csv(project / "reports" / "evaluate" / "slices.csv")
+    assert (slices.query("slice == 'overall'").n == 500).all(), slices.head()
+    assert "a seeded sample of 500 of them" in (project / "reports" / "notebooks" / "evaluate.ipynb").read_text()
     assert any("_score_part" in str(t["key"]) for t in stream.data)
     infra = json.loads((project / "reports" / "infra" / "infra.json").read_text())
     assert all(c["passed"] for c in infra["checks"]) and any("load test" in c["check"] for c in infra["checks"]), infra["checks"]
