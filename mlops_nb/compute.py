@@ -23,7 +23,8 @@ from .scale import (ScaleError, dask_client, drift_column, hash_train_rows, keep
 __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset_column', 'row_groups', 'read_partition',
            'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
            'validate_data', 'profile_data', 'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask',
-           'fit_parquet_dask', 'compute_client', 'fit_all_rows', 'score_partitions', 'score_data']
+           'fit_parquet_dask', 'compute_client', 'fit_all_rows', 'score_partitions', 'score_data', 'check_dask_source',
+           'monitor_dask']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -306,3 +307,125 @@ def score_partitions(url: str | Path, target: str, score, compute: ComputeParams
 def score_data(score, X: pd.DataFrame, path: str | Path, target: str, compute: ComputeParams | None=None) -> np.ndarray:
     "`score(X)`, or (`compute.engine: dask`) `score_partitions` of the Parquet file at `path`, whose rows without `target` are `X`."
     return score_partitions(path, target, score, compute) if _dask(compute) else np.asarray(score(X))
+
+# %% ../nbs/33_compute.ipynb #168a67f8
+_DASK_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "memory")   # what fsspec reads for the workers
+
+def check_dask_source(
+    data: str | Path,            # the batch `mlops-nb monitor --data` names
+    since: str | None=None,      # --since: a window of the batch
+    last: int | None=None,       # --last
+    labels: str | Path | None=None,  # --labels
+) -> None:
+    "Refuse in one line what `monitor_dask` cannot monitor: CSV or SQL data, a window of the batch, labels."
+    from mlops_nb.core import mask
+    text = str(data)
+    scheme = text.split("://")[0] if "://" in text else None
+    if (scheme is not None and scheme not in _DASK_SCHEMES) or (scheme is None and Path(text).suffix.lower() in (".csv", ".tsv", ".txt")):
+        raise ScaleError(f"compute.engine dask monitors Parquet data (a file, a folder or an s3:// prefix), not {mask(text)}: "
+                         "convert it, or use --engine local")
+    if since or last: raise ScaleError("--since and --last select a window of the prediction log: with --engine dask the whole --data "
+                                       "batch is monitored (or use --engine local)")
+    if labels: raise ScaleError("--labels with --engine dask: realized metrics join the labels with the records on this machine; "
+                                "use --engine local, or monitor the prediction log (--log-dir)")
+
+# %% ../nbs/33_compute.ipynb #ef9f5f1c
+def _window_part(dtypes: dict, logged: list, keys: list, below: float, seed: int, job: tuple) -> dict:
+    """A Dask task: what `monitor_dask` needs of row group `job` (number, first row, part) beyond the column checks: its
+    logged outputs, version-mix counts, first and last `ts`, and its rows whose random key is below `below` (a uniform sample)."""
+    i, first, part = job
+    df = read_partition(part, dtypes)
+    u = np.random.default_rng([seed, i]).random(len(df))
+    pick = np.flatnonzero(u < below)
+    ts = pd.to_datetime(df["ts"]) if "ts" in df else None
+    return {"outputs": df[logged] if logged else None, "mix": df.groupby(keys, dropna=False, observed=True).size() if keys else None,
+            "span": (ts.min(), ts.max()) if ts is not None and len(ts) else None,
+            "sample": df.iloc[pick].assign(_u=u[pick], _row=first + pick)}
+
+def _merge_window(parts, keys: list, n: int, sample_rows: int) -> tuple:
+    "(logged outputs or None, version mix, span, sample of at most `sample_rows` records in order) from the `_window_part`s, in order."
+    outputs, mixes, spans, sample = [], [], [], None
+    for p in parts:
+        if p["outputs"] is not None: outputs.append(p["outputs"])
+        if p["mix"] is not None: mixes.append(p["mix"])
+        if p["span"] is not None: spans.append(p["span"])
+        sample = p["sample"] if sample is None else pd.concat([sample, p["sample"]])
+        if len(sample) > sample_rows: sample = sample.nsmallest(sample_rows, "_u")
+    mix = pd.DataFrame(columns=["records", "share"])
+    if keys:
+        mix = pd.concat(mixes).groupby(level=list(range(len(keys))), dropna=False).sum().rename("records").reset_index()
+        mix = mix.assign(share=mix.records / n).sort_values(["records", *keys], ascending=False, ignore_index=True)
+    span = {"first": str(min(s[0] for s in spans)), "last": str(max(s[1] for s in spans))} if spans else {}
+    return (pd.concat(outputs, ignore_index=True) if outputs else None), mix, span, sample.sort_values("_row").reset_index(drop=True)
+
+def _model_outputs(model, X: pd.DataFrame) -> np.ndarray:
+    "A Dask task's scoring: `train.model_output` of the model's inputs of `X`, the columns it was fitted on."
+    from mlops_nb.monitor import model_inputs
+    from mlops_nb.train import model_output
+    X = model_inputs(X)
+    return model_output(model, X[[str(c) for c in getattr(model, "feature_names_in_", X.columns)]])
+
+# %% ../nbs/33_compute.ipynb #17355453
+def monitor_dask(
+    url: str | Path,             # the batch: Parquet, a file, a folder or an s3:// prefix
+    reference: "Profile",        # the version's training-feature profile
+    params: "Params",            # validate.*, monitor.*, evaluate.primary_metric, base.target, base.seed
+    compute: ComputeParams,      # the cluster (`compute.scheduler`, else $DASK_SCHEDULER_ADDRESS, else a LocalCluster)
+    schema=None, prediction_reference=None, offline: dict | None=None, model=None, calibration=None, multivariate=None,  # as `monitor.monitor`
+    sample_rows: int=100_000,    # records of the uniform sample the driver keeps (multivariate drift, a regressor's error estimate)
+    window: int=4,               # row groups in flight at once
+) -> tuple:
+    "(`monitor.monitor`'s report of the batch at `url`, its column checks and scoring as Dask tasks; the sample of records it kept)."
+    from dataclasses import replace
+    from mlops_nb import monitor as mon
+    from mlops_nb.drift import detect_drift, multivariate_drift
+    from mlops_nb.predlog import META_COLUMNS
+    files = parquet_files(url)
+    dtypes, parts, lengths = row_groups(url)
+    n, names = sum(lengths), list(dtypes)
+    if not n: raise mon.MlopsError(f"the window is empty: no records in {url}")
+    if n < params.monitor.min_rows:
+        raise mon.MlopsError(f"the window has {n} records, fewer than monitor.min_rows={params.monitor.min_rows}: too few to judge drift")
+    inputs = [c for c in names if c not in META_COLUMNS and not c.startswith("proba_")]
+    logged = [c for c in names if c == "prediction" or c.startswith("proba_")]
+    keys = [c for c in ("model_name", "model_version", "variant") if c in names]
+    notes, scored, result, alerts = [], [], None, []
+    with dask_client(scheduler_address(compute)) as client:
+        compute = replace(compute, scheduler=client.scheduler.address)   # the helpers below use this cluster
+        if schema is not None:
+            cols = DatasetColumns(files, client)
+            cols.names = inputs                  # the model's inputs, as `monitor` checks them
+            result = validate_columns(cols, schema)
+            alerts = mon.skew_alerts(result, params.base.target, params.monitor.max_anomaly_share)
+        drift = drift_data(reference, url, params.validate, compute)
+        jobs = list(zip(range(len(parts)), np.cumsum([0, *lengths[:-1]]).tolist(), parts))
+        task = functools.partial(_window_part, dtypes, logged, keys, min(1.0, 1.2 * sample_rows / n), params.base.seed)
+        outputs, mix, span, sample = _merge_window(ordered_map(client, task, jobs, window), keys, n, sample_rows)
+        outputs = mon.model_outputs(outputs) if outputs is not None else pd.DataFrame(index=range(n))
+        if not logged and model is not None and prediction_reference is not None:
+            try: outputs = mon.outputs_frame(score_partitions(url, params.base.target, functools.partial(_model_outputs, model), compute, window),
+                                             list(getattr(model, "classes_", [])))
+            except ScaleError: raise
+            except Exception as e: scored.append(f"the model could not score the batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+    predictions = detect_drift(prediction_reference, mon._encoded(outputs, prediction_reference), params.validate) \
+        if prediction_reference is not None and len(outputs.columns) else None
+    if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
+    notes += scored
+    if predictions is None:
+        notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
+                                                         else "the window holds no predictions"))
+    rows, sampled = sample.pop("_row").to_numpy(), mon.model_inputs(sample.drop(columns="_u"))
+    if isinstance(calibration, mon.ErrorModel) and "prediction" in outputs:
+        estimated = mon.estimate_error(sampled, outputs.prediction.to_numpy(float)[rows], calibration, seed=params.base.seed) | {"n": n}
+    else: estimated = mon._estimate(outputs, sampled, calibration, params, notes)
+    guess = mon._estimate_reason(estimated, False, params, notes)
+    joint = None
+    if multivariate is None: notes.append("multivariate drift not checked: the version stores no PCA of its training features")
+    elif missing := [c for c in multivariate.columns if c not in sampled]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
+    else: joint = multivariate_drift(multivariate, sampled, seed=params.base.seed) | {"n": n}
+    notes.append(f"engine dask: the schema checks, the feature drift{' and the scoring' if not logged and model is not None else ''} ran as "
+                 f"Dask tasks on {len(parts)} row groups of {n} records; the multivariate drift"
+                 f"{' and the error estimate' if isinstance(calibration, mon.ErrorModel) else ''} come from a uniform sample of {len(sample)} records")
+    decision, reasons = mon._decide(drift, predictions, alerts, guess, joint)
+    return mon.MonitorReport(decision, reasons, n, drift, result, alerts, mix, predictions, None, offline, notes, span,
+                             estimated=estimated, multivariate=joint), sample
