@@ -414,7 +414,8 @@ def monitor_dask(
     if predictions is None:
         notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
                                                          else "the window holds no predictions"))
-    rows, sampled = sample.pop("_row").to_numpy(), mon.model_inputs(sample.drop(columns="_u"))
+    rows, sample = sample["_row"].to_numpy(), sample.drop(columns=["_u", "_row"])
+    sampled = mon.model_inputs(sample)
     if isinstance(calibration, mon.ErrorModel) and "prediction" in outputs:
         estimated = mon.estimate_error(sampled, outputs.prediction.to_numpy(float)[rows], calibration, seed=params.base.seed) | {"n": n}
     else: estimated = mon._estimate(outputs, sampled, calibration, params, notes)
