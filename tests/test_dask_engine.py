@@ -327,9 +327,12 @@ def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
         report = tmp_path / out / "monitor.json"
         return r, json.loads(report.read_text()) if report.exists() else None
 
+    started = time.perf_counter()
     with get_task_stream(client=cluster["watcher"]) as stream:
         there, dask_report = monitor("dask", cluster["s3"], "dask")
+    seconds = [time.perf_counter() - started]
     here, local_report = monitor("local", cluster["local"], "local")
+    seconds.append(time.perf_counter() - started - seconds[0])
     assert there.returncode == here.returncode == dask_report["exit_code"] and there.returncode in (0, 4), there.stdout + there.stderr
     assert dask_report["n_records"] == local_report["n_records"] == ROWS // FILES * FILES
     for key in ("drift", "schema", "predictions", "metrics", "decision", "reasons", "version_mix", "window", "multivariate"):
@@ -344,6 +347,8 @@ def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
     assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
     driver, whole = int(there.stdout.split()[-1]), int(here.stdout.split()[-1])
     assert driver < whole / 2, (driver, whole)   # the local engine holds the batch; the Dask driver its outputs and a sample
+    print(f"monitor of {ROWS} rows: dask driver peak {driver / 2**20:.0f} MiB in {seconds[0]:.1f} s, local {whole / 2**20:.0f} MiB "
+          f"in {seconds[1]:.1f} s; worker peaks {sorted(round(p / 2**20) for p in peaks.values())} MiB")   # figures, not asserted
 
     r, report = monitor("dask", cluster["s3"], "unreachable", scheduler=f"tcp://127.0.0.1:{free_port()}")
     assert r.returncode == 1 and report is None and "error: cannot reach the Dask scheduler at tcp://127.0.0.1:" in r.stderr, r.stderr
