@@ -24,7 +24,7 @@ __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset
            'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
            'validate_data', 'profile_data', 'drift_data', 'split_data', 'fit_dask', 'cluster_client', 'tune_dask',
            'fit_parquet_dask', 'compute_client', 'fit_all_rows', 'score_partitions', 'score_data', 'check_dask_source',
-           'monitor_dask']
+           'MonitorPasses', 'monitor_passes']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -330,8 +330,10 @@ def check_dask_source(
                                 "use --engine local, or monitor the prediction log (--log-dir)")
 
 # %% ../nbs/33_compute.ipynb #ef9f5f1c
+from dataclasses import dataclass, replace
+
 def _window_part(dtypes: dict, logged: list, keys: list, below: float, seed: int, job: tuple) -> dict:
-    """A Dask task: what `monitor_dask` needs of row group `job` (number, first row, part) beyond the column checks: its
+    """A Dask task: what `monitor_passes` needs of row group `job` (number, first row, part) beyond the column checks: its
     logged outputs, version-mix counts, first and last `ts`, and its rows whose random key is below `below` (a uniform sample)."""
     i, first, part = job
     df = read_partition(part, dtypes)
@@ -358,75 +360,58 @@ def _merge_window(parts, keys: list, n: int, sample_rows: int) -> tuple:
     span = {"first": str(min(s[0] for s in spans)), "last": str(max(s[1] for s in spans))} if spans else {}
     return (pd.concat(outputs, ignore_index=True) if outputs else None), mix, span, sample.sort_values("_row").reset_index(drop=True)
 
-def _model_outputs(model, X: pd.DataFrame) -> np.ndarray:
-    "A Dask task's scoring: `train.model_output` of the model's inputs of `X`, the columns it was fitted on."
-    from mlops_nb.monitor import model_inputs
-    from mlops_nb.train import model_output
-    X = model_inputs(X)
-    return model_output(model, X[[str(c) for c in getattr(model, "feature_names_in_", X.columns)]])
+@dataclass
+class MonitorPasses:
+    "What `monitor_passes` found in a batch on the cluster."
+    n: int                        # records
+    row_groups: int               # tasks per pass over the rows
+    schema: object                # `ValidationResult` of the model's inputs (None: no schema given)
+    drift: object                 # `DriftReport` of the features
+    logged: pd.DataFrame | None   # the batch's own `prediction` and `proba_*` columns (None: it has none)
+    scores: np.ndarray | None     # `score` of every record, in order (None: not scored)
+    score_failure: str | None     # why `score` failed (None: it did not)
+    mix: pd.DataFrame             # records and share per model_name, model_version, variant present
+    span: dict                    # first and last `ts` ({}: no ts column)
+    sample: pd.DataFrame          # a uniform sample of the records, in order
+    sample_rows: np.ndarray       # their positions in the batch
 
 # %% ../nbs/33_compute.ipynb #17355453
-def monitor_dask(
+def monitor_passes(
     url: str | Path,             # the batch: Parquet, a file, a folder or an s3:// prefix
     reference: "Profile",        # the version's training-feature profile
-    params: "Params",            # validate.*, monitor.*, evaluate.primary_metric, base.target, base.seed
+    params: ValidateParams,      # drift thresholds
     compute: ComputeParams,      # the cluster (`compute.scheduler`, else $DASK_SCHEDULER_ADDRESS, else a LocalCluster)
-    schema=None, prediction_reference=None, offline: dict | None=None, model=None, calibration=None, multivariate=None,  # as `monitor.monitor`
-    sample_rows: int=100_000,    # records of the uniform sample the driver keeps (multivariate drift, a regressor's error estimate)
+    schema=None,                 # the version's schema (None: not checked)
+    meta: list | tuple=(),       # columns that are not model inputs (the prediction log's metadata)
+    score=None,                  # X -> the model's outputs (an array), run a row group per task when the batch holds no `prediction`
+    target: str="",              # the label column, left out of what `score` sees
+    sample_rows: int=100_000,    # records of the uniform sample the driver keeps
+    seed: int=0,
+    min_rows: int=1,             # fewer records: refused (`monitor.min_rows`)
     window: int=4,               # row groups in flight at once
-) -> tuple:
-    "(`monitor.monitor`'s report of the batch at `url`, its column checks and scoring as Dask tasks; the sample of records it kept)."
-    from dataclasses import replace
-    from mlops_nb import monitor as mon
-    from mlops_nb.drift import detect_drift, multivariate_drift
-    from mlops_nb.predlog import META_COLUMNS
+) -> MonitorPasses:
+    "The passes of `monitor.monitor_dask` over the Parquet batch at `url`, as Dask tasks: the driver never holds the batch."
     files = parquet_files(url)
     dtypes, parts, lengths = row_groups(url)
     n, names = sum(lengths), list(dtypes)
-    if not n: raise mon.MlopsError(f"the window is empty: no records in {url}")
-    if n < params.monitor.min_rows:
-        raise mon.MlopsError(f"the window has {n} records, fewer than monitor.min_rows={params.monitor.min_rows}: too few to judge drift")
-    inputs = [c for c in names if c not in META_COLUMNS and not c.startswith("proba_")]
+    if not n: raise ScaleError(f"the window is empty: no records in {url}")
+    if n < min_rows: raise ScaleError(f"the window has {n} records, fewer than monitor.min_rows={min_rows}: too few to judge drift")
     logged = [c for c in names if c == "prediction" or c.startswith("proba_")]
     keys = [c for c in ("model_name", "model_version", "variant") if c in names]
-    notes, scored, result, alerts = [], [], None, []
+    result = scores = failure = None
     with dask_client(scheduler_address(compute)) as client:
         compute = replace(compute, scheduler=client.scheduler.address)   # the helpers below use this cluster
         if schema is not None:
             cols = DatasetColumns(files, client)
-            cols.names = inputs                  # the model's inputs, as `monitor` checks them
+            cols.names = [c for c in names if c not in meta and not c.startswith("proba_")]   # the model's inputs, as `monitor` checks them
             result = validate_columns(cols, schema)
-            alerts = mon.skew_alerts(result, params.base.target, params.monitor.max_anomaly_share)
-        drift = drift_data(reference, url, params.validate, compute)
+        drift = drift_data(reference, url, params, compute)
         jobs = list(zip(range(len(parts)), np.cumsum([0, *lengths[:-1]]).tolist(), parts))
-        task = functools.partial(_window_part, dtypes, logged, keys, min(1.0, 1.2 * sample_rows / n), params.base.seed)
+        task = functools.partial(_window_part, dtypes, logged, keys, min(1.0, 1.2 * sample_rows / n), seed)
         outputs, mix, span, sample = _merge_window(ordered_map(client, task, jobs, window), keys, n, sample_rows)
-        outputs = mon.model_outputs(outputs) if outputs is not None else pd.DataFrame(index=range(n))
-        if not logged and model is not None and prediction_reference is not None:
-            try: outputs = mon.outputs_frame(score_partitions(url, params.base.target, functools.partial(_model_outputs, model), compute, window),
-                                             list(getattr(model, "classes_", [])))
+        if not logged and score is not None:
+            try: scores = score_partitions(url, target, score, compute, window)
             except ScaleError: raise
-            except Exception as e: scored.append(f"the model could not score the batch ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
-    predictions = detect_drift(prediction_reference, mon._encoded(outputs, prediction_reference), params.validate) \
-        if prediction_reference is not None and len(outputs.columns) else None
-    if schema is None: notes.append("schema skew not checked: the version stores no schema.yaml")
-    notes += scored
-    if predictions is None:
-        notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
-                                                         else "the window holds no predictions"))
-    rows, sample = sample["_row"].to_numpy(), sample.drop(columns=["_u", "_row"])
-    sampled = mon.model_inputs(sample)
-    if isinstance(calibration, mon.ErrorModel) and "prediction" in outputs:
-        estimated = mon.estimate_error(sampled, outputs.prediction.to_numpy(float)[rows], calibration, seed=params.base.seed) | {"n": n}
-    else: estimated = mon._estimate(outputs, sampled, calibration, params, notes)
-    guess = mon._estimate_reason(estimated, False, params, notes)
-    joint = None
-    if multivariate is None: notes.append("multivariate drift not checked: the version stores no PCA of its training features")
-    elif missing := [c for c in multivariate.columns if c not in sampled]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
-    else: joint = multivariate_drift(multivariate, sampled, seed=params.base.seed) | {"n": n}
-    notes.append(f"engine dask: the schema checks, the feature drift{' and the scoring' if not logged and model is not None else ''} ran as "
-                 f"Dask tasks on {len(parts)} row groups of {n} records; the multivariate drift"
-                 f"{' and the error estimate' if isinstance(calibration, mon.ErrorModel) else ''} come from a uniform sample of {len(sample)} records")
-    decision, reasons = mon._decide(drift, predictions, alerts, guess, joint)
-    return mon.MonitorReport(decision, reasons, n, drift, result, alerts, mix, predictions, None, offline, notes, span,
-                             estimated=estimated, multivariate=joint), sample
+            except Exception as e: failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return MonitorPasses(n, len(parts), result, drift, outputs, scores, failure, mix, span,
+                         sample.drop(columns=["_u", "_row"]), sample["_row"].to_numpy())

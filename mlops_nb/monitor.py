@@ -28,7 +28,8 @@ __all__ = ['EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES', 'parse_du
            'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map', 'fit_calibration',
            'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model', 'estimate_error',
            'MonitorReport', 'monitor', 'version_references', 'plot_metrics', 'plot_version_mix', 'write_monitor_report',
-           'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version', 'monitor_project']
+           'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version', 'monitor_project',
+           'monitor_dask']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 from .core import ExitCode
@@ -965,3 +966,51 @@ def monitor_project(
     path = write_monitor_report(report, out if out is not None else paths.reports / "monitor",
                                 {"model": uri, "source": source, "labels": str(labels) if labels else None})
     return MonitoredWindow(report, window, match.labels if match is not None else None, uri, path)
+
+# %% ../nbs/23_monitor.ipynb #a2369ba5
+def _model_scores(model, X: pd.DataFrame) -> np.ndarray:
+    "A Dask task's scoring: `train.model_output` of the model's inputs of `X`, the columns it was fitted on."
+    from mlops_nb.train import model_output
+    X = model_inputs(X)
+    return model_output(model, X[[str(c) for c in getattr(model, "feature_names_in_", X.columns)]])
+
+def monitor_dask(
+    url: str | Path,              # the batch: Parquet, a file, a folder or an s3:// prefix
+    reference: Profile,           # the version's training-feature profile
+    params: Params,               # validate.*, monitor.*, evaluate.primary_metric, base.target, base.seed
+    compute: ComputeParams,       # the cluster (`compute.scheduler`, else $DASK_SCHEDULER_ADDRESS, else a LocalCluster)
+    schema: Schema | None = None, prediction_reference: Profile | None = None, offline: dict | None = None, model=None,
+    calibration: Calibration | ErrorModel | None = None, multivariate: Multivariate | None = None,   # as `monitor`
+    sample_rows: int = 100_000,   # records of the uniform sample the driver keeps (multivariate drift, a regressor's error estimate)
+) -> tuple[MonitorReport, pd.DataFrame]:
+    "(`monitor`'s report of the batch at `url`, read by `compute.monitor_passes` on the cluster; the sample of records it kept)."
+    import functools
+    from mlops_nb.compute import monitor_passes
+    score = functools.partial(_model_scores, model) if model is not None and prediction_reference is not None else None
+    p = monitor_passes(url, reference, params.validate, compute, schema, META_COLUMNS, score, params.base.target, sample_rows, params.base.seed,
+                       params.monitor.min_rows)
+    alerts = skew_alerts(p.schema, params.base.target, params.monitor.max_anomaly_share) if p.schema is not None else []
+    outputs = (model_outputs(p.logged) if p.logged is not None else outputs_frame(p.scores, list(getattr(model, "classes_", [])))
+               if p.scores is not None else pd.DataFrame(index=range(p.n)))
+    predictions = detect_drift(prediction_reference, _encoded(outputs, prediction_reference), params.validate) \
+        if prediction_reference is not None and len(outputs.columns) else None
+    notes = ["schema skew not checked: the version stores no schema.yaml"] if schema is None else []
+    if p.score_failure: notes.append(f"the model could not score the batch ({p.score_failure})")
+    if predictions is None:
+        notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
+                                                         else "the window holds no predictions"))
+    sampled = model_inputs(p.sample)
+    if isinstance(calibration, ErrorModel) and "prediction" in outputs:
+        estimated = estimate_error(sampled, outputs.prediction.to_numpy(float)[p.sample_rows], calibration, seed=params.base.seed) | {"n": p.n}
+    else: estimated = _estimate(outputs, sampled, calibration, params, notes)
+    guess = _estimate_reason(estimated, False, params, notes)
+    joint = None
+    if multivariate is None: notes.append("multivariate drift not checked: the version stores no PCA of its training features")
+    elif missing := [c for c in multivariate.columns if c not in sampled]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
+    else: joint = multivariate_drift(multivariate, sampled, seed=params.base.seed) | {"n": p.n}
+    notes.append(f"engine dask: the schema checks, the feature drift{' and the scoring' if p.scores is not None else ''} ran as Dask tasks on "
+                 f"{p.row_groups} row groups of {p.n} records; the multivariate drift{' and the error estimate' if isinstance(calibration, ErrorModel) else ''} "
+                 f"come from a uniform sample of {len(p.sample)} records")
+    decision, reasons = _decide(p.drift, predictions, alerts, guess, joint)
+    return MonitorReport(decision, reasons, p.n, p.drift, p.schema, alerts, p.mix, predictions, None, offline, notes, p.span,
+                         estimated=estimated, multivariate=joint), p.sample
