@@ -317,7 +317,7 @@ def check_dask_source(
     last: int | None=None,       # --last
     labels: str | Path | None=None,  # --labels
 ) -> None:
-    "Refuse in one line what `monitor_dask` cannot monitor: CSV or SQL data, a window of the batch, labels."
+    "Refuse in one line what `monitor.monitor_dask` cannot monitor: CSV or SQL data, a window of the batch, labels."
     from mlops_nb.core import mask
     text = str(data)
     scheme = text.split("://")[0] if "://" in text else None

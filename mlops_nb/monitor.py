@@ -938,7 +938,7 @@ def monitor_project(
     labels: str | Path | None = None,   # a labels file: request_id, record, label (`match_labels`)
     model: str | None = None,     # the version to compare with (default: the champion)
     out: str | Path | None = None,  # the report's folder (default: reports/monitor)
-    compute: ComputeParams | None = None,  # engine dask: a `data` batch monitored as Dask tasks (`compute.monitor_dask`); a log window stays here
+    compute: ComputeParams | None = None,  # engine dask: a `data` batch monitored as Dask tasks (`monitor_dask`); a log window stays here
 ) -> MonitoredWindow:
     "Monitor a window of the project's traffic against `model` and write the report."
     from mlops_nb.registry import load_model_dir, use_project_tracking
@@ -953,8 +953,7 @@ def monitor_project(
         match = match_labels(window, read_table(labels), read_prediction_log(log_dir, columns=["request_id", "record"]) if data is None else None)
     use_project_tracking(paths.root)
     uri, folder = monitored_version(model or f"models:/{params.register.model_name}@champion")
-    if on_cluster:
-        from mlops_nb.compute import monitor_dask
+    if on_cluster:   # `monitor_dask`: below
         report, window = monitor_dask(data, **version_references(folder, uri), params=params, compute=compute, model=load_model_dir(folder))
     else:
         scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it

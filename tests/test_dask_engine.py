@@ -333,6 +333,7 @@ def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
     seconds = [time.perf_counter() - started]
     here, local_report = monitor("local", cluster["local"], "local")
     seconds.append(time.perf_counter() - started - seconds[0])
+    assert dask_report is not None and local_report is not None, there.stderr[-3000:] + here.stderr[-3000:]
     assert there.returncode == here.returncode == dask_report["exit_code"] and there.returncode in (0, 4), there.stdout + there.stderr
     assert dask_report["n_records"] == local_report["n_records"] == ROWS // FILES * FILES
     for key in ("drift", "schema", "predictions", "decision", "reasons", "version_mix", "window", "multivariate"):
