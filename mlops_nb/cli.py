@@ -420,7 +420,7 @@ def print_monitored(m) -> None:
 def _monitor_arguments(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--log-dir", help="prediction log folder (default: serve.log_dir)")
-    src.add_argument("--data", type=Path, help="a CSV/Parquet batch file instead of the log")
+    src.add_argument("--data", help="a CSV/Parquet batch file instead of the log (--engine dask: Parquet, a file, folder or s3:// prefix)")
     win = p.add_mutually_exclusive_group()
     win.add_argument("--since", help="records since a duration ago (30m, 1h, 2d) or an ISO time (UTC unless it says)")
     win.add_argument("--last", type=int, help="the last N records")
@@ -428,6 +428,9 @@ def _monitor_arguments(p) -> None:
     p.add_argument("--model", help="model URI or folder (default: models:/<register.model_name>@champion)")
     p.add_argument("--out", type=Path, help="report folder (default: reports/monitor)")
     p.add_argument("--no-notebook", action="store_true", help="skip the executed monitoring notebook (pipeline/monitor.ipynb) beside the report")
+    p.add_argument("--engine", choices=["local", "dask"], help="dask: a --data Parquet batch checked, drift-scored and scored as tasks on the cluster "
+                   "compute.scheduler names ($DASK_SCHEDULER_ADDRESS, else a LocalCluster); a prediction-log window (--log-dir) stays on "
+                   "this machine, bounded by the window (default: compute.engine)")
 
 @command("monitor", _monitor_arguments, help="compare a window of traffic with the champion's references: drift, schema skew, versions, metrics",
          epilog=exit_epilog({ExitCode.OK: "none", ExitCode.RETRAIN: "retrain (value skew, prediction drift, or the realized primary "
@@ -435,9 +438,11 @@ def _monitor_arguments(p) -> None:
                              ExitCode.ERROR: "an error"}))
 def cmd_monitor(args) -> int:
     "Compare a window of traffic with the champion's references; exit 0 none, 4 retrain, 5 alert, 1 an error."
+    import dataclasses
     from mlops_nb.monitor import monitor_project
     paths, params = _project()
-    m = monitor_project(paths, params, args.log_dir, args.data, args.since, args.last, args.labels, args.model, args.out)
+    m = monitor_project(paths, params, args.log_dir, args.data, args.since, args.last, args.labels, args.model, args.out,
+                        compute=dataclasses.replace(params.compute, engine=args.engine or params.compute.engine))
     print_monitored(m)
     if not args.no_notebook:
         from mlops_nb.monitor import monitor_notebook

@@ -24,7 +24,7 @@ __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset
            'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
            'validate_data', 'profile_data', 'drift_data', 'split_data', 'parquet_source', 'ingest_dask', 'ingest_data',
            'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client', 'fit_all_rows',
-           'score_partitions', 'score_data']
+           'score_partitions', 'score_data', 'check_dask_source', 'MonitorPasses', 'monitor_passes']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -383,3 +383,111 @@ def score_partitions(url: str | Path, target: str, score, compute: ComputeParams
 def score_data(score, X: pd.DataFrame, path: str | Path, target: str, compute: ComputeParams | None=None) -> np.ndarray:
     "`score(X)`, or (`compute.engine: dask`) `score_partitions` of the Parquet file at `path`, whose rows without `target` are `X`."
     return score_partitions(path, target, score, compute) if _dask(compute) else np.asarray(score(X))
+
+# %% ../nbs/33_compute.ipynb #168a67f8
+_DASK_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "memory")   # what fsspec reads for the workers
+
+def check_dask_source(
+    data: str | Path,            # the batch `mlops-nb monitor --data` names
+    since: str | None=None,      # --since: a window of the batch
+    last: int | None=None,       # --last
+    labels: str | Path | None=None,  # --labels
+) -> None:
+    "Refuse in one line what `monitor.monitor_dask` cannot monitor: CSV or SQL data, a window of the batch, labels."
+    from mlops_nb.core import mask
+    text = str(data)
+    scheme = text.split("://")[0] if "://" in text else None
+    if (scheme is not None and scheme not in _DASK_SCHEMES) or (scheme is None and Path(text).suffix.lower() in (".csv", ".tsv", ".txt")):
+        raise ScaleError(f"compute.engine dask monitors Parquet data (a file, a folder or an s3:// prefix), not {mask(text)}: "
+                         "convert it, or use --engine local")
+    if since or last: raise ScaleError("--since and --last select a window of the prediction log: with --engine dask the whole --data "
+                                       "batch is monitored (or use --engine local)")
+    if labels: raise ScaleError("--labels with --engine dask: realized metrics join the labels with the records on this machine; "
+                                "use --engine local, or monitor the prediction log (--log-dir)")
+
+# %% ../nbs/33_compute.ipynb #ef9f5f1c
+from dataclasses import dataclass, replace
+
+def _window_part(dtypes: dict, logged: list, keys: list, below: float, seed: int, job: tuple) -> dict:
+    """A Dask task: what `monitor_passes` needs of row group `job` (number, first row, part) beyond the column checks: its
+    logged outputs, version-mix counts, first and last `ts`, and its rows whose random key is below `below` (a uniform sample)."""
+    i, first, part = job
+    df = read_partition(part, dtypes)
+    u = np.random.default_rng([seed, i]).random(len(df))
+    pick = np.flatnonzero(u < below)
+    ts = pd.to_datetime(df["ts"]) if "ts" in df else None
+    return {"outputs": df[logged] if logged else None, "mix": df.groupby(keys, dropna=False, observed=True).size() if keys else None,
+            "span": (ts.min(), ts.max()) if ts is not None and len(ts) else None,
+            "sample": df.iloc[pick].assign(_u=u[pick], _row=first + pick)}
+
+def _merge_window(parts, keys: list, n: int, sample_rows: int) -> tuple:
+    "(logged outputs or None, version mix, span, sample of at most `sample_rows` records in order) from the `_window_part`s, in order."
+    outputs, mixes, spans, sample = [], [], [], None
+    for p in parts:
+        if p["outputs"] is not None: outputs.append(p["outputs"])
+        if p["mix"] is not None: mixes.append(p["mix"])
+        if p["span"] is not None: spans.append(p["span"])
+        sample = p["sample"] if sample is None else pd.concat([sample, p["sample"]])
+        if len(sample) > sample_rows: sample = sample.nsmallest(sample_rows, "_u")
+    mix = pd.DataFrame(columns=["records", "share"])
+    if keys:
+        mix = pd.concat(mixes).groupby(level=list(range(len(keys))), dropna=False).sum().rename("records").reset_index()
+        mix = mix.assign(share=mix.records / n).sort_values(["records", *keys], ascending=False, ignore_index=True)
+    span = {"first": str(min(s[0] for s in spans)), "last": str(max(s[1] for s in spans))} if spans else {}
+    return (pd.concat(outputs, ignore_index=True) if outputs else None), mix, span, sample.sort_values("_row").reset_index(drop=True)
+
+@dataclass
+class MonitorPasses:
+    "What `monitor_passes` found in a batch on the cluster."
+    n: int                        # records
+    row_groups: int               # tasks per pass over the rows
+    schema: object                # `ValidationResult` of the model's inputs (None: no schema given)
+    drift: object                 # `DriftReport` of the features
+    logged: pd.DataFrame | None   # the batch's own `prediction` and `proba_*` columns (None: it has none)
+    scores: np.ndarray | None     # `score` of every record, in order (None: not scored)
+    score_failure: str | None     # why `score` failed (None: it did not)
+    mix: pd.DataFrame             # records and share per model_name, model_version, variant present
+    span: dict                    # first and last `ts` ({}: no ts column)
+    sample: pd.DataFrame          # a uniform sample of the records, in order
+    sample_rows: np.ndarray       # their positions in the batch
+
+# %% ../nbs/33_compute.ipynb #17355453
+def monitor_passes(
+    url: str | Path,             # the batch: Parquet, a file, a folder or an s3:// prefix
+    reference: "Profile",        # the version's training-feature profile
+    params: ValidateParams,      # drift thresholds
+    compute: ComputeParams,      # the cluster (`compute.scheduler`, else $DASK_SCHEDULER_ADDRESS, else a LocalCluster)
+    schema=None,                 # the version's schema (None: not checked)
+    meta: list | tuple=(),       # columns that are not model inputs (the prediction log's metadata)
+    score=None,                  # X -> the model's outputs (an array), run a row group per task when the batch holds no `prediction`
+    target: str="",              # the label column, left out of what `score` sees
+    sample_rows: int=100_000,    # records of the uniform sample the driver keeps
+    seed: int=0,
+    min_rows: int=1,             # fewer records: refused (`monitor.min_rows`)
+    window: int=4,               # row groups in flight at once
+) -> MonitorPasses:
+    "The passes of `monitor.monitor_dask` over the Parquet batch at `url`, as Dask tasks: the driver never holds the batch."
+    files = parquet_files(url)
+    dtypes, parts, lengths = row_groups(url)
+    n, names = sum(lengths), list(dtypes)
+    if not n: raise ScaleError(f"the window is empty: no records in {url}")
+    if n < min_rows: raise ScaleError(f"the window has {n} records, fewer than monitor.min_rows={min_rows}: too few to judge drift")
+    logged = [c for c in names if c == "prediction" or c.startswith("proba_")]
+    keys = [c for c in ("model_name", "model_version", "variant") if c in names]
+    result = scores = failure = None
+    with dask_client(scheduler_address(compute)) as client:
+        compute = replace(compute, scheduler=client.scheduler.address)   # the helpers below use this cluster
+        if schema is not None:
+            cols = DatasetColumns(files, client)
+            cols.names = [c for c in names if c not in meta and not c.startswith("proba_")]   # the model's inputs, as `monitor` checks them
+            result = validate_columns(cols, schema)
+        drift = drift_data(reference, url, params, compute)
+        jobs = list(zip(range(len(parts)), np.cumsum([0, *lengths[:-1]]).tolist(), parts))
+        task = functools.partial(_window_part, dtypes, logged, keys, min(1.0, 1.2 * sample_rows / n), seed)
+        outputs, mix, span, sample = _merge_window(ordered_map(client, task, jobs, window), keys, n, sample_rows)
+        if not logged and score is not None:
+            try: scores = score_partitions(url, target, score, compute, window)
+            except ScaleError: raise
+            except Exception as e: failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return MonitorPasses(n, len(parts), result, drift, outputs, scores, failure, mix, span,
+                         sample.drop(columns=["_u", "_row"]), sample["_row"].to_numpy())

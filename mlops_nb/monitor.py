@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlopsError, Params, ProjectPaths, read_json, save_figure, write_json
+from .core import ComputeParams, MlopsError, Params, ProjectPaths, read_json, save_figure, write_json
 from .drift import DriftReport, Multivariate, Profile, detect_drift, multivariate_drift, profile
 from .metrics import classification_metrics, greater_is_better, task_metrics
 from .predlog import META_COLUMNS, read_prediction_log
@@ -23,12 +23,13 @@ from .schema import Anomaly, Schema, ValidationResult, parallel_map, read_table,
 
 # %% auto #0
 __all__ = ['EXIT_CODES', 'MAX_UNMATCHED_LABELS', 'RELIABILITY_SHAPES', 'parse_duration', 'parse_since', 'select_window',
-           'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'schema_skew', 'prediction_profile',
-           'outputs_of', 'LabelMatch', 'record_ids', 'match_labels', 'join_labels', 'realized_metrics', 'Calibration',
-           'map_log_loss', 'choose_map', 'fit_calibration', 'estimate_metrics', 'coverage_study', 'plot_windows',
-           'ErrorModel', 'fit_error_model', 'estimate_error', 'MonitorReport', 'monitor', 'version_references',
-           'plot_metrics', 'plot_version_mix', 'write_monitor_report', 'drift_from_dict', 'monitor_notebook',
-           'MonitoredWindow', 'monitored_version', 'monitor_project']
+           'read_window', 'version_mix', 'model_inputs', 'model_outputs', 'skew_alerts', 'schema_skew',
+           'prediction_profile', 'outputs_frame', 'outputs_of', 'LabelMatch', 'record_ids', 'match_labels',
+           'join_labels', 'realized_metrics', 'Calibration', 'map_log_loss', 'choose_map', 'fit_calibration',
+           'estimate_metrics', 'coverage_study', 'plot_windows', 'ErrorModel', 'fit_error_model', 'estimate_error',
+           'MonitorReport', 'monitor', 'version_references', 'plot_metrics', 'plot_version_mix', 'write_monitor_report',
+           'drift_from_dict', 'monitor_notebook', 'MonitoredWindow', 'monitored_version', 'monitor_project',
+           'monitor_dask']
 
 # %% ../nbs/23_monitor.ipynb #579faeea
 from .core import ExitCode
@@ -132,6 +133,17 @@ def model_outputs(window: pd.DataFrame) -> pd.DataFrame:
 _STRUCTURAL = {"missing_column", "unexpected_column", "renamed_column", "duplicate_column"}
 _IGNORED = {"empty_batch", "row_count", "duplicate_key"}
 
+def skew_alerts(
+    result: ValidationResult,     # the traffic checked against the version's schema
+    target: str,                  # the label column (absent from traffic)
+    max_share: float,             # share of the window a per-value anomaly must exceed to alert
+) -> list[Anomaly]:
+    "The anomalies of `result` that call for an alert."
+    def alerts(a: Anomaly) -> bool:
+        if a.severity != "error" or a.kind in _IGNORED or (a.kind == "missing_column" and a.column == target): return False
+        return a.kind in _STRUCTURAL or (isinstance(a.measured, (int, float)) and a.measured > max_share)
+    return [a for a in result.anomalies if alerts(a)]
+
 def schema_skew(
     inputs: pd.DataFrame,         # the model's inputs of the window
     schema: Schema,               # the version's schema
@@ -140,10 +152,7 @@ def schema_skew(
 ) -> tuple[ValidationResult, list[Anomaly]]:
     "Every schema anomaly of the traffic, and those that call for an alert."
     result = validate(inputs, schema)
-    def alerts(a: Anomaly) -> bool:
-        if a.severity != "error" or a.kind in _IGNORED or (a.kind == "missing_column" and a.column == target): return False
-        return a.kind in _STRUCTURAL or (isinstance(a.measured, (int, float)) and a.measured > max_share)
-    return result, [a for a in result.anomalies if alerts(a)]
+    return result, skew_alerts(result, target, max_share)
 
 # %% ../nbs/23_monitor.ipynb #f01ef77e
 def prediction_profile(
@@ -152,15 +161,21 @@ def prediction_profile(
     "The reference profile of a model's outputs: its predicted class (or value) and class probabilities."
     return profile(outputs)
 
+def outputs_frame(
+    out: np.ndarray,              # `train.model_output`: class probabilities, or a regressor's values as one column
+    classes: list,                # the classifier's classes (empty: a regressor)
+) -> pd.DataFrame:
+    "Model outputs as the service logs them: the class of highest probability (or the value), and `proba_*`."
+    if not classes: return pd.DataFrame({"prediction": out[:, 0]})
+    return model_outputs(pd.DataFrame({"prediction": np.asarray(classes)[out.argmax(axis=1)], **{f"proba_{c}": out[:, j] for j, c in enumerate(classes)}}))
+
 def outputs_of(
     model,                        # a fitted classifier or regressor (scikit-learn API)
     X: pd.DataFrame,              # its inputs, e.g. the test split without the label
 ) -> pd.DataFrame:
-    "`model`'s outputs for `X` as the service logs them: the class of highest probability (or the value), and `proba_*`."
+    "`model`'s outputs for `X` as the service logs them (`outputs_frame`)."
     from mlops_nb.train import model_output
-    out, classes = model_output(model, X), list(getattr(model, "classes_", []))
-    if not classes: return pd.DataFrame({"prediction": out[:, 0]})
-    return model_outputs(pd.DataFrame({"prediction": np.asarray(classes)[out.argmax(axis=1)], **{f"proba_{c}": out[:, j] for j, c in enumerate(classes)}}))
+    return outputs_frame(model_output(model, X), list(getattr(model, "classes_", [])))
 
 # %% ../nbs/23_monitor.ipynb #76dbd275
 MAX_UNMATCHED_LABELS = 0.05   # share of a labels file's rows that may name no logged record (reported); beyond it, the file is refused
@@ -895,7 +910,7 @@ def monitor_notebook(
 class MonitoredWindow:
     "What `monitor_project` read, decided and wrote."
     report: MonitorReport         # the decision and its evidence
-    window: pd.DataFrame          # the records monitored
+    window: pd.DataFrame          # the records monitored (engine dask: a bounded uniform sample of them)
     labels: pd.DataFrame | None   # the window's labels, one per record: request_id, record, label (None: no labels file)
     uri: str                      # the version compared with
     path: Path                    # the JSON report
@@ -917,28 +932,84 @@ def monitor_project(
     paths: ProjectPaths,          # the project
     params: Params,               # its params (serve.log_dir, monitor.*, register.model_name)
     log_dir: str | Path | None = None,  # the prediction log folder (default: serve.log_dir)
-    data: str | Path | None = None,     # or a batch file instead of the log
+    data: str | Path | None = None,     # or a batch file instead of the log (engine dask: Parquet, a file, folder or s3:// prefix)
     since: str | None = None,     # a duration (1h) or an ISO time
     last: int | None = None,      # the last N records
     labels: str | Path | None = None,   # a labels file: request_id, record, label (`match_labels`)
     model: str | None = None,     # the version to compare with (default: the champion)
     out: str | Path | None = None,  # the report's folder (default: reports/monitor)
+    compute: ComputeParams | None = None,  # engine dask: a `data` batch monitored as Dask tasks (`monitor_dask`); a log window stays here
 ) -> MonitoredWindow:
     "Monitor a window of the project's traffic against `model` and write the report."
     from mlops_nb.registry import load_model_dir, use_project_tracking
+    on_cluster = data is not None and compute is not None and compute.engine == "dask"
+    if on_cluster:
+        from mlops_nb.compute import check_dask_source
+        check_dask_source(data, since, last, labels)   # a CSV, a window of the batch or labels: refused before the registry is asked
     if data is None: log_dir = paths.root / (log_dir if log_dir is not None else params.serve.log_dir)
-    window = read_window(None if data else log_dir, data, since, last, categorical=True)   # text as codes: read and counted once
+    window = None if on_cluster else read_window(None if data else log_dir, data, since, last, categorical=True)   # text as codes: read and counted once
     match = None
     if labels:   # each label matched with one logged record of the whole log (not only the window), before the registry is asked
         match = match_labels(window, read_table(labels), read_prediction_log(log_dir, columns=["request_id", "record"]) if data is None else None)
     use_project_tracking(paths.root)
     uri, folder = monitored_version(model or f"models:/{params.register.model_name}@champion")
-    scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it
-    report = monitor(window, **version_references(folder, uri), params=params,
-                     labels=match.labels if match is not None and len(match.labels) else None, model=scorer)
+    if on_cluster:   # `monitor_dask`: below
+        report, window = monitor_dask(data, **version_references(folder, uri), params=params, compute=compute, model=load_model_dir(folder))
+    else:
+        scorer = load_model_dir(folder) if data is not None and "prediction" not in window else None   # a batch of inputs: the version scores it
+        report = monitor(window, **version_references(folder, uri), params=params,
+                         labels=match.labels if match is not None and len(match.labels) else None, model=scorer)
     if match is not None:
         report.notes += match.notes() + ([] if len(match.labels) else [f"none of the {match.given} labels names a record of the window"])
     source = {"data": str(data)} if data else {"log_dir": str(log_dir), "since": since, "last": last}
     path = write_monitor_report(report, out if out is not None else paths.reports / "monitor",
                                 {"model": uri, "source": source, "labels": str(labels) if labels else None})
     return MonitoredWindow(report, window, match.labels if match is not None else None, uri, path)
+
+# %% ../nbs/23_monitor.ipynb #a2369ba5
+def _model_scores(model, X: pd.DataFrame) -> np.ndarray:
+    "A Dask task's scoring: `train.model_output` of the model's inputs of `X`, the columns it was fitted on."
+    from mlops_nb.train import model_output
+    X = model_inputs(X)
+    return model_output(model, X[[str(c) for c in getattr(model, "feature_names_in_", X.columns)]])
+
+def monitor_dask(
+    url: str | Path,              # the batch: Parquet, a file, a folder or an s3:// prefix
+    reference: Profile,           # the version's training-feature profile
+    params: Params,               # validate.*, monitor.*, evaluate.primary_metric, base.target, base.seed
+    compute: ComputeParams,       # the cluster (`compute.scheduler`, else $DASK_SCHEDULER_ADDRESS, else a LocalCluster)
+    schema: Schema | None = None, prediction_reference: Profile | None = None, offline: dict | None = None, model=None,
+    calibration: Calibration | ErrorModel | None = None, multivariate: Multivariate | None = None,   # as `monitor`
+    sample_rows: int = 100_000,   # records of the uniform sample the driver keeps (multivariate drift, a regressor's error estimate)
+) -> tuple[MonitorReport, pd.DataFrame]:
+    "(`monitor`'s report of the batch at `url`, read by `compute.monitor_passes` on the cluster; the sample of records it kept)."
+    import functools
+    from mlops_nb.compute import monitor_passes
+    score = functools.partial(_model_scores, model) if model is not None and prediction_reference is not None else None
+    p = monitor_passes(url, reference, params.validate, compute, schema, META_COLUMNS, score, params.base.target, sample_rows, params.base.seed,
+                       params.monitor.min_rows)
+    alerts = skew_alerts(p.schema, params.base.target, params.monitor.max_anomaly_share) if p.schema is not None else []
+    outputs = (model_outputs(p.logged) if p.logged is not None else outputs_frame(p.scores, list(getattr(model, "classes_", [])))
+               if p.scores is not None else pd.DataFrame(index=range(p.n)))
+    predictions = detect_drift(prediction_reference, _encoded(outputs, prediction_reference), params.validate) \
+        if prediction_reference is not None and len(outputs.columns) else None
+    notes = ["schema skew not checked: the version stores no schema.yaml"] if schema is None else []
+    if p.score_failure: notes.append(f"the model could not score the batch ({p.score_failure})")
+    if predictions is None:
+        notes.append("prediction drift not checked: " + ("the version stores no prediction_profile.json" if prediction_reference is None
+                                                         else "the window holds no predictions"))
+    sampled = model_inputs(p.sample)
+    if isinstance(calibration, ErrorModel) and "prediction" in outputs:
+        estimated = estimate_error(sampled, outputs.prediction.to_numpy(float)[p.sample_rows], calibration, seed=params.base.seed) | {"n": p.n}
+    else: estimated = _estimate(outputs, sampled, calibration, params, notes)
+    guess = _estimate_reason(estimated, False, params, notes)
+    joint = None
+    if multivariate is None: notes.append("multivariate drift not checked: the version stores no PCA of its training features")
+    elif missing := [c for c in multivariate.columns if c not in sampled]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
+    else: joint = multivariate_drift(multivariate, sampled, seed=params.base.seed) | {"n": p.n}
+    notes.append(f"engine dask: the schema checks, the feature drift{' and the scoring' if p.scores is not None else ''} ran as Dask tasks on "
+                 f"{p.row_groups} row groups of {p.n} records; the multivariate drift{' and the error estimate' if isinstance(calibration, ErrorModel) else ''} "
+                 f"come from a uniform sample of {len(p.sample)} records")
+    decision, reasons = _decide(p.drift, predictions, alerts, guess, joint)
+    return MonitorReport(decision, reasons, p.n, p.drift, p.schema, alerts, p.mix, predictions, None, offline, notes, p.span,
+                         estimated=estimated, multivariate=joint), p.sample

@@ -360,3 +360,64 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
            [{k: v for k, v in r.items() if k not in ("source", "out", "request_id")} for r in reports][1]
     scored = [t for t in stream.data if "_on_partition" in str(t["key"])]
     assert len(scored) >= 2 * 6 and len(worker_names(scored)) == 2, (len(scored), worker_names(scored))   # checked and scored on both workers
+
+
+def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
+    """`mlops-nb monitor --data s3://data/churn/ --engine dask` against a small champion (a logistic regression registered
+    in this test's own store, with the references the pipeline stores): the schema checks and the feature drift (a column
+    per task) and the scoring of the batch (a row group per task) run on both workers within their memory, the driver
+    never holds the batch, and the report is `--engine local`'s on the same rows read whole (the same schema result, drift
+    scores, prediction drift, estimated metrics and decision). An unreachable scheduler and a CSV batch: one line, exit 1."""
+    import sys
+    import yaml
+    from dask.distributed import get_task_stream
+    from test_monitor import champion_project
+    root, _ = champion_project(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["compute"]["engine"] == "local"   # the flag chooses the engine; $DASK_SCHEDULER_ADDRESS names the cluster
+
+    def monitor(engine: str, data, out: str, scheduler: str = cluster["address"]):
+        "The command in a Python process that prints its own peak memory (bytes) as its last line."
+        code = ("import resource, sys; from mlops_nb.cli import main; rc = main(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
+        r = run(sys.executable, "-c", code, "monitor", "--engine", engine, "--data", str(data), "--out", str(tmp_path / out), "--no-notebook",
+                cwd=root, check=False, env={"DASK_SCHEDULER_ADDRESS": scheduler})
+        report = tmp_path / out / "monitor.json"
+        return r, json.loads(report.read_text()) if report.exists() else None
+
+    started = time.perf_counter()
+    with get_task_stream(client=cluster["watcher"]) as stream:
+        there, dask_report = monitor("dask", cluster["s3"], "dask")
+    seconds = [time.perf_counter() - started]
+    here, local_report = monitor("local", cluster["local"], "local")
+    seconds.append(time.perf_counter() - started - seconds[0])
+    assert dask_report is not None and local_report is not None, there.stderr[-3000:] + here.stderr[-3000:]
+    assert there.returncode == here.returncode == dask_report["exit_code"] and there.returncode in (0, 4), there.stdout + there.stderr
+    assert dask_report["n_records"] == local_report["n_records"] == ROWS // FILES * FILES
+    for key in ("drift", "schema", "predictions", "decision", "reasons", "version_mix", "window", "multivariate"):
+        assert dask_report[key] == local_report[key], key
+    # the estimated metrics: to 1e-6 (a row group's scores may differ from the whole batch's in their last bits, and ranks with them)
+    flat = lambda o: [v for x in (o.values() if isinstance(o, dict) else o) for v in flat(x)] if isinstance(o, (dict, list)) else [o]
+    metrics = [flat(r["metrics"]) for r in (dask_report, local_report)]
+    assert [v for v in metrics[0] if not isinstance(v, float)] == [v for v in metrics[1] if not isinstance(v, float)]
+    assert [v for v in metrics[0] if isinstance(v, float)] == pytest.approx([v for v in metrics[1] if isinstance(v, float)], rel=1e-6, abs=1e-9)
+    assert dask_report["predictions"] is not None and dask_report["metrics"]["estimated"]["n"] == ROWS // FILES * FILES   # the batch was scored
+    assert dask_report["notes"][:-1] == local_report["notes"] and "engine dask" in dask_report["notes"][-1], dask_report["notes"]
+    tasks = {kind: [t for t in stream.data if kind in str(t["key"])] for kind in ("_check_one", "_score_part", "_window_part")}
+    assert all(tasks.values()) and all(len(worker_names(ts)) == 2 for k, ts in tasks.items() if k != "_check_one"), \
+        {k: worker_names(ts) for k, ts in tasks.items()}
+    assert len(tasks["_score_part"]) == 2 * FILES   # every row group scored once
+    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
+    driver, whole = int(there.stdout.split()[-1]), int(here.stdout.split()[-1])
+    assert driver < whole / 2, (driver, whole)   # the local engine holds the batch; the Dask driver its outputs and a sample
+    print(f"monitor of {ROWS} rows: dask driver peak {driver / 2**20:.0f} MiB in {seconds[0]:.1f} s, local {whole / 2**20:.0f} MiB "
+          f"in {seconds[1]:.1f} s; worker peaks {sorted(round(p / 2**20) for p in peaks.values())} MiB")   # figures, not asserted
+
+    r, report = monitor("dask", cluster["s3"], "unreachable", scheduler=f"tcp://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and report is None and "error: cannot reach the Dask scheduler at tcp://127.0.0.1:" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    pd.read_parquet(cluster["local"]).head(100).to_csv(tmp_path / "batch.csv", index=False)
+    r, report = monitor("dask", tmp_path / "batch.csv", "csv")
+    assert r.returncode == 1 and report is None and "compute.engine dask monitors Parquet data" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
