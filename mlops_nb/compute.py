@@ -215,7 +215,8 @@ def _check_like(origin: str, kinds: dict, first: str, expected: dict):
 
 # %% ../nbs/33_compute.ipynb #db9d552f
 def _ingest_part(dtypes: dict, first: tuple[str, dict], drop: list[str], part: tuple[str, int]) -> "pa.Table":
-    "A task: row group `part` checked against the `first` file's columns (`_check_like`), with the data set's `dtypes`, without the `drop` columns, as an Arrow table."
+    """A task: row group `part` checked against the `first` file's columns (`_check_like`), with the data set's `dtypes`,
+    without the `drop` columns, as an Arrow table."""
     import pyarrow as pa
     from mlops_nb.data import drop_identifiers
     table = parquet_file(part[0]).read_row_group(part[1])

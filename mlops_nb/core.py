@@ -273,7 +273,7 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class ComputeParams:
-    engine: typing.Literal["local", "dask"] = "local"  # where ingest (a Parquet source), validate and prepare run: streamed on this machine, or as tasks on a Dask cluster
+    engine: typing.Literal["local", "dask"] = "local"  # where the data stages run: streamed on this machine, or as tasks on a Dask cluster
     scheduler: str = ""          # the Dask scheduler's address (tcp://HOST:8786); empty: $DASK_SCHEDULER_ADDRESS, else a LocalCluster
 
 @dataclass(frozen=True)

@@ -1008,7 +1008,8 @@ def monitor_dask(
     elif missing := [c for c in multivariate.columns if c not in sampled]: notes.append(f"multivariate drift not checked: the window lacks {missing[:5]}")
     else: joint = multivariate_drift(multivariate, sampled, seed=params.base.seed) | {"n": p.n}
     notes.append(f"engine dask: the schema checks, the feature drift{' and the scoring' if p.scores is not None else ''} ran as Dask tasks on "
-                 f"{p.row_groups} row groups of {p.n} records; the multivariate drift{' and the error estimate' if isinstance(calibration, ErrorModel) else ''} "
+                 f"{p.row_groups} row groups of {p.n} records; the multivariate drift"
+                 f"{' and the error estimate' if isinstance(calibration, ErrorModel) else ''} "
                  f"come from a uniform sample of {len(p.sample)} records")
     decision, reasons = _decide(p.drift, predictions, alerts, guess, joint)
     return MonitorReport(decision, reasons, p.n, p.drift, p.schema, alerts, p.mix, predictions, None, offline, notes, p.span,

@@ -190,7 +190,8 @@ def write_ingest(
     frames,                        # the source's rows: frames or Arrow tables, identifiers dropped, in order
     drop_columns: list[str] | None=None, append: list | None=None, chunk_rows: int=1_000_000,  # as `ingest_to_parquet`
 ) -> dict:
-    "Write the source's `frames`, then the `append` files' rows, to `dest` atomically; return the provenance (`ingest_to_parquet`'s, whatever engine read the source)."
+    """Write the source's `frames`, then the `append` files' rows, to `dest` atomically; return the provenance
+    (`ingest_to_parquet`'s, whatever engine read the source)."""
     import datetime as dt
     from mlops_nb.data import DataError, drop_identifiers, redact
     extra = [Path(p) for p in append or []]
