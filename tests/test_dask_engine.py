@@ -10,7 +10,6 @@ two row groups each, so the module stays within a few minutes on 2 cores; the is
 import io
 import json
 import os
-import resource
 import signal
 import subprocess
 import threading
@@ -34,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = int(os.environ.get("MLOPS_NB_DASK_ROWS", 1_200_000))
 FILES = 12
 MEMORY_LIMIT = 512 * 2**20   # each worker's (about 200 MB of it is the imported libraries); the data is about 940 MB in pandas
+# a process's peak resident memory in bytes: VmHWM, which starts afresh at exec (ru_maxrss keeps the peak of the process
+# that forked it: the test process's, for workers it started); a lambda, so that Client.run ships it by value
+PEAK_RSS = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 KEY = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -137,7 +139,7 @@ def test_split_on_s3_equals_the_streamed_split_and_workers_stay_within_memory(cl
     split_tasks = [t for t in stream.data if "_split_part" in t["key"]]
     assert len(split_tasks) == 2 * FILES and len(worker_names(split_tasks)) == 2
     # peak resident memory of each worker process since it started, against its limit; and no worker was restarted
-    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peaks = cluster["watcher"].run(PEAK_RSS)
     assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
     for log in cluster["logs"].values():
         text = log.read_text()
@@ -201,7 +203,7 @@ def test_ingest_from_s3_on_the_cluster_equals_the_local_ingest(cluster, tmp_path
         pd.testing.assert_frame_equal(a, b)   # a batch at a time: the test's own memory stays small
     read = [t for t in stream.data if "_ingest_part" in str(t["key"])]
     assert len(read) == 2 * FILES and len(worker_names(read)) == 2, (len(read), worker_names(read))
-    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peaks = cluster["watcher"].run(PEAK_RSS)
     assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
 
     small = next(frames()).head(1000)
@@ -301,7 +303,7 @@ def test_a_whole_run_on_the_cluster_trains_across_both_workers_and_its_champion_
     trained = [t for t in stream.data if "_xy" in str(t["key"]) or "_train_part" in str(t["key"])]
     assert len(worker_names(trained)) == 2, (worker_names(trained), sorted(keys)[:20])       # both workers trained
     assert any("_check_one" in str(t["key"]) for t in stream.data) and any("_split_part" in str(t["key"]) for t in stream.data)
-    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peaks = cluster["watcher"].run(PEAK_RSS)
     assert all(p < MEMORY_LIMIT for p in peaks.values()), peaks
     processed = project / "data" / "processed"
     sample, rest = (len(pd.read_parquet(processed / f"{s}.parquet")) for s in ("train", "train_rest"))
@@ -377,9 +379,10 @@ def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
     assert params["compute"]["engine"] == "local"   # the flag chooses the engine; $DASK_SCHEDULER_ADDRESS names the cluster
 
     def monitor(engine: str, data, out: str, scheduler: str = cluster["address"]):
-        "The command in a Python process that prints its own peak memory (bytes) as its last line."
-        code = ("import resource, sys; from mlops_nb.cli import main; rc = main(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
+        """The command in a Python process that prints its own peak memory (bytes) as its last line: VmHWM, which exec resets
+        (ru_maxrss keeps the parent's peak across exec: a test process that held 1.6 GB would be every child's floor)."""
+        code = ("import sys; from mlops_nb.cli import main; rc = main(sys.argv[1:]); "
+                "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))); sys.exit(rc)")
         r = run(sys.executable, "-c", code, "monitor", "--engine", engine, "--data", str(data), "--out", str(tmp_path / out), "--no-notebook",
                 cwd=root, check=False, env={"DASK_SCHEDULER_ADDRESS": scheduler})
         report = tmp_path / out / "monitor.json"
@@ -407,7 +410,7 @@ def test_monitor_on_the_cluster_equals_the_local_engine(cluster, tmp_path):
     assert all(tasks.values()) and all(len(worker_names(ts)) == 2 for k, ts in tasks.items() if k != "_check_one"), \
         {k: worker_names(ts) for k, ts in tasks.items()}
     assert len(tasks["_score_part"]) == 2 * FILES   # every row group scored once
-    peaks = cluster["watcher"].run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peaks = cluster["watcher"].run(PEAK_RSS)
     assert len(peaks) == 2 and all(p < MEMORY_LIMIT for p in peaks.values()), peaks
     driver, whole = int(there.stdout.split()[-1]), int(here.stdout.split()[-1])
     assert driver < whole / 2, (driver, whole)   # the local engine holds the batch; the Dask driver its outputs and a sample
