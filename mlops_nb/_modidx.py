@@ -95,6 +95,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.compute.check_dask_source': ('compute.html#check_dask_source', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.cluster_client': ('compute.html#cluster_client', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.compute_client': ('compute.html#compute_client', 'mlops_nb/compute.py'),
+                                  'mlops_nb.compute.dask_readable': ('compute.html#dask_readable', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.dataset_layout': ('compute.html#dataset_layout', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.drift_dask': ('compute.html#drift_dask', 'mlops_nb/compute.py'),
                                   'mlops_nb.compute.drift_data': ('compute.html#drift_data', 'mlops_nb/compute.py'),

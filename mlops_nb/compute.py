@@ -24,7 +24,7 @@ __all__ = ['scheduler_address', 'parquet_files', 'dataset_layout', 'read_dataset
            'DatasetColumns', 'validate_dask', 'drift_dask', 'profile_dask', 'ordered_map', 'split_dask',
            'validate_data', 'profile_data', 'drift_data', 'split_data', 'parquet_source', 'ingest_dask', 'ingest_data',
            'fit_dask', 'cluster_client', 'tune_dask', 'fit_parquet_dask', 'compute_client', 'fit_all_rows',
-           'score_partitions', 'score_data', 'check_dask_source', 'MonitorPasses', 'monitor_passes']
+           'score_partitions', 'score_data', 'dask_readable', 'check_dask_source', 'MonitorPasses', 'monitor_passes']
 
 # %% ../nbs/33_compute.ipynb #c8ab273a
 def scheduler_address(compute: ComputeParams) -> str:
@@ -388,6 +388,12 @@ def score_data(score, X: pd.DataFrame, path: str | Path, target: str, compute: C
 # %% ../nbs/33_compute.ipynb #168a67f8
 _DASK_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "memory")   # what fsspec reads for the workers
 
+def dask_readable(source: str | Path) -> bool:
+    "Whether Dask workers can read `source` as Parquet: an fsspec URL they read (`s3://...`), or a path that is not CSV or text."
+    text = str(source)
+    if "://" in text: return text.split("://")[0] in _DASK_SCHEMES
+    return Path(text).suffix.lower() not in (".csv", ".tsv", ".txt")
+
 def check_dask_source(
     data: str | Path,            # the batch `mlops-nb monitor --data` names
     since: str | None=None,      # --since: a window of the batch
@@ -396,10 +402,8 @@ def check_dask_source(
 ) -> None:
     "Refuse in one line what `monitor.monitor_dask` cannot monitor: CSV or SQL data, a window of the batch, labels."
     from mlops_nb.core import mask
-    text = str(data)
-    scheme = text.split("://")[0] if "://" in text else None
-    if (scheme is not None and scheme not in _DASK_SCHEMES) or (scheme is None and Path(text).suffix.lower() in (".csv", ".tsv", ".txt")):
-        raise ScaleError(f"compute.engine dask monitors Parquet data (a file, a folder or an s3:// prefix), not {mask(text)}: "
+    if not dask_readable(data):
+        raise ScaleError(f"compute.engine dask monitors Parquet data (a file, a folder or an s3:// prefix), not {mask(str(data))}: "
                          "convert it, or use --engine local")
     if since or last: raise ScaleError("--since and --last select a window of the prediction log: with --engine dask the whole --data "
                                        "batch is monitored (or use --engine local)")

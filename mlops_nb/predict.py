@@ -281,10 +281,10 @@ def _passes(source, chunk_rows: int, query: str, compute=None) -> Iterator:
     if compute is None or compute.engine != "dask":
         yield functools.partial(_local_pass, source, chunk_rows, query)
         return
-    from mlops_nb.compute import compute_client
-    if query or "://" in str(source) and str(source).split("://")[0] not in ("s3", "gs", "gcs", "abfs", "az", "file", "memory"):
+    from mlops_nb.compute import compute_client, dask_readable
+    if query or "://" in str(source) and not dask_readable(source):
         raise BatchRefused(f"compute.engine dask scores Parquet data (a file, a folder or an s3:// prefix), not {mask(str(source))}: use --engine local")
-    if "://" not in str(source) and Path(source).suffix.lower() in (".csv", ".tsv", ".txt"):
+    if not dask_readable(source):
         raise BatchRefused(f"compute.engine dask scores Parquet data, not {source}: convert it, or use --engine local")
     with compute_client(compute) as client: yield functools.partial(_dask_pass, client, source)
 
