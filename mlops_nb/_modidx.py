@@ -398,6 +398,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mlops_nb.evaluate._slice_labels': ('evaluate.html#_slice_labels', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate._tolerance': ('evaluate.html#_tolerance', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate._values': ('evaluate.html#_values', 'mlops_nb/evaluate.py'),
+                                   'mlops_nb.evaluate.at_rows': ('evaluate.html#at_rows', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.baseline_model': ('evaluate.html#baseline_model', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.baseline_rule': ('evaluate.html#baseline_rule', 'mlops_nb/evaluate.py'),
                                    'mlops_nb.evaluate.baseline_scores': ('evaluate.html#baseline_scores', 'mlops_nb/evaluate.py'),

@@ -22,7 +22,7 @@ from .train import model_output
 
 # %% auto #0
 __all__ = ['METRICS', 'TASK_METRICS', 'PERFECT', 'JUDGED_BY_EFFECT', 'EFFECT_LOSS', 'SAMPLED_PARTS', 'EVERY_ROW_PARTS',
-           'predict_scores', 'curve_tables', 'plot_curves', 'dedupe_scripts', 'summarize_suite', 'run_suite',
+           'predict_scores', 'at_rows', 'curve_tables', 'plot_curves', 'dedupe_scripts', 'summarize_suite', 'run_suite',
            'skipped_suite_report', 'slice_masks', 'bootstrap_ci', 'sliced_metrics', 'plot_slices', 'gate_rule',
            'decide', 'floor_rule', 'champion_rule', 'skill', 'baseline_rule', 'paired_difference', 'slice_rule',
            'deepchecks_rule', 'new_category_rows', 'seen_rows', 'group_difference', 'effect_on_rows', 'cv_primary',
@@ -37,11 +37,15 @@ def predict_scores(model, X: pd.DataFrame, task: str) -> np.ndarray:
     return out[:, 0] if task == "regression" else out[:, 1] if task == "binary" else out
 
 # %% ../nbs/03_evaluate.ipynb #4ea6400f
+def at_rows(a, rows: np.ndarray | None):
+    "Per-row values `a` at positions `rows` (a sample's rows); `a` itself when `rows` or `a` is None."
+    return a if rows is None or a is None else np.asarray(a)[rows]
+
 def curve_tables(y, proba, threshold: float=0.5, max_points: int=200, task: str="binary", classes: list | None=None,
                  rows: np.ndarray | None=None,  # positions of the rows the confusion table lists (None: every row; a sample bounds the file)
                  ) -> dict[str, pd.DataFrame]:
     "The tables behind the plots of `task` (binary: ROC and precision-recall points thinned to `max_points`, confusion rows)."
-    at = lambda a: np.asarray(a) if rows is None else np.asarray(a)[rows]
+    at = lambda a: np.asarray(at_rows(a, rows))
     thin = lambda d, n=max_points: d.iloc[np.unique(np.linspace(0, len(d) - 1, min(len(d), n)).astype(int))].reset_index(drop=True)
     if task == "regression":
         y, pred = np.asarray(y, dtype="float64"), np.asarray(proba, dtype="float64")
@@ -528,7 +532,7 @@ def evaluate_gate(
     rows: np.ndarray | None=None,  # positions of the test rows `masks` describe (a sample): the slice rule and its bootstrap read them (None: every row)
 ) -> dict:
     "The gate's decision: every rule, in order, with its value, bound and explanation."
-    at = lambda a: a if rows is None or a is None else np.asarray(a)[rows]
+    at = lambda a: at_rows(a, rows)
     p, metric = params, params.primary_metric
     metrics = task_metrics(task, y, score, classes)
     if metric not in metrics:
@@ -610,7 +614,7 @@ class SplitRows:
     positions: np.ndarray | None = None   # `frame`'s rows among them (None: `frame` holds every row)
     def at(self, a):
         "Per-row array `a` (an entry for every row of the split) at `frame`'s rows."
-        return a if self.positions is None or a is None else np.asarray(a)[self.positions]
+        return at_rows(a, self.positions)
 
 def read_split(path: str | Path, target: str, sample_rows: int=0, seed: int=0) -> SplitRows:
     "The split at `path`: whole (`sample_rows` 0), else its column `target` alone and a seeded sample of `sample_rows` rows."
