@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contract import Field, typed_column, input_fields, records_frame, validate_records
-from .edge import input_array
+from .contract import Field, input_fields, records_frame, validate_records
+from .edge import model_inputs
 from .export import serve_runtime
 from .train import model_output
 from .core import MlopsError
@@ -44,18 +44,14 @@ class ModelVersion:
     runtime_reason: str = ""       # why that runtime
     onnx: object = None            # the ONNX model (`edge.EdgeModel`) when runtime is onnx
     def predict_proba(self, records: list[dict]) -> np.ndarray:
-        "Class probabilities of validated `records` (a regressor: its values, as one column)."
-        return self.predict_batch(records)[0]
-    def predict_batch(self, records: list[dict]) -> tuple[np.ndarray, pd.DataFrame | dict]:
-        "Class probabilities of validated `records` on this version's runtime, and their input columns (for the log)."
+        "Class probabilities of validated `records` on this version's runtime (a regressor: its values, as one column)."
         import sklearn
-        if self.onnx is not None:  # arrays per column, per batch: no DataFrame, no per-record work beyond reading values
-            cols = {f.name: typed_column([r.get(f.name) for r in records], f.type) for f in self.fields}
-            return self.onnx.predict_proba_inputs({f["name"]: input_array(cols[f["name"]], f) for f in self.onnx.fields}), cols
+        if self.onnx is not None:  # one array per input, straight from the records: no DataFrame, no typed columns between
+            return self.onnx.predict_proba_inputs(model_inputs(records, self.onnx.fields))
         frame = records_frame(records, self.fields)
         # inputs were validated (finite, typed): scikit-learn's own checks would only repeat that, per call
         with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-            return model_output(self.model, frame), frame
+            return model_output(self.model, frame)
 
 # %% ../nbs/19_loading.ipynb #59cc829a
 def _plain(v):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import time
@@ -21,11 +22,11 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import BatchItem, Batcher, RecordsFailed
-from .contract import Field, RequestError, decided_index, decide_classes, error_entry, json_response, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, decided_index, decide_rows, error_entry, json_response, parse_body, records_frame, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
-from .predlog import PredictionLog, log_meta, read_prediction_log
+from .predlog import PredictionLog, Records, log_meta, read_prediction_log
 from .protocols import add_protocol_routes
 from .registry import point_mlflow
 from .registry import RegistryUnavailable, parse_model_uri, resolve_version
@@ -67,8 +68,12 @@ class ServiceMetrics:
         return c
     def observe(self, endpoint: str, status: int, t0: float, version: str = "", variant: str = ""):
         "Count one answered request and its latency since `t0` (perf_counter)."
-        self.child(self.requests, endpoint, str(status), version, variant).inc()
-        self.child(self.latency, endpoint, str(status), version, variant).observe(time.perf_counter() - t0)
+        key = (endpoint, status, version, variant)
+        if (pair := self._children.get(key)) is None:   # both children of a label set, found with one lookup
+            labels = (endpoint, str(status), version, variant)
+            pair = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        pair[0].inc()
+        pair[1].observe(time.perf_counter() - t0)
 
 # %% ../nbs/20_serve.ipynb #576ccd08
 @dataclass
@@ -117,23 +122,23 @@ async def _read_body(request, limit: int) -> bytes:
 
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _run_batch(version: ModelVersion, records: list[dict]):
-    "One model call (in the executor thread) on the version's runtime: the probabilities, and the input columns for the log."
-    return version.predict_batch(records)
+    "One model call (in the executor thread, or inline for ONNX) on the version's runtime: the probabilities (nothing extra)."
+    return version.predict_proba(records), None
 
 def _healthy(version: ModelVersion) -> bool:
     "Whether `version` still scores its own input example (a known-good record): if so, a failing record is the client's."
     return bool(version.example) and bool(np.isfinite(_run_batch(version, [version.example])[0]).all())
 
-def _out_of_range(fields: list[Field], frame) -> dict[str, int]:
-    "Per field with a training range, how many values of `frame` fall outside it (only fields with some)."
-    ranged = [f for f in fields if f.min is not None or f.max is not None]
-    if not ranged: return {}
-    cols = np.column_stack([np.asarray(frame[f.name], dtype="float64") for f in ranged])  # one comparison per batch
-    lo = np.array([-np.inf if f.min is None else f.min for f in ranged])
-    hi = np.array([np.inf if f.max is None else f.max for f in ranged])
-    return {f.name: int(k) for f, k in zip(ranged, ((cols < lo) | (cols > hi)).sum(axis=0)) if k}
+def _out_of_range(fields: list[Field], records: list[dict]) -> dict[str, int]:
+    "Per field with a training range, how many values of validated `records` fall outside it (only fields with some)."
+    out = {}
+    for f in fields:   # plain Python: a batch holds a few records, and numpy's cost per call outweighed their comparisons
+        if f.min is None and f.max is None: continue
+        lo, hi = -math.inf if f.min is None else f.min, math.inf if f.max is None else f.max
+        if k := sum(1 for r in records if (v := r.get(f.name)) is not None and not lo <= v <= hi): out[f.name] = k
+    return out
 
-def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np.ndarray, frame: pd.DataFrame):
+def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np.ndarray, extra=None):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
     best = decided_index(proba, state.params.threshold) if version.classes else None
@@ -144,12 +149,13 @@ def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np
     score = m.child(m.score, version.version, variant.name)
     for p in proba[:, -1].tolist(): score.observe(p)
     m.child(m.batch_size, variant.name).observe(n)
-    for name, k in _out_of_range(version.fields, frame).items(): m.out_of_range.labels(name).inc(k)
+    records = [r for it in batch for r in it.records]
+    for name, k in _out_of_range(version.fields, records).items(): m.out_of_range.labels(name).inc(k)
     if state.log is None: return
-    meta = log_meta([it.request_id for it in batch for _ in it.records], np.concatenate([np.arange(len(it.records)) for it in batch]),
+    meta = log_meta([it.request_id for it in batch for _ in it.records], [i for it in batch for i in range(len(it.records))],
                     variant.name, version.name, version.version, pred, proba, version.classes)
     if state.features is not None: meta["entity_key"] = state.features.logged_keys(batch)   # the key each record was read by
-    state.log.append({c: np.asarray(frame[c]) for c in frame}, meta)  # a DataFrame (scikit-learn) or columns (ONNX)
+    state.log.append(Records(records, version.fields), meta)   # typed into columns by the log's writer, a flush at a time
 
 # %% ../nbs/20_serve.ipynb #35b784c3
 import logging
@@ -296,13 +302,12 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
             return 422, {"request_id": rid, "n_errors": len(errors), "errors": errors[:100]}, version.version, variant.name
     finally:
         if not queued: state.arriving -= 1
-    proba = np.ascontiguousarray(proba)
     if not version.classes:  # a regressor: one value per record
         return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
                      "predictions": proba[:, 0]}, version.version, variant.name
-    pred = decide_classes(proba, version.classes, state.params.threshold)
+    pred = decide_rows(proba, version.classes, state.params.threshold)
     return 200, {"request_id": rid, "model_name": version.name, "model_version": version.version, "variant": variant.name,
-                 "classes": version.classes, "predictions": pred.tolist(), "probabilities": proba}, version.version, variant.name
+                 "classes": version.classes, "predictions": pred, "probabilities": np.ascontiguousarray(proba)}, version.version, variant.name
 
 async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str | None = None) -> tuple[int, dict]:
     "`_predict` with the request counted in the metrics under `endpoint`; a failure of the model is a 500 saying so."
