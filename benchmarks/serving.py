@@ -7,7 +7,7 @@ service at fixed rates, its MLflow-protocol `/invocations`, scikit-learn with 1 
 Registers one model (the project's default algorithm, with its parity-checked ONNX export) in a throw-away tracking
 store and serves it each way on loopback ports. Saturation uses wrk (`wrk -t2 -c8`, single-record JSON bodies cycled
 by a Lua script) when it is installed, else the project's own closed-loop generator; the table says which. The
-services compared at saturation run at the same time and take turns (`--rounds`, 3 by default, of `seconds / rounds`
+services compared at saturation run at the same time and take turns (`--rounds`, 5 by default, of `seconds / rounds`
 each), so a slow spell of the shared machine falls on all of them; each reports its best round's req/s and its best
 round's p99 (every round is printed too), and the load average at start and end is printed.
 Only 2xx answers count as answered (a worker still loading answers 503 at once). Each service's CPU time per answer
@@ -55,7 +55,7 @@ variants of it, alternating services, best round), December 2026:
   the two processes one core's worth), with batching on 1.84x. The 0.75 share is reached in one run of three: on this
   shared host it is not yet a margin.
 
-    python benchmarks/serving.py [--seconds 10] [--concurrency 8] [--rounds 3] [--soak 60]
+    python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
 
 Everything it does (the registration in this process, every service it starts) uses its own temporary tracking store
@@ -252,9 +252,9 @@ def setup_check(work: Path, env: dict, version: str, records) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=10.0, help="load duration per service")
+    ap.add_argument("--seconds", type=float, default=15.0, help="load duration per service")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
-    ap.add_argument("--rounds", type=int, default=3, help="turns the ceiling and the ONNX service take (each seconds/rounds)")
+    ap.add_argument("--rounds", type=int, default=5, help="turns the ceiling and the ONNX service take (each seconds/rounds)")
     ap.add_argument("--soak", type=float, default=0.0, help="also soak mlops-nb serve this many seconds (RSS, log completeness)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "serving.json")
     ap.add_argument("--setup-only", action="store_true", help="register, start mlops-nb serve on it, answer one request, stop (no load, no report)")
@@ -276,10 +276,11 @@ def main(argv=None) -> int:
                                                  "--port", "{port}", "--runtime", runtime, "--log-dir", log, "--poll-seconds", "0", *more]
         start = lambda name, cmd, extra_env={}: ServiceProcess(cmd, "/ready", env={**env, **extra_env}, cwd=work / "project",
                                                                log=work / f"{name}.log", timeout=600)
-        # the ceiling: the same web stack (uvicorn, uvloop, httptools, FastAPI) parsing the body and answering a constant
+        # the ceiling: the same web stack (uvicorn, uvloop, httptools, FastAPI; no access log, no proxy headers, as `serve` runs it)
+        # parsing the body and answering a constant
         (work / "ceiling.py").write_text(CEILING_APP)
         procs = {"FastAPI ceiling": ServiceProcess([str(BIN / "uvicorn"), "ceiling:app", "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop",
-                                                    "--http", "httptools", "--no-access-log", "--log-level", "warning"], "/ready", env=env, cwd=work,
+                                                    "--http", "httptools", "--no-access-log", "--no-proxy-headers", "--log-level", "warning"], "/ready", env=env, cwd=work,
                                                    log=work / "ceiling.log", timeout=600)}
         soaked = None
         try:

@@ -107,8 +107,13 @@ def _number_problem(f: Field, v) -> str | None:
     if f.type == "float" and isinstance(v, int) and abs(v) > 2**1023: return "number out of the float range"
     return _in_domain(f, v)
 
+_SURE = {"str": str, "float": float, "int": int, "bool": bool}   # the JSON type that is the field's own
+
 def field_problem(f: Field, v) -> str | None:
     "Why value `v` is not acceptable for field `f`, or None."
+    t = type(v)
+    if t is _SURE.get(f.type) and (f.domain is None or v in f.domain) and (t is not float or math.isfinite(v)) \
+            and (t is not int or -2**63 <= v < 2**63): return None   # the common case, decided at once
     if v is None: return None if f.nullable else "null is not allowed"
     if f.type in ("int", "float"): return _number_problem(f, v)
     if f.type == "str":

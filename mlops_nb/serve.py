@@ -486,5 +486,6 @@ def serve(
     os.environ[_CONFIG_ENV] = json.dumps({"model_uri": model_uri, "params": asdict(params), "tracking_uri": tracking_uri,
                                           "log_dir": None if log_dir is None else str(log_dir), "poll_seconds": poll_seconds,
                                           "feature_repo": None if feature_repo is None else str(Path(feature_repo).resolve())})
-    uvicorn.run("mlops_nb.serve:app_from_env", factory=True, host=params.host, port=params.port, workers=workers,
+    # no access log, and nothing reads the client's address: uvicorn's proxy-header middleware would parse it per request for nothing
+    uvicorn.run("mlops_nb.serve:app_from_env", factory=True, host=params.host, port=params.port, workers=workers, proxy_headers=False,
                 access_log=False, log_level="info", log_config=log_config(), timeout_graceful_shutdown=10)
