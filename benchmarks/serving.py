@@ -54,6 +54,15 @@ variants of it, alternating services, best round), December 2026:
   CPU per answer 112 / 169 / 164 us; workers with batching off 1.07x (both 9.6-9.7 ms of CPU per answer: the host gave
   the two processes one core's worth), with batching on 1.84x. The 0.75 share is reached in one run of three: on this
   shared host it is not yet a margin.
+- after the answer path's costs were cut (classes decided in plain Python, ONNX inputs straight from the records, the
+  log's columns typed by its writer a flush at a time, the common field value accepted at once, no proxy-header
+  middleware in either service), three full default runs (5 rounds of 3 s; load average 1.0-2.0): ceiling 10,542 /
+  10,006 / 8,901 req/s, ONNX log on 8,055 / 7,299 / 7,284 (0.76 / 0.73 / 0.82 of the ceiling) at p99 5.4 / 7.2 / 6.7 ms,
+  log off 0.82 / 0.85 / 0.91; CPU per answer ceiling 97 / 110 / 128 us, ONNX log on 136 / 150 / 175 us, log off 121 /
+  127 / 139 us (the log: 15-36 us an answer, most of what is left); workers with batching off 1.84x / 2.08x / 2.31x,
+  with batching on 1.07x / 1.18x / 0.99x. The open-loop p99 at 50% / 80% of our own maximum read 18-35 / 105-192 ms:
+  that maximum is now 5,900-7,600 req/s, and whether the service or our own Python generator beside it on the 2 cores
+  falls behind the schedule there was not examined (it read 12.9 / 39.0 ms at a maximum near 5,000).
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
