@@ -54,8 +54,10 @@ def log_table(columns: dict, meta: dict):
     import pyarrow as pa
     arrays = {k: pa.array(v, from_pandas=True) for k, v in meta.items()}   # a list of text straight to Arrow: no numpy text array between
     for name, col in columns.items():
-        arrays[name] = a = pa.array(col, from_pandas=True)
-        if a.type == pa.null(): arrays[name] = a.cast(pa.string())
+        try: a = pa.array(col, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types (a field of no declared type): logged as text, not lost
+            a = pa.array([None if v is None or v != v else str(v) for v in col], pa.string())
+        arrays[name] = a.cast(pa.string()) if a.type == pa.null() else a
     return pa.table(arrays)
 
 def log_meta(request_ids, records, variant: str, name: str, version: str, prediction, proba: np.ndarray, classes: list) -> dict:
