@@ -60,8 +60,11 @@ variants of it, alternating services, best round), December 2026:
   10,006 / 8,901 req/s, ONNX log on 8,055 / 7,299 / 7,284 (0.76 / 0.73 / 0.82 of the ceiling) at p99 5.4 / 7.2 / 6.7 ms,
   log off 0.82 / 0.85 / 0.91; CPU per answer ceiling 97 / 110 / 128 us, ONNX log on 136 / 150 / 175 us, log off 121 /
   127 / 139 us (the log: 15-36 us an answer, most of what is left); workers with batching off 1.84x / 2.08x / 2.31x,
-  with batching on 1.07x / 1.18x / 0.99x. The open-loop p99 at 50% / 80% of our own maximum read 18-35 / 105-192 ms:
-  that maximum is now 5,900-7,600 req/s, and whether the service or our own Python generator beside it on the 2 cores
+  with batching on 1.07x / 1.18x / 0.99x. Two more runs (load average 1.0-1.5): ONNX log on 0.72 / 0.74 at p99 6.1 /
+  4.8 ms (log off 0.84 / 0.82; CPU per answer 96 / 98 us ceiling, 134 / 131 log on, 113 / 114 log off), workers
+  unbatched 2.34x / 2.13x. The share sits at 0.72-0.82, 0.75 or more in two runs of five; the log is most of the rest
+  of the gap. The open-loop p99 at 50% / 80% of our own maximum read 14-35 / 45-192 ms over the five runs: that
+  maximum is now 5,900-8,100 req/s, and whether the service or our own Python generator beside it on the 2 cores
   falls behind the schedule there was not examined (it read 12.9 / 39.0 ms at a maximum near 5,000).
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
@@ -289,8 +292,8 @@ def main(argv=None) -> int:
         # parsing the body and answering a constant
         (work / "ceiling.py").write_text(CEILING_APP)
         procs = {"FastAPI ceiling": ServiceProcess([str(BIN / "uvicorn"), "ceiling:app", "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop",
-                                                    "--http", "httptools", "--no-access-log", "--no-proxy-headers", "--log-level", "warning"], "/ready", env=env, cwd=work,
-                                                   log=work / "ceiling.log", timeout=600)}
+                                                    "--http", "httptools", "--no-access-log", "--no-proxy-headers", "--log-level", "warning"],
+                                                   "/ready", env=env, cwd=work, log=work / "ceiling.log", timeout=600)}
         soaked = None
         try:
             # saturation, side by side in turns: the ceiling, ONNX with its log, without the heap frozen (before), without the log
