@@ -1017,7 +1017,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve._read_body': ('serve.html#_read_body', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._registry_status': ('serve.html#_registry_status', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._report_failure': ('serve.html#_report_failure', 'mlops_nb/serve.py'),
-                                'mlops_nb.serve._run_batch': ('serve.html#_run_batch', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._safe_on_batch': ('serve.html#_safe_on_batch', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._single_threaded_model': ('serve.html#_single_threaded_model', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._startup': ('serve.html#_startup', 'mlops_nb/serve.py'),

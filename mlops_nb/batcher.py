@@ -35,12 +35,12 @@ class BatchItem:
 class Batcher:
     "Coalesce concurrent requests into one model call per batch."
     def __init__(self,
-                 run,                 # callable(version, records) -> (probabilities, extra), run in `executor`
+                 run,                 # callable(version, records) -> probabilities, run in `executor`
                  executor,            # where the model runs (a one-thread pool keeps the event loop free)
                  max_batch_size: int = 64,   # most records in one model call (a larger request is its own batch)
                  max_wait_ms: float = 2.0,   # longest the first request waits for others
                  arriving=lambda: 0,  # how many requests are on their way (read but not yet queued)
-                 on_batch=None,       # callable(items, probabilities, extra) after each answered batch
+                 on_batch=None,       # callable(items, probabilities) after each answered batch
                  healthy=None,        # callable(version) -> bool, run in `executor`: does the model score a known-good input?
                  inline=lambda version: False):  # callable(version) -> bool: call this model on the event loop, not in `executor`
         self.run, self.executor, self.max_batch_size, self.max_wait = run, executor, max_batch_size, max_wait_ms / 1000
@@ -91,29 +91,29 @@ class Batcher:
         if self.inline(version): return self.run(version, records)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, version, records)
 
-    def _answer(self, items: list[BatchItem], proba, extra):
+    def _answer(self, items: list[BatchItem], proba):
         start = 0
         for it in items:
             if not it.future.done(): it.future.set_result(proba[start:start + len(it.records)])
             start += len(it.records)
-        if self.on_batch is not None: self.on_batch(items, proba, extra)
+        if self.on_batch is not None: self.on_batch(items, proba)
 
     async def _work(self):
         while True:
             batch = await self._take()
-            try: proba, extra = await self._call(batch[0].version, [r for it in batch for r in it.records])
+            try: proba = await self._call(batch[0].version, [r for it in batch for r in it.records])
             except Exception as e:
                 await self._isolate(batch, e)
                 continue
-            self._answer(batch, proba, extra)
+            self._answer(batch, proba)
 
     async def _isolate(self, batch: list[BatchItem], error: Exception):
         "The batch failed: answer each request alone; name the records that fail, or fail all with the model's error."
         failed = [(batch[0], error)] if len(batch) == 1 else []
         for it in batch if len(batch) > 1 else []:
-            try: proba, extra = await self._call(it.version, it.records)
+            try: proba = await self._call(it.version, it.records)
             except Exception as e: failed.append((it, e))
-            else: self._answer([it], proba, extra)
+            else: self._answer([it], proba)
         if len(failed) == len(batch) and not await self._model_is_healthy(batch[0].version):
             for it, e in failed: _fail(it, e)    # nothing scores, not even a known-good input: the model is broken
             return

@@ -22,7 +22,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from .batcher import BatchItem, Batcher, RecordsFailed
-from .contract import Field, RequestError, decided_index, decide_rows, error_entry, json_response, parse_body, records_frame, validate_records
+from .contract import Field, RequestError, decided_index, decide_rows, error_entry, json_response, parse_body, validate_records
 from .core import MlopsError, ServeParams
 from .loading import ModelVersion, load_version
 from .observe import MonitorCollector
@@ -60,7 +60,7 @@ class ServiceMetrics:
         self.log_errors = Gauge("mlops_prediction_log_write_errors", "Failed writes of the prediction log (rows kept in memory)", registry=r)
         self.registry_errors = Counter("mlops_registry_errors", "Registry lookups that failed (outage, locked database)", registry=r)
         self.registry_up = Gauge("mlops_registry_up", "1 when the last registry lookup worked", registry=r)
-        self._children: dict = {}
+        self._children, self._answered = {}, {}   # kept label children: by (metric, labels); by a request's labels
     def child(self, metric, *labels):
         "`metric.labels(*labels)`, kept: a lookup per request costs 4x the update it serves."
         key = (metric, labels)
@@ -69,9 +69,9 @@ class ServiceMetrics:
     def observe(self, endpoint: str, status: int, t0: float, version: str = "", variant: str = ""):
         "Count one answered request and its latency since `t0` (perf_counter)."
         key = (endpoint, status, version, variant)
-        if (pair := self._children.get(key)) is None:   # both children of a label set, found with one lookup
+        if (pair := self._answered.get(key)) is None:   # both children of a label set, found with one lookup
             labels = (endpoint, str(status), version, variant)
-            pair = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
+            pair = self._answered[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
         pair[0].inc()
         pair[1].observe(time.perf_counter() - t0)
 
@@ -121,13 +121,9 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 # %% ../nbs/20_serve.ipynb #4db33df5
-def _run_batch(version: ModelVersion, records: list[dict]):
-    "One model call (in the executor thread, or inline for ONNX) on the version's runtime: the probabilities (nothing extra)."
-    return version.predict_proba(records), None
-
 def _healthy(version: ModelVersion) -> bool:
     "Whether `version` still scores its own input example (a known-good record): if so, a failing record is the client's."
-    return bool(version.example) and bool(np.isfinite(_run_batch(version, [version.example])[0]).all())
+    return bool(version.example) and bool(np.isfinite(version.predict_proba([version.example])).all())
 
 def _out_of_range(fields: list[Field], records: list[dict]) -> dict[str, int]:
     "Per field with a training range, how many values of validated `records` fall outside it (only fields with some)."
@@ -138,7 +134,7 @@ def _out_of_range(fields: list[Field], records: list[dict]) -> dict[str, int]:
         if k := sum(1 for r in records if (v := r.get(f.name)) is not None and not lo <= v <= hi): out[f.name] = k
     return out
 
-def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np.ndarray, extra=None):
+def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np.ndarray):
     "After each batch: prediction metrics, and the rows of the prediction log."
     version, m, n = batch[0].version, state.metrics, len(proba)
     best = decided_index(proba, state.params.threshold) if version.classes else None
@@ -244,8 +240,8 @@ async def _startup(state: _State, model_uri: str, poll_seconds: float):
     if state.params.challenger_share > 0 and (uri := _alias_uri(model_uri, "challenger")):
         state.variants["challenger"] = Variant("challenger", uri)
     for v in state.variants.values():
-        v.batcher = Batcher(_run_batch, state.executor, state.params.max_batch_size, state.params.max_wait_ms,
-                            lambda: state.arriving, lambda b, p, f, v=v: _safe_on_batch(state, v, b, p, f), _healthy,
+        v.batcher = Batcher(ModelVersion.predict_proba, state.executor, state.params.max_batch_size, state.params.max_wait_ms,
+                            lambda: state.arriving, lambda b, p, v=v: _safe_on_batch(state, v, b, p), _healthy,
                             inline=lambda version: version.runtime == "onnx").start()   # ONNX: cheaper than a thread handoff
         await _load_variant(state, v)
     if state.variants["champion"].current is None:
@@ -262,8 +258,8 @@ def _report_failure(task: asyncio.Task):
     if not task.cancelled() and task.exception() is not None:
         logger.error(f"serve: start-up failed, no model will load: {task.exception()!r}")
 
-def _safe_on_batch(state, variant, batch, proba, frame):
-    try: _on_batch(state, variant, batch, proba, frame)
+def _safe_on_batch(state, variant, batch, proba):
+    try: _on_batch(state, variant, batch, proba)
     except Exception as e: logger.error(f"serve: metrics or log of a batch failed: {e!r}")
 
 # %% ../nbs/20_serve.ipynb #a5dcee69
