@@ -66,6 +66,9 @@ variants of it, alternating services, best round), December 2026:
   of the gap. The open-loop p99 at 50% / 80% of our own maximum read 14-35 / 45-192 ms over the five runs: that
   maximum is now 5,900-8,100 req/s, and whether the service or our own Python generator beside it on the 2 cores
   falls behind the schedule there was not examined (it read 12.9 / 39.0 ms at a maximum near 5,000).
+- the same, beside two CPU-bound processes (load average 2.2-3.8) and with MLFLOW_TRACKING_URI naming a team's
+  registry (left byte for byte as it was): ceiling 4,534 req/s, ONNX log on 2,958 (0.65) at p99 10.1 ms, log off 3,785
+  (0.83) at 8.7 ms; CPU per answer 145 / 243 / 176 us; workers unbatched 1.50x (no core free for the second one).
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
