@@ -151,7 +151,7 @@ def _on_batch(state: _State, variant: Variant, batch: list[BatchItem], proba: np
     meta = log_meta([it.request_id for it in batch for _ in it.records], [i for it in batch for i in range(len(it.records))],
                     variant.name, version.name, version.version, pred, proba, version.classes)
     if state.features is not None: meta["entity_key"] = state.features.logged_keys(batch)   # the key each record was read by
-    state.log.append(Records(records, version.fields), meta)   # typed into columns by the log's writer, a flush at a time
+    state.log.append(Records.of(records, version.fields), meta)   # typed into columns by the log's writer, a flush at a time
 
 # %% ../nbs/20_serve.ipynb #35b784c3
 import logging
