@@ -69,6 +69,19 @@ variants of it, alternating services, best round), December 2026:
 - the same, beside two CPU-bound processes (load average 2.2-3.8) and with MLFLOW_TRACKING_URI naming a team's
   registry (left byte for byte as it was): ceiling 4,534 req/s, ONNX log on 2,958 (0.65) at p99 10.1 ms, log off 3,785
   (0.83) at 8.7 ms; CPU per answer 145 / 243 / 176 us; workers unbatched 1.50x (no core free for the second one).
+- after the log's queue took each record's values as a tuple instead of the request's dict (the writer transposes the
+  tuples and sends text straight to Arrow; in process, 8 clients, the writer thread's CPU per answered record went from
+  11-14 to 4-6 us), three full default runs back to back (load average 0.5-2.0; the host's noise moved the same
+  unbatched scikit-learn answer between 6.2 and 7.2 ms of CPU): ceiling 10,606 / 10,273 / 10,540 req/s, ONNX log on
+  8,199 / 7,236 / 6,955 (0.77 / 0.70 / 0.66 of the ceiling) at p99 3.2 / 4.9 / 6.0 ms, log off 0.82 / 0.80 / 0.78; CPU
+  per answer ceiling 99 / 111 / 109 us, ONNX log on 131 / 157 / 163 us, log off 118 / 136 / 141 us (the log: 13-22 us
+  an answer, against 15-36 before); workers unbatched 1.97x / 2.26x / 2.29x; open loop p99 at 50% / 80% of our maximum
+  10.6-16.1 / 26-33 ms. Per thread, in a shorter alternating run (4 rounds of 3 s, load average 0.8): the service's
+  event-loop thread 128 us an answer with the log on against 122 us with it off, the writer thread 5 us; share 0.78.
+  The share follows the CPU per answer (ceiling / ONNX: 0.76, 0.71, 0.67 in the three runs) and the host moves that
+  from run to run more than this change did: 0.75 is still not a margin. What is left beyond the log: the ONNX call,
+  84 us for 8 rows, about three quarters of it in the 70 nodes (of 78) that impute and one-hot encode the 10 text
+  inputs (ORT's profiler), a tenth in the trees.
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
