@@ -82,6 +82,11 @@ variants of it, alternating services, best round), December 2026:
   from run to run more than this change did: 0.75 is still not a margin. What is left beyond the log: the ONNX call,
   84 us for 8 rows, about three quarters of it in the 70 nodes (of 78) that impute and one-hot encode the 10 text
   inputs (ORT's profiler), a tenth in the trees.
+  Beside two CPU-bound processes (load average 1.5-4.1), MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI naming a team's
+  registry (byte for byte unchanged after): ceiling 6,106 req/s, ONNX log on 3,495 (0.57) at p99 10.0 ms, log off
+  4,843 (0.79) at 7.5 ms; CPU per answer 105 / 179 / 132 us: with more runnable threads than cores the log costs 47 us
+  an answer, three times what it costs on a quiet machine (a writer thread descheduled while it holds the interpreter
+  lock stalls the event loop); workers unbatched 1.62x.
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
