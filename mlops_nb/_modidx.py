@@ -813,7 +813,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlops_nb.predlog._cat': ('predlog.html#_cat', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._concat': ('predlog.html#_concat', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._layout': ('predlog.html#_layout', 'mlops_nb/predlog.py'),
-                                  'mlops_nb.predlog._same_layout': ('predlog.html#_same_layout', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog._seal': ('predlog.html#_seal', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog.log_meta': ('predlog.html#log_meta', 'mlops_nb/predlog.py'),
                                   'mlops_nb.predlog.log_table': ('predlog.html#log_table', 'mlops_nb/predlog.py'),
