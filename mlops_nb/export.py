@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder
 
 import mlops_nb.edge
 from .core import MlopsError, atomic_path, write_json
@@ -23,8 +28,8 @@ from .schema import Schema
 from .train import feature_columns, model_output
 
 # %% auto #0
-__all__ = ['ONNX_FILE', 'REPORT_FILE', 'ExportError', 'export_fields', 'to_onnx', 'frame_inputs', 'probe_frame', 'parity',
-           'OnnxExport', 'export_onnx', 'write_export', 'export_version', 'serve_runtime']
+__all__ = ['ONNX_FILE', 'REPORT_FILE', 'ExportError', 'export_fields', 'to_onnx', 'TextOneHot', 'text_one_hot', 'frame_inputs',
+           'probe_frame', 'parity', 'OnnxExport', 'export_onnx', 'write_export', 'export_version', 'serve_runtime']
 
 # %% ../nbs/13_export.ipynb #3d26aa66
 class ExportError(MlopsError):
@@ -54,7 +59,6 @@ def export_fields(X: pd.DataFrame, schema: Schema | None = None) -> list[dict]:
 # %% ../nbs/13_export.ipynb #2492a390
 def _onnx_ready(model):
     "A copy of fitted `model` whose categorical (string) imputers read `MISSING` as missing."
-    from sklearn.impute import SimpleImputer
     ready = copy.deepcopy(model)
     def visit(est):
         if isinstance(est, SimpleImputer) and getattr(est, "statistics_", np.zeros(0)).dtype == object: est.missing_values = MISSING
@@ -84,6 +88,7 @@ def to_onnx(
     types = [(f["name"], StringTensorType([None, 1]) if f["input"] == "string" else FloatTensorType([None, 1])) for f in fields]
     ready = _onnx_ready(model)
     if type(ready.steps[-1][1]).__module__.startswith("lightgbm."): target_opset = _register_lightgbm(target_opset)   # zoo entries lgbm, lgbm_dask
+    _lean_text(ready, fields, target_opset)   # the text columns' encoding in four nodes
     options = {id(ready.steps[-1][1]): {"zipmap": False}} if hasattr(model, "predict_proba") else None  # probabilities as a matrix
     try:
         with _int_missing_flags():
@@ -105,6 +110,70 @@ def _register_lightgbm(target_opset: int | None) -> dict:
                                 convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
     update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes, convert_lightgbm)
     return {"": target_opset or get_latest_tested_opset_version(), "ai.onnx.ml": 3}   # onnxmltools 1.16 writes ai.onnx.ml 3 at most
+
+# %% ../nbs/13_export.ipynb #5314251b
+class TextOneHot(TransformerMixin, BaseEstimator):
+    "A fitted text encoding as one lookup: `codes[f'{j}\\x1f{value}']` is the output column that `value` of column `j` sets."
+    def __init__(self, codes: dict | None = None, width: int = 0, n_columns: int = 0):
+        self.codes, self.width, self.n_columns = codes, width, n_columns   # width: the output's columns (and the code of "none")
+    def transform(self, X) -> np.ndarray:
+        X, out = np.asarray(X, dtype=object), np.zeros((len(X), self.width + 1), dtype=np.float32)
+        for j in range(self.n_columns):   # each value as the ONNX input holds it: its text, or `MISSING`
+            text = input_array(X[:, j], {"input": "string"})[:, 0]
+            out[np.arange(len(X)), [self.codes.get(f"{j}\x1f{t}", self.width) for t in text]] = 1
+        return out[:, :self.width]
+
+# %% ../nbs/13_export.ipynb #7433876f
+def text_one_hot(pipe, columns: list[str]) -> TextOneHot | None:
+    """Fitted `pipe` (a OneHotEncoder, or a Pipeline ending in one, over text `columns`; missing text is `MISSING`) as a
+    `TextOneHot`; None when the lookup does not reproduce it (a value that sets more than one column, an unseen value that sets one)."""
+    *before, enc = [est for _, est in pipe.steps] if isinstance(pipe, Pipeline) else [pipe]
+    if not isinstance(enc, OneHotEncoder) or not all(isinstance(b, SimpleImputer) for b in before) or len(enc.categories_) != len(columns):
+        return None   # one column at a time, or not at all
+    fill = [cats[0] for cats in enc.categories_]   # a known value of every other column
+    unseen = "\x00" + "".join(str(c) for cats in enc.categories_ for c in cats)   # longer than every category: equal to none
+    tried = [(j, v) for j, cats in enumerate(enc.categories_) for v in (*cats, MISSING, unseen)]
+    frame = pd.DataFrame([[*fill[:j], v, *fill[j + 1:]] for j, v in tried], columns=columns, dtype=object)
+    try: out = np.asarray(pipe.transform(frame))
+    except ValueError: return None   # an encoder that refuses unseen values
+    width, sets = out.shape[1], [frozenset(np.flatnonzero(row).tolist()) for row in out]
+    blank = {j: s for (j, v), s in zip(tried, sets) if v is unseen}   # column j unseen: what the other columns set
+    codes = {f"{j}\x1f{v}": min(s - blank[j], default=width) for (j, v), s in zip(tried, sets) if v is not unseen}
+    lean = TextOneHot(codes, width, len(columns))
+    return lean if np.array_equal(lean.transform(frame), out) else None
+
+# %% ../nbs/13_export.ipynb #02650376
+def _text_one_hot_shape(operator):
+    from skl2onnx.common.data_types import FloatTensorType
+    operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), operator.raw_operator.width])
+
+def _text_one_hot_nodes(scope, operator, container):
+    "`TextOneHot` in ONNX: the column's index before each value, one LabelEncoder to output columns, OneHot, summed over columns."
+    from onnx import TensorProto
+    lean, X, Y = operator.raw_operator, operator.inputs[0].full_name, operator.outputs[0].full_name
+    prefix, depth, on_off, axis, keys, codes, hot = (scope.get_unique_variable_name(n) for n in ("prefix", "depth", "on_off", "axis", "keys", "codes", "hot"))
+    container.add_initializer(prefix, TensorProto.STRING, [1, lean.n_columns], [f"{j}\x1f".encode() for j in range(lean.n_columns)])
+    container.add_initializer(depth, TensorProto.INT64, [], [lean.width])
+    container.add_initializer(on_off, TensorProto.FLOAT, [2], [0.0, 1.0])
+    container.add_initializer(axis, TensorProto.INT64, [1], [1])
+    node = lambda op, ins, out, **kw: container.add_node(op, ins, out, name=scope.get_unique_operator_name(op), **kw)
+    node("StringConcat", [prefix, X], keys, op_version=20)
+    node("LabelEncoder", keys, codes, op_domain="ai.onnx.ml", op_version=2, keys_strings=list(lean.codes),
+         values_int64s=list(lean.codes.values()), default_int64=lean.width)
+    node("OneHot", [codes, depth, on_off], hot, op_version=11, axis=-1)   # a code outside [-width, width): all zeros
+    node("ReduceSum", [hot, axis], Y, op_version=13, keepdims=0)
+
+def _lean_text(ready, fields: list[dict], target_opset):
+    "In `ready` (the copy to convert), each transformer of text columns that `text_one_hot` reproduces, swapped for its `TextOneHot`."
+    from skl2onnx import update_registered_converter
+    opset = target_opset.get("") if isinstance(target_opset, dict) else target_opset
+    if opset is not None and opset < 20: return   # StringConcat is opset 20
+    update_registered_converter(TextOneHot, "MlopsNbTextOneHot", _text_one_hot_shape, _text_one_hot_nodes)
+    text = {f["name"] for f in fields if f["input"] == "string"}
+    for ct in (est for _, est in getattr(ready, "steps", []) if isinstance(est, ColumnTransformer)):
+        for i, (name, est, cols) in enumerate(ct.transformers_):
+            if isinstance(cols, list) and cols and set(cols) <= text and (lean := text_one_hot(est, cols)) is not None:
+                ct.transformers_[i] = (name, lean, cols)
 
 # %% ../nbs/13_export.ipynb #65c5d6a5
 def frame_inputs(X: pd.DataFrame, fields: list[dict]) -> dict:

@@ -214,6 +214,33 @@ def test_every_family_of_every_task_exports_with_parity(task, family):
     assert (np.asarray(answer["predictions"])[decided] == model.predict(probes)[decided]).all()
 
 
+def test_text_columns_of_any_kind_convert_to_one_lookup_with_parity():
+    """Text columns skl2onnx's own conversion trips on (a bool column: its imputer's fill value False) or spreads over seven
+    nodes each, with more categories than the encoder keeps (infrequent ones share a column), the lookup's separator and
+    non-ASCII inside values, and missing values: one lookup in the graph, answers like the Pipeline on unseen values too."""
+    import onnx
+    import pandas as pd
+    from mlops_nb.edge import EdgeModel
+    from mlops_nb.export import export_onnx, probe_frame
+    from mlops_nb.train import MAX_CATEGORIES, build_model
+    rng = np.random.default_rng(4)
+    n = 300
+    X = pd.DataFrame({"x": rng.normal(size=n), "flag": rng.random(n) < 0.3,
+                      "city": rng.choice([f"c{i}" for i in range(2 * MAX_CATEGORIES)], n),
+                      "odd": rng.choice(["a\x1fb", "é ü", "0\x1f1", "x"], n).astype(object)})
+    X.loc[::7, "odd"], X.loc[::11, "city"] = np.nan, np.nan
+    y = (X.x + X.flag + (X.city < "c2") + (X.odd == "é ü")).gt(0.5).astype(int)
+    model = build_model("hgb", X, 0).fit(X, y)
+    exp = export_onnx(model, X.iloc[200:], tolerance=TOLERANCE)
+    assert exp.usable, exp.report
+    ops = [node.op_type for node in onnx.load_from_string(exp.model).graph.node]
+    assert ops.count("LabelEncoder") == 1 and len(ops) < 12, ops
+    probes = probe_frame(X.iloc[200:], n=60, seed=2)
+    probes.loc[probes.flag == "never seen in training", "flag"] = True   # a bool field takes bools (or null)
+    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in probes.to_dict("records")]
+    np.testing.assert_allclose(EdgeModel(exp.model).predict(records)["probabilities"], model.predict_proba(probes), atol=TOLERANCE)
+
+
 def test_parity_catches_a_split_that_float32_rounding_flips():
     """ONNX trees compare float32 values: an input just above a threshold in float64 rounds onto it and goes the other way.
     The export's parity check sees it, and the version is not served by ONNX."""
