@@ -87,6 +87,21 @@ variants of it, alternating services, best round), December 2026:
   4,843 (0.79) at 7.5 ms; CPU per answer 105 / 179 / 132 us: with more runnable threads than cores the log costs 47 us
   an answer, three times what it costs on a quiet machine (a writer thread descheduled while it holds the interpreter
   lock stalls the event loop); workers unbatched 1.62x.
+- after the ONNX export encoded the text columns as one lookup (the churn graph 78 -> 9 nodes; `Session.run`, one
+  thread, best of 7: 89 -> 40 us for 1 row, 108 -> 64 us for 8), three full default runs back to back (load average
+  0.9-1.9): ceiling 10,876 / 10,598 / 10,676 req/s, ONNX log on 9,187 / 8,393 / 8,493 (0.84 / 0.79 / 0.80 of the
+  ceiling) at p99 3.0 / 3.6 / 4.1 ms, log off 0.90 / 0.87 / 0.90; CPU per answer ceiling 97 / 101 / 98 us, ONNX log on
+  116 / 130 / 126 us, log off 107 / 110 / 108 us (the log: 9-20 us an answer); each round of the log-on service at
+  0.61-0.85 of its run's best ceiling round, 0.75 or more in 11 of 15; workers unbatched 2.09x / 2.30x / 2.29x; open
+  loop p99 at 50% / 80% of our maximum 6.1-12.5 / 20.5-53 ms. Beside two CPU-bound processes (load average up to
+  3.9), MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI naming a team's registry (byte for byte unchanged after): ceiling
+  5,729 req/s, ONNX log on 4,249 (0.74) at p99 8.5 ms, log off 4,460 (0.78) at 7.6 ms; CPU per answer 106 / 140 /
+  123 us; workers unbatched 1.55x.
+  Tried and dropped: converting the log's rows on the event loop, a column per turn of the loop, with the writer
+  thread only writing (so that one thread runs Python and none waits for the other's interpreter lock). In
+  alternating rounds (10 of 3 s, quiet): CPU per answer 123.5 / 130 us against 125 / 126 us with the writer
+  converting, p99 4.2 / 4.3 against 3.0 / 3.3 ms; beside two CPU-bound processes 145 / 151 against 140 / 149 us.
+  No gain on either machine: the writer converts, as before.
 
     python benchmarks/serving.py [--seconds 15] [--concurrency 8] [--rounds 5] [--soak 60]
     python benchmarks/serving.py --setup-only   # register, serve once, stop: what the isolation test runs
