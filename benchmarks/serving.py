@@ -96,7 +96,10 @@ variants of it, alternating services, best round), December 2026:
   loop p99 at 50% / 80% of our maximum 6.1-12.5 / 20.5-53 ms. Beside two CPU-bound processes (load average up to
   3.9), MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI naming a team's registry (byte for byte unchanged after): ceiling
   5,729 req/s, ONNX log on 4,249 (0.74) at p99 8.5 ms, log off 4,460 (0.78) at 7.6 ms; CPU per answer 106 / 140 /
-  123 us; workers unbatched 1.55x.
+  123 us; workers unbatched 1.55x. Two more such runs (load average up to 3.4): ONNX log on 0.71 / 0.59 of the ceiling
+  (6,348 / 7,034 req/s) at p99 8.0 / 8.8 ms, log off 0.72 / 0.75; CPU per answer 102 / 137 / 120 us and 97 / 139 /
+  124 us; workers unbatched 1.53x / 1.75x. With more runnable threads than cores the goal is not met: ceiling / ONNX
+  CPU per answer is 0.70-0.76 there (0.76-0.84 on the quiet machine), and log off falls short in one run of three too.
   Tried and dropped: converting the log's rows on the event loop, a column per turn of the loop, with the writer
   thread only writing (so that one thread runs Python and none waits for the other's interpreter lock). In
   alternating rounds (10 of 3 s, quiet): CPU per answer 123.5 / 130 us against 125 / 126 us with the writer
