@@ -187,6 +187,11 @@ def fitted(family: str, task: str, X, y):
     with threadpool_limits(1): return model.fit(X, y)
 
 
+def records_of(frame) -> list[dict]:
+    "The rows of `frame` as request records (NaN: null)."
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
 @pytest.mark.parametrize("family", list(SMALL))
 @pytest.mark.parametrize("task", list(TARGETS))
 def test_every_family_of_every_task_exports_with_parity(task, family):
@@ -200,7 +205,7 @@ def test_every_family_of_every_task_exports_with_parity(task, family):
     # an independent look, through the edge runner's own API, at records with holes and categories never seen
     probes = probe_frame(X_test, n=40, seed=1)
     assert probes.isna().any().any() and (probes == "never seen in training").any().any()
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in probes.to_dict("records")]
+    records = records_of(probes)
     answer = EdgeModel(exp.model).predict(records)
     if task == "regression":
         assert "probabilities" not in answer
@@ -237,7 +242,7 @@ def test_text_columns_of_any_kind_convert_to_one_lookup_with_parity():
     assert ops.count("LabelEncoder") == 1 and len(ops) < 12, ops
     probes = probe_frame(X.iloc[200:], n=60, seed=2)
     probes.loc[probes.flag == "never seen in training", "flag"] = True   # a bool field takes bools (or null)
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in probes.to_dict("records")]
+    records = records_of(probes)
     np.testing.assert_allclose(EdgeModel(exp.model).predict(records)["probabilities"], model.predict_proba(probes), atol=TOLERANCE)
 
 
