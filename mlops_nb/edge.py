@@ -77,10 +77,12 @@ def model_inputs(records: list[dict], fields: list[dict]) -> dict:
     for kind, dtype in (("float", np.float32), ("string", object)):   # one numpy call per kind of input, not per field
         names = [f["name"] for f in fields if f["input"] == kind]
         if not names: continue
-        if kind == "string": rows = [[MISSING if _is_missing(v := r.get(n)) else str(v) for r in records] for n in names]
-        else: rows = [[r.get(n) for r in records] for n in names]   # None is NaN in a float array
-        block = np.array(rows, dtype=dtype)              # a row per field: each field's values are contiguous
-        out.update((n, block[j].reshape(-1, 1)) for j, n in enumerate(names))
+        if kind == "string":   # validated text is already a str: the common case costs one type check
+            flat = [v if type(v := r.get(n)) is str else MISSING if _is_missing(v) else str(v) for n in names for r in records]
+        else: flat = [r.get(n) for n in names for r in records]   # None is NaN in a float array
+        # one flat list, field after field: a block [field, record, 1] whose every field is a contiguous [n, 1] input
+        # (a nested list, and a reshape per field, cost twice as much: 31 -> 16 us for 8 records of 19 inputs)
+        out.update(zip(names, np.array(flat, dtype=dtype).reshape(len(names), len(records), 1)))
     return {f["name"]: out[f["name"]] for f in fields}
 
 # %% ../nbs/14_edge.ipynb #05351f7d
