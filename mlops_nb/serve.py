@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 import pandas as pd
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 
 from .batcher import BatchItem, Batcher, RecordsFailed
 from .contract import Field, RequestError, decided_index, decide_rows, error_entry, json_response, parse_body, validate_records
@@ -46,6 +47,8 @@ class ServiceMetrics:
         self.requests = Counter("mlops_requests", "HTTP requests answered", lab, registry=r)
         self.latency = Histogram("mlops_request_latency_seconds", "Request latency", lab, buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("mlops_requests_in_flight", "Requests being handled", registry=r)
+        self.answering = 0   # the requests being handled, read by `in_flight` when scraped: no lock taken twice per request
+        self.in_flight.set_function(lambda: self.answering)
         self.predictions = Counter("mlops_predictions", "Predicted classes", ["model_version", "variant", "prediction"], registry=r)
         self.score = Histogram("mlops_prediction_score", "Probability of the last (positive) class", ["model_version", "variant"],
                                buckets=[i / 10 for i in range(1, 11)], registry=r)
@@ -108,17 +111,26 @@ class _State:
         champ = self.variants.get("champion")
         return champ is not None and champ.current is not None
 
+def _header(request, name: bytes) -> str | None:
+    "The value of header `name` (lower case, as ASGI gives names) read off the scope: no `Headers` object per request."
+    for k, v in request.scope["headers"]:
+        if k == name: return v.decode("latin-1")
+    return None
+
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
     too_large = lambda: RequestError(413, [error_entry(f"body larger than max_body_bytes {limit}")])
-    declared = request.headers.get("content-length")
+    declared = _header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit: raise too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:   # the ASGI messages, read as `Request.stream` reads them, without an async generator per request
+        message = await request.receive()
+        if message["type"] == "http.disconnect": raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit: raise too_large()
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _healthy(version: ModelVersion) -> bool:
@@ -265,7 +277,7 @@ def _safe_on_batch(state, variant, batch, proba):
 # %% ../nbs/20_serve.ipynb #a5dcee69
 async def _predict(state: _State, request, to_body=None, pin: str | None = None) -> tuple[int, dict, str, str]:
     "(status, answer, model version, variant) of one request; `to_body(raw, content_type, fields)` turns another protocol's body into records."
-    rid = request.headers.get("x-request-id") or state.request_id()
+    rid = _header(request, b"x-request-id") or state.request_id()
     state.arriving += 1
     queued = False
     try:
@@ -308,16 +320,19 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
 async def _answer(state: _State, request, endpoint: str, to_body=None, pin: str | None = None) -> tuple[int, dict]:
     "`_predict` with the request counted in the metrics under `endpoint`; a failure of the model is a 500 saying so."
     m, t0 = state.metrics, time.perf_counter()
-    m.in_flight.inc()
+    m.answering += 1
     try:
         try: status, answer, version, variant = await _predict(state, request, to_body, pin)
+        except ClientDisconnect:   # the client hung up before its body ended: no one to answer, and not the service's failure
+            status, version, variant = 499, "", ""   # nginx's "client closed request"
+            answer = {"errors": [error_entry("the client closed the connection before the request's body ended")]}
         except Exception as e:  # the model failed: not the client's fault, and said so
             logger.error(f"serve: {endpoint} failed: {e!r}")
             status, version, variant = 500, "", ""
             answer = {"errors": [error_entry(f"internal error: {type(e).__name__}")]}
         m.observe(endpoint, status, t0, version, variant)
         return status, answer
-    finally: m.in_flight.dec()
+    finally: m.answering -= 1
 
 # %% ../nbs/20_serve.ipynb #34554c32
 def _field_json(f: Field) -> dict:

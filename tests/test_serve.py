@@ -132,6 +132,42 @@ BAD = {  # name: (body builder, expected status, expected (record, field) of the
 }
 
 
+
+def test_a_body_sent_in_pieces_is_read_whole_and_measured_as_it_comes(server, project):
+    "Chunked transfer, no Content-Length: the service joins the pieces, and refuses a body that grows past max_body_bytes."
+    _, model, X = project
+    body = json.dumps(records_of(X.iloc[:200])).encode()
+    pieces = lambda b, n: (b[i:i + n] for i in range(0, len(b), n))
+    r = httpx.post(server.url + "/predict", content=pieces(body, 7_000), timeout=30)
+    assert "content-length" not in r.request.headers and r.status_code == 200, r.text[:300]
+    np.testing.assert_allclose(r.json()["probabilities"], model.predict_proba(X.iloc[:200]), rtol=0, atol=1e-12)
+    huge = b"[" + b" " * 1_100_000 + b"]"   # over the default max_body_bytes (1 MB), never declared
+    r = httpx.post(server.url + "/predict", content=pieces(huge, 64_000), timeout=30)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["errors"][0]["problem"], r.text[:300]
+
+
+def _requests_by_status(url: str) -> dict[str, float]:
+    fams = text_string_to_metric_families(httpx.get(url + "/metrics").text)
+    out = {}
+    for s in (s for f in fams if f.name == "mlops_requests" for s in f.samples if s.name == "mlops_requests_total"):
+        out[s.labels["status"]] = out.get(s.labels["status"], 0) + s.value
+    return out
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_a_failure(server, project):
+    import socket
+    before = _requests_by_status(server.url)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:   # 1,000 bytes declared, 10 sent, then gone
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"tenure\"")
+        time.sleep(0.3)
+    for _ in range(100):   # counted once the service notices the hang-up
+        after = _requests_by_status(server.url)
+        if after.get("499", 0) > before.get("499", 0): break
+        time.sleep(0.05)
+    assert after.get("499", 0) == before.get("499", 0) + 1 and after.get("500", 0) == before.get("500", 0), (before, after)
+    assert server.post(_good(project)).status_code == 200   # and the service answers the next client as ever
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_a_4xx_naming_record_and_field(server, project, case):
     build, status, (record, field), fragment = BAD[case]
