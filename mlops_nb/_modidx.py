@@ -1014,6 +1014,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlops_nb.serve._State.request_id': ('serve.html#_state.request_id', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._alias_uri': ('serve.html#_alias_uri', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._answer': ('serve.html#_answer', 'mlops_nb/serve.py'),
+                                'mlops_nb.serve._client_id': ('serve.html#_client_id', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._field_json': ('serve.html#_field_json', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._freeze_heap': ('serve.html#_freeze_heap', 'mlops_nb/serve.py'),
                                 'mlops_nb.serve._header': ('serve.html#_header', 'mlops_nb/serve.py'),

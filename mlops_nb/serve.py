@@ -117,6 +117,10 @@ def _header(request, name: bytes) -> str | None:
         if k == name: return v.decode("latin-1")
     return None
 
+def _client_id(value: str | None) -> str | None:
+    "A client's `x-request-id`, kept when it is 1-200 printable ASCII characters: any other, the service makes its own."
+    return value if value and len(value) <= 200 and value.isascii() and value.isprintable() else None
+
 async def _read_body(request, limit: int) -> bytes:
     "The request body; 413 as soon as it passes `limit` bytes (Content-Length or actual size)."
     too_large = lambda: RequestError(413, [error_entry(f"body larger than max_body_bytes {limit}")])
@@ -277,7 +281,7 @@ def _safe_on_batch(state, variant, batch, proba):
 # %% ../nbs/20_serve.ipynb #a5dcee69
 async def _predict(state: _State, request, to_body=None, pin: str | None = None) -> tuple[int, dict, str, str]:
     "(status, answer, model version, variant) of one request; `to_body(raw, content_type, fields)` turns another protocol's body into records."
-    rid = _header(request, b"x-request-id") or state.request_id()
+    rid = _client_id(_header(request, b"x-request-id")) or state.request_id()   # a client cannot grow the log's rows at will
     state.arriving += 1
     queued = False
     try:

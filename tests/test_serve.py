@@ -98,6 +98,9 @@ def test_single_and_list_answers_equal_the_models_own(server, project):
     assert many["predictions"] == model.predict(X.iloc[:5]).tolist()
     # the client's request id is kept
     assert server.post(recs[0], headers={"x-request-id": "abc-1"}).json()["request_id"] == "abc-1"
+    for unfit in (b"a" * 10_000, b"caf\xe9"):   # too long, not ASCII: the service uses an id of its own, and says which
+        r = server.post(recs[0], headers={"x-request-id": unfit})
+        assert r.status_code == 200 and len(r.json()["request_id"]) == 32 and r.headers["x-request-id"] == r.json()["request_id"]
 
 
 def test_null_allowed_where_the_schema_allows_it(server, project):
