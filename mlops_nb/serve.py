@@ -134,7 +134,7 @@ async def _read_body(request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit: raise too_large()
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)   # one chunk: the chunk itself, not a copy
 
 # %% ../nbs/20_serve.ipynb #4db33df5
 def _healthy(version: ModelVersion) -> bool:
@@ -291,7 +291,7 @@ async def _predict(state: _State, request, to_body=None, pin: str | None = None)
         if version is None: return 503, {"request_id": rid, "errors": [error_entry(f"{pin} not loaded")]}, "", ""
         try:
             raw = await _read_body(request, state.params.max_body_bytes)
-            body = parse_body(raw) if to_body is None else to_body(raw, request.headers.get("content-type", ""), version.fields)
+            body = parse_body(raw) if to_body is None else to_body(raw, _header(request, b"content-type") or "", version.fields)
             keys = None
             if to_body is None and state.features is not None and state.features.wants(body):   # by entity key: the online store's features
                 # counted first, read off the loop
