@@ -45,6 +45,22 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
+def records_of(frame) -> list[dict]:
+    "The rows of `frame` as request records: NaN is null, numpy scalars are plain Python values."
+    import math
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
+            for r in frame.to_dict("records")]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    "The sum of the samples of metric `name` (a counter's `_total`, a gauge's value) on the service at `url`, those with `labels` only."
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name in (name, name + "_total") and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def skip_or_fail(reason: str):
     "Skip the calling test with `reason`, or fail it when CI demands that every test runs."
     if STRICT: pytest.fail(f"{reason} (MLOPS_NB_NO_SKIP=1: CI runs every test)", pytrace=False)

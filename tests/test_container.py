@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, records_of
 
 NAME = "container-model"
 
@@ -97,7 +97,7 @@ def test_the_image_install_lines_serve_a_registered_model(image_env, tmp_path):
     # the image's CMD, with a loopback host and a free port instead of 0.0.0.0:$PORT
     cmd = [str(bin_ / "mlops-nb"), "serve", "--model", env["MODEL_URI"], "--host", "127.0.0.1", "--port", "{port}", "--log-dir", str(tmp_path / "log")]
     with ServiceProcess(cmd, "/ready", env=env, cwd=app, log=tmp_path / "serve.log", timeout=180) as s:
-        records = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in X.head(20).to_dict("records")]
+        records = records_of(X.head(20))
         answer = httpx.post(s.url + "/predict", json=records, timeout=60).json()
         assert answer["model_version"] == str(version)
         np.testing.assert_allclose(answer["probabilities"], model.predict_proba(X.head(20)), rtol=0, atol=1e-9)

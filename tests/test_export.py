@@ -2,7 +2,6 @@
 on both runtimes and says which one answered; the edge runner, in a fresh environment holding only onnxruntime and
 numpy (and what they pull in), answers what the service answers and refuses bad records naming record and field."""
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, skip_or_fail
+from conftest import BIN, ROOT, records_of, skip_or_fail
 from mlops_nb.loadtest import ServiceProcess
 
 NAME = "churn-classifier"
@@ -49,8 +48,7 @@ def project(tmp_path_factory):
                              extra_files=[root / "schema.yaml", *write_export(exp, root / "onnx")])
         plain = register_model(model, X.head(5), NAME, blessed=True, extra_files=[root / "schema.yaml"])
     _promote(NAME, reg["version"])
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
-               for r in X.iloc[450:510].to_dict("records")]
+    records = records_of(X.iloc[450:510])
     records[0]["total_charges"] = None   # a missing value the schema allows
     return root, reg["version"], plain["version"], records
 
@@ -185,11 +183,6 @@ def fitted(family: str, task: str, X, y):
     model = build_model(family, X, 0, task)
     model.steps[-1][1].set_params(**SMALL[family])
     with threadpool_limits(1): return model.fit(X, y)
-
-
-def records_of(frame) -> list[dict]:
-    "The rows of `frame` as request records (NaN: null)."
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
 
 
 @pytest.mark.parametrize("family", list(SMALL))

@@ -135,7 +135,7 @@ def served(repo):
 
 @pytest.mark.slow
 def test_predict_by_key_equals_inline_features_and_the_model(served):
-    from test_serve import records_of
+    from conftest import records_of
     server, model, root, hist = served
     keys = _fresh(hist, 5)
     by_key = server.post({KEY: keys})

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT, run
-from test_serve import NAME, Server, records_of
+from conftest import ROOT, records_of, run
+from test_serve import NAME, Server
 
 PHASE = 400     # records per traffic phase
 CHUNK = 50      # records per request

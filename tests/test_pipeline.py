@@ -238,7 +238,8 @@ def test_the_version_records_the_feature_service_and_definitions(smoke):
 
 
 def test_predict_by_key_equals_predict_inline(smoke):
-    from test_serve import Server, records_of
+    from test_serve import Server
+    from conftest import records_of
     project, _, _ = smoke
     raw = _raw(project)
     rows = [0, 16, 332, 799]

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, records_of
 from mlops_nb.predlog import read_prediction_log
-from test_serve import NAME, Server, fit, records_of, register
+from test_serve import NAME, Server, fit, register
 from test_serve_faults import new_project
 
 pytestmark = pytest.mark.slow

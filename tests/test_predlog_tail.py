@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import BIN
+from conftest import BIN, records_of
 from mlops_nb.loadtest import ServiceProcess
 from mlops_nb.predlog import read_prediction_log
-from test_serve import project, records_of  # noqa: F401  (the module-scoped project fixture: one registration)
+from test_serve import project  # noqa: F401  (the module-scoped project fixture: one registration)
 
 pytestmark = pytest.mark.slow
 

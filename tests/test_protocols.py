@@ -2,7 +2,6 @@
 MLflow's `/invocations` and the Open Inference Protocol's `infer` get identical predictions; every MLflow payload
 format is answered as a real `mlflow models serve` of the same version answers it (and bad payloads with the same
 status codes); `tritonclient[http]`'s `InferenceServerClient` checks liveness, readiness, metadata and infers."""
-import math
 import os
 import shutil
 import time
@@ -13,15 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BIN, ROOT, skip_or_fail
+from conftest import BIN, ROOT, records_of, skip_or_fail
 from mlops_nb.loadtest import ServiceProcess
 
 NAME = "churn-classifier"
 pytestmark = pytest.mark.slow   # every test here talks to a uvicorn process (and the comparison to mlflow's server)
-
-
-def plain(r: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
 
 
 def fit_and_register(root: Path, C: float = 1.0, alias: str = "champion"):
@@ -77,13 +72,9 @@ def theirs(project):
     s.stop()
 
 
-def records(X: pd.DataFrame) -> list[dict]:
-    return [plain(r) for r in X.to_dict("records")]
-
-
 def mlflow_payloads(X: pd.DataFrame) -> dict:
     "Every input format of MLflow's scoring protocol documentation: (content type, body)."
-    recs = records(X)
+    recs = records_of(X)
     cols = {c: [r[c] for r in recs] for c in X.columns}
     split = {"columns": list(X.columns), "data": [[r[c] for c in X.columns] for r in recs]}
     return {"dataframe_split": ("application/json", {"dataframe_split": split}),
@@ -107,7 +98,7 @@ def v2_tensors(meta: dict, recs: list[dict]) -> list[dict]:
 
 def test_the_same_records_through_three_protocols_give_identical_predictions(ours, project):
     _, model, X, _ = project
-    recs = records(X)
+    recs = records_of(X)
     expected = model.predict_proba(X)
     via_predict = httpx.post(ours.url + "/predict", json=recs, timeout=30).json()
     via_mlflow = post(ours.url, "application/json", {"dataframe_records": recs}).json()
@@ -143,7 +134,7 @@ def test_every_mlflow_payload_format_is_answered_as_mlflow_models_serve_answers(
 
 def bad_payloads(X: pd.DataFrame) -> dict:
     "(content type, body, the field or phrase our message must name) of payloads both servers refuse."
-    recs = records(X.iloc[:2])
+    recs = records_of(X.iloc[:2])
     return {"not JSON": ("application/json", b"{oops", "not JSON"),
             "no known format key": ("application/json", {"records": recs}, "exactly one of"),
             "two format keys": ("application/json", {"dataframe_records": recs, "instances": recs}, "exactly one of"),
@@ -174,7 +165,7 @@ def test_bad_payloads_get_mlflow_error_bodies_and_its_status_codes(ours, theirs,
 def test_stricter_than_mlflow_an_unknown_category_or_column_is_refused_and_named(ours, project):
     "Where `mlflow models serve` answers anyway (an unseen category, an extra column), this service refuses, naming it."
     _, _, X, _ = project
-    rec = records(X.iloc[:1])[0]
+    rec = records_of(X.iloc[:1])[0]
     for body, named in (({"dataframe_records": [{**rec, "contract": "Weekly"}]}, "record 0, field 'contract': unknown category"),
                         ({"dataframe_records": [{**rec, "colour": "red"}]}, "record 0, field 'colour': not an input of the model")):
         r = post(ours.url, "application/json", body)
@@ -193,7 +184,7 @@ def test_tritonclient_checks_health_metadata_and_infers(ours, project):
     meta = client.get_model_metadata(NAME)
     assert meta["versions"] == [version] and [i["name"] for i in meta["inputs"]] == list(X.columns)
     assert [o["name"] for o in meta["outputs"]] == ["predict", "predict_proba"]
-    recs = records(X)
+    recs = records_of(X)
     inputs = []
     for spec in meta["inputs"]:
         col = [r[spec["name"]] for r in recs]
@@ -220,7 +211,7 @@ def test_tritonclient_defaults_binary_tensors_get_the_json_answers(ours, project
     except ImportError as e: skip_or_fail(f"tritonclient[http] is not installed: {e}")
     _, model, X, version = project
     client = tc.InferenceServerClient(url=ours.url.removeprefix("http://"))
-    recs = records(X)
+    recs = records_of(X)
     inputs = []
     for spec in client.get_model_metadata(NAME)["inputs"]:
         dtype = {"BYTES": object, "FP64": np.float64, "INT64": np.int64, "BOOL": bool}[spec["datatype"]]
@@ -255,7 +246,7 @@ def test_canary_and_model_switch_reach_every_protocol(tmp_path):
     X = X.iloc[:1]
     p1, p2 = m1.predict_proba(X)[0], m2.predict_proba(X)[0]
     assert abs(p1 - p2).max() > 1e-3   # the two versions answer differently
-    rec = records(X)
+    rec = records_of(X)
     with ServiceProcess([str(BIN / "mlops-nb"), "serve", "--host", "127.0.0.1", "--port", "{port}", "--challenger-share", "0.5",
                          "--poll-seconds", "0.3", "--log-dir", str(tmp_path / "log")], "/ready", env=_env(tmp_path), cwd=tmp_path,
                         log=tmp_path / "canary.log", timeout=120) as s:

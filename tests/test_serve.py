@@ -2,7 +2,6 @@
 the model's own predict_proba, bad input is a 4xx naming field and record, metrics parse, every answered record
 is logged, a champion switch under load fails no request, the canary share is respected."""
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,11 +13,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, metric, records_of
 from mlops_nb.loadtest import ServiceProcess
 
 NAME = "churn-classifier"
@@ -44,11 +42,6 @@ def register(root: Path, model, X, alias_only: str | None = None) -> str:
     if alias_only: _client().set_registered_model_alias(NAME, alias_only, reg["version"])
     else: _promote(NAME, reg["version"])
     return reg["version"]
-
-
-def records_of(X: pd.DataFrame) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else (v.item() if hasattr(v, "item") else v)) for k, v in r.items()}
-            for r in X.to_dict("records")]
 
 
 class Server(ServiceProcess):
@@ -135,7 +128,6 @@ BAD = {  # name: (body builder, expected status, expected (record, field) of the
 }
 
 
-
 def test_a_body_sent_in_pieces_is_read_whole_and_measured_as_it_comes(server, project):
     "Chunked transfer, no Content-Length: the service joins the pieces, and refuses a body that grows past max_body_bytes."
     _, model, X = project
@@ -149,27 +141,21 @@ def test_a_body_sent_in_pieces_is_read_whole_and_measured_as_it_comes(server, pr
     assert r.status_code == 413 and "max_body_bytes" in r.json()["errors"][0]["problem"], r.text[:300]
 
 
-def _requests_by_status(url: str) -> dict[str, float]:
-    fams = text_string_to_metric_families(httpx.get(url + "/metrics").text)
-    out = {}
-    for s in (s for f in fams if f.name == "mlops_requests" for s in f.samples if s.name == "mlops_requests_total"):
-        out[s.labels["status"]] = out.get(s.labels["status"], 0) + s.value
-    return out
-
-
 def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_a_failure(server, project):
     import socket
-    before = _requests_by_status(server.url)
+    by_status = lambda: {k: metric(server.url, "mlops_requests", status=k) for k in ("499", "500")}
+    before = by_status()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:   # 1,000 bytes declared, 10 sent, then gone
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"tenure\"")
         time.sleep(0.3)
     for _ in range(100):   # counted once the service notices the hang-up
-        after = _requests_by_status(server.url)
-        if after.get("499", 0) > before.get("499", 0): break
+        after = by_status()
+        if after["499"] > before["499"]: break
         time.sleep(0.05)
-    assert after.get("499", 0) == before.get("499", 0) + 1 and after.get("500", 0) == before.get("500", 0), (before, after)
+    assert after["499"] == before["499"] + 1 and after["500"] == before["500"], (before, after)
     assert server.post(_good(project)).status_code == 200   # and the service answers the next client as ever
+
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_a_4xx_naming_record_and_field(server, project, case):

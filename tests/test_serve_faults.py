@@ -16,21 +16,13 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BIN, ROOT, skip_or_fail
+from conftest import BIN, ROOT, metric, records_of, skip_or_fail
 from mlops_nb.loadtest import ServiceProcess, free_port
 from mlops_nb.predlog import read_prediction_log
-from test_serve import NAME, Server, fit, records_of, register
+from test_serve import NAME, Server, fit, register
 
 pytestmark = pytest.mark.slow
-
-
-def metric(url: str, name: str) -> float:
-    "The sum of the samples of metric `name` (a counter's `_total`, a gauge's value) on the service at `url`."
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name in (name, name + "_total"))
 
 
 def new_project(tmp_path: Path, serve: dict | None = None) -> Path:

@@ -167,7 +167,8 @@ def test_extra_rule_on_its_metric_rejects_then_promotes(gated):
 def test_champion_pipeline_holds_the_feature_step_and_serves_it(pipeline, monkeypatch, tmp_path):
     import httpx
     project, pyenv, _, _ = pipeline
-    from test_serve import Server, records_of
+    from test_serve import Server
+    from conftest import records_of
     monkeypatch.syspath_prepend(str(project))
     monkeypatch.chdir(project)   # the allow-list is the project's: train.feature_steps' module is trusted there
     from mlops_nb.core import tracking_uri
